@@ -1,0 +1,236 @@
+"""The config schema, its defaults, and validation with clear messages.
+
+Every config file in `configs/` starts from `default_config()` and changes values; it may not
+invent keys. `validate()` runs before anything is built and raises `ConfigError` with one line
+that names the offending key and says how to fix it, so a typo never becomes a traceback
+twenty seconds into a run.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Any
+
+import ml_collections
+
+MESH_AXES = ("data", "fsdp", "tensor")
+SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
+IMAGE_STEMS = ("linear", "resnet")
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the key and the fix."""
+
+
+def default_logical_axis_rules() -> tuple[tuple[str, Any], ...]:
+  """Logical axis name -> mesh axes. Changing the parallelism is editing this table.
+
+  Batch is split over data and fsdp; parameters are sharded ZeRO-3 style over fsdp along
+  their embed dimension and Megatron style over tensor along heads / mlp / vocab.
+  """
+  return (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("length", None),
+    ("patch", None),
+    ("segment", None),
+    ("channels", None),
+  )
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """All known keys with their defaults (a small model that runs on a laptop CPU)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.vocab_size = 1024  # embedding rows; >= the tokenizer's piece count
+  c.model.d_model = 128
+  c.model.num_layers = 4
+  c.model.num_heads = 4
+  c.model.head_dim = 32
+  c.model.mlp_dim = 512
+  c.model.dropout_rate = 0.0
+  c.model.image_stem = "linear"  # linear patch projection or a small ResNet-style stem
+  c.model.stem_channels = 32  # width of the ResNet-style stem
+  c.model.patch_size = 16
+  c.model.tie_embeddings = True
+  c.model.dtype = "float32"  # compute dtype; parameters stay float32
+  c.model.layer_norm_epsilon = 1e-6
+
+  c.data = ml_collections.ConfigDict()
+  c.data.batch_size = 32  # global batch, split over processes and the (data, fsdp) axes
+  c.data.image_size = 48
+  c.data.src_len = 32
+  c.data.tgt_len = 32
+  c.data.num_train_examples = 20000
+  c.data.num_eval_examples = 512
+  c.data.task_weights = ml_collections.ConfigDict(
+    {"text_to_text": 1.0, "image_to_text": 1.0, "multimodal_to_text": 1.0, "vqa": 0.0}
+  )
+  c.data.noise_density = 0.15
+  c.data.mean_noise_span_length = 3.0
+  c.data.tokenizer_path = ""  # a sentencepiece .model; empty: train one in the workdir
+  c.data.tokenizer_corpus_examples = 2000
+  c.data.read_threads = 2  # grain threads that decode and tokenize examples
+  c.data.prefetch_batches = 4
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 600
+  c.train.lr = 1e-3
+  c.train.warmup_steps = 50
+  c.train.schedule = "cosine"
+  c.train.end_lr_fraction = 0.1  # final lr = lr * end_lr_fraction (cosine / linear)
+  c.train.b1 = 0.9
+  c.train.b2 = 0.98
+  c.train.eps = 1e-8
+  c.train.weight_decay = 0.01
+  c.train.decay_embeddings = False
+  c.train.decay_norms_and_biases = False
+  c.train.grad_clip_norm = 1.0
+  c.train.grad_accum_steps = 1
+  c.train.label_smoothing = 0.0
+  c.train.log_every = 20
+  c.train.checkpoint_every = 200
+  c.train.keep_checkpoints = 3
+  c.train.max_nan_steps = 0  # consecutive non-finite losses tolerated before stopping
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: all devices not used by the other axes
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.mesh.logical_axis_rules = default_logical_axis_rules()
+  return c
+
+
+def _flat_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in cfg.items():
+    name = f"{prefix}{k}"
+    if isinstance(v, ml_collections.ConfigDict):
+      out.update(_flat_keys(v, name + "."))
+    else:
+      out[name] = v
+  return out
+
+
+def _check_known_keys(config: ml_collections.ConfigDict) -> None:
+  known = _flat_keys(default_config())
+  for key in _flat_keys(config):
+    if key not in known:
+      close = difflib.get_close_matches(key, known, n=1)
+      hint = f" Did you mean '{close[0]}'?" if close else ""
+      section = key.rsplit(".", 1)[0] if "." in key else ""
+      siblings = sorted(k for k in known if k.rsplit(".", 1)[0] == section and "." in k)
+      raise ConfigError(
+        f"Unknown config key '{key}'.{hint} Known keys"
+        f"{' in ' + repr(section) if section else ''}: {', '.join(siblings) or '(top level)'}."
+      )
+
+
+def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+  """Resolves the mesh sizes (one -1 allowed) against the device count."""
+  sizes = {a: int(config.mesh[a]) for a in MESH_AXES}
+  unknown = [a for a, s in sizes.items() if s == -1]
+  if len(unknown) > 1:
+    raise ConfigError(
+      f"Only one mesh axis may be -1, got {', '.join('mesh.' + a for a in unknown)}; "
+      "set all but one to explicit sizes."
+    )
+  for a, s in sizes.items():
+    if s == 0 or s < -1:
+      raise ConfigError(f"mesh.{a}={s} must be a positive size or -1.")
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if fixed > num_devices:
+    raise ConfigError(
+      f"Mesh {' x '.join(f'{a}={s}' for a, s in sizes.items())} needs {fixed} devices but "
+      f"only {num_devices} are available; shrink mesh.data / mesh.fsdp / mesh.tensor so their "
+      f"product is at most {num_devices}."
+    )
+  if unknown:
+    if num_devices % fixed:
+      raise ConfigError(
+        f"mesh.{unknown[0]}=-1 cannot fill {num_devices} devices when the other axes use "
+        f"{fixed}; make the fixed axes divide {num_devices}."
+      )
+    sizes[unknown[0]] = num_devices // fixed
+  return sizes
+
+
+def _require(cond: bool, message: str) -> None:
+  if not cond:
+    raise ConfigError(message)
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int, process_count: int = 1) -> None:
+  """Raises ConfigError naming the first problem found, with the fix."""
+  _check_known_keys(config)
+  m, d, t = config.model, config.data, config.train
+  sizes = mesh_shape(config, num_devices)
+
+  _require(
+    m.image_stem in IMAGE_STEMS, f"model.image_stem='{m.image_stem}' is not one of {IMAGE_STEMS}."
+  )
+  _require(m.dtype in DTYPES, f"model.dtype='{m.dtype}' is not one of {DTYPES}.")
+  _require(t.schedule in SCHEDULES, f"train.schedule='{t.schedule}' is not one of {SCHEDULES}.")
+  for key in (
+    "d_model",
+    "num_layers",
+    "num_heads",
+    "head_dim",
+    "mlp_dim",
+    "vocab_size",
+    "patch_size",
+  ):
+    _require(m[key] > 0, f"model.{key}={m[key]} must be positive.")
+  for key in ("batch_size", "image_size", "src_len", "tgt_len"):
+    _require(d[key] > 0, f"data.{key}={d[key]} must be positive.")
+  _require(t.steps > 0, f"train.steps={t.steps} must be positive.")
+  _require(0.0 <= m.dropout_rate < 1.0, f"model.dropout_rate={m.dropout_rate} must be in [0, 1).")
+  _require(
+    d.image_size % m.patch_size == 0,
+    f"data.image_size={d.image_size} is not divisible by model.patch_size={m.patch_size}; "
+    "pick a patch size that tiles the image.",
+  )
+
+  tensor = sizes["tensor"]
+  for key in ("num_heads", "mlp_dim", "vocab_size"):
+    _require(
+      m[key] % tensor == 0,
+      f"model.{key}={m[key]} is not divisible by mesh.tensor={tensor}; choose a tensor "
+      f"parallel size that divides it (e.g. --config.mesh.tensor=1).",
+    )
+  _require(
+    m.d_model % sizes["fsdp"] == 0,
+    f"model.d_model={m.d_model} is not divisible by mesh.fsdp={sizes['fsdp']}.",
+  )
+
+  batch_shards = sizes["data"] * sizes["fsdp"]
+  _require(
+    d.batch_size % (batch_shards * process_count) == 0,
+    f"data.batch_size={d.batch_size} is not divisible by mesh.data*mesh.fsdp={batch_shards}"
+    f" (x {process_count} processes); use a multiple of {batch_shards * process_count}.",
+  )
+  _require(t.grad_accum_steps >= 1, f"train.grad_accum_steps={t.grad_accum_steps} must be >= 1.")
+  _require(
+    d.batch_size % (t.grad_accum_steps * batch_shards) == 0,
+    f"data.batch_size={d.batch_size} must split into train.grad_accum_steps="
+    f"{t.grad_accum_steps} micro-batches each divisible by {batch_shards}.",
+  )
+  weights = dict(d.task_weights)
+  _require(
+    any(w > 0 for w in weights.values()),
+    "data.task_weights gives no task a positive weight; set at least one, e.g. "
+    "--config.data.task_weights.image_to_text=1.0.",
+  )
+  _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0.")
+  _require(
+    t.log_every > 0 and t.checkpoint_every > 0 and t.keep_checkpoints > 0,
+    "train.log_every, train.checkpoint_every and train.keep_checkpoints must be positive.",
+  )

@@ -1,0 +1,443 @@
+"""A deterministic, bilingual (English + Simplified Chinese) image-text world.
+
+This is the embedded default dataset: it needs no download, is small enough to learn on a
+CPU, and is exactly reproducible. A *scene* puts 1 to 3 coloured shapes into distinct cells
+of a 3x3 grid; the image is rendered with PIL and every text (captions, questions, answers,
+in both languages) is derived from the scene, so every question has one right answer.
+
+Everything is a pure function of ``(seed, index)``:
+
+    scene = sample_scene(seed, index)          # attributes only, cheap
+    image = render_scene(scene, image_size)    # uint8 [H, W, 3]
+    ex = make_example(seed, index)             # image + texts + attributes
+
+With ``image_size=48`` each grid cell is 16x16 px, i.e. one cell is one 16 px image patch.
+
+Splits (train / validation / test) are disjoint ranges of ``index`` (see ``SPLIT_OFFSETS``),
+so the same ``seed`` gives three non-overlapping example streams.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# --------------------------------------------------------------------------------------
+# Vocabulary of the world. Each attribute value has an English and a Chinese surface form.
+# --------------------------------------------------------------------------------------
+
+SHAPES = ("circle", "square", "triangle", "star", "cross")
+SHAPES_PLURAL_EN = {
+  "circle": "circles",
+  "square": "squares",
+  "triangle": "triangles",
+  "star": "stars",
+  "cross": "crosses",
+}
+SHAPES_ZH = {
+  "circle": "圆形",
+  "square": "正方形",
+  "triangle": "三角形",
+  "star": "星形",
+  "cross": "十字形",
+}
+
+# Saturated colours that stay distinct after anti-aliasing and on a light background.
+COLORS = {
+  "red": (220, 30, 30),
+  "green": (30, 160, 40),
+  "blue": (30, 70, 220),
+  "yellow": (235, 190, 0),
+  "purple": (140, 40, 180),
+  "orange": (250, 120, 0),
+}
+COLORS_ZH = {
+  "red": "红色",
+  "green": "绿色",
+  "blue": "蓝色",
+  "yellow": "黄色",
+  "purple": "紫色",
+  "orange": "橙色",
+}
+
+SIZES = ("small", "large")
+SIZES_ZH = {"small": "小的", "large": "大的"}
+
+# Cells in reading order; index = row * 3 + col.
+CELLS = (
+  "top left",
+  "top",
+  "top right",
+  "left",
+  "center",
+  "right",
+  "bottom left",
+  "bottom",
+  "bottom right",
+)
+# English caption phrase for "<object> <where>".
+CELL_PHRASE_EN = {
+  "top left": "at the top left",
+  "top": "at the top",
+  "top right": "at the top right",
+  "left": "on the left",
+  "center": "in the center",
+  "right": "on the right",
+  "bottom left": "at the bottom left",
+  "bottom": "at the bottom",
+  "bottom right": "at the bottom right",
+}
+CELLS_ZH = {
+  "top left": "左上角",
+  "top": "上方",
+  "top right": "右上角",
+  "left": "左侧",
+  "center": "中间",
+  "right": "右侧",
+  "bottom left": "左下角",
+  "bottom": "下方",
+  "bottom right": "右下角",
+}
+
+NUMBERS_EN = {1: "one", 2: "two", 3: "three"}
+NUMBERS_ZH = {1: "一个", 2: "两个", 3: "三个"}
+
+MAX_OBJECTS = 3
+QTYPES = ("color", "shape", "count", "position")
+
+# Index offsets that make the splits disjoint: example i of split s is world index
+# SPLIT_OFFSETS[s] + i. Splits are far apart so any realistic size fits.
+SPLIT_OFFSETS = {"train": 0, "validation": 1 << 40, "test": 2 << 40}
+MAX_SPLIT_SIZE = 1 << 40
+
+
+@dataclasses.dataclass(frozen=True)
+class SceneObject:
+  shape: str
+  color: str
+  size: str
+  cell: int  # 0..8, row-major
+
+  @property
+  def cell_name(self) -> str:
+    return CELLS[self.cell]
+
+  def as_dict(self) -> dict[str, Any]:
+    return {
+      "shape": self.shape,
+      "color": self.color,
+      "size": self.size,
+      "cell": self.cell,
+      "cell_name": self.cell_name,
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+  objects: tuple[SceneObject, ...]  # sorted by cell (reading order)
+  background: tuple[int, int, int]  # light RGB tint
+
+
+# --------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------
+
+
+def _rng(seed: int, index: int) -> np.random.Generator:
+  if seed < 0 or index < 0:
+    raise ValueError(f"seed and index must be non-negative, got seed={seed}, index={index}")
+  return np.random.default_rng([int(seed), int(index)])
+
+
+def sample_scene(seed: int, index: int) -> Scene:
+  """Samples the scene attributes for world index ``index``; depends only on (seed, index)."""
+  rng = _rng(seed, index)
+  num = int(rng.integers(1, MAX_OBJECTS + 1))
+  cells = sorted(int(c) for c in rng.choice(9, size=num, replace=False))
+  color_names = list(COLORS)
+  objects = tuple(
+    SceneObject(
+      shape=SHAPES[int(rng.integers(len(SHAPES)))],
+      color=color_names[int(rng.integers(len(color_names)))],
+      size=SIZES[int(rng.integers(len(SIZES)))],
+      cell=cell,
+    )
+    for cell in cells
+  )
+  # A faint per-scene background tint: images differ even for identical object sets,
+  # while shapes stay far from the background colour.
+  background = tuple(int(v) for v in rng.integers(225, 256, size=3))
+  return Scene(objects=objects, background=background)
+
+
+# --------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------
+
+_SUPERSAMPLE = 4  # draw large, then downsample: smooth edges keep small shapes recognisable
+
+
+def _star_points(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+  points = []
+  for k in range(10):
+    radius = r if k % 2 == 0 else r * 0.45
+    angle = -np.pi / 2 + k * np.pi / 5
+    points.append((cx + radius * np.cos(angle), cy + radius * np.sin(angle)))
+  return points
+
+
+def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, cell_px: int) -> None:
+  row, col = divmod(obj.cell, 3)
+  cx = (col + 0.5) * cell_px
+  cy = (row + 0.5) * cell_px
+  # Half-extent of the shape: large nearly fills its cell, small is about half of that.
+  r = cell_px * (0.44 if obj.size == "large" else 0.25)
+  fill = COLORS[obj.color]
+  if obj.shape == "circle":
+    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+  elif obj.shape == "square":
+    s = r * 0.9  # visually balance the area against the circle
+    draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+  elif obj.shape == "triangle":
+    draw.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=fill)
+  elif obj.shape == "star":
+    draw.polygon(_star_points(cx, cy + r * 0.08, r * 1.05), fill=fill)
+  elif obj.shape == "cross":
+    w = r * 0.36
+    draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
+    draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
+  else:  # pragma: no cover - guarded by SHAPES
+    raise ValueError(f"unknown shape {obj.shape!r}; expected one of {SHAPES}")
+
+
+def render_scene(scene: Scene, image_size: int = 48) -> np.ndarray:
+  """Renders ``scene`` to a uint8 RGB array of shape [image_size, image_size, 3].
+
+  The grid occupies the top-left ``3 * (image_size // 3)`` pixels; with a size divisible
+  by 3 (the default 48) that is the whole image.
+  """
+  if image_size < 9:
+    raise ValueError(f"image_size must be at least 9 (3 px per grid cell), got {image_size}")
+  cell = image_size // 3
+  big = image_size * _SUPERSAMPLE
+  img = Image.new("RGB", (big, big), scene.background)
+  draw = ImageDraw.Draw(img)
+  for obj in scene.objects:
+    _draw_object(draw, obj, cell * _SUPERSAMPLE)
+  img = img.resize((image_size, image_size), Image.Resampling.BOX)
+  return np.asarray(img, dtype=np.uint8)
+
+
+# --------------------------------------------------------------------------------------
+# Texts
+# --------------------------------------------------------------------------------------
+
+
+def _describe_en(obj: SceneObject) -> str:
+  return f"a {obj.size} {obj.color} {obj.shape} {CELL_PHRASE_EN[obj.cell_name]}"
+
+
+def _describe_zh(obj: SceneObject, sep: str) -> str:
+  return sep.join(
+    [
+      CELLS_ZH[obj.cell_name],
+      "有",
+      "一个",
+      SIZES_ZH[obj.size],
+      COLORS_ZH[obj.color],
+      SHAPES_ZH[obj.shape],
+    ]
+  )
+
+
+def caption_en(scene: Scene) -> str:
+  parts = [_describe_en(o) for o in scene.objects]
+  text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+  return text + "."
+
+
+def caption_zh(scene: Scene, sep: str = "") -> str:
+  """Chinese caption; ``sep`` is put between words (only used to train the tokenizer)."""
+  return sep.join([f"{sep}，{sep}".join(_describe_zh(o, sep) for o in scene.objects), "。"])
+
+
+def _unique(objects, key) -> dict:
+  """Maps attribute value -> object for values held by exactly one object in the scene."""
+  counts: dict = {}
+  for o in objects:
+    counts.setdefault(key(o), []).append(o)
+  return {k: v[0] for k, v in counts.items() if len(v) == 1}
+
+
+def _qa(question: str, answer: str, qtype: str, lang: str) -> dict[str, str]:
+  return {"question": question, "answer": answer, "qtype": qtype, "lang": lang}
+
+
+def questions(scene: Scene, zh_sep: str = "") -> list[dict[str, str]]:
+  """All question/answer pairs the scene answers unambiguously, in English and Chinese.
+
+  A question that names an attribute (e.g. "the circle") is only asked when exactly one
+  object has that attribute, so each question has exactly one correct answer.
+  ``zh_sep`` is put between Chinese words (only used to train the tokenizer).
+  """
+
+  def zh(*words: str) -> str:
+    return zh_sep.join(words)
+
+  objs = scene.objects
+  qa: list[dict[str, str]] = []
+  by_shape = _unique(objs, lambda o: o.shape)
+  by_color = _unique(objs, lambda o: o.color)
+  by_color_shape = _unique(objs, lambda o: (o.color, o.shape))
+
+  # colour
+  for shape, o in by_shape.items():
+    qa.append(_qa(f"what color is the {shape}?", o.color, "color", "en"))
+    qa.append(
+      _qa(zh(SHAPES_ZH[shape], "是", "什么", "颜色", "的", "？"), COLORS_ZH[o.color], "color", "zh")
+    )
+  for o in objs:  # cells are distinct, so "the shape at <cell>" is always unique
+    where = CELL_PHRASE_EN[o.cell_name]
+    qa.append(_qa(f"what color is the shape {where}?", o.color, "color", "en"))
+    qa.append(
+      _qa(
+        zh(CELLS_ZH[o.cell_name], "的", "图形", "是", "什么", "颜色", "的", "？"),
+        COLORS_ZH[o.color],
+        "color",
+        "zh",
+      )
+    )
+  # shape
+  for o in objs:
+    qa.append(_qa(f"what shape is {CELL_PHRASE_EN[o.cell_name]}?", o.shape, "shape", "en"))
+    qa.append(
+      _qa(zh(CELLS_ZH[o.cell_name], "是", "什么", "形状", "？"), SHAPES_ZH[o.shape], "shape", "zh")
+    )
+  for color, o in by_color.items():
+    qa.append(_qa(f"what shape is {color}?", o.shape, "shape", "en"))
+    qa.append(
+      _qa(
+        zh(COLORS_ZH[color], "的", "图形", "是", "什么", "形状", "？"),
+        SHAPES_ZH[o.shape],
+        "shape",
+        "zh",
+      )
+    )
+  # count
+  n = len(objs)
+  qa.append(_qa("how many shapes are there?", NUMBERS_EN[n], "count", "en"))
+  qa.append(_qa(zh("图", "中", "有", "几个", "图形", "？"), NUMBERS_ZH[n], "count", "zh"))
+  for shape in sorted({o.shape for o in objs}, key=SHAPES.index):
+    k = sum(o.shape == shape for o in objs)
+    qa.append(_qa(f"how many {SHAPES_PLURAL_EN[shape]} are there?", NUMBERS_EN[k], "count", "en"))
+    qa.append(
+      _qa(zh("图", "中", "有", "几个", SHAPES_ZH[shape], "？"), NUMBERS_ZH[k], "count", "zh")
+    )
+  # position
+  for (color, shape), o in by_color_shape.items():
+    qa.append(_qa(f"where is the {color} {shape}?", o.cell_name, "position", "en"))
+    qa.append(
+      _qa(
+        zh(COLORS_ZH[color], SHAPES_ZH[shape], "在", "哪里", "？"),
+        CELLS_ZH[o.cell_name],
+        "position",
+        "zh",
+      )
+    )
+  return qa
+
+
+def scene_texts(scene: Scene, zh_sep: str = "") -> dict[str, Any]:
+  return {
+    "caption_en": caption_en(scene),
+    "caption_zh": caption_zh(scene, zh_sep),
+    "qa": questions(scene, zh_sep),
+  }
+
+
+# --------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------
+
+
+def make_example(seed: int, index: int, image_size: int = 48) -> dict[str, Any]:
+  """One example of the world; a pure function of ``(seed, index, image_size)``.
+
+  Returns a dict with
+    image:      uint8 [image_size, image_size, 3]
+    caption_en, caption_zh: str
+    qa:         list of {question, answer, qtype, lang}
+    objects:    list of {shape, color, size, cell, cell_name} (for evaluation)
+    index:      the world index (int)
+  """
+  scene = sample_scene(seed, index)
+  example = {
+    "image": render_scene(scene, image_size),
+    "index": int(index),
+    "objects": [o.as_dict() for o in scene.objects],
+  }
+  example.update(scene_texts(scene))
+  return example
+
+
+def split_index(split: str, i: int) -> int:
+  """World index of example ``i`` of ``split``."""
+  if split not in SPLIT_OFFSETS:
+    raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_OFFSETS)}")
+  return SPLIT_OFFSETS[split] + i
+
+
+class SyntheticWorldSource:
+  """grain random-access data source over examples [0, num_examples) of one split.
+
+  Implements ``__len__`` and ``__getitem__`` (grain's RandomAccessDataSource protocol);
+  record ``i`` is ``make_example(seed, SPLIT_OFFSETS[split] + i, image_size)``.
+  Holds no state besides its arguments, so it pickles trivially.
+  """
+
+  def __init__(self, seed: int, split: str, num_examples: int, image_size: int = 48):
+    if split not in SPLIT_OFFSETS:
+      raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_OFFSETS)}")
+    if not 0 < num_examples <= MAX_SPLIT_SIZE:
+      raise ValueError(f"num_examples must be in (0, {MAX_SPLIT_SIZE}], got {num_examples}")
+    self.seed = int(seed)
+    self.split = split
+    self.num_examples = int(num_examples)
+    self.image_size = int(image_size)
+
+  def __len__(self) -> int:
+    return self.num_examples
+
+  def __getitem__(self, record_key: int) -> dict[str, Any]:
+    i = int(record_key)
+    if not 0 <= i < self.num_examples:
+      raise IndexError(f"index {i} out of range for {self!r}")
+    return make_example(self.seed, split_index(self.split, i), self.image_size)
+
+  def __repr__(self) -> str:
+    return (
+      f"SyntheticWorldSource(seed={self.seed}, split={self.split!r}, "
+      f"num_examples={self.num_examples}, image_size={self.image_size})"
+    )
+
+
+def iter_corpus_text(seed: int, num_examples: int, zh_word_delimiter: str = "") -> Iterator[str]:
+  """Yields every text of the first ``num_examples`` train scenes (for tokenizer training).
+
+  Captions, questions and answers in both languages; no images are rendered.
+  ``zh_word_delimiter`` (e.g. "\t") is put between Chinese words. Chinese has no spaces,
+  and on this tiny, repetitive corpus a subword trainer would otherwise learn whole
+  clauses ("右上角有一个小的蓝色正方形") as single pieces; with the delimiter passed to
+  sentencepiece as ``pretokenization_delimiter`` pieces stay within words, as they would
+  on natural text.
+  """
+  for i in range(num_examples):
+    texts = scene_texts(sample_scene(seed, split_index("train", i)), zh_word_delimiter)
+    yield texts["caption_en"]
+    yield texts["caption_zh"]
+    for qa in texts["qa"]:
+      yield qa["question"]
+      yield qa["answer"]

@@ -1,0 +1,92 @@
+"""Meshes, logical axis rules and shardings. The only module that knows mesh axis names.
+
+Everything else names tensor dimensions logically ("batch", "embed", "heads", ...); the
+config's `mesh.logical_axis_rules` maps those names onto the mesh axes built here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Sequence
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from m6_jax.config import MESH_AXES, mesh_shape
+
+Rules = Sequence[tuple[str, Any]]
+
+
+def make_mesh(
+  config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
+  """A (data, fsdp, tensor) mesh over `devices` (default: all devices) sized by the config."""
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = mesh_shape(config, len(devices))
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  used = int(np.prod(shape))
+  return jax.make_mesh(
+    shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices[:used]
+  )
+
+
+def logical_rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
+  return tuple(
+    (name, tuple(axes) if isinstance(axes, list) else axes)
+    for name, axes in config.mesh.logical_axis_rules
+  )
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh, rules: Rules) -> Iterator[None]:
+  """Activates the mesh and the logical rules, so activation constraints resolve."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
+
+
+def logical_to_shardings(abstract_boxed_tree: Any, mesh: Mesh, rules: Rules) -> Any:
+  """NamedShardings for a tree whose leaves may be `nn.LogicallyPartitioned` boxes.
+
+  Unannotated leaves (step counters, PRNG keys, optimizer scalars) are replicated.
+  """
+  logical_specs = nn.get_partition_spec(abstract_boxed_tree)
+  return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:
+  """Leading dimension over the batch axes, the rest replicated."""
+  spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), rules)
+  return NamedSharding(mesh, spec)
+
+
+def batch_shardings(batch: Any, mesh: Mesh, rules: Rules) -> Any:
+  return jax.tree.map(lambda x: batch_sharding(mesh, rules, np.ndim(x)), batch)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def host_batch_to_global(batch: Any, shardings: Any) -> Any:
+  """Turns this process's slice of the global batch (numpy) into global sharded arrays.
+
+  Each process holds `global_batch / process_count` rows; with one process this is the
+  whole batch, placed shard by shard with no replicated intermediate copy.
+  """
+
+  def put(x, sharding):
+    x = np.asarray(x)
+    global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+    return jax.make_array_from_process_local_data(sharding, x, global_shape)
+
+  return jax.tree.map(put, batch, shardings)
+
+
+def count_sharded_params(tree: Any) -> tuple[int, int]:
+  """(number of array leaves that are split over >1 device, number of array leaves)."""
+  leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, "sharding")]
+  split = sum(1 for x in leaves if not x.sharding.is_fully_replicated)
+  return split, len(leaves)

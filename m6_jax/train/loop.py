@@ -1,0 +1,279 @@
+"""The training loop, readable top to bottom:
+
+mesh -> tokenizer + data -> model + optimizer -> sharded state -> jitted step -> restore ->
+loop (progress, metrics, checkpoints, preemption) -> final save.
+
+A run in a workdir that already holds a checkpoint resumes from its latest step, with the
+data iterator where it was, and continues bit-exactly as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from m6_jax import config as config_lib
+from m6_jax.data import pipeline
+from m6_jax.data import tokenizer as tokenizer_lib
+from m6_jax.data.tasks import TASK_NAMES
+from m6_jax.model.m6 import M6, M6Config
+from m6_jax.parallel import partitioning
+from m6_jax.train import checkpointing, metrics_writer, optim
+from m6_jax.train import state as state_lib
+from m6_jax.train import step as step_lib
+
+
+class TrainingError(RuntimeError):
+  """Training cannot continue (e.g. the loss diverged); the message says what was saved."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+  final_step: int
+  first_metrics: dict[str, float]  # the first logged step of this run
+  last_metrics: dict[str, float]  # averaged over the last logging interval
+  history: list[dict[str, float]]  # every logged interval of this run
+  losses: list[float]  # the per-step loss of every step this run executed
+  state: Any = None
+
+
+class PreemptionFlag:
+  """Set by SIGTERM (how clusters announce preemption); the loop saves and exits cleanly."""
+
+  def __init__(self):
+    self.requested = False
+
+  def install(self) -> Callable[[], None]:
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum, frame):
+      logging.warning("SIGTERM received: saving a checkpoint at the end of this step.")
+      self.requested = True
+
+    try:
+      signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. inside a notebook worker)
+      return lambda: None
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def _format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def summarize(sums: dict[str, np.ndarray]) -> dict[str, float]:
+  """Turns metric sums accumulated over some steps into the averages we report."""
+  out = {
+    "loss": float(sums["loss_sum"] / max(sums["weight_sum"], 1.0)),
+    "accuracy": float(sums["correct_sum"] / max(sums["weight_sum"], 1.0)),
+    "grad_norm": float(sums["grad_norm"] / max(sums["steps"], 1)),
+    "learning_rate": float(sums["learning_rate"]),
+    "target_tokens": float(sums["weight_sum"]),
+  }
+  for i, name in enumerate(TASK_NAMES):
+    if sums["task_weight_sum"][i] > 0:
+      out[f"{name}_loss"] = float(sums["task_loss_sum"][i] / sums["task_weight_sum"][i])
+  return out
+
+
+def _accumulate(sums: dict | None, metrics: dict) -> dict:
+  if sums is None:
+    sums = {
+      k: np.zeros_like(np.asarray(metrics[k], np.float64))
+      for k in (
+        "loss_sum",
+        "weight_sum",
+        "correct_sum",
+        "task_loss_sum",
+        "task_weight_sum",
+        "grad_norm",
+      )
+    }
+    sums["steps"] = 0
+  for k in (
+    "loss_sum",
+    "weight_sum",
+    "correct_sum",
+    "task_loss_sum",
+    "task_weight_sum",
+    "grad_norm",
+  ):
+    sums[k] = sums[k] + np.asarray(metrics[k], np.float64)
+  sums["steps"] += 1
+  sums["learning_rate"] = float(metrics["learning_rate"])
+  return sums
+
+
+def train(
+  config: ml_collections.ConfigDict, workdir: str, should_stop: Callable[[int], bool] | None = None
+) -> TrainResult:
+  """Trains (or resumes) in `workdir` until `config.train.steps`.
+
+  `should_stop(step)` lets a caller end the run early after a step (the state is saved
+  first), exactly as a SIGTERM preemption does.
+  """
+  config_lib.validate(config, jax.device_count(), jax.process_count())
+  os.makedirs(workdir, exist_ok=True)
+  t = config.train
+
+  # Mesh and logical rules.
+  mesh = partitioning.make_mesh(config)
+  rules = partitioning.logical_rules(config)
+  logging.info("Mesh: %s", dict(mesh.shape))
+
+  # Tokenizer and data: each process reads its own slice of every global batch.
+  try:
+    tokenizer = tokenizer_lib.get_or_train_tokenizer(
+      workdir,
+      vocab_size=config.model.vocab_size,
+      seed=config.seed,
+      num_corpus_examples=config.data.tokenizer_corpus_examples,
+      model_path=config.data.tokenizer_path or None,
+    )
+  except ValueError as e:  # a tokenizer that does not fit model.vocab_size
+    raise config_lib.ConfigError(f"{e} (key: model.vocab_size)") from e
+  dataset = pipeline.make_dataset(
+    config,
+    tokenizer,
+    split="train",
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  data_iter = iter(dataset)
+
+  # Model, optimizer, sharded state and the jitted step.
+  model = M6(M6Config.from_config(config))
+  tx = optim.make_optimizer(t)
+  schedule = optim.learning_rate_schedule(t)
+  state, state_shardings = state_lib.create_sharded_state(model, tx, mesh, rules, config.seed)
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  logging.info("Model parameters: %s", f"{num_params:,}")
+
+  example_batch = next(iter(dataset))  # a fresh iterator: shapes only, data_iter untouched
+  batch_shardings = partitioning.batch_shardings(example_batch, mesh, rules)
+  train_step = step_lib.jit_train_step(
+    step_lib.make_train_step(model, tx, schedule, t, num_tasks=len(TASK_NAMES)),
+    state_shardings,
+    batch_shardings,
+    partitioning.replicated(mesh),
+  )
+
+  # Checkpoints: resume when the workdir already has one.
+  manager = checkpointing.make_manager(workdir, t.keep_checkpoints)
+  start_step = 0
+  if manager.latest_step() is not None:
+    abstract = state_lib.abstract_state(model, tx, state_shardings)
+    state = checkpointing.restore(manager, abstract, data_iter)
+    start_step = int(state.step)
+    logging.info("Resumed from step %d in %s", start_step, workdir)
+  checkpointing.write_config(workdir, config)
+
+  writer = metrics_writer.MetricsWriter(workdir, enabled=jax.process_index() == 0)
+  preemption = PreemptionFlag()
+  restore_signal = preemption.install()
+  tokens_per_step = config.data.batch_size * (config.data.src_len + config.data.tgt_len)
+
+  result = TrainResult(start_step, {}, {}, [], [])
+  step = start_step
+  interval_sums, pending = None, None
+  nan_streak = 0
+  interval_start = time.perf_counter()
+  interval_steps = 0
+  run_start = time.perf_counter()
+
+  def log_interval(at_step: int) -> None:
+    nonlocal interval_sums, interval_start, interval_steps
+    elapsed = time.perf_counter() - interval_start
+    summary = summarize(interval_sums)
+    summary["steps_per_sec"] = interval_steps / max(elapsed, 1e-9)
+    summary["tokens_per_sec"] = summary["steps_per_sec"] * tokens_per_step
+    writer.write(at_step, summary)
+    result.history.append(dict(summary, step=at_step))
+    if not result.first_metrics:
+      result.first_metrics = dict(summary, step=at_step)
+    result.last_metrics = dict(summary, step=at_step)
+    eta = (t.steps - at_step) / max(summary["steps_per_sec"], 1e-9)
+    i2t = summary.get("image_to_text_loss")
+    logging.info(
+      "step %d/%d | loss %.4f | %sacc %.3f | grad_norm %.3f | lr %.2e | %.2f steps/s | "
+      "%s tok/s | ETA %s",
+      at_step,
+      t.steps,
+      summary["loss"],
+      f"image_to_text {i2t:.4f} | " if i2t is not None else "",
+      summary["accuracy"],
+      summary["grad_norm"],
+      summary["learning_rate"],
+      summary["steps_per_sec"],
+      f"{summary['tokens_per_sec']:,.0f}",
+      _format_duration(eta),
+    )
+    interval_sums, interval_steps = None, 0
+    interval_start = time.perf_counter()
+
+  def finish_step(metrics_on_device: Any, at_step: int) -> None:
+    """Host-side bookkeeping for a step whose successor is already dispatched."""
+    nonlocal interval_sums, nan_streak, interval_steps
+    metrics = jax.device_get(metrics_on_device)
+    result.losses.append(float(metrics["loss"]))
+    if not bool(metrics["finite"]):
+      nan_streak += 1
+      if nan_streak > t.max_nan_steps:
+        raise TrainingError(
+          f"Non-finite loss at step {at_step} ({nan_streak} in a row, train.max_nan_steps="
+          f"{t.max_nan_steps}); the update was skipped and the last good state was kept. "
+          "Lower train.lr, raise train.warmup_steps or check the data."
+        )
+      return
+    nan_streak = 0
+    interval_sums = _accumulate(interval_sums, metrics)
+    interval_steps += 1
+    # Log the very first step (the reference point for "did it learn") and every interval.
+    if at_step == start_step + 1 or at_step % t.log_every == 0 or at_step == t.steps:
+      log_interval(at_step)
+
+  try:
+    with partitioning.mesh_context(mesh, rules):
+      while step < t.steps:
+        host_batch = next(data_iter)
+        batch = partitioning.host_batch_to_global(host_batch, batch_shardings)
+        state, metrics = train_step(state, batch)
+        step += 1
+        # Fetch the previous step's metrics only now, so the device never waits on the host.
+        if pending is not None:
+          finish_step(*pending)
+        pending = (metrics, step)
+        stop_now = preemption.requested or (should_stop is not None and should_stop(step))
+        if step % t.checkpoint_every == 0 or step == t.steps or stop_now:
+          finish_step(*pending)
+          pending = None
+          checkpointing.save(manager, step, state, data_iter, config)
+        if stop_now:
+          logging.info("Stopping at step %d (state saved); rerun to resume.", step)
+          break
+      if pending is not None:
+        finish_step(*pending)
+  except TrainingError:
+    checkpointing.save(manager, step - 1, state, data_iter, config, force=True)
+    raise
+  finally:
+    manager.wait_until_finished()
+    writer.close()
+    restore_signal()
+
+  total = time.perf_counter() - run_start
+  logging.info("Finished at step %d in %s.", step, _format_duration(total))
+  result.final_step = step
+  result.state = state
+  return result

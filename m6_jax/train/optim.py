@@ -1,0 +1,69 @@
+"""The optimizer: global-norm clipping, AdamW with a weight-decay mask, lr schedules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+
+def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup from 0 to `lr`, then cosine / linear decay, rsqrt, or constant."""
+  peak, warmup, steps = train.lr, int(train.warmup_steps), int(train.steps)
+  end = peak * train.end_lr_fraction
+  decay_steps = max(steps - warmup, 1)
+  if train.schedule == "cosine":
+    after = optax.cosine_decay_schedule(peak, decay_steps, alpha=train.end_lr_fraction)
+  elif train.schedule == "linear":
+    after = optax.linear_schedule(peak, end, decay_steps)
+  elif train.schedule == "rsqrt":
+    # lr * sqrt(warmup / step) after warmup, as in the Transformer paper and t5x.
+    start = max(warmup, 1)
+    after = lambda count: peak * jnp.sqrt(start / (count + start))
+  elif train.schedule == "constant":
+    after = optax.constant_schedule(peak)
+  else:
+    raise ValueError(f"Unknown schedule '{train.schedule}'.")
+  if warmup == 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+def weight_decay_mask(params: Any, train: ml_collections.ConfigDict) -> Any:
+  """True for the parameters AdamW should decay.
+
+  Following common practice (BERT, t5x, big_vision), norms, biases and embedding tables are
+  not decayed unless the config says so: decaying a LayerNorm scale towards 0 or a rare
+  token's embedding is harmful, not regularising.
+  """
+
+  def decide(path, _):
+    # Only dict keys name parameters; other path entries are boxes (e.g. the `value` of a
+    # logically-partitioned parameter during abstract initialisation).
+    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    leaf = names[-1]
+    if leaf in ("bias", "scale"):
+      return bool(train.decay_norms_and_biases)
+    if leaf == "embedding" or leaf.endswith("_embedding"):
+      return bool(train.decay_embeddings)
+    return True
+
+  return jax.tree_util.tree_map_with_path(decide, params)
+
+
+def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  schedule = learning_rate_schedule(train)
+  return optax.chain(
+    optax.clip_by_global_norm(train.grad_clip_norm),
+    optax.adamw(
+      schedule,
+      b1=train.b1,
+      b2=train.b2,
+      eps=train.eps,
+      weight_decay=train.weight_decay,
+      mask=lambda p: weight_decay_mask(p, train),
+    ),
+  )

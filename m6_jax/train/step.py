@@ -1,0 +1,144 @@
+"""The train step: a pure function (state, batch) -> (state, metrics), jitted with explicit
+shardings and a donated state.
+
+The loss is token cross-entropy on target positions (float32), normalised by the number of
+target tokens in the whole global batch, so gradient accumulation over micro-batches gives
+the same gradient as one large batch. Metrics come back as sums (loss, correct tokens, per
+task) so the loop can average them exactly over any logging interval.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from m6_jax.model.layers import constrain
+from m6_jax.model.m6 import M6
+from m6_jax.train.state import TrainState
+
+
+def token_losses(logits: jax.Array, targets: jax.Array, label_smoothing: float) -> jax.Array:
+  """Per-token cross-entropy [b, t] in float32, with optional label smoothing."""
+  logits = logits.astype(jnp.float32)
+  if label_smoothing <= 0:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  vocab = logits.shape[-1]
+  soft = optax.smooth_labels(jax.nn.one_hot(targets, vocab, dtype=jnp.float32), label_smoothing)
+  return optax.softmax_cross_entropy(logits, soft)
+
+
+def loss_and_sums(
+  params: Any,
+  batch: dict,
+  rng: jax.Array,
+  model: M6,
+  num_tasks: int,
+  label_smoothing: float,
+  total_weight: jax.Array,
+  deterministic: bool,
+) -> tuple[jax.Array, dict]:
+  """(sum of weighted token losses / total_weight, metric sums) for one (micro-)batch."""
+  logits = model.apply(
+    {"params": params}, batch, deterministic=deterministic, rngs={"dropout": rng}
+  )
+  weights = batch["tgt_weights"].astype(jnp.float32)
+  losses = token_losses(logits, batch["tgt_target"], label_smoothing) * weights
+  correct = (jnp.argmax(logits, axis=-1) == batch["tgt_target"]) * weights
+  task_onehot = jax.nn.one_hot(batch["task_id"], num_tasks, dtype=jnp.float32)  # [b, T]
+  sums = {
+    "loss_sum": losses.sum(),
+    "weight_sum": weights.sum(),
+    "correct_sum": correct.sum(),
+    "task_loss_sum": task_onehot.T @ losses.sum(axis=1),
+    "task_weight_sum": task_onehot.T @ weights.sum(axis=1),
+  }
+  return losses.sum() / total_weight, sums
+
+
+def _split_microbatches(batch: dict, num_micro: int) -> dict:
+  """[b, ...] -> [num_micro, b / num_micro, ...], keeping each device's rows local.
+
+  Rows are taken strided (micro-batch i holds rows i, i + n, ...) so that a batch sharded
+  over devices along its rows yields micro-batches that are still evenly sharded.
+  """
+
+  def split(x):
+    micro = x.reshape((x.shape[0] // num_micro, num_micro) + x.shape[1:])
+    return jnp.moveaxis(micro, 1, 0)
+
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(
+  model: M6,
+  tx: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  train: ml_collections.ConfigDict,
+  num_tasks: int,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  num_micro = int(train.grad_accum_steps)
+  deterministic = model.config.dropout_rate == 0.0
+
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    rng = jax.random.fold_in(state.rng, state.step)
+    total_weight = jnp.maximum(batch["tgt_weights"].astype(jnp.float32).sum(), 1.0)
+    grad_fn = jax.value_and_grad(
+      lambda params, micro, key: loss_and_sums(
+        params, micro, key, model, num_tasks, train.label_smoothing, total_weight, deterministic
+      ),
+      has_aux=True,
+    )
+
+    if num_micro == 1:
+      (loss, sums), grads = grad_fn(state.params, batch, rng)
+    else:
+      micro_batches = _split_microbatches(batch, num_micro)
+
+      def accumulate(carry, xs):
+        micro, index = xs
+        micro = jax.tree.map(lambda x: constrain(x, ("batch",) + (None,) * (x.ndim - 1)), micro)
+        out = grad_fn(state.params, micro, jax.random.fold_in(rng, index))
+        return jax.tree.map(jnp.add, carry, out), None
+
+      first = jax.tree.map(lambda x: x[0], micro_batches)
+      zeros = jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grad_fn, state.params, first, rng)
+      )
+      ((loss, sums), grads), _ = jax.lax.scan(
+        accumulate, zeros, (micro_batches, jnp.arange(num_micro))
+      )
+
+    grad_norm = optax.tree.norm(grads)
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    # A non-finite loss or gradient leaves the parameters and optimizer untouched, so the
+    # loop can stop and save the last good state instead of a poisoned one.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = state.replace(
+      step=state.step + 1,
+      params=keep(new_params, state.params),
+      opt_state=keep(new_opt_state, state.opt_state),
+    )
+    metrics = dict(
+      sums, loss=loss, grad_norm=grad_norm, finite=finite, learning_rate=schedule(state.step)
+    )
+    return new_state, metrics
+
+  return train_step
+
+
+def jit_train_step(
+  train_step: Callable, state_shardings: Any, batch_shardings: Any, metrics_sharding: Any
+) -> Callable:
+  """The step under jit with explicit in/out shardings; the input state is donated."""
+  return jax.jit(
+    train_step,
+    in_shardings=(state_shardings, batch_shardings),
+    out_shardings=(state_shardings, metrics_sharding),
+    donate_argnums=(0,),
+  )

@@ -1,0 +1,188 @@
+"""Tests for the grain pipeline: determinism, checkpointable state, sharding, mixing."""
+
+import collections
+import hashlib
+import itertools
+
+import numpy as np
+import pytest
+
+from m6_jax.data import pipeline as P
+from m6_jax.data import synthetic as S
+from m6_jax.data import tasks as K
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def _equal(batches_a, batches_b):
+  return all(
+    a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    for a, b in zip(batches_a, batches_b, strict=True)
+  )
+
+
+def _rows(batch):
+  """Splits a batch into per-example dicts."""
+  n = len(batch["task_id"])
+  return [{k: v[i] for k, v in batch.items()} for i in range(n)]
+
+
+def _row_hash(row):
+  h = hashlib.sha1()
+  for k in sorted(row):
+    h.update(np.ascontiguousarray(row[k]).tobytes())
+  return h.hexdigest()
+
+
+def test_batch_shapes_and_dtypes(tokenizer, make_config):
+  config = make_config()
+  batch = next(P.make_iterator(config, tokenizer, process_index=0, process_count=1))
+  assert batch["image"].shape == (4, 48, 48, 3) and batch["image"].dtype == np.float32
+  assert batch["src_tokens"].shape == (4, 32) and batch["src_tokens"].dtype == np.int32
+  for k in ("tgt_input", "tgt_target"):
+    assert batch[k].shape == (4, 32) and batch[k].dtype == np.int32
+  assert batch["tgt_weights"].dtype == np.float32
+  assert batch["task_id"].shape == (4,) and batch["has_image"].shape == (4,)
+
+
+def test_defaults_to_jax_process_index(tokenizer, make_config):
+  config = make_config()
+  a = _take(P.make_iterator(config, tokenizer), 2)
+  b = _take(P.make_iterator(config, tokenizer, process_index=0, process_count=1), 2)
+  assert _equal(a, b)
+
+
+def test_same_seed_same_batches_other_seed_other_batches(tokenizer, make_config):
+  a = _take(P.make_iterator(make_config(seed=3), tokenizer, process_index=0, process_count=1), 4)
+  b = _take(P.make_iterator(make_config(seed=3), tokenizer, process_index=0, process_count=1), 4)
+  c = _take(P.make_iterator(make_config(seed=4), tokenizer, process_index=0, process_count=1), 4)
+  assert _equal(a, b)
+  assert not _equal(a, c)
+  # later epochs are reshuffled and re-corrupted, not copies of the first
+  it = P.make_iterator(make_config(seed=3), tokenizer, process_index=0, process_count=1)
+  epoch = 24 * 3 // 4  # 3 tasks, each 24 examples per epoch, 4 per batch
+  first = _take(it, epoch)
+  second = _take(it, epoch)
+  assert not _equal(first, second)
+
+
+def test_get_state_set_state_replays_the_same_batches(tokenizer, make_config):
+  config = make_config()
+  it = P.make_iterator(config, tokenizer, process_index=0, process_count=1)
+  _take(it, 5)
+  state = it.get_state()
+  expected = _take(it, 4)
+  # a fresh iterator (as after a restart) resumes exactly there ...
+  fresh = P.make_iterator(config, tokenizer, process_index=0, process_count=1)
+  fresh.set_state(state)
+  assert _equal(_take(fresh, 4), expected)
+  # ... and the same iterator can be rewound
+  it.set_state(state)
+  assert _equal(_take(it, 4), expected)
+
+
+def test_processes_get_disjoint_slices_covering_each_epoch(tokenizer, make_config):
+  n = 24
+  config = make_config(num_train_examples=n, task_weights={"image_to_text": 1.0})
+  all_images = {S.make_example(0, i)["image"].astype(np.float32).tobytes() for i in range(n)}
+  assert len(all_images) == n
+
+  def epoch_rows(process_index, epochs=1):
+    it = P.make_iterator(config, tokenizer, process_index=process_index, process_count=2)
+    # global batch 4 -> 2 rows per process; one epoch = n / 2 rows per process
+    batches = _take(it, epochs * n // 4)
+    assert batches[0]["image"].shape[0] == 2
+    return [r for b in batches for r in _rows(b)]
+
+  rows0, rows1 = epoch_rows(0), epoch_rows(1)
+  images0 = {(r["image"] * 255).round().astype(np.float32).tobytes() for r in rows0}
+  images1 = {(r["image"] * 255).round().astype(np.float32).tobytes() for r in rows1}
+  assert len(images0) == len(images1) == n // 2, "no example twice within an epoch"
+  assert not images0 & images1
+  assert images0 | images1 == all_images
+  # The global stream does not depend on the process count: process p of 2 holds the
+  # global positions p, p + 2, ... of the single-process stream.
+  single = [
+    r
+    for b in _take(P.make_iterator(config, tokenizer, process_index=0, process_count=1), n // 4)
+    for r in _rows(b)
+  ]
+  interleaved = [r for pair in zip(rows0, rows1) for r in pair]
+  assert [_row_hash(r) for r in single[:n]] == [_row_hash(r) for r in interleaved]
+
+
+def test_task_mixture_follows_weights(tokenizer, make_config):
+  config = make_config(
+    task_weights={"text_to_text": 1.0, "image_to_text": 0.0, "multimodal_to_text": 2.0, "vqa": 1.0}
+  )
+  it = P.make_iterator(config, tokenizer, process_index=0, process_count=1)
+  ids = np.concatenate([b["task_id"] for b in _take(it, 30)])
+  counts = collections.Counter(K.TASK_NAMES[i] for i in ids)
+  assert "image_to_text" not in counts
+  assert counts["multimodal_to_text"] == 60 and counts["text_to_text"] == 30 and counts["vqa"] == 30
+
+
+@pytest.mark.parametrize(
+  "weights, match",
+  [
+    ({"captioning": 1.0}, "valid names are"),
+    ({"text_to_text": 0.0}, "enables no task"),
+    ({"text_to_text": -1.0}, ">= 0"),
+  ],
+)
+def test_bad_task_weights(tokenizer, make_config, weights, match):
+  with pytest.raises(ValueError, match=match):
+    P.make_dataset(make_config(task_weights=weights), tokenizer, process_index=0, process_count=1)
+
+
+def test_bad_batch_size_and_split(tokenizer, make_config):
+  with pytest.raises(ValueError, match="multiple of the number of processes"):
+    P.make_dataset(make_config(batch_size=6), tokenizer, process_index=0, process_count=4)
+  with pytest.raises(ValueError, match="unknown split"):
+    P.make_dataset(make_config(), tokenizer, split="dev", process_index=0, process_count=1)
+
+
+def test_eval_split_is_one_padded_pass(tokenizer, make_config):
+  config = make_config(num_eval_examples=7, batch_size=4)  # 3 tasks x 7 = 21 records
+
+  def rows(split, p, count):
+    return [r for b in P.make_iterator(config, tokenizer, split, p, count) for r in _rows(b)]
+
+  single = rows("validation", 0, 1)
+  assert len(single) == 24  # 21 real + 3 padding rows to fill the last batch
+  real = [r for r in single if r["tgt_weights"].sum() > 0]
+  assert len(real) == 21
+  assert collections.Counter(int(r["task_id"]) for r in real) == {0: 7, 1: 7, 2: 7}
+  # deterministic, identical across process counts, and every process gets equal batches
+  assert [_row_hash(r) for r in rows("validation", 0, 1)] == [_row_hash(r) for r in single]
+  r0, r1 = rows("validation", 0, 2), rows("validation", 1, 2)
+  assert len(r0) == len(r1) == 12
+  assert [_row_hash(r) for r in itertools.chain(*zip(r0, r1))][:21] == [
+    _row_hash(r) for r in single
+  ][:21]
+  # validation and test differ from each other and from train
+  test = rows("test", 0, 1)
+  valid_images = {r["image"].tobytes() for r in real if r["has_image"]}
+  test_images = {r["image"].tobytes() for r in test if r["has_image"]}
+  train_batch = next(P.make_iterator(config, tokenizer, "train", 0, 1))
+  train_images = {r["image"].tobytes() for r in _rows(train_batch) if r["has_image"]}
+  assert valid_images and test_images and train_images
+  assert not valid_images & test_images and not valid_images & train_images
+
+
+def test_iterator_state_carries_over_to_another_process_count(tokenizer, make_config):
+  """Batch k of every process covers global records [k*B, (k+1)*B), so a state saved with
+  one process count resumes the same global stream with another (same global batch)."""
+  config = make_config(batch_size=4)
+  single = P.make_iterator(config, tokenizer, process_index=0, process_count=1)
+  _take(single, 3)
+  state = single.get_state()
+  expected = [_row_hash(r) for b in _take(single, 2) for r in _rows(b)]
+  halves = []
+  for p in range(2):
+    it = P.make_iterator(config, tokenizer, process_index=p, process_count=2)
+    it.set_state(state)
+    halves.append([r for b in _take(it, 2) for r in _rows(b)])
+  assert [_row_hash(r) for r in itertools.chain(*zip(*halves))] == expected

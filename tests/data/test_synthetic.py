@@ -1,0 +1,161 @@
+"""Tests for the synthetic bilingual image-text world."""
+
+import pickle
+import re
+
+import grain
+import numpy as np
+import pytest
+
+from m6_jax.data import synthetic as S
+
+
+def _same(a, b):
+  return (
+    np.array_equal(a["image"], b["image"])
+    and a["caption_en"] == b["caption_en"]
+    and a["caption_zh"] == b["caption_zh"]
+    and a["qa"] == b["qa"]
+    and a["objects"] == b["objects"]
+  )
+
+
+def test_make_example_is_deterministic():
+  for index in (0, 7, 123456789):
+    assert _same(S.make_example(3, index), S.make_example(3, index))
+  assert not _same(S.make_example(3, 0), S.make_example(3, 1))
+  assert not _same(S.make_example(3, 0), S.make_example(4, 0))
+
+
+def test_example_fields():
+  ex = S.make_example(0, 5, image_size=60)
+  assert ex["image"].shape == (60, 60, 3) and ex["image"].dtype == np.uint8
+  assert 1 <= len(ex["objects"]) <= S.MAX_OBJECTS
+  cells = [o["cell"] for o in ex["objects"]]
+  assert len(set(cells)) == len(cells), "objects must be in distinct cells"
+  assert ex["caption_en"].endswith(".") and ex["caption_zh"].endswith("。")
+  for o in ex["objects"]:
+    assert f"{o['size']} {o['color']} {o['shape']}" in ex["caption_en"]
+    zh = S.SIZES_ZH[o["size"]] + S.COLORS_ZH[o["color"]] + S.SHAPES_ZH[o["shape"]]
+    assert S.CELLS_ZH[o["cell_name"]] + "有一个" + zh in ex["caption_zh"]
+
+
+def test_render_puts_each_colour_in_its_cell():
+  bg = (240, 240, 240)
+  for shape in S.SHAPES:
+    for size in S.SIZES:
+      scene = S.Scene(
+        objects=(
+          S.SceneObject(shape, "red", size, 0),
+          S.SceneObject(shape, "blue", size, 4),
+          S.SceneObject(shape, "yellow", size, 8),
+        ),
+        background=bg,
+      )
+      img = S.render_scene(scene, 48).astype(int)
+      for obj in scene.objects:
+        row, col = divmod(obj.cell, 3)
+        centre = img[row * 16 + 8, col * 16 + 8]
+        assert np.abs(centre - S.COLORS[obj.color]).max() <= 40, (shape, size, obj)
+      # empty cells keep the background; the shape does not spill over its cell
+      assert np.abs(img[16 + 8, 8] - bg).max() <= 2
+      assert np.abs(img[16:32, 0:16] - bg).max() <= 2
+
+  # Large shapes cover more pixels than small ones.
+  def coverage(size):
+    scene = S.Scene((S.SceneObject("circle", "green", size, 4),), bg)
+    return (np.abs(S.render_scene(scene).astype(int) - bg).max(-1) > 30).sum()
+
+  assert coverage("large") > 2 * coverage("small") > 0
+
+
+def test_images_are_not_trivial():
+  img = S.make_example(0, 0)["image"]
+  assert len(np.unique(img.reshape(-1, 3), axis=0)) > 3
+
+
+def _answer_en(question, objects):
+  """An independent answerer: the single object a question refers to, or a count."""
+
+  def only(pred):
+    matches = [o for o in objects if pred(o)]
+    assert len(matches) == 1, f"ambiguous or unanswerable: {question!r} {objects}"
+    return matches[0]
+
+  cell_of_phrase = {v: k for k, v in S.CELL_PHRASE_EN.items()}
+  if m := re.fullmatch(r"what color is the shape (.+)\?", question):
+    return only(lambda o: o["cell_name"] == cell_of_phrase[m[1]])["color"]
+  if m := re.fullmatch(r"what color is the (\w+)\?", question):
+    return only(lambda o: o["shape"] == m[1])["color"]
+  if m := re.fullmatch(r"what shape is (\w+)\?", question):
+    return only(lambda o: o["color"] == m[1])["shape"]
+  if m := re.fullmatch(r"what shape is (.+)\?", question):
+    return only(lambda o: o["cell_name"] == cell_of_phrase[m[1]])["shape"]
+  if question == "how many shapes are there?":
+    return S.NUMBERS_EN[len(objects)]
+  if m := re.fullmatch(r"how many (\w+) are there\?", question):
+    shape = {v: k for k, v in S.SHAPES_PLURAL_EN.items()}[m[1]]
+    return S.NUMBERS_EN[sum(o["shape"] == shape for o in objects)]
+  if m := re.fullmatch(r"where is the (\w+) (\w+)\?", question):
+    return only(lambda o: (o["color"], o["shape"]) == (m[1], m[2]))["cell_name"]
+  raise AssertionError(f"unexpected question {question!r}")
+
+
+def test_questions_are_unambiguous_and_bilingual():
+  seen_types = set()
+  for index in range(300):
+    scene = S.sample_scene(1, index)
+    objects = [o.as_dict() for o in scene.objects]
+    qa = S.questions(scene)
+    en = [q for q in qa if q["lang"] == "en"]
+    zh = [q for q in qa if q["lang"] == "zh"]
+    # every English question has a Chinese twin of the same type (emitted in pairs)
+    assert [q["qtype"] for q in en] == [q["qtype"] for q in zh]
+    for q in en:
+      assert _answer_en(q["question"], objects) == q["answer"], q
+      seen_types.add(q["qtype"])
+    for q in zh:
+      assert re.search(r"[\u4e00-\u9fff]", q["question"] + q["answer"]), q
+  assert seen_types == set(S.QTYPES)
+
+
+def test_splits_are_disjoint():
+  n = 50
+  sources = {s: S.SyntheticWorldSource(0, s, n) for s in ("train", "validation", "test")}
+  indices = {s: {src[i]["index"] for i in range(n)} for s, src in sources.items()}
+  assert all(len(v) == n for v in indices.values())
+  assert not indices["train"] & indices["validation"]
+  assert not indices["train"] & indices["test"]
+  assert not indices["validation"] & indices["test"]
+  images = {s: {src[i]["image"].tobytes() for i in range(n)} for s, src in sources.items()}
+  assert not images["train"] & images["test"]
+  assert not images["train"] & images["validation"]
+
+
+def test_source_protocol_and_errors():
+  src = S.SyntheticWorldSource(0, "train", 10)
+  assert len(src) == 10
+  assert _same(src[3], S.make_example(0, 3))
+  with pytest.raises(IndexError):
+    src[10]
+  with pytest.raises(ValueError, match="unknown split"):
+    S.SyntheticWorldSource(0, "dev", 10)
+  # picklable, and usable as a grain source
+  clone = pickle.loads(pickle.dumps(src))
+  assert _same(clone[4], src[4])
+  ds = grain.MapDataset.source(src)
+  assert _same(ds[2], src[2])
+
+
+def test_corpus_text_covers_all_texts():
+  texts = list(S.iter_corpus_text(0, 3))
+  for i in range(3):
+    ex = S.make_example(0, i)
+    for t in [ex["caption_en"], ex["caption_zh"]] + [
+      q[k] for q in ex["qa"] for k in ("question", "answer")
+    ]:
+      assert t in texts
+  # the word delimiter only marks Chinese word boundaries, the text is otherwise the same
+  delimited = list(S.iter_corpus_text(0, 3, zh_word_delimiter="\t"))
+  assert [t.replace("\t", "") for t in delimited] == texts
+  assert any("\t" in t for t in delimited)

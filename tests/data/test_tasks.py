@@ -1,0 +1,189 @@
+"""Tests for span corruption and the per-task feature functions."""
+
+import ml_collections
+import numpy as np
+import pytest
+
+from m6_jax.data import synthetic as S
+from m6_jax.data import tasks as K
+
+CFG = K.TaskConfig(src_len=32, tgt_len=32, noise_density=0.15, mean_noise_span_length=3.0)
+
+
+def _spans(mask):
+  """Number of runs of True in a boolean mask."""
+  m = np.asarray(mask, dtype=int)
+  return int(np.sum(np.diff(np.concatenate([[0], m])) == 1))
+
+
+def test_noise_mask_density_and_spans():
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    mask = K.random_spans_noise_mask(100, 0.15, 3.0, rng)
+    assert mask.dtype == bool and mask.shape == (100,)
+    assert mask.sum() == 15 and _spans(mask) == 5
+  # over many random lengths the noise fraction stays near the density
+  fractions, first_noise = [], 0
+  for _ in range(2000):
+    length = int(rng.integers(8, 60))
+    mask = K.random_spans_noise_mask(length, 0.15, 3.0, rng)
+    assert 0 < mask.sum() < length
+    fractions.append(mask.mean())
+    first_noise += mask[0]
+  assert abs(np.mean(fractions) - 0.15) < 0.02
+  assert 0.35 < first_noise / 2000 < 0.65  # spans start at the first token about half the time
+  # edge cases: too short to corrupt, span cap
+  assert not K.random_spans_noise_mask(1, 0.15, 3.0, rng).any()
+  assert _spans(K.random_spans_noise_mask(200, 0.5, 1.0, rng, max_num_spans=4)) == 4
+
+
+def test_corrupt_and_reconstruct(tokenizer):
+  rng = np.random.default_rng(1)
+  for _ in range(300):
+    ids = rng.integers(100, 300, size=int(rng.integers(2, 40))).tolist()
+    mask = K.random_spans_noise_mask(len(ids), 0.3, 2.0, rng)
+    source, target = K.corrupt_spans(ids, mask, tokenizer)
+    n = _spans(mask)
+    assert [t for t in source if tokenizer.is_sentinel(t)] == [
+      tokenizer.sentinel_id(k) for k in range(n)
+    ]
+    assert target[0] == tokenizer.sentinel_id(0)
+    assert len(source) == len(ids) - mask.sum() + n
+    assert len(target) == mask.sum() + n
+    assert K.reconstruct_from_spans(source, target, tokenizer) == ids
+    # padding and a trailing EOS are ignored
+    assert (
+      K.reconstruct_from_spans(source + [0, 0], target + [tokenizer.eos_id, 0], tokenizer) == ids
+    )
+  with pytest.raises(ValueError, match="sentinel"):
+    K.reconstruct_from_spans([tokenizer.sentinel_id(1)], [tokenizer.sentinel_id(0), 7], tokenizer)
+
+
+def test_replace_spans_uses_one_mask_per_span():
+  ids = [10, 11, 12, 13, 14, 15]
+  mask = np.array([False, True, True, False, True, False])
+  assert K.replace_spans(ids, mask, 4) == [10, 4, 13, 4, 15]
+
+
+def _check_contract(f, cfg, image_shape=(48, 48, 3)):
+  src_len, tgt_len = cfg.src_len, cfg.tgt_len
+  expected = {
+    "image": (image_shape, np.float32),
+    "has_image": ((), np.int32),
+    "src_tokens": ((src_len,), np.int32),
+    "tgt_input": ((tgt_len,), np.int32),
+    "tgt_target": ((tgt_len,), np.int32),
+    "tgt_weights": ((tgt_len,), np.float32),
+    "task_id": ((), np.int32),
+  }
+  assert set(f) == set(expected)
+  for k, (shape, dtype) in expected.items():
+    assert np.shape(f[k]) == shape and np.asarray(f[k]).dtype == dtype, k
+  n = int(f["tgt_weights"].sum())  # target tokens incl. EOS
+  assert 1 <= n <= tgt_len
+  assert np.array_equal(f["tgt_weights"], (np.arange(tgt_len) < n).astype(np.float32))
+  assert f["tgt_target"][n - 1] == 1 and np.all(f["tgt_target"][n:] == 0)
+  assert f["tgt_input"][0] == 2 and np.array_equal(f["tgt_input"][1:n], f["tgt_target"][: n - 1])
+  assert np.all(f["tgt_input"][n:] == 0)
+  assert 1 not in f["tgt_target"][: n - 1].tolist()  # EOS only at the end
+  src = f["src_tokens"]
+  m = int((src != 0).sum())
+  assert np.all(src[:m] != 0) and np.all(src[m:] == 0), "source must be right-padded"
+  assert 0.0 <= f["image"].min() and f["image"].max() <= 1.0
+  if f["has_image"] == 0:
+    assert not f["image"].any()
+  return n - 1, m
+
+
+def _caption_ids(tokenizer, ex):
+  return [tokenizer.encode(ex["caption_en"]), tokenizer.encode(ex["caption_zh"])]
+
+
+def test_text_to_text(tokenizer):
+  for i in range(40):
+    ex = S.make_example(0, i)
+    f = K.text_to_text(ex, tokenizer, np.random.default_rng(i), CFG)
+    _check_contract(f, CFG)
+    assert f["has_image"] == 0 and f["task_id"] == K.TASK_NAMES.index("text_to_text")
+    assert tokenizer.sentinel_id(0) in f["src_tokens"]
+    assert K.reconstruct_from_spans(f["src_tokens"], f["tgt_target"], tokenizer) in _caption_ids(
+      tokenizer, ex
+    )
+
+
+def test_text_to_text_truncates_to_fit(tokenizer):
+  cfg = K.TaskConfig(src_len=12, tgt_len=5, noise_density=0.3, mean_noise_span_length=2.0)
+  for i in range(20):
+    ex = S.make_example(0, i)
+    f = K.text_to_text(ex, tokenizer, np.random.default_rng(i), cfg)
+    _check_contract(f, cfg)
+    original = K.reconstruct_from_spans(f["src_tokens"], f["tgt_target"], tokenizer)
+    assert any(ids[: len(original)] == original for ids in _caption_ids(tokenizer, ex))
+    assert len(original) >= 4  # truncated, but not more than needed
+
+
+def test_image_to_text(tokenizer):
+  ex = S.make_example(0, 3)
+  langs = set()
+  for seed in range(10):
+    f = K.image_to_text(ex, tokenizer, np.random.default_rng(seed), CFG)
+    n, m = _check_contract(f, CFG)
+    assert m == 0 and f["has_image"] == 1
+    np.testing.assert_allclose(f["image"], ex["image"] / 255.0, atol=1e-6)
+    caption = tokenizer.decode(f["tgt_target"])
+    assert caption in (ex["caption_en"], ex["caption_zh"])
+    langs.add(caption == ex["caption_en"])
+  assert langs == {True, False}, "both languages must be used"
+
+
+def test_multimodal_to_text(tokenizer):
+  for i in range(20):
+    ex = S.make_example(0, i)
+    f = K.multimodal_to_text(ex, tokenizer, np.random.default_rng(i), CFG)
+    n, m = _check_contract(f, CFG)
+    assert f["has_image"] == 1 and f["task_id"] == 2
+    target = f["tgt_target"][:n].tolist()
+    assert target in _caption_ids(tokenizer, ex)
+    src = f["src_tokens"][:m].tolist()
+    assert tokenizer.mask_id in src
+    # the kept tokens are the target's tokens in order
+    kept = [t for t in src if t != tokenizer.mask_id]
+    it = iter(target)
+    assert all(t in it for t in kept)
+
+
+def test_vqa(tokenizer):
+  ex = S.make_example(0, 5)
+  for seed in range(10):
+    f = K.vqa(ex, tokenizer, np.random.default_rng(seed), CFG)
+    _check_contract(f, CFG)
+    q, a = tokenizer.decode(f["src_tokens"]), tokenizer.decode(f["tgt_target"])
+    assert {"question": q, "answer": a} in [
+      {"question": x["question"], "answer": x["answer"]} for x in ex["qa"]
+    ]
+    assert f["task_id"] == 3 and f["has_image"] == 1
+
+
+def test_tasks_accept_config_dict_and_truncate(tokenizer):
+  cfg = ml_collections.ConfigDict(
+    dict(src_len=6, tgt_len=4, noise_density=0.15, mean_noise_span_length=3.0, unrelated=1)
+  )
+  ex = S.make_example(0, 0, image_size=30)
+  for name, fn in K.TASKS.items():
+    f = fn(ex, tokenizer, np.random.default_rng(0), cfg)
+    _check_contract(f, cfg, image_shape=(30, 30, 3))
+    assert f["task_id"] == K.TASK_NAMES.index(name)
+
+
+def test_same_rng_same_features(tokenizer):
+  ex = S.make_example(0, 9)
+  for fn in K.TASKS.values():
+    a = fn(ex, tokenizer, np.random.default_rng(42), CFG)
+    b = fn(ex, tokenizer, np.random.default_rng(42), CFG)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_empty_features_have_zero_weight():
+  f = K.empty_features((48, 48, 3), CFG)
+  assert f["tgt_weights"].sum() == 0 and f["has_image"] == 0
+  assert f["src_tokens"].shape == (32,) and f["image"].shape == (48, 48, 3)

@@ -1,0 +1,108 @@
+"""Tests for the sentencepiece tokenizer wrapper."""
+
+import os
+import pickle
+
+import pytest
+
+from m6_jax.data import synthetic as S
+from m6_jax.data import tokenizer as T
+
+
+def test_special_ids(tokenizer):
+  assert (tokenizer.pad_id, tokenizer.eos_id, tokenizer.bos_id, tokenizer.unk_id) == (0, 1, 2, 3)
+  assert tokenizer.id_to_piece(tokenizer.mask_id) == "<mask>"
+  assert tokenizer.num_sentinels == 32
+  ids = [tokenizer.sentinel_id(i) for i in range(32)]
+  assert [tokenizer.id_to_piece(i) for i in ids] == [f"<extra_id_{i}>" for i in range(32)]
+  assert len(set(ids + [0, 1, 2, 3, tokenizer.mask_id])) == 37
+  assert tokenizer.is_sentinel(ids[5]) and not tokenizer.is_sentinel(tokenizer.mask_id)
+  assert tokenizer.sentinel_index(ids[7]) == 7
+  with pytest.raises(IndexError):
+    tokenizer.sentinel_id(32)
+
+
+def test_vocab_size_fits_base_config(tokenizer):
+  # vocab_size is a soft limit; the tokenizer reports the real piece count
+  assert 300 < tokenizer.vocab_size <= 1000
+  assert tokenizer.id_to_piece(tokenizer.vocab_size - 1) != ""
+
+
+def test_round_trips_unseen_captions_and_questions(tokenizer):
+  # validation scenes were not in the training corpus
+  src = S.SyntheticWorldSource(0, "validation", 40)
+  for i in range(len(src)):
+    ex = src[i]
+    texts = [ex["caption_en"], ex["caption_zh"]]
+    texts += [q[k] for q in ex["qa"] for k in ("question", "answer")]
+    for text in texts:
+      ids = tokenizer.encode(text)
+      assert tokenizer.unk_id not in ids
+      assert tokenizer.decode(ids) == text
+  # Chinese is segmented into words, not whole clauses (pieces never cross word boundaries)
+  pieces = [tokenizer.id_to_piece(i) for i in tokenizer.encode("左上角有一个小的红色圆形。")]
+  assert "红色" in pieces or "▁红色" in pieces
+  assert max(len(p.lstrip("▁")) for p in pieces) <= 3
+
+
+def test_byte_fallback_round_trips_anything(tokenizer):
+  for text in ["Hello, 世界! ü ß 🙂", "完全没见过的字：龘", "a\ttab"]:
+    ids = tokenizer.encode(text)
+    assert tokenizer.unk_id not in ids
+    assert tokenizer.decode(ids) == text
+  # the one normalization left: sentencepiece collapses runs of spaces
+  assert tokenizer.decode(tokenizer.encode("two  spaces ")) == "two spaces"
+
+
+def test_decode_stops_at_eos_and_ignores_padding(tokenizer):
+  ids = tokenizer.encode("a red circle.")
+  assert tokenizer.encode("a red circle.")[0] != tokenizer.bos_id  # no BOS added
+  assert (
+    tokenizer.decode([tokenizer.bos_id] + ids + [tokenizer.eos_id] + ids + [0, 0])
+    == "a red circle."
+  )
+  assert tokenizer.decode(ids[:2] + [0] + ids[2:]) == "a red circle."
+
+
+def test_pickle_round_trip(tokenizer):
+  clone = pickle.loads(pickle.dumps(tokenizer))
+  text = "右上角有一个大的蓝色星形。"
+  assert clone.encode(text) == tokenizer.encode(text)
+  assert clone.vocab_size == tokenizer.vocab_size
+  assert clone.mask_id == tokenizer.mask_id
+  assert clone.sentinel_id(3) == tokenizer.sentinel_id(3)
+  assert clone.model_proto == tokenizer.model_proto
+
+
+def test_training_is_deterministic_and_atomic(tmp_path):
+  corpus = list(S.iter_corpus_text(5, 200))
+  a = T.train_tokenizer(corpus, str(tmp_path / "a" / "spm.model"), vocab_size=600)
+  b = T.train_tokenizer(corpus, str(tmp_path / "b" / "spm.model"), vocab_size=600)
+  assert open(a, "rb").read() == open(b, "rb").read()
+  # only the model is left behind: no temporary files
+  assert os.listdir(tmp_path / "a") == ["spm.model"]
+  with pytest.raises(ValueError, match="too small"):
+    T.train_tokenizer(corpus, str(tmp_path / "c.model"), vocab_size=100)
+  assert not (tmp_path / "c.model").exists()
+
+
+def test_get_or_train_reuses_the_workdir_model(tokenizer, tokenizer_workdir):
+  path = os.path.join(tokenizer_workdir, "tokenizer", "spm.model")
+  mtime = os.stat(path).st_mtime_ns
+  again = T.get_or_train_tokenizer(
+    tokenizer_workdir, vocab_size=1000, seed=0, num_corpus_examples=2000
+  )
+  assert os.stat(path).st_mtime_ns == mtime
+  assert again.model_proto == tokenizer.model_proto
+  explicit = T.get_or_train_tokenizer("/nonexistent", 1000, 0, 10, model_path=path)
+  assert explicit.model_proto == tokenizer.model_proto
+  with pytest.raises(ValueError, match="vocab_size"):
+    T.get_or_train_tokenizer(
+      tokenizer_workdir, vocab_size=tokenizer.vocab_size - 1, seed=0, num_corpus_examples=2000
+    )
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path):
+  missing = str(tmp_path / "nope.model")
+  with pytest.raises(FileNotFoundError, match="nope.model"):
+    T.get_or_train_tokenizer(str(tmp_path), 1000, 0, 10, model_path=missing)

@@ -1,0 +1,80 @@
+"""The jitted train step gives the same numbers on one device and on a 2x2x2 mesh."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+
+from m6_jax.model.m6 import M6, M6Config
+from m6_jax.parallel import partitioning
+from m6_jax.train import optim
+from m6_jax.train import state as state_lib
+from m6_jax.train import step as step_lib
+
+NUM_TASKS = 4
+
+
+def run_steps(config, batches, devices):
+  mesh = partitioning.make_mesh(config, devices)
+  rules = partitioning.logical_rules(config)
+  model = M6(M6Config.from_config(config))
+  tx = optim.make_optimizer(config.train)
+  state, shardings = state_lib.create_sharded_state(model, tx, mesh, rules, seed=0)
+  batch_sh = partitioning.batch_shardings(batches[0], mesh, rules)
+  step = step_lib.jit_train_step(
+    step_lib.make_train_step(
+      model, tx, optim.learning_rate_schedule(config.train), config.train, NUM_TASKS
+    ),
+    shardings,
+    batch_sh,
+    partitioning.replicated(mesh),
+  )
+  losses = []
+  with partitioning.mesh_context(mesh, rules):
+    for b in batches:
+      state, metrics = step(state, partitioning.host_batch_to_global(b, batch_sh))
+      losses.append(float(metrics["loss"]))
+  return state, losses
+
+
+def _mesh(config, data, fsdp, tensor):
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = data, fsdp, tensor
+  return config
+
+
+def _assert_trees_close(a, b, atol):
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(
+      np.asarray(x), np.asarray(y), atol=atol, rtol=0, err_msg=jax.tree_util.keystr(path)
+    )
+
+
+def test_2x2x2_mesh_matches_single_device(tiny_config, random_batch):
+  batches = [random_batch(16, tiny_config, seed=s) for s in range(2)]
+  single, single_losses = run_steps(_mesh(tiny_config, 1, 1, 1), batches, jax.devices()[:1])
+  sharded, sharded_losses = run_steps(_mesh(tiny_config, 2, 2, 2), batches, jax.devices())
+  np.testing.assert_allclose(sharded_losses, single_losses, atol=1e-5, rtol=0)
+  assert single_losses[1] < single_losses[0]  # the first step really changed the params
+  _assert_trees_close(sharded.params, single.params, atol=1e-5)
+  # The parameters really are split over devices, not replicated.
+  split, total = partitioning.count_sharded_params(sharded.params)
+  assert split == total, f"only {split} of {total} parameter arrays are sharded"
+  kernel = sharded.params["layer_0"]["mlp"]["wi"]["kernel"]
+  assert kernel.sharding.spec == PartitionSpec("fsdp", "tensor")
+  assert kernel.addressable_shards[0].data.shape == (32, 64)  # (64/2, 128/2)
+  mu = sharded.opt_state[1][0].mu["layer_0"]["mlp"]["wi"]["kernel"]
+  assert mu.sharding.spec == PartitionSpec("fsdp", "tensor")  # optimizer state sharded like its param
+
+
+@pytest.mark.parametrize("accum", [2, 4])
+def test_gradient_accumulation_matches_full_batch(tiny_config, random_batch, accum):
+  # Adam's first update is lr * g / (|g| + eps): for gradient components near zero, summing
+  # micro-batches in another order flips their sign and moves the parameter by a whole lr.
+  # A larger eps damps those components so the comparison tests the accumulated gradients.
+  tiny_config.train.eps = 1e-3
+  batches = [random_batch(16, tiny_config, seed=s) for s in range(2)]
+  full, full_losses = run_steps(_mesh(tiny_config, 2, 1, 1), batches, jax.devices()[:2])
+  tiny_config.train.grad_accum_steps = accum
+  micro, micro_losses = run_steps(_mesh(tiny_config, 2, 1, 1), batches, jax.devices()[:2])
+  np.testing.assert_allclose(micro_losses, full_losses, atol=1e-5, rtol=0)
+  _assert_trees_close(micro.params, full.params, atol=1e-5)

@@ -1,0 +1,99 @@
+"""Bad configs fail before anything is built, with one line naming the key and the fix."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from m6_jax.config import ConfigError, default_config, mesh_shape, validate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_default_and_base_configs_are_valid():
+  sys.path.insert(0, REPO)
+  from configs import base
+
+  validate(default_config(), num_devices=8)
+  validate(base.get_config(), num_devices=1)
+  validate(base.get_config("runlocal"), num_devices=8)
+
+
+def test_mesh_minus_one_fills_the_devices():
+  c = default_config()
+  c.mesh.tensor = 2
+  assert mesh_shape(c, 8) == {"data": 4, "fsdp": 1, "tensor": 2}
+
+
+@pytest.mark.parametrize(
+  "mutate, pattern",
+  [
+    (
+      lambda c: setattr(c.train, "lrr", 1.0),
+      r"Unknown config key 'train.lrr'\. Did you mean 'train.lr'\?",
+    ),
+    (
+      lambda c: setattr(c.model, "num_heads", 6) or setattr(c.mesh, "tensor", 4),
+      r"model.num_heads=6 is not divisible by mesh.tensor=4",
+    ),
+    (lambda c: setattr(c.mesh, "data", 16), r"needs 16 devices but only 8 are available"),
+    (lambda c: setattr(c.mesh, "fsdp", 3), r"mesh.data=-1 cannot fill 8 devices"),
+    (lambda c: setattr(c.data, "batch_size", 12), r"data.batch_size=12 is not divisible by"),
+    (lambda c: setattr(c.model, "patch_size", 7), r"not divisible by model.patch_size=7"),
+    (lambda c: setattr(c.train, "schedule", "cosne"), r"train.schedule='cosne' is not one of"),
+    (
+      lambda c: setattr(c.data.task_weights, "captioning", 1.0),
+      r"Unknown config key 'data.task_weights.captioning'",
+    ),
+    (
+      lambda c: [setattr(c.data.task_weights, k, 0.0) for k in c.data.task_weights],
+      r"gives no task a positive weight",
+    ),
+    (lambda c: setattr(c.train, "grad_accum_steps", 3), r"micro-batches"),
+  ],
+)
+def test_bad_config_raises_one_clear_error(mutate, pattern):
+  c = default_config()
+  mutate(c)
+  with pytest.raises(ConfigError, match=pattern):
+    validate(c, num_devices=8)
+
+
+def _run_main(*args):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  return subprocess.run(
+    [sys.executable, "-m", "m6_jax.main", *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+
+
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (["--config.train.lrr=3"], "unknown key 'lrr'. Did you mean \"lr\""),
+    (
+      ["--config.model.num_heads=6", "--config.mesh.tensor=4"],
+      "model.num_heads=6 is not divisible by mesh.tensor=4",
+    ),
+    (["--config.mesh.data=16"], "needs 16 devices but only 8 are available"),
+    (["--config.train.lr=abc"], "could not convert string to float"),
+  ],
+)
+def test_cli_prints_one_error_line_and_exits_2(args, message, tmp_path):
+  proc = _run_main("--config=configs/base.py", f"--workdir={tmp_path}", *args)
+  assert proc.returncode == 2, proc.stderr
+  error_lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+  assert len(error_lines) == 1 and message in error_lines[0], proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+def test_cli_missing_config_file(tmp_path):
+  proc = _run_main("--config=configs/no_such_file.py", f"--workdir={tmp_path}")
+  assert proc.returncode == 2
+  assert "No such file or directory: 'configs/no_such_file.py'" in proc.stderr
+  assert "Traceback" not in proc.stderr
