@@ -203,11 +203,17 @@ def train(
     if not result.first_metrics:
       result.first_metrics = dict(summary, step=at_step)
     result.last_metrics = dict(summary, step=at_step)
-    eta = (t.steps - at_step) / max(summary["steps_per_sec"], 1e-9)
+    if at_step == start_step + 1:  # this interval is dominated by compilation
+      speed = f"first step (with compilation) {elapsed:.1f}s"
+    else:
+      eta = (t.steps - at_step) / max(summary["steps_per_sec"], 1e-9)
+      speed = (
+        f"{summary['steps_per_sec']:.2f} steps/s | {summary['tokens_per_sec']:,.0f} tok/s | "
+        f"ETA {_format_duration(eta)}"
+      )
     i2t = summary.get("image_to_text_loss")
     logging.info(
-      "step %d/%d | loss %.4f | %sacc %.3f | grad_norm %.3f | lr %.2e | %.2f steps/s | "
-      "%s tok/s | ETA %s",
+      "step %d/%d | loss %.4f | %sacc %.3f | grad_norm %.3f | lr %.2e | %s",
       at_step,
       t.steps,
       summary["loss"],
@@ -215,9 +221,7 @@ def train(
       summary["accuracy"],
       summary["grad_norm"],
       summary["learning_rate"],
-      summary["steps_per_sec"],
-      f"{summary['tokens_per_sec']:,.0f}",
-      _format_duration(eta),
+      speed,
     )
     interval_sums, interval_steps = None, 0
     interval_start = time.perf_counter()
