@@ -4,6 +4,11 @@ Every parameter is created with `nn.with_logical_partitioning` and the main acti
 constrained with `nn.with_logical_constraint`, so the mesh layout is decided by the config's
 logical axis rules alone. Softmax and normalisation statistics run in float32 whatever the
 compute dtype.
+
+Incremental decoding: attention and the block run in one of three modes, all with the same
+parameters. The default maps a whole sequence to a sequence; `return_kv=True` also returns
+the layer's keys and values (to fill a prefix cache); `step=StepCache(...)` runs one new
+target position against cached keys/values and returns the updated target cache.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 Dtype = Any
 
@@ -26,6 +32,36 @@ default_kernel_init = nn.initializers.xavier_uniform()
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
   """Logical sharding constraint on an activation (a no-op outside a mesh)."""
   return nn.with_logical_constraint(x, names)
+
+
+KV_AXES = ("batch", "length", "heads", "kv")
+
+
+@struct.dataclass
+class LayerKV:
+  """Keys and values of one attention layer, each [batch, length, heads, kv]."""
+
+  key: jax.Array
+  value: jax.Array
+
+  def constrain(self) -> "LayerKV":
+    return LayerKV(constrain(self.key, KV_AXES), constrain(self.value, KV_AXES))
+
+
+@struct.dataclass
+class StepCache:
+  """What one attention layer reads and writes at one decoding step.
+
+  The prefix may be shared by groups of consecutive rows of the query batch: with a prefix
+  batch bp and a query batch B = g * bp, rows i*g .. i*g+g-1 all read prefix row i (the
+  beams of one example in beam search), so the prefix is never copied per beam.
+  """
+
+  prefix: LayerKV  # [bp, S, heads, kv], read only
+  prefix_valid: jax.Array  # [bp, S] bool: real prefix positions
+  target: LayerKV  # [B, Lt, heads, kv]; the new key/value is written at `position`
+  target_valid: jax.Array  # [B, Lt] bool: target keys the new query may see (itself included)
+  position: jax.Array  # int32 scalar: the target position being decoded
 
 
 class LayerNorm(nn.Module):
@@ -57,7 +93,7 @@ class LayerNorm(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-  """Self-attention over one sequence with an explicit boolean mask [batch, q, k]."""
+  """Self-attention with an explicit boolean mask [batch, q, k], or one cached decoding step."""
 
   num_heads: int
   head_dim: int
@@ -65,7 +101,21 @@ class MultiHeadAttention(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    mask: jax.Array | None,
+    deterministic: bool,
+    *,
+    return_kv: bool = False,
+    step: StepCache | None = None,
+  ) -> Any:
+    """Full mode (`step` None): x [b, L, d], mask [b, L, L] -> out [b, L, d], plus this
+    layer's LayerKV [b, L, heads, kv] when `return_kv`.
+
+    Step mode: x [B, 1, d] is the new target position; `mask` is unused (the masks are in
+    `step`). Returns (out [B, 1, d], the target LayerKV with the new key/value written).
+    """
     d_model = x.shape[-1]
 
     # Projections as explicit einsums over [embed, heads, kv] kernels: nn.DenseGeneral
@@ -91,18 +141,22 @@ class MultiHeadAttention(nn.Module):
     # No key bias: it adds the same q.b to every key's logit, which softmax cancels, so its
     # gradient is pure rounding noise that Adam would amplify into random updates.
     q, k, v = proj("query"), proj("key", use_bias=False), proj("value")
-    q = constrain(q, ("batch", "length", "heads", "kv"))
-    k = constrain(k, ("batch", "length", "heads", "kv"))
-    v = constrain(v, ("batch", "length", "heads", "kv"))
+    q = constrain(q, KV_AXES)
+    k = constrain(k, KV_AXES)
+    v = constrain(v, KV_AXES)
 
     q = q * jnp.asarray(self.head_dim**-0.5, self.dtype)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
-    logits = jnp.where(mask[:, None, :, :], logits, MASK_BIAS)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    if not deterministic and self.dropout_rate > 0:
-      probs = nn.Dropout(self.dropout_rate)(probs, deterministic=False)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-    out = constrain(out, ("batch", "length", "heads", "kv"))
+    if step is None:
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+      logits = jnp.where(mask[:, None, :, :], logits, MASK_BIAS)
+      probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+      if not deterministic and self.dropout_rate > 0:
+        probs = nn.Dropout(self.dropout_rate)(probs, deterministic=False)
+      out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    else:
+      target = _write_kv(step.target, k, v, step.position)
+      out = _cached_attention(q, step, target, self.dtype)
+    out = constrain(out, KV_AXES)
     out_kernel = self.param(
       "out",
       nn.with_logical_partitioning(default_kernel_init, ("heads", "kv", "embed")),
@@ -117,7 +171,47 @@ class MultiHeadAttention(nn.Module):
     )
     out = jnp.einsum("blhk,hkd->bld", out, out_kernel.astype(self.dtype))
     out = out + out_bias.astype(self.dtype)
-    return constrain(out, ("batch", "length", "embed"))
+    out = constrain(out, ("batch", "length", "embed"))
+    if step is not None:
+      return out, target
+    if return_kv:
+      return out, LayerKV(k, v)
+    return out
+
+
+def _write_kv(cache: LayerKV, k: jax.Array, v: jax.Array, position: jax.Array) -> LayerKV:
+  """Writes the new key/value [B, 1, h, kv] at target `position` (a traced scalar is fine)."""
+  position = jnp.asarray(position, jnp.int32)
+
+  def write(buf, new):
+    return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), position, axis=1)
+
+  return LayerKV(write(cache.key, k), write(cache.value, v)).constrain()
+
+
+def _cached_attention(q: jax.Array, step: StepCache, target: LayerKV, dtype: Dtype) -> jax.Array:
+  """One query per row against [prefix ; target] keys; the same softmax as the full mode.
+
+  q [B, 1, h, kv] (already scaled) -> [B, 1, h, kv]. The prefix logits are computed per
+  group of rows sharing one prefix row (see StepCache), then joined to the target logits in
+  the full mode's key order so that one softmax runs over all keys.
+  """
+  bq, _, h, d = q.shape
+  bp, s = step.prefix_valid.shape
+  if bq % bp:
+    raise ValueError(f"query batch {bq} is not a multiple of the prefix cache batch {bp}")
+  g = bq // bp
+  qg = q.reshape(bp, g, h, d)
+  prefix_logits = jnp.einsum("bghd,bkhd->bghk", qg, step.prefix.key).astype(jnp.float32)
+  prefix_logits = jnp.where(step.prefix_valid[:, None, None, :], prefix_logits, MASK_BIAS)
+  target_logits = jnp.einsum("bhd,bkhd->bhk", q[:, 0], target.key).astype(jnp.float32)
+  target_logits = jnp.where(step.target_valid[:, None, :], target_logits, MASK_BIAS)
+  logits = jnp.concatenate([prefix_logits.reshape(bq, h, s), target_logits], axis=-1)
+  probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+  prefix_probs = probs[..., :s].reshape(bp, g, h, s)
+  out = jnp.einsum("bghk,bkhd->bghd", prefix_probs, step.prefix.value).reshape(bq, h, d)
+  out = out + jnp.einsum("bhk,bkhd->bhd", probs[..., s:], target.value)
+  return out[:, None]
 
 
 class Mlp(nn.Module):
@@ -160,13 +254,26 @@ class TransformerBlock(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    mask: jax.Array | None,
+    deterministic: bool,
+    *,
+    return_kv: bool = False,
+    step: StepCache | None = None,
+  ) -> Any:
+    """x -> x in full mode; (x, LayerKV) with `return_kv` or in step mode (see attention)."""
     h = LayerNorm(self.layer_norm_epsilon, self.dtype, name="pre_attention_norm")(x)
     h = MultiHeadAttention(
       self.num_heads, self.head_dim, self.dropout_rate, self.dtype, name="attention"
-    )(h, mask, deterministic)
+    )(h, mask, deterministic, return_kv=return_kv, step=step)
+    kv = None
+    if return_kv or step is not None:
+      h, kv = h
     x = x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
     h = LayerNorm(self.layer_norm_epsilon, self.dtype, name="pre_mlp_norm")(x)
     h = Mlp(self.mlp_dim, self.dropout_rate, self.dtype, name="mlp")(h, deterministic)
     x = x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
-    return constrain(x, ("batch", "length", "embed"))
+    x = constrain(x, ("batch", "length", "embed"))
+    return x if kv is None else (x, kv)

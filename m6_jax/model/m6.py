@@ -7,6 +7,12 @@ would be wasted vocabulary-sized matmuls.
 
 Batch features (see m6_jax/data/tasks.py): image [b, h, w, 3] float in [0, 1], has_image [b],
 src_tokens [b, Ls], tgt_input [b, Lt]; token id 0 is padding.
+
+Incremental decoding (used by m6_jax/infer/decoding.py): `encode_prefix` runs the prefix
+through the stack once and returns a DecodeCache; `decode_step` then embeds one target token
+at a time, attends to the cached prefix and to the target positions decoded so far, and
+returns that position's logits and the updated cache. Both give the logits of `__call__`
+(teacher forcing) up to float rounding.
 """
 
 from __future__ import annotations
@@ -18,9 +24,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from flax import struct
 
 from m6_jax.model.embeddings import ImageEmbedding, PositionEmbedding, embed_init
-from m6_jax.model.layers import LayerNorm, TransformerBlock, constrain, default_kernel_init
+from m6_jax.model.layers import (
+  LayerKV,
+  LayerNorm,
+  StepCache,
+  TransformerBlock,
+  constrain,
+  default_kernel_init,
+)
 
 PAD_ID = 0
 SEGMENT_IMAGE, SEGMENT_SOURCE, SEGMENT_TARGET = 0, 1, 2
@@ -95,6 +109,46 @@ def prefix_lm_mask(prefix_valid: jax.Array, target_valid: jax.Array) -> jax.Arra
   return structure[None] & valid[:, None, :]
 
 
+@struct.dataclass
+class KVCache:
+  """Keys/values of every layer ([batch, length, heads, kv] each) and which positions are real."""
+
+  layers: tuple[LayerKV, ...]
+  valid: jax.Array  # [batch, length] bool
+
+  def constrain(self) -> "KVCache":
+    return KVCache(
+      tuple(kv.constrain() for kv in self.layers), constrain(self.valid, ("batch", "length"))
+    )
+
+
+@struct.dataclass
+class DecodeCache:
+  """The cache for incremental decoding, in two parts.
+
+  prefix: image + source keys/values [bp, P+Ls, heads, kv], written once by `encode_prefix`
+    and only read afterwards.
+  target: target keys/values [B, Lt, heads, kv] (zeros until written), written one position
+    per `decode_step`; `valid` marks the real (non-padding) tokens decoded so far.
+
+  B is bp or a multiple g * bp: rows i*g .. i*g+g-1 then share prefix row i (the beams of
+  one example), so beam search copies and reorders only the target part.
+  """
+
+  prefix: KVCache
+  target: KVCache
+
+
+def empty_target_cache(config: M6Config, batch_size: int, dtype: Any = None) -> KVCache:
+  """A zero target cache for `batch_size` rows and config.tgt_len positions."""
+  dtype = jnp.dtype(config.dtype if dtype is None else dtype)
+  shape = (batch_size, config.tgt_len, config.num_heads, config.head_dim)
+  layers = tuple(
+    LayerKV(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)
+  )
+  return KVCache(layers, jnp.zeros((batch_size, config.tgt_len), bool)).constrain()
+
+
 class M6(nn.Module):
   config: M6Config
 
@@ -135,28 +189,42 @@ class M6(nn.Module):
         kernel_init=nn.with_logical_partitioning(default_kernel_init, ("embed", "vocab")),
       )
 
-  def embed_inputs(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """Returns the embedded sequence [b, L, d] and which prefix positions are real [b, P+Ls]."""
+  def embed_prefix(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """The embedded prefix [b, P+Ls, d] and which of its positions are real [b, P+Ls]."""
     c = self.config
     images = batch["image"]
     b = images.shape[0]
-    image_x = self.image_embedding(images)
-    text_ids = jnp.concatenate([batch["src_tokens"], batch["tgt_input"]], axis=1)
-    text_x = (
-      self.token_embedding(text_ids) + self.text_position(jnp.arange(c.src_len + c.tgt_len))[None]
-    )
-    x = jnp.concatenate([image_x, text_x], axis=1)
-    segments = jnp.concatenate(
-      [
-        jnp.full((c.num_patches,), SEGMENT_IMAGE),
-        jnp.full((c.src_len,), SEGMENT_SOURCE),
-        jnp.full((c.tgt_len,), SEGMENT_TARGET),
-      ]
-    )
-    x = x + self.segment_embedding(segments)[None]
+    image_x = self.image_embedding(images) + self.segment_embedding(SEGMENT_IMAGE)
+    src_x = self.token_embedding(batch["src_tokens"]) + self.text_position(jnp.arange(c.src_len))
+    src_x = src_x + self.segment_embedding(SEGMENT_SOURCE)
+    x = jnp.concatenate([image_x, src_x], axis=1)
     image_valid = jnp.broadcast_to(batch["has_image"].astype(bool)[:, None], (b, c.num_patches))
     prefix_valid = jnp.concatenate([image_valid, batch["src_tokens"] != PAD_ID], axis=1)
     return constrain(x, ("batch", "length", "embed")), prefix_valid
+
+  def embed_target(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+    """Target tokens [b, l] at target positions [l] (0 = the BOS slot) -> [b, l, d]."""
+    c = self.config
+    x = self.token_embedding(tokens) + self.text_position(c.src_len + positions)
+    x = x + self.segment_embedding(SEGMENT_TARGET)
+    return constrain(x, ("batch", "length", "embed"))
+
+  def embed_inputs(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Returns the embedded sequence [b, L, d] and which prefix positions are real [b, P+Ls]."""
+    prefix_x, prefix_valid = self.embed_prefix(batch)
+    target_x = self.embed_target(batch["tgt_input"], jnp.arange(self.config.tgt_len))
+    x = jnp.concatenate([prefix_x, target_x], axis=1)
+    return constrain(x, ("batch", "length", "embed")), prefix_valid
+
+  def logits(self, x: jax.Array) -> jax.Array:
+    """Final norm and LM head: [b, l, d] -> [b, l, vocab] float32."""
+    x = self.final_norm(x)
+    if self.config.tie_embeddings:
+      logits = self.token_embedding.attend(x)
+    else:
+      logits = self.lm_head(x)
+    logits = constrain(logits, ("batch", "length", "vocab"))
+    return logits.astype(jnp.float32)
 
   def __call__(self, batch: Mapping[str, jax.Array], deterministic: bool = True) -> jax.Array:
     """Logits [b, Lt, vocab] (float32) for the target positions."""
@@ -166,13 +234,50 @@ class M6(nn.Module):
     x = self.embedding_dropout(x, deterministic=deterministic)
     for block in self.blocks:
       x = block(x, mask, deterministic)
-    x = self.final_norm(x[:, -c.tgt_len :, :])
-    if c.tie_embeddings:
-      logits = self.token_embedding.attend(x)
-    else:
-      logits = self.lm_head(x)
-    logits = constrain(logits, ("batch", "length", "vocab"))
-    return logits.astype(jnp.float32)
+    return self.logits(x[:, -c.tgt_len :, :])
+
+  def encode_prefix(self, batch: Mapping[str, jax.Array]) -> DecodeCache:
+    """Runs image + source through the stack once (no dropout) and returns the DecodeCache:
+    the prefix keys/values of every layer and an empty target cache of the batch's size.
+
+    Reads image, has_image and src_tokens only (tgt_input is not needed).
+    """
+    x, prefix_valid = self.embed_prefix(batch)
+    # The prefix rows of the full prefix-LM mask: prefix queries see exactly the real
+    # prefix keys, never the target, so the prefix can be computed before any target.
+    mask = prefix_lm_mask(prefix_valid, prefix_valid[:, :0])
+    layers = []
+    for block in self.blocks:
+      x, kv = block(x, mask, True, return_kv=True)
+      layers.append(kv)
+    prefix = KVCache(tuple(layers), prefix_valid).constrain()
+    target = empty_target_cache(self.config, x.shape[0], x.dtype)
+    return DecodeCache(prefix, target)
+
+  def decode_step(
+    self, cache: DecodeCache, token: jax.Array, position: jax.Array
+  ) -> tuple[jax.Array, DecodeCache]:
+    """One target position: token [B] int at target position `position` (int scalar, the
+    same for all rows; 0 is the BOS slot) -> (logits [B, vocab] float32, the new cache).
+
+    The logits are those `__call__` gives at that position when tgt_input holds the tokens
+    fed so far. As there, a padding token (id 0) is fed but is no key for later positions.
+    `position` must be < tgt_len (not checked: it may be traced).
+    """
+    c = self.config
+    position = jnp.asarray(position, jnp.int32)
+    x = self.embed_target(token[:, None], position[None])
+    target_valid = jax.lax.dynamic_update_slice_in_dim(
+      cache.target.valid, (token != PAD_ID)[:, None], position, axis=1
+    )
+    visible = target_valid & (jnp.arange(c.tgt_len) <= position)[None]
+    layers = []
+    for block, prefix_kv, target_kv in zip(self.blocks, cache.prefix.layers, cache.target.layers):
+      step = StepCache(prefix_kv, cache.prefix.valid, target_kv, visible, position)
+      x, kv = block(x, None, True, step=step)
+      layers.append(kv)
+    target = KVCache(tuple(layers), target_valid).constrain()
+    return self.logits(x)[:, 0], DecodeCache(cache.prefix, target)
 
 
 def dummy_batch(config: M6Config, batch_size: int = 1) -> dict[str, Any]:

@@ -22,7 +22,7 @@ def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
   elif train.schedule == "rsqrt":
     # lr * sqrt(warmup / step) after warmup, as in the Transformer paper and t5x.
     start = max(warmup, 1)
-    after = lambda count: peak * jnp.sqrt(start / (count + start))
+    after = lambda count: peak * jnp.sqrt(start / jnp.maximum(jnp.asarray(count) + start, 1))
   elif train.schedule == "constant":
     after = optax.constant_schedule(peak)
   else:
@@ -45,7 +45,7 @@ def weight_decay_mask(params: Any, train: ml_collections.ConfigDict) -> Any:
     # logically-partitioned parameter during abstract initialisation).
     names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
     leaf = names[-1]
-    if leaf in ("bias", "scale"):
+    if leaf in ("bias", "scale") or leaf.endswith("_bias"):
       return bool(train.decay_norms_and_biases)
     if leaf == "embedding" or leaf.endswith("_embedding"):
       return bool(train.decay_embeddings)

@@ -1,0 +1,51 @@
+"""Learning-rate schedules and the weight-decay mask."""
+
+import jax
+import numpy as np
+import pytest
+
+from m6_jax.config import default_config
+from m6_jax.model.m6 import M6, M6Config, dummy_batch
+from m6_jax.train import optim
+
+
+def _train(schedule, steps=100, warmup=10, lr=1.0, end=0.1):
+  t = default_config().train
+  t.schedule, t.steps, t.warmup_steps, t.lr, t.end_lr_fraction = schedule, steps, warmup, lr, end
+  return t
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "rsqrt", "constant"])
+def test_warmup_then_decay(schedule):
+  fn = optim.learning_rate_schedule(_train(schedule))
+  lrs = np.array([float(fn(s)) for s in range(101)])
+  assert lrs[0] == 0.0
+  np.testing.assert_allclose(lrs[5], 0.5, rtol=1e-6)  # linear warmup
+  np.testing.assert_allclose(lrs[10], 1.0, rtol=1e-6)  # peak at the end of warmup
+  assert (np.diff(lrs[:11]) > 0).all()
+  if schedule == "constant":
+    np.testing.assert_allclose(lrs[10:], 1.0)
+  else:
+    assert (np.diff(lrs[10:]) <= 1e-9).all() and lrs[100] < lrs[11]
+  if schedule in ("cosine", "linear"):
+    np.testing.assert_allclose(lrs[100], 0.1, rtol=1e-5)
+  if schedule == "rsqrt":
+    np.testing.assert_allclose(lrs[30], np.sqrt(10 / 30), rtol=1e-5)
+
+
+def test_weight_decay_mask_skips_norms_biases_and_embeddings(tiny_config):
+  cfg = M6Config.from_config(tiny_config)
+  params = jax.eval_shape(M6(cfg).init, jax.random.PRNGKey(0), dummy_batch(cfg))["params"]
+  mask = optim.weight_decay_mask(params, tiny_config.train)
+  flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(mask)}
+  decayed = {k for k, v in flat.items() if v}
+  assert "['layer_0']['mlp']['wi']['kernel'].value" in decayed
+  assert "['layer_0']['attention']['query'].value" in decayed
+  assert "['image_embedding']['stem']['projection']['kernel'].value" in decayed
+  for k in flat:
+    leaf = k.split("']")[-2].split("['")[-1]  # the parameter's own name
+    if leaf in ("bias", "scale", "embedding") or leaf.endswith(("_bias", "_embedding")):
+      assert k not in decayed, k
+  tiny_config.train.decay_embeddings = True
+  mask = optim.weight_decay_mask(params, tiny_config.train)
+  assert mask["token_embedding"]["embedding"].value
