@@ -87,28 +87,22 @@ def summarize(sums: dict[str, np.ndarray]) -> dict[str, float]:
   return out
 
 
+# Step metrics that add up over a logging interval (grad_norm is averaged by the step count).
+_SUMMED_METRICS = (
+  "loss_sum",
+  "weight_sum",
+  "correct_sum",
+  "task_loss_sum",
+  "task_weight_sum",
+  "grad_norm",
+)
+
+
 def _accumulate(sums: dict | None, metrics: dict) -> dict:
   if sums is None:
-    sums = {
-      k: np.zeros_like(np.asarray(metrics[k], np.float64))
-      for k in (
-        "loss_sum",
-        "weight_sum",
-        "correct_sum",
-        "task_loss_sum",
-        "task_weight_sum",
-        "grad_norm",
-      )
-    }
+    sums = {k: np.zeros_like(np.asarray(metrics[k], np.float64)) for k in _SUMMED_METRICS}
     sums["steps"] = 0
-  for k in (
-    "loss_sum",
-    "weight_sum",
-    "correct_sum",
-    "task_loss_sum",
-    "task_weight_sum",
-    "grad_norm",
-  ):
+  for k in _SUMMED_METRICS:
     sums[k] = sums[k] + np.asarray(metrics[k], np.float64)
   sums["steps"] += 1
   sums["learning_rate"] = float(metrics["learning_rate"])

@@ -1,0 +1,428 @@
+"""Autoregressive decoding: greedy, beam search and temperature / top-k / top-p sampling.
+
+The searches are written against a generic step function
+
+    step_fn(token [B] int32, position int32 scalar, state) -> (logits [B, vocab], state)
+
+where `state` is any pytree whose leaves all have the batch as their leading dimension (beam
+search copies it per beam and reorders it when beams are pruned). `position` is the target
+position (0 is the BOS slot), the same for all rows. The M6 bindings (`greedy_decode`,
+`beam_search`, `sample`) encode the prefix once with `M6.encode_prefix` and close over it:
+their state is only the target part of the KV cache, so beams of one example share one
+copy of the prefix cache and beam search gathers only the target cache.
+
+All outputs hold the generated tokens without BOS: [.., max_len] int32, EOS included, and
+padding (id 0) after EOS. Everything runs inside one `jax.jit` with a `lax.while_loop` that
+stops as soon as every row (every example, for beam search) is finished. Under a mesh, the
+caches and decoding buffers carry "batch" logical constraints, so they stay sharded over the
+batch like the model's activations.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from m6_jax.model.m6 import M6, PAD_ID, DecodeCache
+
+StepFn = Callable[[jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+
+PREFIX_KEYS = ("image", "has_image", "src_tokens")
+NEG_INF = float("-inf")
+
+
+def _constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+  return nn.with_logical_constraint(x, names)
+
+
+def _check_max_len(model: M6, max_len: int) -> None:
+  tgt_len = model.config.tgt_len
+  if not 1 <= max_len <= tgt_len:
+    raise ValueError(
+      f"max_len={max_len} must be in [1, tgt_len={tgt_len}]: the model has target "
+      "positions (BOS + max_len - 1 fed tokens) for at most tgt_len steps; raise "
+      "data.tgt_len or lower max_len."
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Generic searches over a step function
+# --------------------------------------------------------------------------------------
+
+
+def _token_loop(
+  step_fn: StepFn,
+  state: Any,
+  batch_size: int,
+  max_len: int,
+  bos_id: int,
+  eos_id: int,
+  choose: Callable[[jax.Array, jax.Array], jax.Array],
+) -> jax.Array:
+  """One token per row per step, chosen by `choose(logits [B, V] f32, t)`; [B, max_len]."""
+
+  def cond(carry):
+    t, _, _, _, finished = carry
+    return (t < max_len) & ~jnp.all(finished)
+
+  def body(carry):
+    t, token, state, out, finished = carry
+    logits, state = step_fn(token, t, state)
+    new = choose(logits.astype(jnp.float32), t).astype(jnp.int32)
+    new = jnp.where(finished, PAD_ID, new)
+    out = jax.lax.dynamic_update_slice_in_dim(out, new[:, None], t, axis=1)
+    out = _constrain(out, ("batch", "length"))
+    return t + 1, new, state, out, finished | (new == eos_id)
+
+  carry = (
+    jnp.zeros((), jnp.int32),
+    jnp.full((batch_size,), bos_id, jnp.int32),
+    state,
+    _constrain(jnp.zeros((batch_size, max_len), jnp.int32), ("batch", "length")),
+    jnp.zeros((batch_size,), bool),
+  )
+  return jax.lax.while_loop(cond, body, carry)[3]
+
+
+def generic_greedy(
+  step_fn: StepFn, state: Any, *, batch_size: int, max_len: int, bos_id: int, eos_id: int
+) -> jax.Array:
+  """Greedy decoding: tokens [batch_size, max_len], padding after EOS."""
+  return _token_loop(
+    step_fn, state, batch_size, max_len, bos_id, eos_id, lambda logits, t: jnp.argmax(logits, -1)
+  )
+
+
+def filter_logits(
+  logits: jax.Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> jax.Array:
+  """Temperature, then top-k (0: off), then top-p / nucleus (1.0: off) on [B, V] logits.
+
+  Filtered-out tokens get -inf. Top-p keeps the smallest set of most likely tokens whose
+  probability reaches top_p (always at least the most likely token).
+  """
+  if temperature <= 0:
+    raise ValueError(f"temperature must be > 0 here, got {temperature}")
+  logits = logits.astype(jnp.float32) / temperature
+  if top_k > 0:
+    kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
+    logits = jnp.where(logits < kth, NEG_INF, logits)
+  if top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = mass_before < top_p  # the first token always: its mass_before is 0
+    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < threshold, NEG_INF, logits)
+  return logits
+
+
+def generic_sample(
+  step_fn: StepFn,
+  state: Any,
+  rng: jax.Array,
+  *,
+  batch_size: int,
+  max_len: int,
+  bos_id: int,
+  eos_id: int,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+) -> jax.Array:
+  """Ancestral sampling, key `jax.random.fold_in(rng, t)` at step t; temperature 0 = greedy."""
+  if temperature == 0:
+    return generic_greedy(
+      step_fn, state, batch_size=batch_size, max_len=max_len, bos_id=bos_id, eos_id=eos_id
+    )
+  if top_k < 0 or not 0.0 < top_p <= 1.0:
+    raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
+
+  def choose(logits, t):
+    filtered = filter_logits(logits, temperature, top_k, top_p)
+    return jax.random.categorical(jax.random.fold_in(rng, t), filtered, axis=-1)
+
+  return _token_loop(step_fn, state, batch_size, max_len, bos_id, eos_id, choose)
+
+
+def length_penalty_factor(length: jax.Array, alpha: float) -> jax.Array:
+  """GNMT length penalty ((5 + length) / 6) ** alpha; scores are log-prob / this."""
+  return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
+
+
+def _gather_beams(tree: Any, parent: jax.Array, batch_size: int, beam_size: int) -> Any:
+  """Reorders leaves [b * k, ...] by parent beam [b, k]; indices stay within each example,
+  so a batch-sharded leading dimension needs no communication."""
+
+  def gather(x):
+    x = x.reshape((batch_size, beam_size) + x.shape[1:])
+    idx = parent.reshape(parent.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, idx, axis=1).reshape((batch_size * beam_size,) + x.shape[2:])
+
+  return jax.tree.map(gather, tree)
+
+
+def generic_beam_search(
+  step_fn: StepFn,
+  state: Any,
+  *,
+  batch_size: int,
+  beam_size: int,
+  max_len: int,
+  bos_id: int,
+  eos_id: int,
+  length_penalty: float = 0.6,
+) -> tuple[jax.Array, jax.Array]:
+  """Beam search: (sequences [b, k, max_len], scores [b, k] float32), best first.
+
+  `state` has batch_size rows; it is repeated to batch_size * beam_size rows, beams of one
+  example adjacent (row i * k + j is beam j of example i), as step_fn sees them.
+
+  Scheme (as fairseq): each step ranks the 2k best extensions of the k alive beams. EOS
+  extensions ranked within the top k are finished: they enter the example's finished set
+  with score log-prob / ((5 + len) / 6) ** alpha, len counting EOS. The k best non-EOS
+  extensions stay alive. An example is done once k hypotheses have finished; the loop stops
+  when all are. At max_len the alive beams of examples not yet done compete (unfinished,
+  scored with len = max_len) for the remaining places. With k = 1 this is exactly greedy.
+  """
+  b, k = batch_size, beam_size
+  if k < 1:
+    raise ValueError(f"beam_size must be >= 1, got {k}")
+  state = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), state)
+  beam_axes = ("batch", None, "length")
+
+  def cond(carry):
+    return (carry["t"] < max_len) & ~jnp.all(carry["finished_count"] >= k)
+
+  def body(c):
+    t = c["t"]
+    logits, state = step_fn(c["tokens"].reshape(b * k), t, c["state"])
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    vocab = logp.shape[-1]
+    candidates = (c["alive_logp"][:, :, None] + logp.reshape(b, k, vocab)).reshape(b, k * vocab)
+    top_logp, top_idx = jax.lax.top_k(candidates, min(2 * k, k * vocab))
+    parent, token = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)
+    seqs = jnp.take_along_axis(c["alive_seqs"], parent[:, :, None], axis=1)
+    seqs = jax.lax.dynamic_update_slice_in_dim(seqs, token[:, :, None], t, axis=2)
+    is_eos = token == eos_id
+
+    # Finish EOS extensions ranked within the top k, for examples not done yet.
+    done = c["finished_count"] >= k
+    rank = jnp.arange(top_logp.shape[1])
+    newly = is_eos & (rank < k)[None] & ~done[:, None] & (top_logp > NEG_INF)
+    new_scores = jnp.where(newly, top_logp / length_penalty_factor(t + 1, length_penalty), NEG_INF)
+    all_scores = jnp.concatenate([c["finished_scores"], new_scores], axis=1)
+    all_seqs = jnp.concatenate([c["finished_seqs"], seqs], axis=1)
+    finished_scores, fidx = jax.lax.top_k(all_scores, k)
+    finished_seqs = jnp.take_along_axis(all_seqs, fidx[:, :, None], axis=1)
+
+    # The k best non-EOS extensions stay alive.
+    alive_logp, aidx = jax.lax.top_k(jnp.where(is_eos, NEG_INF, top_logp), k)
+    alive_parent = jnp.take_along_axis(parent, aidx, axis=1)
+    return {
+      "t": t + 1,
+      "tokens": jnp.take_along_axis(token, aidx, axis=1),
+      "state": _gather_beams(state, alive_parent, b, k),
+      "alive_seqs": _constrain(jnp.take_along_axis(seqs, aidx[:, :, None], axis=1), beam_axes),
+      "alive_logp": alive_logp,
+      "finished_seqs": _constrain(finished_seqs, beam_axes),
+      "finished_scores": finished_scores,
+      "finished_count": c["finished_count"] + newly.sum(axis=1, dtype=jnp.int32),
+    }
+
+  seq_zeros = _constrain(jnp.zeros((b, k, max_len), jnp.int32), beam_axes)
+  first_beam_only = jnp.where(jnp.arange(k) == 0, 0.0, NEG_INF)  # all beams start equal
+  carry = {
+    "t": jnp.zeros((), jnp.int32),
+    "tokens": jnp.full((b, k), bos_id, jnp.int32),
+    "state": state,
+    "alive_seqs": seq_zeros,
+    "alive_logp": jnp.broadcast_to(first_beam_only, (b, k)).astype(jnp.float32),
+    "finished_seqs": seq_zeros,
+    "finished_scores": jnp.full((b, k), NEG_INF, jnp.float32),
+    "finished_count": jnp.zeros((b,), jnp.int32),
+  }
+  c = jax.lax.while_loop(cond, body, carry)
+
+  # Examples still open at max_len: their alive (unfinished) beams compete for the places.
+  done = c["finished_count"] >= k
+  alive_scores = c["alive_logp"] / length_penalty_factor(max_len, length_penalty)
+  alive_scores = jnp.where(done[:, None], NEG_INF, alive_scores)
+  all_scores = jnp.concatenate([c["finished_scores"], alive_scores], axis=1)
+  all_seqs = jnp.concatenate([c["finished_seqs"], c["alive_seqs"]], axis=1)
+  scores, idx = jax.lax.top_k(all_scores, k)
+  return jnp.take_along_axis(all_seqs, idx[:, :, None], axis=1), scores
+
+
+# --------------------------------------------------------------------------------------
+# M6 bindings
+# --------------------------------------------------------------------------------------
+
+
+def m6_step_fn(model: M6, params: Any, prefix_cache: DecodeCache) -> StepFn:
+  """The step function of M6 with the prefix cache closed over; its state is the target
+  KVCache (`prefix_cache.target` for batch rows, or that repeated per beam)."""
+
+  def step(token, position, target):
+    cache = DecodeCache(prefix_cache.prefix, target)
+    logits, cache = model.apply({"params": params}, cache, token, position, method=M6.decode_step)
+    return logits, cache.target
+
+  return step
+
+
+def encode_prefix(model: M6, params: Any, batch: Mapping[str, jax.Array]) -> DecodeCache:
+  return model.apply({"params": params}, batch, method=M6.encode_prefix)
+
+
+def _prefix_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
+  missing = [k for k in PREFIX_KEYS if k not in batch]
+  if missing:
+    raise KeyError(f"batch lacks {missing}; decoding needs the features {PREFIX_KEYS}")
+  return {k: batch[k] for k in PREFIX_KEYS}
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_len", "bos_id", "eos_id"))
+def _greedy_jit(model, params, batch, max_len, bos_id, eos_id):
+  cache = encode_prefix(model, params, batch)
+  return generic_greedy(
+    m6_step_fn(model, params, cache),
+    cache.target,
+    batch_size=batch["src_tokens"].shape[0],
+    max_len=max_len,
+    bos_id=bos_id,
+    eos_id=eos_id,
+  )
+
+
+def greedy_decode(
+  model: M6, params: Any, batch: Mapping[str, Any], max_len: int, bos_id: int, eos_id: int
+) -> jax.Array:
+  """Greedy decoding with the KV cache: tokens [b, max_len] int32, padding after EOS."""
+  _check_max_len(model, max_len)
+  return _greedy_jit(model, params, _prefix_batch(batch), max_len, bos_id, eos_id)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_len", "bos_id", "eos_id"))
+def _greedy_uncached_jit(model, params, batch, max_len, bos_id, eos_id):
+  b, tgt_len = batch["src_tokens"].shape[0], model.config.tgt_len
+
+  def step(token, position, tgt_input):
+    tgt_input = jax.lax.dynamic_update_slice_in_dim(tgt_input, token[:, None], position, axis=1)
+    logits = model.apply({"params": params}, dict(batch, tgt_input=tgt_input))
+    return jax.lax.dynamic_index_in_dim(logits, position, axis=1, keepdims=False), tgt_input
+
+  return generic_greedy(
+    step,
+    jnp.zeros((b, tgt_len), jnp.int32),
+    batch_size=b,
+    max_len=max_len,
+    bos_id=bos_id,
+    eos_id=eos_id,
+  )
+
+
+def greedy_decode_uncached(
+  model: M6, params: Any, batch: Mapping[str, Any], max_len: int, bos_id: int, eos_id: int
+) -> jax.Array:
+  """Reference greedy decoding that reruns the full `M6.__call__` every step (no cache)."""
+  _check_max_len(model, max_len)
+  return _greedy_uncached_jit(model, params, _prefix_batch(batch), max_len, bos_id, eos_id)
+
+
+@functools.partial(
+  jax.jit, static_argnames=("model", "beam_size", "max_len", "bos_id", "eos_id", "length_penalty")
+)
+def _beam_jit(model, params, batch, beam_size, max_len, bos_id, eos_id, length_penalty):
+  cache = encode_prefix(model, params, batch)
+  return generic_beam_search(
+    m6_step_fn(model, params, cache),
+    cache.target,
+    batch_size=batch["src_tokens"].shape[0],
+    beam_size=beam_size,
+    max_len=max_len,
+    bos_id=bos_id,
+    eos_id=eos_id,
+    length_penalty=length_penalty,
+  )
+
+
+def beam_search(
+  model: M6,
+  params: Any,
+  batch: Mapping[str, Any],
+  beam_size: int,
+  max_len: int,
+  bos_id: int,
+  eos_id: int,
+  length_penalty: float = 0.6,
+) -> tuple[jax.Array, jax.Array]:
+  """Beam search with the KV cache: (sequences [b, beam, max_len], scores [b, beam]),
+  best first; see `generic_beam_search` for the scheme and the scores."""
+  _check_max_len(model, max_len)
+  return _beam_jit(
+    model,
+    params,
+    _prefix_batch(batch),
+    beam_size,
+    max_len,
+    bos_id,
+    eos_id,
+    float(length_penalty),
+  )
+
+
+@functools.partial(
+  jax.jit,
+  static_argnames=("model", "max_len", "bos_id", "eos_id", "temperature", "top_k", "top_p"),
+)
+def _sample_jit(model, params, batch, rng, max_len, bos_id, eos_id, temperature, top_k, top_p):
+  cache = encode_prefix(model, params, batch)
+  return generic_sample(
+    m6_step_fn(model, params, cache),
+    cache.target,
+    rng,
+    batch_size=batch["src_tokens"].shape[0],
+    max_len=max_len,
+    bos_id=bos_id,
+    eos_id=eos_id,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+  )
+
+
+def sample(
+  model: M6,
+  params: Any,
+  batch: Mapping[str, Any],
+  rng: jax.Array,
+  max_len: int,
+  bos_id: int,
+  eos_id: int,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+) -> jax.Array:
+  """Sampling with the KV cache: tokens [b, max_len]; the same key gives the same tokens.
+
+  temperature 0 is greedy; top_k > 0 keeps the k most likely tokens; top_p < 1 keeps the
+  nucleus of probability top_p. One key per step, `fold_in(rng, step)`.
+  """
+  _check_max_len(model, max_len)
+  return _sample_jit(
+    model,
+    params,
+    _prefix_batch(batch),
+    rng,
+    max_len,
+    bos_id,
+    eos_id,
+    float(temperature),
+    int(top_k),
+    float(top_p),
+  )
