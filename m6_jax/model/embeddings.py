@@ -63,7 +63,7 @@ class ResidualConvBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     conv_init = nn.with_logical_partitioning(
-      nn.initializers.he_normal(), (None, None, "channels", "channels")
+      nn.initializers.he_normal(), (None, None, None, "channels")
     )
     h = _group_norm("norm1", self.dtype)(x)
     h = nn.Conv(
