@@ -13,9 +13,10 @@ copy of the prefix cache and beam search gathers only the target cache.
 
 All outputs hold the generated tokens without BOS: [.., max_len] int32, EOS included, and
 padding (id 0) after EOS. Everything runs inside one `jax.jit` with a `lax.while_loop` that
-stops as soon as every row (every example, for beam search) is finished. Under a mesh, the
-caches and decoding buffers carry "batch" logical constraints, so they stay sharded over the
-batch like the model's activations.
+stops as soon as every row (every example, for beam search) is finished; bos_id, eos_id and
+length_penalty are traced (no recompile per value), max_len, beam_size, temperature, top_k
+and top_p are static. Under a mesh, the caches and decoding buffers carry "batch" logical
+constraints, so they stay sharded over the batch like the model's activations.
 """
 
 from __future__ import annotations
@@ -286,7 +287,7 @@ def _prefix_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
   return {k: batch[k] for k in PREFIX_KEYS}
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_len", "bos_id", "eos_id"))
+@functools.partial(jax.jit, static_argnames=("model", "max_len"))
 def _greedy_jit(model, params, batch, max_len, bos_id, eos_id):
   cache = encode_prefix(model, params, batch)
   return generic_greedy(
@@ -307,7 +308,7 @@ def greedy_decode(
   return _greedy_jit(model, params, _prefix_batch(batch), max_len, bos_id, eos_id)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_len", "bos_id", "eos_id"))
+@functools.partial(jax.jit, static_argnames=("model", "max_len"))
 def _greedy_uncached_jit(model, params, batch, max_len, bos_id, eos_id):
   b, tgt_len = batch["src_tokens"].shape[0], model.config.tgt_len
 
@@ -334,9 +335,7 @@ def greedy_decode_uncached(
   return _greedy_uncached_jit(model, params, _prefix_batch(batch), max_len, bos_id, eos_id)
 
 
-@functools.partial(
-  jax.jit, static_argnames=("model", "beam_size", "max_len", "bos_id", "eos_id", "length_penalty")
-)
+@functools.partial(jax.jit, static_argnames=("model", "beam_size", "max_len"))
 def _beam_jit(model, params, batch, beam_size, max_len, bos_id, eos_id, length_penalty):
   cache = encode_prefix(model, params, batch)
   return generic_beam_search(
@@ -378,7 +377,7 @@ def beam_search(
 
 @functools.partial(
   jax.jit,
-  static_argnames=("model", "max_len", "bos_id", "eos_id", "temperature", "top_k", "top_p"),
+  static_argnames=("model", "max_len", "temperature", "top_k", "top_p"),
 )
 def _sample_jit(model, params, batch, rng, max_len, bos_id, eos_id, temperature, top_k, top_p):
   cache = encode_prefix(model, params, batch)

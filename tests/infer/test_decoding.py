@@ -1,0 +1,316 @@
+"""KV-cached decoding: equal to teacher forcing, greedy, beam search, sampling, EOS handling."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from m6_jax.infer import decoding
+from m6_jax.model.m6 import M6, M6Config, dummy_batch
+from m6_jax.parallel import partitioning
+
+BOS, EOS = 2, 1
+
+
+@functools.lru_cache(maxsize=None)
+def _init(cfg: M6Config):
+  model = M6(cfg)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), dummy_batch(cfg))["params"]
+  return model, nn.unbox(params)
+
+
+def _setup(tiny_config, random_batch, batch_size=4, seed=0):
+  model, params = _init(M6Config.from_config(tiny_config))
+  batch = jax.tree.map(jnp.asarray, random_batch(batch_size, tiny_config, seed=seed))
+  return model, params, batch
+
+
+def _pick_eos(model, params, batch, max_len):
+  """An EOS id the model really emits: row 0's greedy token at step 3 when nothing stops it.
+
+  Returns (eos_id, greedy tokens without EOS)."""
+  free = np.asarray(decoding.greedy_decode(model, params, batch, max_len, BOS, eos_id=-1))
+  return int(free[0, 3]), free
+
+
+def _step_ends(tokens, eos_id):
+  """Length (EOS included) of each generated sequence, max_len when there is no EOS."""
+  tokens = np.asarray(tokens)
+  is_eos = tokens == eos_id
+  return np.where(is_eos.any(-1), is_eos.argmax(-1) + 1, tokens.shape[-1])
+
+
+# --------------------------------------------------------------------------------------
+# The model: cached steps against teacher forcing
+# --------------------------------------------------------------------------------------
+
+
+def test_decode_step_matches_teacher_forcing_at_every_position(tiny_config, random_batch):
+  model, params, batch = _setup(tiny_config, random_batch)
+  full = np.asarray(jax.jit(model.apply)({"params": params}, batch))
+  cache = jax.jit(functools.partial(model.apply, method=M6.encode_prefix))(
+    {"params": params}, batch
+  )
+  # Two rows per example share one prefix row (as the beams of beam search do).
+  cache = cache.replace(target=jax.tree.map(lambda x: jnp.repeat(x, 2, 0), cache.target))
+  step = jax.jit(
+    lambda cache, token, t: model.apply({"params": params}, cache, token, t, method=M6.decode_step)
+  )
+  lt = model.config.tgt_len
+  for t in range(lt):  # padded target positions included: they are fed but not keys
+    logits, cache = step(cache, jnp.repeat(batch["tgt_input"][:, t], 2), t)
+    logits = np.asarray(logits).reshape(full.shape[0], 2, -1)
+    np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5, rtol=0, err_msg=f"t={t}")
+    np.testing.assert_array_equal(logits[:, 0], logits[:, 1])
+  key = cache.target.layers[0].key
+  assert key.shape == (8, lt, model.config.num_heads, model.config.head_dim)
+  assert np.abs(np.asarray(key)).min(axis=(2, 3)).max() > 0  # every position was written
+  np.testing.assert_array_equal(
+    np.asarray(cache.target.valid[::2]), np.asarray(batch["tgt_input"]) != 0
+  )
+
+
+# --------------------------------------------------------------------------------------
+# Greedy and EOS
+# --------------------------------------------------------------------------------------
+
+
+def test_greedy_cached_equals_uncached_and_pads_after_eos(tiny_config, random_batch):
+  model, params, batch = _setup(tiny_config, random_batch)
+  max_len = model.config.tgt_len
+  eos, free = _pick_eos(model, params, batch, max_len)
+  cached = np.asarray(decoding.greedy_decode(model, params, batch, max_len, BOS, eos))
+  uncached = np.asarray(decoding.greedy_decode_uncached(model, params, batch, max_len, BOS, eos))
+  np.testing.assert_array_equal(cached, uncached)
+  # EOS: up to the first EOS the tokens are those of the run without EOS, then padding.
+  ends = _step_ends(free, eos)
+  assert ends[0] <= 4
+  for row, end in enumerate(ends):
+    np.testing.assert_array_equal(cached[row, :end], free[row, :end])
+    assert (cached[row, end:] == 0).all()
+  assert (cached[0, ends[0] - 1]) == eos
+
+
+def test_max_len_longer_than_the_target_is_refused(tiny_config, random_batch):
+  model, params, batch = _setup(tiny_config, random_batch)
+  try:
+    decoding.greedy_decode(model, params, batch, model.config.tgt_len + 1, BOS, EOS)
+  except ValueError as e:
+    assert "tgt_len" in str(e)
+  else:
+    raise AssertionError("max_len > tgt_len was accepted")
+
+
+# --------------------------------------------------------------------------------------
+# Beam search
+# --------------------------------------------------------------------------------------
+
+
+def test_beam_size_one_is_greedy(tiny_config, random_batch):
+  model, params, batch = _setup(tiny_config, random_batch)
+  max_len = model.config.tgt_len
+  eos, _ = _pick_eos(model, params, batch, max_len)
+  greedy = np.asarray(decoding.greedy_decode(model, params, batch, max_len, BOS, eos))
+  seqs, scores = decoding.beam_search(model, params, batch, 1, max_len, BOS, eos)
+  assert seqs.shape == (4, 1, max_len) and scores.shape == (4, 1)
+  np.testing.assert_array_equal(np.asarray(seqs)[:, 0], greedy)
+
+
+def test_beam_scores_are_sorted_and_match_teacher_forcing(tiny_config, random_batch):
+  model, params, batch = _setup(tiny_config, random_batch)
+  max_len, k, alpha = model.config.tgt_len, 3, 0.6
+  eos, _ = _pick_eos(model, params, batch, max_len)
+  seqs, scores = decoding.beam_search(model, params, batch, k, max_len, BOS, eos, alpha)
+  seqs, scores = np.asarray(seqs), np.asarray(scores)
+  assert np.isfinite(scores).all()
+  assert (np.diff(scores, axis=1) <= 0).all()  # best first
+  assert all(len({tuple(s) for s in beams}) == k for beams in seqs)  # distinct hypotheses
+  # Rescore every returned hypothesis with the uncached model (teacher forcing).
+  b = seqs.shape[0]
+  flat = seqs.reshape(b * k, max_len)
+  tgt_input = np.concatenate([np.full((b * k, 1), BOS), flat[:, :-1]], axis=1).astype(np.int32)
+  rep = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), batch)
+  logits = jax.jit(model.apply)({"params": params}, dict(rep, tgt_input=tgt_input))
+  logp = jax.nn.log_softmax(logits)
+  token_logp = np.take_along_axis(np.asarray(logp), flat[:, :, None], axis=-1)[..., 0]
+  ends = _step_ends(flat, eos)
+  total = np.where(np.arange(max_len)[None] < ends[:, None], token_logp, 0).sum(-1)
+  expected = total / ((5.0 + ends) / 6.0) ** alpha
+  np.testing.assert_allclose(scores.reshape(-1), expected, atol=1e-4, rtol=0)
+  for s, end in zip(flat, ends):  # padding after EOS
+    assert (s[end:] == 0).all()
+
+
+# Hand-made first-order "models" over 6 tokens: PAD, EOS, BOS, A, B, C.
+A, B, C = 3, 4, 5
+
+
+def _markov_logp(rows):
+  table = np.full((6, 6), 1e-6)
+  table[[0, EOS], EOS] = 1.0
+  for prev, probs in rows.items():
+    for tok, p in probs.items():
+      table[prev, tok] = p
+  return np.log(table / table.sum(-1, keepdims=True)).astype(np.float32)
+
+
+# The greedy first token A leads to a flat continuation; B is less likely first but then
+# surely ends.
+_LOGP = _markov_logp(
+  {
+    BOS: {A: 0.5, B: 0.4, C: 0.1},
+    A: {EOS: 0.3, A: 0.2, B: 0.25, C: 0.25},
+    B: {EOS: 0.9, A: 0.1},
+    C: {EOS: 1.0},
+  }
+)
+
+
+def _fake_step(token, position, history, logp=_LOGP):
+  """Logits from the last token; the state is the token history (it must follow the beams)."""
+  history = jax.lax.dynamic_update_slice_in_dim(history, token[:, None], position, axis=1)
+  return jnp.asarray(logp)[token], history
+
+
+def _fake_state(batch_size, max_len=5):
+  return jnp.zeros((batch_size, max_len), jnp.int32)
+
+
+def test_beam_search_beats_greedy_on_a_constructed_model():
+  kw = dict(batch_size=2, max_len=5, bos_id=BOS, eos_id=EOS)
+  greedy = jax.jit(lambda s: decoding.generic_greedy(_fake_step, s, **kw))(_fake_state(2))
+  np.testing.assert_array_equal(np.asarray(greedy), [[A, EOS, 0, 0, 0]] * 2)  # p = 0.15
+
+  @jax.jit
+  def beam(state):
+    return decoding.generic_beam_search(_fake_step, state, beam_size=2, length_penalty=0.0, **kw)
+
+  seqs, scores = beam(_fake_state(2))
+  np.testing.assert_array_equal(np.asarray(seqs)[:, 0], [[B, EOS, 0, 0, 0]] * 2)  # p = 0.36
+  np.testing.assert_array_equal(np.asarray(seqs)[:, 1], [[A, EOS, 0, 0, 0]] * 2)
+  expected = [_LOGP[BOS, B] + _LOGP[B, EOS], _LOGP[BOS, A] + _LOGP[A, EOS]]
+  np.testing.assert_allclose(np.asarray(scores), [expected] * 2, atol=1e-6)
+  assert expected[0] > expected[1]
+
+
+def test_length_penalty_can_prefer_the_longer_hypothesis():
+  # [B EOS] has p = 0.4, [A C EOS] has p = 0.3: the shorter wins without a penalty, the
+  # longer with alpha = 3 (log-probs are divided by ((5 + len) / 6) ** alpha).
+  logp = _markov_logp(
+    {BOS: {A: 0.6, B: 0.4}, A: {EOS: 0.1, A: 0.4, C: 0.5}, B: {EOS: 1.0}, C: {EOS: 1.0}}
+  )
+  step = functools.partial(_fake_step, logp=logp)
+  kw = dict(batch_size=1, beam_size=2, max_len=4, bos_id=BOS, eos_id=EOS)
+  lp = lambda n, alpha: ((5.0 + n) / 6.0) ** alpha
+  short, long = [B, EOS, 0, 0], [A, C, EOS, 0]
+  short_logp, long_logp = logp[BOS, B] + logp[B, EOS], logp[BOS, A] + logp[A, C] + logp[C, EOS]
+  for alpha, order in ((0.0, [short, long]), (3.0, [long, short])):
+    seqs, scores = decoding.generic_beam_search(step, _fake_state(1), length_penalty=alpha, **kw)
+    np.testing.assert_array_equal(np.asarray(seqs)[0], order)
+    want = sorted([short_logp / lp(2, alpha), long_logp / lp(3, alpha)], reverse=True)
+    np.testing.assert_allclose(np.asarray(scores)[0], want, atol=1e-6)
+
+
+def test_unfinished_beams_are_returned_at_max_len():
+  # In one step nothing but BOS -> EOS (p ~ 0) can finish: the alive beams come back.
+  seqs, scores = decoding.generic_beam_search(
+    _fake_step, _fake_state(1), batch_size=1, beam_size=2, max_len=1, bos_id=BOS, eos_id=EOS
+  )
+  np.testing.assert_array_equal(np.asarray(seqs)[0], [[A], [B]])
+  np.testing.assert_allclose(np.asarray(scores)[0], [_LOGP[BOS, A], _LOGP[BOS, B]], atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------
+
+
+def test_sampling_is_reproducible_and_top_k_one_is_greedy(tiny_config, random_batch):
+  model, params, batch = _setup(tiny_config, random_batch)
+  max_len = model.config.tgt_len
+  eos, _ = _pick_eos(model, params, batch, max_len)
+  key = jax.random.PRNGKey(42)
+  a = np.asarray(decoding.sample(model, params, batch, key, max_len, BOS, eos))
+  again = np.asarray(decoding.sample(model, params, batch, key, max_len, BOS, eos))
+  other = np.asarray(
+    decoding.sample(model, params, batch, jax.random.PRNGKey(7), max_len, BOS, eos)
+  )
+  np.testing.assert_array_equal(a, again)
+  assert (a != other).any()
+  for end, row in zip(_step_ends(a, eos), a):
+    assert (row[end:] == 0).all()
+  greedy = np.asarray(decoding.greedy_decode(model, params, batch, max_len, BOS, eos))
+  top1 = decoding.sample(model, params, batch, key, max_len, BOS, eos, top_k=1)
+  np.testing.assert_array_equal(np.asarray(top1), greedy)
+  cold = decoding.sample(model, params, batch, key, max_len, BOS, eos, temperature=0.0)
+  np.testing.assert_array_equal(np.asarray(cold), greedy)
+
+
+def test_filter_logits_top_k_top_p_temperature():
+  logits = jnp.log(jnp.array([[0.15, 0.5, 0.05, 0.3]]))
+  kept = lambda x: np.isfinite(np.asarray(x))[0].tolist()
+  assert kept(decoding.filter_logits(logits, top_k=3)) == [True, True, False, True]
+  assert kept(decoding.filter_logits(logits, top_p=0.7)) == [False, True, False, True]
+  assert kept(decoding.filter_logits(logits, top_p=0.8)) == [False, True, False, True]
+  assert kept(decoding.filter_logits(logits, top_p=0.81)) == [True, True, False, True]
+  assert kept(decoding.filter_logits(logits, top_p=1e-6)) == [False, True, False, False]
+  np.testing.assert_allclose(decoding.filter_logits(logits, temperature=2.0), logits / 2)
+
+
+def test_sampling_follows_the_filtered_distribution():
+  n = 4000
+
+  @functools.partial(jax.jit, static_argnames=("top_k",))
+  def run(key, top_k):
+    return decoding.generic_sample(
+      _fake_step, _fake_state(n), key, batch_size=n, max_len=5, bos_id=BOS, eos_id=EOS, top_k=top_k
+    )
+
+  first = np.asarray(run(jax.random.PRNGKey(0), 0))[:, 0]
+  np.testing.assert_allclose([(first == t).mean() for t in (A, B, C)], [0.5, 0.4, 0.1], atol=0.03)
+  tokens = np.asarray(run(jax.random.PRNGKey(0), 2))
+  assert set(tokens[:, 0]) == {A, B}
+  np.testing.assert_allclose((tokens[:, 0] == A).mean(), 0.5 / 0.9, atol=0.03)
+  # After B the model ends with EOS 90% of the time; after EOS only padding follows.
+  ends = _step_ends(tokens, EOS)
+  for end, row in zip(ends, tokens):
+    assert (row[end:] == 0).all()
+  after_b = tokens[tokens[:, 0] == B, 1]
+  np.testing.assert_allclose((after_b == EOS).mean(), 0.9, atol=0.03)
+
+
+# --------------------------------------------------------------------------------------
+# Under a mesh
+# --------------------------------------------------------------------------------------
+
+
+def test_decoding_on_a_2x2x2_mesh_matches_one_device(tiny_config, random_batch):
+  model, params, batch = _setup(tiny_config, random_batch, batch_size=8)
+  max_len = model.config.tgt_len
+  eos, _ = _pick_eos(model, params, batch, max_len)
+  greedy = np.asarray(decoding.greedy_decode(model, params, batch, max_len, BOS, eos))
+  seqs, scores = decoding.beam_search(model, params, batch, 2, max_len, BOS, eos)
+
+  tiny_config.mesh.data, tiny_config.mesh.fsdp, tiny_config.mesh.tensor = 2, 2, 2
+  mesh = partitioning.make_mesh(tiny_config)
+  rules = partitioning.logical_rules(tiny_config)
+  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy_batch(model.config))
+  params = jax.device_put(
+    params, partitioning.logical_to_shardings(abstract["params"], mesh, rules)
+  )
+  batch = jax.device_put(batch, partitioning.batch_shardings(batch, mesh, rules))
+  with partitioning.mesh_context(mesh, rules):
+    cache = jax.jit(functools.partial(model.apply, method=M6.encode_prefix))(
+      {"params": params}, batch
+    )
+    sharded_greedy = decoding.greedy_decode(model, params, batch, max_len, BOS, eos)
+    sharded_seqs, sharded_scores = decoding.beam_search(model, params, batch, 2, max_len, BOS, eos)
+  # The caches follow their logical axes: batch over (data, fsdp), heads over tensor.
+  for kv in (cache.prefix.layers[0].key, cache.target.layers[-1].value):
+    spec = tuple(kv.sharding.spec) + (None,) * (kv.ndim - len(kv.sharding.spec))
+    assert spec == (("data", "fsdp"), None, "tensor", None), spec
+  np.testing.assert_array_equal(np.asarray(sharded_greedy), greedy)
+  np.testing.assert_array_equal(np.asarray(sharded_seqs), np.asarray(seqs))
+  np.testing.assert_allclose(np.asarray(sharded_scores), np.asarray(scores), atol=1e-5, rtol=0)
