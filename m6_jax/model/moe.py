@@ -1,4 +1,4 @@
-"""Mixture-of-Experts feed-forward (M6-100B / M6-T): router, dispatch/combine, experts, aux losses.
+"""Mixture-of-Experts feed-forward (M6-100B, M6-T): router, dispatch/combine, experts, aux losses.
 
 `MoeMlp` is a drop-in replacement for `layers.Mlp`: `__call__(x [batch, length, embed],
 deterministic) -> y [batch, length, embed]` (plus an optional `token_mask` keyword). It is
@@ -35,6 +35,13 @@ combine weight is 0, so a token dropped by all its experts gets output 0 and the
 connection carries it. Tokens with `token_mask == 0` (padding) take no slot, get output 0 and
 are left out of the aux losses and the drop metric.
 
+Causality: with top-1 routing and with prototyping (whose prototypes own disjoint experts) a
+token's slot depends only on earlier tokens of its row, so a causal target stays causal. With
+`top_k > 1` a second choice can be dropped because of a later token's first choice; a
+capacity that never binds (`capacity_factor >= num_experts / (num_groups * top_k)`) removes it.
+Incremental decoding (length 1) never drops, so it can differ from a teacher-forced forward
+pass wherever that pass dropped tokens.
+
 **Aux losses and metrics** are sown, not returned, so the call signature matches `Mlp`:
 
   self.sow("aux_loss", "load_balance_loss", ...)   Switch loss, 1.0 when balanced
@@ -50,7 +57,11 @@ step multiplies them by its weights.
 the expert buffers are constrained to ('expert', 'batch', None, 'embed') so that a logical rule
 ('expert', <mesh axis>) splits the experts over that axis and GSPMD inserts the all-to-all
 between the batch-sharded tokens and the expert-sharded buffers. Without such a rule the
-experts are replicated. The router kernel is small and carries ('embed', None).
+experts are replicated. The router kernel is small and carries ('embed', None). Flax gives a
+mesh axis to the first rule that claims it, so when 'batch' is also split over the expert mesh
+axis, list ('expert', 'expert') before the 'batch' rules and add a fallback 'batch' rule
+without that axis, e.g. (('expert', 'expert'), ('batch', ('data', 'expert')), ('batch',
+'data')): the expert buffers then use the fallback and the experts stay split.
 """
 
 from __future__ import annotations
@@ -143,13 +154,28 @@ class Router(nn.Module):
     return constrain(logits, ("batch", "length", None))
 
 
+def _top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """`lax.top_k` over the last axis (ties: lowest index first) as k rounds of argmax.
+
+  The SPMD partitioner replicates `lax.top_k` (an all-gather of every token's router
+  probabilities); argmax and masking stay sharded over the batch.
+  """
+  values, indices = [], []
+  for _ in range(k):
+    index = jnp.argmax(x, axis=-1)
+    values.append(jnp.take_along_axis(x, index[..., None], axis=-1)[..., 0])
+    indices.append(index)
+    x = jnp.where(jax.nn.one_hot(index, x.shape[-1], dtype=bool), -jnp.inf, x)
+  return jnp.stack(values, axis=-1), jnp.stack(indices, axis=-1)
+
+
 def route(logits: jax.Array, num_groups: int = 1, top_k: int = 1) -> Routing:
   """Top-k within each of `num_groups` prototypes (see the module docstring)."""
   b, l, e = logits.shape
   check_moe_shape(e, num_groups, top_k)
   per_group = e // num_groups
   probs = jax.nn.softmax(logits.reshape(b, l, num_groups, per_group).astype(jnp.float32), -1)
-  weights, index = jax.lax.top_k(probs, top_k)  # [b, l, groups, top_k]; ties: lowest index
+  weights, index = _top_k(probs, top_k)  # [b, l, groups, top_k]
   if top_k > 1:
     weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
   index = index + (jnp.arange(num_groups) * per_group)[:, None]

@@ -27,29 +27,29 @@ def _gelu(x):
   return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _init_jit(model, key, x, scale):
+  params = nn.unbox(model.init(key, x, True)["params"])
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
+  leaves = [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
+  return jax.tree.unflatten(tree, leaves)
+
+
 def _init(model, x, seed=0, scale=0.3):
   """Parameters with random (not zero) biases, so that dropped tokens really have to be 0."""
+  return _init_jit(model, jax.random.PRNGKey(seed), x, scale)
 
-  @jax.jit
-  def init(key):
-    params = nn.unbox(model.init(key, x, True)["params"])
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
-    leaves = [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
-    return jax.tree.unflatten(tree, leaves)
 
-  return init(jax.random.PRNGKey(seed))
+@functools.partial(jax.jit, static_argnums=0)
+def _apply_jit(model, params, x, token_mask):
+  y, state = model.apply({"params": params}, x, True, token_mask, mutable=COLLECTIONS)
+  return y, moe.moe_terms(state)
 
 
 def _apply(model, params, x, token_mask=None):
-  """Jitted (one compile instead of many eager ops): output and the averaged MoE terms."""
-
-  @jax.jit
-  def apply(params, x, token_mask):
-    y, state = model.apply({"params": params}, x, True, token_mask, mutable=COLLECTIONS)
-    return y, moe.moe_terms(state)
-
-  y, terms = apply(params, x, token_mask)
+  """Output and the MoE terms averaged over layers (jitted: one compile, not many eager ops)."""
+  y, terms = _apply_jit(model, params, x, token_mask)
   return np.asarray(y), {k: float(v) for k, v in terms.items()}
 
 
@@ -137,7 +137,7 @@ def test_single_expert_equals_dense_mlp():
 
 @pytest.mark.parametrize(
   "num_experts,num_groups,top_k,capacity_factor",
-  [(4, 1, 1, 1.0), (4, 1, 2, 0.5), (8, 4, 1, 0.5), (8, 2, 2, 1.0)],
+  [(4, 1, 2, 0.5), (8, 4, 1, 0.5), (8, 2, 2, 1.0)],  # top-1: the dropping test
 )
 def test_matches_loop_reference(num_experts, num_groups, top_k, capacity_factor):
   x = _x(3, 12)
@@ -206,9 +206,13 @@ def test_load_balance_and_z_loss():
   # Per prototype: 1.0 for a uniform router, 4.0 (experts per group) for a collapsed one.
   probs = jnp.full((b, l, 2, 4), 0.25)
   index = jnp.zeros((b, l, 2), jnp.int32).at[..., 1].set(4)
-  assert float(moe.load_balance_loss(probs, index)) == pytest.approx(1.0)
   collapsed = jnp.zeros((b, l, 2, 4)).at[..., 0].set(1.0)
-  assert float(moe.load_balance_loss(collapsed, index)) == pytest.approx(4.0)
+  losses = jax.jit(jax.vmap(moe.load_balance_loss, (0, None)))(jnp.stack([probs, collapsed]), index)
+  np.testing.assert_allclose(np.asarray(losses), [1.0, 4.0], rtol=1e-6)
+  # Top-2: assignments are counted once per choice and normalised by k, so uniform -> 1.0.
+  top2 = jnp.zeros((b, l, 2), jnp.int32).at[..., 1].set(1)
+  loss = jax.jit(moe.load_balance_loss)(jnp.full((b, l, 1, 4), 0.25), top2)
+  assert float(loss) == pytest.approx(1.0)
 
 
 def test_prototyping_routes_one_expert_per_group():
@@ -255,10 +259,23 @@ def test_gradients_reach_router_and_experts():
     terms = moe.moe_terms(state)
     return jnp.mean(y**2) + 0.01 * terms["load_balance_loss"] + 1e-3 * terms["router_z_loss"]
 
-  grads = jax.grad(loss)(params)
+  grads = jax.jit(jax.grad(loss))(params)
   for path, g in jax.tree_util.tree_leaves_with_path(grads):
     assert np.isfinite(np.asarray(g)).all(), jax.tree_util.keystr(path)
     assert np.abs(np.asarray(g)).max() > 0, jax.tree_util.keystr(path)
+
+
+def test_bfloat16_compute_keeps_router_in_float32():
+  x = _x(2, 8)
+  f32 = moe.MoeMlp(num_experts=4, mlp_dim=H, top_k=2, capacity_factor=2.0)
+  bf16 = moe.MoeMlp(num_experts=4, mlp_dim=H, top_k=2, capacity_factor=2.0, dtype=jnp.bfloat16)
+  params = _init(f32, x)
+  want, want_terms = _apply(f32, params, x)
+  y, _ = _apply_jit(bf16, params, x, None)
+  _, terms = _apply(bf16, params, x)
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(y, np.float32), want, atol=0.05, rtol=0.05)
+  assert terms == want_terms  # routing and aux losses do not see the compute dtype
 
 
 def test_moe_terms_average_over_layers():
@@ -269,10 +286,15 @@ def test_moe_terms_average_over_layers():
       return moe.MoeMlp(num_experts=4, mlp_dim=H, name="b")(x, True)
 
   x = _x(2, 8)
-  variables = Two().init(jax.random.PRNGKey(0), x)
-  _, state = Two().apply({"params": variables["params"]}, x, mutable=COLLECTIONS)
+
+  @jax.jit
+  def run(key):
+    variables = Two().init(key, x)
+    _, state = Two().apply({"params": variables["params"]}, x, mutable=COLLECTIONS)
+    return state, moe.moe_terms(state)
+
+  state, terms = run(jax.random.PRNGKey(0))
   per_layer = [float(state[moe.AUX_LOSS_COLLECTION][n]["load_balance_loss"][0]) for n in "ab"]
-  terms = moe.moe_terms(state)
   assert set(terms) == {"load_balance_loss", "router_z_loss", "dropped_fraction"}
   assert float(terms["load_balance_loss"]) == pytest.approx(np.mean(per_layer))
   assert moe.moe_terms({}) == {}
@@ -309,9 +331,17 @@ def test_sharded_on_expert_mesh_matches_single_device(case):
     boxed = jax.eval_shape(lambda k: layer.init(k, x, True), jax.random.PRNGKey(0))["params"]
     shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
     sharded = jax.jit(lambda p: p, out_shardings=shardings)(params)
+    x_spec = nn.logical_to_mesh_axes(("batch", "length", "embed"), rules)
+    x_sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, x_spec))
     apply = jax.jit(lambda p, x: layer.apply({"params": p}, x, True, mutable=COLLECTIONS))
-    got, state = apply(sharded, x)
+    compiled = apply.lower(sharded, x_sharded).compile()
+    got, state = compiled(sharded, x_sharded)
     terms = {k: float(v) for k, v in moe.moe_terms(state).items()}
+  # Nothing is gathered (no replicated expert weights, tokens or router probabilities); when
+  # the tokens are split over the expert axis too, they travel by all-to-all.
+  hlo = compiled.as_text()
+  assert "all-gather" not in hlo
+  assert ("all-to-all" in hlo) == (case == "batch_over_data_and_expert")
 
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)
   for name, value in want_terms.items():
