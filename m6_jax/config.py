@@ -80,6 +80,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.tokenizer_corpus_examples = 2000
   c.data.read_threads = 2  # grain threads that decode and tokenize examples
   c.data.prefetch_batches = 4
+  c.data.source = "synthetic"  # "synthetic" (embedded world) or "tfds" (--mode=prepare_data)
+  c.data.tfds_name = ""  # source="tfds": the prepared dataset's name (as given to prepare_data)
+  c.data.data_dir = ""  # source="tfds": its TFDS data_dir; empty: TFDS default location
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 600

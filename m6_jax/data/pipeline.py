@@ -31,9 +31,24 @@ enabled task, in order, with fixed per-record seeds. The last batch is filled wi
 rows whose ``tgt_weights`` are 0, so every batch has the same shape and every process yields
 the same number of batches (multi-host jit needs both) while the padding adds no loss.
 
+Sources (``config.data.source``):
+
+* ``"synthetic"`` (default): the embedded world; ``num_train_examples`` /
+  ``num_eval_examples`` set the split sizes.
+* ``"tfds"``: a dataset made by ``sources.prepare_data`` (``--mode=prepare_data``), named
+  ``config.data.tfds_name`` in ``config.data.data_dir`` (empty: TFDS's default). Train uses
+  the whole train split (``num_train_examples`` is ignored); eval uses the first
+  ``num_eval_examples`` records of the split (all if <= 0). Images are decoded with Pillow
+  and resized to ``image_size``. A task only sees the records that have what it needs:
+  caption tasks the records with a caption, ``vqa`` those with a question/answer (the
+  record lists come from the dataset's metadata, so selecting costs no reading); a task
+  with a positive weight but no such record is an error. Records keep fixed positions, so
+  everything said above about determinism, sharding and iterator state holds unchanged.
+
 Config fields read: ``config.seed`` and ``config.data.{batch_size, src_len, tgt_len,
 image_size, num_train_examples, num_eval_examples, task_weights, noise_density,
-mean_noise_span_length}``; optional ``config.data.{read_threads (2), prefetch_batches (4)}``.
+mean_noise_span_length}``; optional ``config.data.{read_threads (2), prefetch_batches (4),
+source ("synthetic"), tfds_name, data_dir}``.
 """
 
 from __future__ import annotations
@@ -47,6 +62,7 @@ import numpy as np
 from m6_jax.data import synthetic, tasks
 
 SPLITS = ("train", "validation", "test")
+SOURCES = ("synthetic", "tfds")
 
 
 def _get(cfg, name: str, default: Any) -> Any:
@@ -112,23 +128,83 @@ class _TaskTransform:
     return tasks.TASKS[self.task_name](example, self.tokenizer, rng, self.cfg)
 
 
-class _EvalRecord:
-  """``(record index, rng) -> features``: record r is example r % N under task r // N.
+class _Subset:
+  """The records ``indices`` of ``source``, as a grain random-access source."""
 
-  Records at or past ``num_records`` are padding rows (zero weights).
+  def __init__(self, source, indices: np.ndarray):
+    self.source, self.indices = source, np.asarray(indices, dtype=np.int64)
+    self.image_size = source.image_size
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i: int):
+    return self.source[int(self.indices[int(i)])]
+
+
+class _EvalRecord:
+  """``(record index, rng) -> features``: every task's records, task after task.
+
+  Task t contributes the examples ``task_indices[t]`` (None: all of the source), so with
+  N examples usable by every task record r is example r % N under task r // N. Records at
+  or past ``num_records`` are padding rows (zero weights).
   """
 
-  def __init__(self, source, task_names, tokenizer, cfg: tasks.TaskConfig):
+  def __init__(self, source, task_names, tokenizer, cfg: tasks.TaskConfig, task_indices=None):
     self.source, self.task_names = source, tuple(task_names)
     self.tokenizer, self.cfg = tokenizer, cfg
-    self.num_records = len(source) * len(self.task_names)
+    self.task_indices = list(task_indices or [None] * len(self.task_names))
+    sizes = [len(source) if idx is None else len(idx) for idx in self.task_indices]
+    self.offsets = np.cumsum([0] + sizes)
+    self.num_records = int(self.offsets[-1])
     self.image_shape = (source.image_size, source.image_size, 3)
 
   def __call__(self, record: int, rng: np.random.Generator):
     if record >= self.num_records:
       return tasks.empty_features(self.image_shape, self.cfg)
-    task, i = divmod(int(record), len(self.source))
-    return tasks.TASKS[self.task_names[task]](self.source[i], self.tokenizer, rng, self.cfg)
+    task = int(np.searchsorted(self.offsets, record, side="right")) - 1
+    i = int(record) - int(self.offsets[task])
+    idx = self.task_indices[task]
+    example = self.source[i if idx is None else int(idx[i])]
+    return tasks.TASKS[self.task_names[task]](example, self.tokenizer, rng, self.cfg)
+
+
+def _open_source(config, split: str, task_names) -> tuple[Any, list[np.ndarray | None]]:
+  """The split's source and, per task, the indices of its usable examples (None: all)."""
+  data = config.data
+  seed, image_size = int(config.seed), int(data.image_size)
+  kind = _get(data, "source", "synthetic")
+  if kind == "synthetic":
+    size = data.num_train_examples if split == "train" else data.num_eval_examples
+    source = synthetic.SyntheticWorldSource(seed, split, int(size), image_size)
+    return source, [None] * len(task_names)
+  if kind != "tfds":
+    raise ValueError(f"config.data.source={kind!r} is not one of {list(SOURCES)}")
+  name = str(_get(data, "tfds_name", ""))
+  if not name:
+    raise ValueError(
+      "config.data.source='tfds' needs config.data.tfds_name (the name given to "
+      "--mode=prepare_data) and config.data.data_dir"
+    )
+  from m6_jax.data import sources  # imports tensorflow_datasets: only when asked for
+
+  max_records = None
+  if split != "train" and int(data.num_eval_examples) > 0:
+    max_records = int(data.num_eval_examples)
+  source = sources.PreparedSource(
+    str(_get(data, "data_dir", "")), name, split, image_size, max_records
+  )
+  indices = []
+  for task in task_names:
+    idx = source.task_indices(task)
+    if len(idx) == 0:
+      field = sources.TASK_FIELDS[task]
+      raise ValueError(
+        f"task {task!r} has a positive weight but no record of {source!r} has a {field}; "
+        f"set config.data.task_weights.{task}=0 or prepare data with {field}s"
+      )
+    indices.append(idx)
+  return source, indices
 
 
 def _process_index_and_count(process_index, process_count) -> tuple[int, int]:
@@ -158,14 +234,16 @@ def make_map_dataset(
   batch = local_batch_size(int(data.batch_size), process_count)
   enabled = task_weights(data.task_weights)
   cfg = task_config(data)
-  image_size = int(data.image_size)
+
+  task_names = [n for n, _ in enabled]
+  source, task_indices = _open_source(config, split, task_names)
 
   if split == "train":
-    source = synthetic.SyntheticWorldSource(seed, "train", int(data.num_train_examples), image_size)
     streams = []
-    for name, _ in enabled:
+    for name, idx in zip(task_names, task_indices):
       t = tasks.TASK_NAMES.index(name)  # tag seeds by task id: stable if others change
-      ds = grain.MapDataset.source(source).shuffle(seed=_derive_seed(seed, 1, t)).repeat()
+      task_source = source if idx is None else _Subset(source, idx)
+      ds = grain.MapDataset.source(task_source).shuffle(seed=_derive_seed(seed, 1, t)).repeat()
       streams.append(
         ds.random_map(_TaskTransform(name, tokenizer, cfg), seed=_derive_seed(seed, 2, t))
       )
@@ -173,8 +251,7 @@ def make_map_dataset(
     ds = ds[process_index::process_count]
     return ds.batch(batch, drop_remainder=True)
 
-  source = synthetic.SyntheticWorldSource(seed, split, int(data.num_eval_examples), image_size)
-  record_fn = _EvalRecord(source, [n for n, _ in enabled], tokenizer, cfg)
+  record_fn = _EvalRecord(source, task_names, tokenizer, cfg, task_indices)
   # Pad the record count so that every process gets the same number of full batches.
   num_batches = math.ceil(record_fn.num_records / (batch * process_count))
   ds = grain.MapDataset.range(num_batches * batch * process_count)

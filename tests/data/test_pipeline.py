@@ -186,3 +186,12 @@ def test_iterator_state_carries_over_to_another_process_count(tokenizer, make_co
     it.set_state(state)
     halves.append([r for b in _take(it, 2) for r in _rows(b)])
   assert [_row_hash(r) for r in itertools.chain(*zip(*halves))] == expected
+
+
+def test_explicit_synthetic_source_is_the_default(tokenizer, make_config):
+  a = _take(P.make_iterator(make_config(), tokenizer, process_index=0, process_count=1), 2)
+  config = make_config(source="synthetic", tfds_name="ignored", data_dir="/nonexistent")
+  b = _take(P.make_iterator(config, tokenizer, process_index=0, process_count=1), 2)
+  assert _equal(a, b)
+  with pytest.raises(ValueError, match="needs config.data.tfds_name"):
+    P.make_dataset(make_config(source="tfds"), tokenizer, process_index=0, process_count=1)
