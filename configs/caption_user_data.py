@@ -73,7 +73,7 @@ def get_config(arg: str | None = None):
   m.num_heads = 6
   m.head_dim = 64
   m.mlp_dim = 1536
-  m.image_stem = "linear"  # the resnet stem is better on photos; switch once it trains
+  m.image_stem = "linear"  # fastest; --config.model.image_stem=resnet for CNN patch features
   m.patch_size = 16
   m.dropout_rate = 0.1
 

@@ -222,11 +222,13 @@ def get_or_train_tokenizer(
   seed: int,
   num_corpus_examples: int,
   model_path: str | None = None,
+  corpus: Iterable[str] | None = None,
 ) -> Tokenizer:
   """Loads ``model_path`` if given; else loads or trains ``<workdir>/tokenizer/spm.model``.
 
-  The default model is trained on the texts of the first ``num_corpus_examples`` train
-  scenes of the synthetic world with ``seed`` and reused on later runs. Raises ValueError
+  The default model is trained on ``corpus`` (e.g. a prepared dataset's texts) or, when it
+  is None, on the texts of the first ``num_corpus_examples`` train scenes of the synthetic
+  world with ``seed``, and reused on later runs. Raises ValueError
   if the tokenizer has more pieces than ``vocab_size`` (the model's embedding table).
   """
   if model_path is not None:
@@ -238,16 +240,20 @@ def get_or_train_tokenizer(
       tok = Tokenizer.from_file(path)
       logging.info("Reusing sentencepiece model %s (%d pieces).", path, tok.vocab_size)
     else:
-      logging.info(
-        "Training sentencepiece model %s on %d synthetic scenes (seed %d).",
-        path,
-        num_corpus_examples,
-        seed,
-      )
-      corpus = synthetic.iter_corpus_text(seed, num_corpus_examples, _ZH_WORD_DELIMITER)
-      train_tokenizer(
-        corpus, path, vocab_size, pretokenization_delimiter=_ZH_WORD_DELIMITER, seed=seed
-      )
+      if corpus is not None:
+        logging.info("Training sentencepiece model %s on the dataset's texts.", path)
+        train_tokenizer(corpus, path, vocab_size, seed=seed)
+      else:
+        logging.info(
+          "Training sentencepiece model %s on %d synthetic scenes (seed %d).",
+          path,
+          num_corpus_examples,
+          seed,
+        )
+        corpus = synthetic.iter_corpus_text(seed, num_corpus_examples, _ZH_WORD_DELIMITER)
+        train_tokenizer(
+          corpus, path, vocab_size, pretokenization_delimiter=_ZH_WORD_DELIMITER, seed=seed
+        )
       tok = Tokenizer.from_file(path)
       logging.info(
         "Trained sentencepiece model %s (%d pieces, asked for at most %d).",

@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 
 from m6_jax import config as config_lib
-from m6_jax.data import pipeline
+from m6_jax.data import pipeline, sources
 from m6_jax.data import tokenizer as tokenizer_lib
 from m6_jax.data.tasks import TASK_NAMES
 from m6_jax.model.m6 import M6, M6Config
@@ -134,16 +134,21 @@ def train(
       seed=config.seed,
       num_corpus_examples=config.data.tokenizer_corpus_examples,
       model_path=config.data.tokenizer_path or None,
+      # A user dataset trains the tokenizer on its own texts (read lazily, only if needed).
+      corpus=sources.iter_dataset_text(config) if config.data.source == "tfds" else None,
     )
   except ValueError as e:  # a tokenizer that does not fit model.vocab_size
     raise config_lib.ConfigError(f"{e} (key: model.vocab_size)") from e
-  dataset = pipeline.make_dataset(
-    config,
-    tokenizer,
-    split="train",
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
+  try:
+    dataset = pipeline.make_dataset(
+      config,
+      tokenizer,
+      split="train",
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
+  except ValueError as e:  # e.g. a task the prepared dataset has no records for
+    raise config_lib.ConfigError(f"{e} (keys: data.*)") from e
   data_iter = iter(dataset)
 
   # Model, optimizer, sharded state and the jitted step.
