@@ -1,0 +1,146 @@
+"""Input pipeline throughput next to the train step's, for the base config.
+
+  python benchmarks/input_pipeline.py [--batches=60] [--json=benchmarks/results/input_pipeline.json]
+
+Measures examples/s of the full grain pipeline (render or JPEG-decode + tokenize + task
+features + batch) for the synthetic world and for a prepared TFDS dataset of JPEG files, and
+examples/s of the jitted train step of configs/base.py on the same machine in the same run.
+The pipeline must not be the bottleneck: the printed ratio (pipeline / train step) must be
+above 1. Both run on the same cores here, so the ratio is a conservative bound: on an
+accelerator the step leaves the CPU to the pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from configs import base  # noqa: E402
+from m6_jax.data import pipeline, sources, synthetic  # noqa: E402
+from m6_jax.data import tokenizer as tokenizer_lib  # noqa: E402
+from m6_jax.data.tasks import TASK_NAMES  # noqa: E402
+from m6_jax.model.m6 import M6, M6Config  # noqa: E402
+from m6_jax.parallel import partitioning  # noqa: E402
+from m6_jax.train import optim  # noqa: E402
+from m6_jax.train import state as state_lib
+from m6_jax.train import step as step_lib
+
+
+def pipeline_rate(config, tokenizer, batches: int) -> float:
+  it = pipeline.make_iterator(config, tokenizer, process_index=0, process_count=1)
+  next(it)  # start-up (thread pool, first reads) is not throughput
+  start = time.perf_counter()
+  for _ in range(batches):
+    next(it)
+  return batches * config.data.batch_size / (time.perf_counter() - start)
+
+
+def make_jpeg_dataset(root: str, count: int) -> tuple[str, str]:
+  """A prepared TFDS dataset of `count` JPEG images of the synthetic world, with captions."""
+  images = os.path.join(root, "images")
+  os.makedirs(images)
+  with open(os.path.join(root, "captions.jsonl"), "w") as f:
+    for i in range(count):
+      example = synthetic.make_example(1, i, 96)
+      Image.fromarray(example["image"]).save(os.path.join(images, f"{i}.jpg"), quality=90)
+      f.write(json.dumps({"image": f"images/{i}.jpg", "caption": example["caption_en"]}) + "\n")
+  data_dir = os.path.join(root, "tfds")
+  sources.prepare_data(
+    "image_folder_jsonl",
+    os.path.join(root, "captions.jsonl"),
+    data_dir,
+    "bench",
+    print_fn=lambda *a, **k: None,
+  )
+  return data_dir, "bench"
+
+
+def train_step_rate(config, steps: int) -> float:
+  mesh = partitioning.make_mesh(config)
+  rules = partitioning.logical_rules(config)
+  model = M6(M6Config.from_config(config))
+  tx = optim.make_optimizer(config.train)
+  state, shardings = state_lib.create_sharded_state(model, tx, mesh, rules, seed=0)
+  tests_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+  sys.path.insert(0, tests_dir)
+  from conftest import make_random_batch  # a valid batch with the feature contract
+
+  batch = make_random_batch(config.data.batch_size, config)
+  batch_sh = partitioning.batch_shardings(batch, mesh, rules)
+  step = step_lib.jit_train_step(
+    step_lib.make_train_step(
+      model, tx, optim.learning_rate_schedule(config.train), config.train, len(TASK_NAMES)
+    ),
+    shardings,
+    batch_sh,
+    partitioning.replicated(mesh),
+  )
+  with partitioning.mesh_context(mesh, rules):
+    device_batch = partitioning.host_batch_to_global(batch, batch_sh)
+    for _ in range(3):  # compile and warm up
+      state, metrics = step(state, device_batch)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(steps):
+      state, metrics = step(state, device_batch)
+    jax.block_until_ready(metrics)
+  return steps * config.data.batch_size / (time.perf_counter() - start)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--batches", type=int, default=60, help="batches timed per pipeline")
+  parser.add_argument("--steps", type=int, default=30, help="train steps timed")
+  parser.add_argument(
+    "--json", default=os.path.join(os.path.dirname(__file__), "results", "input_pipeline.json")
+  )
+  args = parser.parse_args()
+
+  config = base.get_config()
+  with tempfile.TemporaryDirectory() as tmp:
+    tokenizer = tokenizer_lib.get_or_train_tokenizer(
+      tmp, config.model.vocab_size, config.seed, config.data.tokenizer_corpus_examples
+    )
+    rows = {"synthetic (render + tokenize + batch)": pipeline_rate(config, tokenizer, args.batches)}
+    data_dir, name = make_jpeg_dataset(tmp, 512)
+    user = base.get_config()
+    user.data.source, user.data.data_dir, user.data.tfds_name = "tfds", data_dir, name
+    user.data.task_weights.text_to_text = 0.0
+    rows["tfds JPEG (decode + resize + tokenize + batch)"] = pipeline_rate(
+      user, tokenizer, args.batches
+    )
+  step_rate = train_step_rate(config, args.steps)
+
+  print(
+    f"\nbase config, global batch {config.data.batch_size}, {jax.device_count()} device(s),"
+    f" {os.cpu_count()} CPU cores"
+  )
+  print(f"{'what':<48} {'examples/s':>12} {'pipeline / step':>16}")
+  print(f"{'train step (jitted, base config)':<48} {step_rate:>12.0f} {'':>16}")
+  results = {"train_step_examples_per_sec": step_rate, "pipelines": {}}
+  for name, rate in rows.items():
+    print(f"{name:<48} {rate:>12.0f} {rate / step_rate:>15.1f}x")
+    results["pipelines"][name] = {"examples_per_sec": rate, "ratio_to_step": rate / step_rate}
+  bottleneck = [n for n, r in rows.items() if r < step_rate]
+  print(
+    "pipeline is the bottleneck for: " + ", ".join(bottleneck)
+    if bottleneck
+    else "the pipeline is not the bottleneck (all ratios > 1)"
+  )
+  os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+  with open(args.json, "w") as f:
+    json.dump(results, f, indent=2)
+  print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+  main()
