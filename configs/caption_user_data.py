@@ -5,7 +5,7 @@ The argument is the prepared dataset: ``DATA_DIR/NAME`` (a path, as written by s
 append ``,runlocal`` for a 20-step smoke test with a tiny model.
 
 1. Convert the data once (a folder of images + a JSONL of
-   {"image": "rel/path.jpg", "caption": "..."}; see m6_jax/data/sources.py for the MUGE TSV
+   {"image": "rel/path.jpg", "caption": "..."}; see m6_jax/data/prepare.py for the MUGE TSV
    format, per-split files and the checks on bad records):
 
   python -m m6_jax.main --mode=prepare_data --input_format=image_folder_jsonl \\

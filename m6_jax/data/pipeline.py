@@ -35,7 +35,7 @@ Sources (``config.data.source``):
 
 * ``"synthetic"`` (default): the embedded world; ``num_train_examples`` /
   ``num_eval_examples`` set the split sizes.
-* ``"tfds"``: a dataset made by ``sources.prepare_data`` (``--mode=prepare_data``), named
+* ``"tfds"``: a dataset made by ``prepare.prepare_data`` (``--mode=prepare_data``), named
   ``config.data.tfds_name`` in ``config.data.data_dir`` (empty: TFDS's default). Train uses
   the whole train split (``num_train_examples`` is ignored); eval uses the first
   ``num_eval_examples`` records of the split (all if <= 0). Images are decoded with Pillow
