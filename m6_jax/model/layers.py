@@ -244,7 +244,11 @@ class Mlp(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-  """Pre-LN block: x + Attn(LN(x)); x + MLP(LN(x))."""
+  """Pre-LN block: x + Attn(LN(x)); x + MLP(LN(x)).
+
+  With `moe` (a `moe.MoeOptions`) the feed-forward is a `moe.MoeMlp` (same name, "mlp"),
+  which routes only the positions where `token_mask` is true.
+  """
 
   num_heads: int
   head_dim: int
@@ -252,6 +256,7 @@ class TransformerBlock(nn.Module):
   dropout_rate: float = 0.0
   layer_norm_epsilon: float = 1e-6
   dtype: Dtype = jnp.float32
+  moe: Any = None
 
   @nn.compact
   def __call__(
@@ -262,8 +267,11 @@ class TransformerBlock(nn.Module):
     *,
     return_kv: bool = False,
     step: StepCache | None = None,
+    token_mask: jax.Array | None = None,
   ) -> Any:
-    """x -> x in full mode; (x, LayerKV) with `return_kv` or in step mode (see attention)."""
+    """x -> x in full mode; (x, LayerKV) with `return_kv` or in step mode (see attention).
+
+    `token_mask` [b, L] (real positions) is used by a MoE feed-forward only."""
     h = LayerNorm(self.layer_norm_epsilon, self.dtype, name="pre_attention_norm")(x)
     h = MultiHeadAttention(
       self.num_heads, self.head_dim, self.dropout_rate, self.dtype, name="attention"
@@ -273,7 +281,18 @@ class TransformerBlock(nn.Module):
       h, kv = h
     x = x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
     h = LayerNorm(self.layer_norm_epsilon, self.dtype, name="pre_mlp_norm")(x)
-    h = Mlp(self.mlp_dim, self.dropout_rate, self.dtype, name="mlp")(h, deterministic)
+    if self.moe is None:
+      h = Mlp(self.mlp_dim, self.dropout_rate, self.dtype, name="mlp")(h, deterministic)
+    else:
+      from m6_jax.model import moe as moe_lib  # moe imports this module
+
+      h = moe_lib.MoeMlp(
+        **self.moe.kwargs(),
+        mlp_dim=self.mlp_dim,
+        dropout_rate=self.dropout_rate,
+        dtype=self.dtype,
+        name="mlp",
+      )(h, deterministic, token_mask=token_mask)
     x = x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
     x = constrain(x, ("batch", "length", "embed"))
     return x if kv is None else (x, kv)

@@ -35,6 +35,7 @@ from m6_jax.model.layers import (
   constrain,
   default_kernel_init,
 )
+from m6_jax.model.moe import AUX_LOSS_COLLECTION, METRICS_COLLECTION, MoeOptions
 
 PAD_ID = 0
 SEGMENT_IMAGE, SEGMENT_SOURCE, SEGMENT_TARGET = 0, 1, 2
@@ -60,6 +61,35 @@ class M6Config:
   tie_embeddings: bool = True
   dtype: str = "float32"
   layer_norm_epsilon: float = 1e-6
+  moe_num_experts: int = 0
+  moe_num_groups: int = 1
+  moe_top_k: int = 1
+  moe_capacity_factor: float = 1.25
+  moe_eval_capacity_factor: float | None = None
+  moe_every: int = 1
+  moe_aux_loss_weight: float = 0.01  # read by the train step, not by the model
+  moe_z_loss_weight: float = 0.001
+  scan_layers: bool = False
+  remat_policy: str = "none"
+
+  def is_moe_layer(self, index: int) -> bool:
+    return self.moe_num_experts > 0 and (index + 1) % self.moe_every == 0
+
+  @property
+  def layers_per_group(self) -> int:
+    """Layers in one scanned group: a MoE config repeats `moe_every` layers, the last MoE."""
+    return self.moe_every if self.moe_num_experts > 0 else 1
+
+  def moe_options(self, index: int) -> MoeOptions | None:
+    if not self.is_moe_layer(index):
+      return None
+    return MoeOptions(
+      self.moe_num_experts,
+      self.moe_num_groups,
+      self.moe_top_k,
+      self.moe_capacity_factor,
+      self.moe_eval_capacity_factor,
+    )
 
   @property
   def num_patches(self) -> int:
@@ -89,6 +119,16 @@ class M6Config:
       tie_embeddings=m.tie_embeddings,
       dtype=m.dtype,
       layer_norm_epsilon=m.layer_norm_epsilon,
+      moe_num_experts=m.moe_num_experts,
+      moe_num_groups=m.moe_num_groups,
+      moe_top_k=m.moe_top_k,
+      moe_capacity_factor=m.moe_capacity_factor,
+      moe_eval_capacity_factor=m.moe_eval_capacity_factor,
+      moe_every=m.moe_every,
+      moe_aux_loss_weight=m.moe_aux_loss_weight,
+      moe_z_loss_weight=m.moe_z_loss_weight,
+      scan_layers=m.scan_layers,
+      remat_policy=m.remat_policy,
     )
 
 
@@ -149,6 +189,84 @@ def empty_target_cache(config: M6Config, batch_size: int, dtype: Any = None) -> 
   return KVCache(layers, jnp.zeros((batch_size, config.tgt_len), bool)).constrain()
 
 
+REMAT_POLICIES = {
+  "full": None,  # jax.checkpoint's default: save nothing, recompute the whole layer
+  "dots_saveable": jax.checkpoint_policies.dots_saveable,
+  "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _block(c: M6Config, index: int, name: str) -> TransformerBlock:
+  return TransformerBlock(
+    c.num_heads,
+    c.head_dim,
+    c.mlp_dim,
+    c.dropout_rate,
+    c.layer_norm_epsilon,
+    jnp.dtype(c.dtype),
+    moe=c.moe_options(index),
+    name=name,
+  )
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class StackMode:
+  """How the scanned stack runs (static: a pytree without leaves, so scan/remat keep it)."""
+
+  kind: str  # "full" (training / scoring), "prefix" (fill the cache), "step" (one position)
+  deterministic: bool = True
+
+
+class LayerGroup(nn.Module):
+  """`config.layers_per_group` consecutive blocks: the body of the scanned layer stack.
+
+  Called as (x, shared, per_layer) -> (x, per-layer outputs): `shared` holds the mode and
+  the inputs every layer sees, `per_layer` the cache slices of this group (step mode).
+  """
+
+  config: M6Config
+
+  @nn.compact
+  def __call__(self, x: jax.Array, shared: dict, per_layer: Any) -> tuple[jax.Array, Any]:
+    mode: StackMode = shared["mode"]
+    kvs = []
+    for j in range(self.config.layers_per_group):
+      block = _block(self.config, j, name=f"layer_{j}")
+      if mode.kind == "step":
+        step = StepCache(
+          per_layer["prefix"][j],
+          shared["prefix_valid"],
+          per_layer["target"][j],
+          shared["visible"],
+          shared["position"],
+        )
+        x, kv = block(x, None, True, step=step, token_mask=shared["token_mask"])
+        kvs.append(kv)
+      elif mode.kind == "prefix":
+        x, kv = block(x, shared["mask"], True, return_kv=True, token_mask=shared["token_mask"])
+        kvs.append(kv)
+      else:
+        x = block(x, shared["mask"], mode.deterministic, token_mask=shared["token_mask"])
+    return x, (tuple(kvs) if kvs else None)
+
+
+def scanned_stack(c: M6Config) -> nn.Module:
+  """nn.scan of (optionally rematerialised) LayerGroups; params get a leading `layers` axis."""
+  group = LayerGroup
+  if c.remat_policy != "none":
+    group = nn.remat(group, policy=REMAT_POLICIES[c.remat_policy], prevent_cse=False)
+  scanned = nn.scan(
+    group,
+    variable_axes={"params": 0, AUX_LOSS_COLLECTION: 0, METRICS_COLLECTION: 0},
+    split_rngs={"params": True, "dropout": True},
+    in_axes=(nn.broadcast, 0),
+    length=c.num_layers // c.layers_per_group,
+    metadata_params={nn.PARTITION_NAME: "layers"},
+  )
+  return scanned(c, name="layers")
+
+
 class M6(nn.Module):
   config: M6Config
 
@@ -167,18 +285,10 @@ class M6(nn.Module):
     )
     self.text_position = PositionEmbedding(c.src_len + c.tgt_len, c.d_model, "length", dtype)
     self.segment_embedding = PositionEmbedding(3, c.d_model, "segment", dtype)
-    self.blocks = [
-      TransformerBlock(
-        c.num_heads,
-        c.head_dim,
-        c.mlp_dim,
-        c.dropout_rate,
-        c.layer_norm_epsilon,
-        dtype,
-        name=f"layer_{i}",
-      )
-      for i in range(c.num_layers)
-    ]
+    if c.scan_layers:
+      self.layers = scanned_stack(c)
+    else:
+      self.blocks = [_block(c, i, name=f"layer_{i}") for i in range(c.num_layers)]
     self.final_norm = LayerNorm(c.layer_norm_epsilon, dtype)
     self.embedding_dropout = nn.Dropout(c.dropout_rate)
     if not c.tie_embeddings:
@@ -230,10 +340,21 @@ class M6(nn.Module):
     """Logits [b, Lt, vocab] (float32) for the target positions."""
     c = self.config
     x, prefix_valid = self.embed_inputs(batch)
-    mask = prefix_lm_mask(prefix_valid, batch["tgt_input"] != PAD_ID)
+    target_valid = batch["tgt_input"] != PAD_ID
+    mask = prefix_lm_mask(prefix_valid, target_valid)
+    token_mask = jnp.concatenate([prefix_valid, target_valid], axis=1)
     x = self.embedding_dropout(x, deterministic=deterministic)
-    for block in self.blocks:
-      x = block(x, mask, deterministic)
+    if c.scan_layers:
+      shared = {"mode": StackMode("full", deterministic), "mask": mask, "token_mask": token_mask}
+      x, _ = self.layers(x, shared, None)
+    else:
+      for i in range(c.num_layers):
+        if c.remat_policy == "none":
+          x = self.blocks[i](x, mask, deterministic, token_mask=token_mask)
+        else:
+          layer = lambda mdl, x, mask, tm, i=i: mdl.blocks[i](x, mask, deterministic, token_mask=tm)
+          remat = nn.remat(layer, policy=REMAT_POLICIES[c.remat_policy])
+          x = remat(self, x, mask, token_mask)
     return self.logits(x[:, -c.tgt_len :, :])
 
   def encode_prefix(self, batch: Mapping[str, jax.Array]) -> DecodeCache:
@@ -246,10 +367,15 @@ class M6(nn.Module):
     # The prefix rows of the full prefix-LM mask: prefix queries see exactly the real
     # prefix keys, never the target, so the prefix can be computed before any target.
     mask = prefix_lm_mask(prefix_valid, prefix_valid[:, :0])
-    layers = []
-    for block in self.blocks:
-      x, kv = block(x, mask, True, return_kv=True)
-      layers.append(kv)
+    if self.config.scan_layers:
+      shared = {"mode": StackMode("prefix"), "mask": mask, "token_mask": prefix_valid}
+      x, stacked = self.layers(x, shared, None)
+      layers = self._unstack(stacked)
+    else:
+      layers = []
+      for block in self.blocks:
+        x, kv = block(x, mask, True, return_kv=True, token_mask=prefix_valid)
+        layers.append(kv)
     prefix = KVCache(tuple(layers), prefix_valid).constrain()
     target = empty_target_cache(self.config, x.shape[0], x.dtype)
     return DecodeCache(prefix, target)
@@ -271,13 +397,39 @@ class M6(nn.Module):
       cache.target.valid, (token != PAD_ID)[:, None], position, axis=1
     )
     visible = target_valid & (jnp.arange(c.tgt_len) <= position)[None]
-    layers = []
-    for block, prefix_kv, target_kv in zip(self.blocks, cache.prefix.layers, cache.target.layers):
-      step = StepCache(prefix_kv, cache.prefix.valid, target_kv, visible, position)
-      x, kv = block(x, None, True, step=step)
-      layers.append(kv)
+    token_mask = (token != PAD_ID)[:, None]  # a MoE layer does not route a padding token
+    if c.scan_layers:
+      shared = {
+        "mode": StackMode("step"),
+        "prefix_valid": cache.prefix.valid,
+        "visible": visible,
+        "position": position,
+        "token_mask": token_mask,
+      }
+      per_layer = {
+        "prefix": self._stack(cache.prefix.layers),
+        "target": self._stack(cache.target.layers),
+      }
+      x, stacked = self.layers(x, shared, per_layer)
+      layers = self._unstack(stacked)
+    else:
+      layers = []
+      for block, prefix_kv, target_kv in zip(self.blocks, cache.prefix.layers, cache.target.layers):
+        step = StepCache(prefix_kv, cache.prefix.valid, target_kv, visible, position)
+        x, kv = block(x, None, True, step=step, token_mask=token_mask)
+        layers.append(kv)
     target = KVCache(tuple(layers), target_valid).constrain()
     return self.logits(x)[:, 0], DecodeCache(cache.prefix, target)
+
+  def _stack(self, layers: tuple[LayerKV, ...]) -> tuple[LayerKV, ...]:
+    """Per-layer caches -> one stack per position in the scanned group ([groups, ...])."""
+    k = self.config.layers_per_group
+    return tuple(jax.tree.map(lambda *xs: jnp.stack(xs), *layers[j::k]) for j in range(k))
+
+  def _unstack(self, stacked: tuple[LayerKV, ...]) -> list[LayerKV]:
+    """The inverse of `_stack`: layer g * layers_per_group + j is stacked[j][g]."""
+    groups = self.config.num_layers // self.config.layers_per_group
+    return [jax.tree.map(lambda x, g=g: x[g], kv) for g in range(groups) for kv in stacked]
 
 
 def dummy_batch(config: M6Config, batch_size: int = 1) -> dict[str, Any]:

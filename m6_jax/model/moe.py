@@ -66,6 +66,7 @@ without that axis, e.g. (('expert', 'expert'), ('batch', ('data', 'expert')), ('
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Mapping, NamedTuple
 
@@ -301,6 +302,20 @@ class Experts(nn.Module):
       bo = self._param("wo_bias", nn.initializers.zeros, ("expert", "embed"), (e, d))
       out = out + bo.astype(self.dtype)[:, None, None, :]
     return constrain(out, EXPERT_EMBED)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeOptions:
+  """The routing settings of a MoE feed-forward (hashable, for module attributes)."""
+
+  num_experts: int
+  num_groups: int = 1
+  top_k: int = 1
+  capacity_factor: float = 1.25
+  eval_capacity_factor: float | None = None
+
+  def kwargs(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
 
 
 class MoeMlp(nn.Module):

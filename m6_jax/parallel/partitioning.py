@@ -23,7 +23,7 @@ Rules = Sequence[tuple[str, Any]]
 def make_mesh(
   config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
 ) -> Mesh:
-  """A (data, fsdp, tensor) mesh over `devices` (default: all devices) sized by the config."""
+  """A (data, fsdp, tensor, expert) mesh over `devices` (default: all devices) sized by the config."""
   devices = list(devices if devices is not None else jax.devices())
   sizes = mesh_shape(config, len(devices))
   shape = tuple(sizes[a] for a in MESH_AXES)

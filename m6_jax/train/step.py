@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from m6_jax.model import moe as moe_lib
 from m6_jax.model.layers import constrain
 from m6_jax.model.m6 import M6
 from m6_jax.train.state import TrainState
@@ -40,11 +41,27 @@ def loss_and_sums(
   label_smoothing: float,
   total_weight: jax.Array,
   deterministic: bool,
+  num_micro: int = 1,
+  aux_weights: tuple[float, float] = (0.0, 0.0),
 ) -> tuple[jax.Array, dict]:
-  """(sum of weighted token losses / total_weight, metric sums) for one (micro-)batch."""
-  logits = model.apply(
-    {"params": params}, batch, deterministic=deterministic, rngs={"dropout": rng}
-  )
+  """(objective, metric sums) for one (micro-)batch: the objective is the sum of weighted
+  token losses / total_weight, plus, for a MoE model, the weighted aux losses / num_micro
+  (so that the micro-batches of one step add up to their mean)."""
+  c = model.config
+  moe_terms = {}
+  if c.moe_num_experts > 0:
+    logits, collections = model.apply(
+      {"params": params},
+      batch,
+      deterministic=deterministic,
+      rngs={"dropout": rng},
+      mutable=[moe_lib.AUX_LOSS_COLLECTION, moe_lib.METRICS_COLLECTION],
+    )
+    moe_terms = moe_lib.moe_terms(collections)
+  else:
+    logits = model.apply(
+      {"params": params}, batch, deterministic=deterministic, rngs={"dropout": rng}
+    )
   weights = batch["tgt_weights"].astype(jnp.float32)
   losses = token_losses(logits, batch["tgt_target"], label_smoothing) * weights
   correct = (jnp.argmax(logits, axis=-1) == batch["tgt_target"]) * weights
@@ -56,7 +73,23 @@ def loss_and_sums(
     "task_loss_sum": task_onehot.T @ losses.sum(axis=1),
     "task_weight_sum": task_onehot.T @ weights.sum(axis=1),
   }
-  return losses.sum() / total_weight, sums
+  objective = losses.sum() / total_weight
+  if moe_terms:
+    # Per micro-batch / num_micro, so that accumulation gives the step's mean.
+    for name in MOE_METRICS:
+      sums[f"moe_{name}"] = moe_terms[name] / num_micro
+    objective = (
+      objective
+      + (
+        aux_weights[0] * moe_terms["load_balance_loss"]
+        + aux_weights[1] * moe_terms["router_z_loss"]
+      )
+      / num_micro
+    )
+  return objective, sums
+
+
+MOE_METRICS = ("load_balance_loss", "router_z_loss", "dropped_fraction")
 
 
 def _split_microbatches(batch: dict, num_micro: int) -> dict:
@@ -80,15 +113,31 @@ def make_train_step(
   train: ml_collections.ConfigDict,
   num_tasks: int,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """The train step. For a MoE model the objective adds model.config.moe_aux_loss_weight *
+  load-balance loss + moe_z_loss_weight * router z-loss (means over MoE layers); metrics hold
+  moe_load_balance_loss, moe_router_z_loss, moe_dropped_fraction (unweighted step means);
+  `loss` stays the token cross-entropy."""
   num_micro = int(train.grad_accum_steps)
-  deterministic = model.config.dropout_rate == 0.0
+  # MoE layers use their training capacity only when not deterministic (dropout with rate 0
+  # is a no-op either way).
+  deterministic = model.config.dropout_rate == 0.0 and model.config.moe_num_experts == 0
+  aux_weights = (float(model.config.moe_aux_loss_weight), float(model.config.moe_z_loss_weight))
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
     total_weight = jnp.maximum(batch["tgt_weights"].astype(jnp.float32).sum(), 1.0)
     grad_fn = jax.value_and_grad(
       lambda params, micro, key: loss_and_sums(
-        params, micro, key, model, num_tasks, train.label_smoothing, total_weight, deterministic
+        params,
+        micro,
+        key,
+        model,
+        num_tasks,
+        train.label_smoothing,
+        total_weight,
+        deterministic,
+        num_micro,
+        aux_weights,
       ),
       has_aux=True,
     )
@@ -124,8 +173,10 @@ def make_train_step(
       params=keep(new_params, state.params),
       opt_state=keep(new_opt_state, state.opt_state),
     )
+    # `loss` is the objective; report the cross-entropy part (comparable with dense models).
+    ce_loss = sums["loss_sum"] / total_weight
     metrics = dict(
-      sums, loss=loss, grad_norm=grad_norm, finite=finite, learning_rate=schedule(state.step)
+      sums, loss=ce_loss, grad_norm=grad_norm, finite=finite, learning_rate=schedule(state.step)
     )
     return new_state, metrics
 

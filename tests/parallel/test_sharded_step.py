@@ -14,7 +14,7 @@ from m6_jax.train import step as step_lib
 NUM_TASKS = 4
 
 
-def run_steps(config, batches, devices):
+def run_steps(config, batches, devices, return_metrics=False):
   mesh = partitioning.make_mesh(config, devices)
   rules = partitioning.logical_rules(config)
   model = M6(M6Config.from_config(config))
@@ -34,6 +34,8 @@ def run_steps(config, batches, devices):
     for b in batches:
       state, metrics = step(state, partitioning.host_batch_to_global(b, batch_sh))
       losses.append(float(metrics["loss"]))
+  if return_metrics:  # the last step's
+    return state, losses, jax.tree.map(np.asarray, jax.device_get(metrics))
   return state, losses
 
 

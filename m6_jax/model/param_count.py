@@ -1,0 +1,87 @@
+"""Parameter counts from `jax.eval_shape` (nothing is allocated), by component.
+
+  python -m m6_jax.main --mode=params --config=configs/m6_10b.py
+
+Components: embeddings (token, text position, segment, 2-D image positions, an untied LM
+head), image stem, attention, FFN dense, experts, router, norms. A config file may define
+`PUBLISHED_PARAMS` (the paper's total); the report then prints ours against it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from m6_jax.model.m6 import M6, M6Config, dummy_batch
+
+COMPONENTS = ("embeddings", "image stem", "attention", "FFN dense", "experts", "router", "norms")
+
+
+def component(path: tuple[str, ...]) -> str:
+  """The component a parameter (given by its path of names) belongs to."""
+  if "stem" in path:
+    return "image stem"
+  if "experts" in path:
+    return "experts"
+  if "router" in path:
+    return "router"
+  if "attention" in path:
+    return "attention"
+  if "mlp" in path:
+    return "FFN dense"
+  if any("norm" in p for p in path):
+    return "norms"
+  return "embeddings"  # token / position / segment tables, image row/col, lm_head
+
+
+def abstract_params(config: ml_collections.ConfigDict) -> Any:
+  """The parameter tree as ShapeDtypeStructs (jax.eval_shape of init)."""
+  model = M6(M6Config.from_config(config))
+  rngs = {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}
+  variables = jax.eval_shape(lambda: model.init(rngs, dummy_batch(model.config)))
+  return nn.unbox(variables["params"])
+
+
+def count_params(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """{component: number of parameters} plus "total" and "active per token" (MoE: the
+  experts a token is routed to, num_groups * top_k of num_experts, instead of all)."""
+  counts = dict.fromkeys(COMPONENTS, 0)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params(config))[0]:
+    names = tuple(str(p.key) for p in path if isinstance(p, jax.tree_util.DictKey))
+    counts[component(names)] += math.prod(leaf.shape)
+  counts["total"] = sum(counts[c] for c in COMPONENTS)
+  m = config.model
+  active = counts["total"]
+  if m.moe_num_experts > 0:
+    active -= counts["experts"] * (1 - m.moe_num_groups * m.moe_top_k / m.moe_num_experts)
+  counts["active per token"] = int(active)
+  return counts
+
+
+def _human(n: float) -> str:
+  for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+    if abs(n) >= scale:
+      return f"{n / scale:.3f}{unit}"
+  return str(int(n))
+
+
+def report(
+  config: ml_collections.ConfigDict, published: float | None = None
+) -> tuple[str, dict[str, Any]]:
+  """A printable table and its JSON-able figures; with `published`, the % difference."""
+  counts = count_params(config)
+  total = counts["total"]
+  lines = [f"{'component':<18}{'parameters':>20}{'share':>9}"]
+  for name in COMPONENTS + ("total", "active per token"):
+    share = f"{100 * counts[name] / total:.1f}%" if name in COMPONENTS else ""
+    lines.append(f"{name:<18}{counts[name]:>20,}{share:>9}  ({_human(counts[name])})")
+  out: dict[str, Any] = dict(counts)
+  if published:
+    diff = 100.0 * (total - published) / published
+    lines.append(f"published total: {_human(published)}; ours {_human(total)} ({diff:+.2f}%)")
+    out.update(published=published, difference_percent=diff)
+  return "\n".join(lines), out
