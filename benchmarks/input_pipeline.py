@@ -19,20 +19,15 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import common  # noqa: E402  (puts the repository on sys.path)
 import jax  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from configs import base  # noqa: E402
-from m6_jax.data import pipeline, sources, synthetic  # noqa: E402
+from m6_jax.data import pipeline, prepare, synthetic  # noqa: E402
 from m6_jax.data import tokenizer as tokenizer_lib  # noqa: E402
-from m6_jax.data.tasks import TASK_NAMES  # noqa: E402
-from m6_jax.model.m6 import M6, M6Config  # noqa: E402
-from m6_jax.parallel import partitioning  # noqa: E402
-from m6_jax.train import optim  # noqa: E402
-from m6_jax.train import state as state_lib
-from m6_jax.train import step as step_lib
 
 
 def pipeline_rate(config, tokenizer, batches: int) -> float:
@@ -54,7 +49,7 @@ def make_jpeg_dataset(root: str, count: int) -> tuple[str, str]:
       Image.fromarray(example["image"]).save(os.path.join(images, f"{i}.jpg"), quality=90)
       f.write(json.dumps({"image": f"images/{i}.jpg", "caption": example["caption_en"]}) + "\n")
   data_dir = os.path.join(root, "tfds")
-  sources.prepare_data(
+  prepare.prepare_data(
     "image_folder_jsonl",
     os.path.join(root, "captions.jsonl"),
     data_dir,
@@ -65,35 +60,16 @@ def make_jpeg_dataset(root: str, count: int) -> tuple[str, str]:
 
 
 def train_step_rate(config, steps: int) -> float:
-  mesh = partitioning.make_mesh(config)
-  rules = partitioning.logical_rules(config)
-  model = M6(M6Config.from_config(config))
-  tx = optim.make_optimizer(config.train)
-  state, shardings = state_lib.create_sharded_state(model, tx, mesh, rules, seed=0)
-  tests_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
-  sys.path.insert(0, tests_dir)
-  from conftest import make_random_batch  # a valid batch with the feature contract
+  step, state, batch, mesh_context = common.jax_train_step(config)
+  holder = {"state": state}
 
-  batch = make_random_batch(config.data.batch_size, config)
-  batch_sh = partitioning.batch_shardings(batch, mesh, rules)
-  step = step_lib.jit_train_step(
-    step_lib.make_train_step(
-      model, tx, optim.learning_rate_schedule(config.train), config.train, len(TASK_NAMES)
-    ),
-    shardings,
-    batch_sh,
-    partitioning.replicated(mesh),
-  )
-  with partitioning.mesh_context(mesh, rules):
-    device_batch = partitioning.host_batch_to_global(batch, batch_sh)
-    for _ in range(3):  # compile and warm up
-      state, metrics = step(state, device_batch)
+  def run():
+    holder["state"], metrics = step(holder["state"], batch)
     jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for _ in range(steps):
-      state, metrics = step(state, device_batch)
-    jax.block_until_ready(metrics)
-  return steps * config.data.batch_size / (time.perf_counter() - start)
+
+  with mesh_context:
+    times = common.time_calls(run, steps, warmup=3)
+  return config.data.batch_size / common.summarize(times)["median_s"]
 
 
 def main() -> None:

@@ -1,0 +1,193 @@
+"""Train-step speed: our jitted step vs the machine's measured matmul peak and vs PyTorch.
+
+  python benchmarks/train_step.py [--sizes=base,medium] [--reps=5] [--no-torch]
+      [--no-torch-compile] [--json=benchmarks/results/train_step.json]
+
+For each model size: steady-state step time (after compilation; median and spread of
+`--reps` steps), tokens/s, model FLOPs per step (analytic count, and XLA's cost_analysis of
+the compiled step as a cross-check), and MFU against a float32 matmul peak measured in the
+same run on the same device. The PyTorch reference (benchmarks/torch_reference.py: the same
+layers, sizes, batch, AdamW and clipping) runs in the same process on the same CPU threads,
+in float32, eager and (where it works) torch.compile; the table gives our step time divided
+by the reference's (< 1: we are faster). PyTorch is optional: `pip install -r
+requirements-bench.txt`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402  (puts the repository on sys.path)
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import base  # noqa: E402
+from m6_jax.model.m6 import M6Config  # noqa: E402
+
+
+def medium_config():
+  """About 30M parameters at sequence length 256 (64 patches + 96 source + 96 target)."""
+  c = base.get_config()
+  c.model.vocab_size = 8192
+  c.model.d_model = 512
+  c.model.num_layers = 8
+  c.model.num_heads = 8
+  c.model.head_dim = 64
+  c.model.mlp_dim = 2048
+  c.data.image_size = 128
+  c.data.src_len = 96
+  c.data.tgt_len = 96
+  c.data.batch_size = 8
+  return c
+
+
+SIZES = {"base": base.get_config, "medium": medium_config}
+
+
+def model_flops_per_step(c: M6Config, batch: int) -> float:
+  """Matmul FLOPs of one train step (forward x 3: backward costs two forwards)."""
+  inner = c.num_heads * c.head_dim
+  seq = c.seq_len
+  per_token_layer = 2 * (3 * c.d_model * inner + inner * c.d_model + 2 * c.d_model * c.mlp_dim)
+  attention_per_token_layer = 2 * 2 * seq * inner  # scores and weighted sum, full mask
+  forward = batch * (
+    seq * c.num_layers * (per_token_layer + attention_per_token_layer)
+    + c.num_patches * 2 * (c.patch_size**2 * 3) * c.d_model  # patch projection
+    + c.tgt_len * 2 * c.d_model * c.vocab_size  # LM head on the target positions
+  )
+  return 3.0 * forward
+
+
+def measured_peak_flops(n: int = 2048, reps: int = 5) -> float:
+  """float32 matmul FLOP/s of this device, measured now (the MFU denominator)."""
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+  matmul = jax.jit(lambda x, y: x @ y)
+  times = common.time_calls(lambda: matmul(a, a).block_until_ready(), reps)
+  return 2 * n**3 / min(times)
+
+
+def bench_jax(config, reps: int) -> dict:
+  step, state, batch, mesh_context = common.jax_train_step(config)
+  holder = {"state": state}
+  with mesh_context:
+    compiled = step.lower(state, batch).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+
+    def run():
+      holder["state"], metrics = step(holder["state"], batch)
+      jax.block_until_ready(metrics)
+
+    times = common.time_calls(run, reps)
+  return dict(common.summarize(times), xla_flops=float(cost.get("flops", float("nan"))))
+
+
+def bench_torch(config, reps: int, compile_model: bool) -> dict:
+  import torch
+  from torch_reference import TorchM6, make_train_step
+
+  torch.manual_seed(0)
+  torch.set_num_threads(os.cpu_count() or 1)
+  model = TorchM6(M6Config.from_config(config))
+  if compile_model:
+    model = torch.compile(model)
+  t = config.train
+  step = make_train_step(model, t.lr, t.weight_decay, t.grad_clip_norm)
+  batch = {
+    k: torch.from_numpy(np.asarray(v).astype(np.int64 if v.dtype.kind == "i" else np.float32))
+    for k, v in common.make_random_batch(config.data.batch_size, config).items()
+  }
+  times = common.time_calls(lambda: step(batch), reps)
+  return common.summarize(times)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--sizes", default="base,medium", help=f"from {sorted(SIZES)}")
+  parser.add_argument("--reps", type=int, default=5, help="timed steps per measurement")
+  parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+  parser.add_argument("--no-torch-compile", action="store_true", help="skip torch.compile")
+  parser.add_argument(
+    "--json", default=os.path.join(os.path.dirname(__file__), "results", "train_step.json")
+  )
+  args = parser.parse_args()
+
+  peak = measured_peak_flops()
+  device = jax.devices()[0]
+  threads = os.cpu_count()
+  print(
+    f"device: {device.device_kind} x{jax.device_count()}, {threads} CPU threads for both "
+    f"frameworks, float32; measured matmul peak {peak / 1e9:.1f} GFLOP/s"
+  )
+  results = {"device": str(device.device_kind), "threads": threads, "peak_flops": peak, "sizes": {}}
+  header = (
+    f"{'size':<8} {'params':>8} {'seq':>5} {'batch':>5} {'step ms':>9} {'spread':>7} "
+    f"{'tokens/s':>9} {'GFLOP/step':>10} {'XLA/ours':>8} {'MFU':>6} "
+    f"{'torch ms':>9} {'ratio':>6} {'compiled ms':>11} {'ratio':>6}"
+  )
+  rows = []
+  for name in args.sizes.split(","):
+    config = SIZES[name]()
+    c = M6Config.from_config(config)
+    batch = config.data.batch_size
+    flops = model_flops_per_step(c, batch)
+    ours = bench_jax(config, args.reps)
+    row = {"jax": ours, "model_flops": flops, "seq_len": c.seq_len, "batch": batch}
+    row["params"] = _num_params(config)
+    row["tokens_per_sec"] = batch * c.seq_len / ours["median_s"]
+    row["mfu"] = flops / ours["median_s"] / peak
+    if not args.no_torch:
+      row["torch_eager"] = bench_torch(config, args.reps, compile_model=False)
+      row["ratio_to_torch_eager"] = ours["median_s"] / row["torch_eager"]["median_s"]
+      if not args.no_torch_compile:
+        try:
+          row["torch_compile"] = bench_torch(config, args.reps, compile_model=True)
+          row["ratio_to_torch_compile"] = ours["median_s"] / row["torch_compile"]["median_s"]
+        except Exception as e:  # a missing compiler toolchain must not lose the other figures
+          row["torch_compile"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    results["sizes"][name] = row
+    rows.append((name, row))
+
+  print(header)
+  for name, row in rows:
+    te = row.get("torch_eager", {}).get("median_s")
+    tc = row.get("torch_compile", {}).get("median_s")
+    print(
+      f"{name:<8} {row['params'] / 1e6:>7.1f}M {row['seq_len']:>5} {row['batch']:>5} "
+      f"{row['jax']['median_s'] * 1e3:>9.1f} {row['jax']['spread']:>6.0%} "
+      f"{row['tokens_per_sec']:>9.0f} {row['model_flops'] / 1e9:>10.2f} "
+      f"{row['jax']['xla_flops'] / row['model_flops']:>8.2f} {row['mfu']:>6.1%} "
+      + (f"{te * 1e3:>9.1f} {row['ratio_to_torch_eager']:>6.2f} " if te else f"{'-':>9} {'-':>6} ")
+      + (
+        f"{tc * 1e3:>11.1f} {row['ratio_to_torch_compile']:>6.2f}" if tc else f"{'-':>11} {'-':>6}"
+      )
+    )
+    if "error" in row.get("torch_compile", {}):
+      print(f"  torch.compile failed: {row['torch_compile']['error']}")
+  print(
+    "ratio = our step time / reference step time (< 1: ours is faster); MFU = analytic "
+    "model FLOPs / step time / measured matmul peak; XLA/ours = cost_analysis FLOPs / "
+    "analytic FLOPs"
+  )
+  os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+  with open(args.json, "w") as f:
+    json.dump(results, f, indent=2)
+  print(f"wrote {args.json}")
+
+
+def _num_params(config) -> int:
+  from m6_jax.model.m6 import M6, dummy_batch
+
+  c = M6Config.from_config(config)
+  shapes = jax.eval_shape(M6(c).init, jax.random.PRNGKey(0), dummy_batch(c))
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+
+
+if __name__ == "__main__":
+  main()
