@@ -14,10 +14,11 @@ from typing import Any
 
 import ml_collections
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
 SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
 IMAGE_STEMS = ("linear", "resnet")
 DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
 class ConfigError(ValueError):
@@ -27,11 +28,19 @@ class ConfigError(ValueError):
 def default_logical_axis_rules() -> tuple[tuple[str, Any], ...]:
   """Logical axis name -> mesh axes. Changing the parallelism is editing this table.
 
-  Batch is split over data and fsdp; parameters are sharded ZeRO-3 style over fsdp along
-  their embed dimension and Megatron style over tensor along heads / mlp / vocab.
+  Batch is split over data and fsdp (and expert: outside the MoE layers the expert axis is
+  one more data-parallel axis); parameters are sharded ZeRO-3 style over fsdp along their
+  embed dimension and Megatron style over tensor along heads / mlp / vocab; MoE experts over
+  expert. Flax gives a mesh axis to the first rule that claims it, so ('expert', 'expert')
+  comes before 'batch', and the second 'batch' rule is the fallback the expert buffers
+  [expert, batch, capacity, embed] use (see m6_jax/model/moe.py). Stacked (scanned) layers
+  keep their `layers` axis whole.
   """
   return (
+    ("expert", "expert"),
+    ("batch", ("data", "fsdp", "expert")),
     ("batch", ("data", "fsdp")),
+    ("layers", None),
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("kv", None),
@@ -48,6 +57,9 @@ def default_config() -> ml_collections.ConfigDict:
   """All known keys with their defaults (a small model that runs on a laptop CPU)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # Fine-tuning: a workdir or checkpoint directory whose latest step's parameters initialise
+  # the model (fresh optimizer and step 0); ignored when the workdir already has a checkpoint.
+  c.init_from = ""
 
   c.model = ml_collections.ConfigDict()
   c.model.vocab_size = 1024  # embedding rows; >= the tokenizer's piece count
@@ -63,6 +75,20 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.tie_embeddings = True
   c.model.dtype = "float32"  # compute dtype; parameters stay float32
   c.model.layer_norm_epsilon = 1e-6
+  # Sparse Mixture-of-Experts feed-forward (M6-100B, M6-T); see m6_jax/model/moe.py.
+  c.model.moe_num_experts = 0  # 0: dense; E experts in every `moe_every`-th layer
+  c.model.moe_num_groups = 1  # M6-T expert prototypes; 1 = plain top-k routing
+  c.model.moe_top_k = 1  # experts per token within each prototype
+  c.model.moe_capacity_factor = 1.25  # expert capacity slack in training
+  c.model.moe_eval_capacity_factor = 2.0  # ... when deterministic (eval, decoding)
+  c.model.moe_every = 1  # layers i with (i + 1) % moe_every == 0 are MoE (1: all of them)
+  c.model.moe_aux_loss_weight = 0.01  # load-balance loss weight in the objective
+  c.model.moe_z_loss_weight = 0.001  # router z-loss weight in the objective
+  # Layer stack: nn.scan over layers (one compiled layer; params get a leading `layers` axis)
+  # and rematerialisation: none, full (save nothing), dots_saveable (save matmul outputs),
+  # dots_with_no_batch_dims_saveable (save weight matmuls only).
+  c.model.scan_layers = False
+  c.model.remat_policy = "none"
 
   c.data = ml_collections.ConfigDict()
   c.data.batch_size = 32  # global batch, split over processes and the (data, fsdp) axes
@@ -103,11 +129,17 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 200
   c.train.keep_checkpoints = 3
   c.train.max_nan_steps = 0  # consecutive non-finite losses tolerated before stopping
+  # Periodic evaluation on the validation split (m6_jax/evaluation/evaluate.py) and keeping
+  # the best checkpoint by `eval_metric` in <workdir>/best (the last N stay in checkpoints/).
+  c.train.eval_every = 0  # 0: no evaluation during training
+  c.train.eval_metric = "vqa_accuracy"  # e.g. vqa_accuracy, cider, bleu4 (max); *_loss (min)
+  c.train.eval_examples = 64  # validation scenes decoded per evaluation (0: num_eval_examples)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by the other axes
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  c.mesh.expert = 1  # MoE experts are split over this axis; the batch is split over it too
   c.mesh.logical_axis_rules = default_logical_axis_rules()
   return c
 
@@ -153,8 +185,8 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str,
   if fixed > num_devices:
     raise ConfigError(
       f"Mesh {' x '.join(f'{a}={s}' for a, s in sizes.items())} needs {fixed} devices but "
-      f"only {num_devices} are available; shrink mesh.data / mesh.fsdp / mesh.tensor so their "
-      f"product is at most {num_devices}."
+      f"only {num_devices} are available; shrink mesh.data / mesh.fsdp / mesh.tensor / "
+      f"mesh.expert so their product is at most {num_devices}."
     )
   if unknown:
     if num_devices % fixed:
@@ -169,6 +201,74 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str,
 def _require(cond: bool, message: str) -> None:
   if not cond:
     raise ConfigError(message)
+
+
+def batch_mesh_axes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The mesh axes the batch dimension is split over (its first logical rule)."""
+  for name, axes in config.mesh.logical_axis_rules:
+    if name == "batch":
+      if axes is None:
+        return ()
+      axes = (axes,) if isinstance(axes, str) else tuple(axes)
+      return tuple(a for a in axes if a in MESH_AXES)
+  return ()
+
+
+def moe_layer_indices(model: ml_collections.ConfigDict) -> list[int]:
+  """Indices of the MoE layers: every `moe_every`-th layer (none for a dense model)."""
+  if model.moe_num_experts <= 0:
+    return []
+  return [i for i in range(model.num_layers) if (i + 1) % model.moe_every == 0]
+
+
+def _validate_moe_and_stack(config: ml_collections.ConfigDict, sizes: dict[str, int]) -> None:
+  m = config.model
+  _require(
+    m.remat_policy in REMAT_POLICIES,
+    f"model.remat_policy='{m.remat_policy}' is not one of {REMAT_POLICIES}.",
+  )
+  e = m.moe_num_experts
+  _require(e >= 0, f"model.moe_num_experts={e} must be >= 0 (0 = dense feed-forward).")
+  if e == 0:
+    return
+  _require(
+    m.moe_num_groups >= 1 and m.moe_top_k >= 1,
+    f"model.moe_num_groups={m.moe_num_groups} and model.moe_top_k={m.moe_top_k} must be >= 1.",
+  )
+  _require(
+    e % m.moe_num_groups == 0,
+    f"model.moe_num_experts={e} is not divisible by model.moe_num_groups={m.moe_num_groups}; "
+    "expert prototyping splits the experts into equal groups, pick a divisor.",
+  )
+  _require(
+    m.moe_top_k <= e // m.moe_num_groups,
+    f"model.moe_top_k={m.moe_top_k} exceeds the {e // m.moe_num_groups} experts of a group "
+    f"(model.moe_num_experts / model.moe_num_groups); lower model.moe_top_k.",
+  )
+  _require(
+    e % sizes["expert"] == 0,
+    f"model.moe_num_experts={e} is not divisible by mesh.expert={sizes['expert']}; use an "
+    "expert-parallel size that divides the number of experts.",
+  )
+  _require(
+    m.moe_capacity_factor > 0 and m.moe_eval_capacity_factor > 0,
+    f"model.moe_capacity_factor={m.moe_capacity_factor} and model.moe_eval_capacity_factor="
+    f"{m.moe_eval_capacity_factor} must be positive.",
+  )
+  _require(
+    1 <= m.moe_every <= m.num_layers,
+    f"model.moe_every={m.moe_every} must be in [1, model.num_layers={m.num_layers}].",
+  )
+  _require(
+    m.moe_aux_loss_weight >= 0 and m.moe_z_loss_weight >= 0,
+    "model.moe_aux_loss_weight and model.moe_z_loss_weight must be >= 0.",
+  )
+  if m.scan_layers:
+    _require(
+      m.num_layers % m.moe_every == 0,
+      f"model.scan_layers scans groups of model.moe_every={m.moe_every} layers (the last one "
+      f"MoE), so model.num_layers={m.num_layers} must be a multiple of it.",
+    )
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int, process_count: int = 1) -> None:
@@ -214,10 +314,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     f"model.d_model={m.d_model} is not divisible by mesh.fsdp={sizes['fsdp']}.",
   )
 
-  batch_shards = sizes["data"] * sizes["fsdp"]
+  _validate_moe_and_stack(config, sizes)
+
+  axes = batch_mesh_axes(config)
+  batch_shards = math.prod(sizes[a] for a in axes)
+  names = "*".join(f"mesh.{a}" for a in axes) or "1"
   _require(
     d.batch_size % (batch_shards * process_count) == 0,
-    f"data.batch_size={d.batch_size} is not divisible by mesh.data*mesh.fsdp={batch_shards}"
+    f"data.batch_size={d.batch_size} is not divisible by {names}={batch_shards}"
     f" (x {process_count} processes); use a multiple of {batch_shards * process_count}.",
   )
   _require(t.grad_accum_steps >= 1, f"train.grad_accum_steps={t.grad_accum_steps} must be >= 1.")
@@ -233,6 +337,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     "--config.data.task_weights.image_to_text=1.0.",
   )
   _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0.")
+  _require(
+    t.eval_every >= 0 and t.eval_examples >= 0,
+    f"train.eval_every={t.eval_every} and train.eval_examples={t.eval_examples} must be >= 0.",
+  )
   _require(
     t.log_every > 0 and t.checkpoint_every > 0 and t.keep_checkpoints > 0,
     "train.log_every, train.checkpoint_every and train.keep_checkpoints must be positive.",

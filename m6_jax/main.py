@@ -9,6 +9,13 @@ Flags:
                prepare_data: convert user data (image folder + JSONL, or MUGE TSV) into a
                TFDS array_record dataset under --data_dir/--name (needs the prepare_data
                flags below, no config).
+               generate: caption --image(s), answer --question about them, or continue a
+               --prompt, from the latest (or --checkpoint_step, or --best) checkpoint of
+               --workdir; greedy, beam or sampling (--decoding); prints and appends JSONL.
+               eval: loss/accuracy per task and BLEU-4 / CIDEr / VQA accuracy on the
+               validation split; writes <workdir>/eval_metrics.json(l) and TensorBoard
+               (--baselines adds the untrained and most-frequent baselines).
+               generate and eval use the checkpoint's config unless --config is given.
 
 Every user mistake (bad flag, unknown config key, impossible mesh, missing file) ends with one
 `error: ...` line on stderr and exit status 2, not a traceback.
@@ -29,7 +36,59 @@ _CONFIG = config_flags.DEFINE_config_file(
   lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "prepare_data"], "What to run.")
+_MODE = flags.DEFINE_enum(
+  "mode", "train", ["train", "prepare_data", "generate", "eval", "params", "aot"], "What to run."
+)
+# --mode=aot (and --mode=params, which needs no flag of its own)
+_TOPOLOGY = flags.DEFINE_string(
+  "topology", None, "aot: TPU topology, e.g. v5p:4x4x4 (default: the config file's TOPOLOGY)."
+)
+_AOT_OUTPUT = flags.DEFINE_string(
+  "aot_output", None, "aot: where to write the JSON report (default: --workdir/aot.json or none)."
+)
+
+# --mode=generate and --mode=eval (both read a checkpoint of --workdir)
+_CHECKPOINT_STEP = flags.DEFINE_integer(
+  "checkpoint_step", None, "generate/eval: the checkpoint step to load (default: the latest)."
+)
+_BEST = flags.DEFINE_bool(
+  "best", False, "generate/eval: load the best checkpoint kept in <workdir>/best instead."
+)
+_IMAGE = flags.DEFINE_multi_string(
+  "image", [], "generate: image file(s) to caption, or to ask --question about (repeatable)."
+)
+_QUESTION = flags.DEFINE_multi_string(
+  "question", [], "generate: a question about the --image(s) (one for all, or one per image)."
+)
+_PROMPT = flags.DEFINE_string("prompt", None, "generate: text whose continuation is generated.")
+_DECODING = flags.DEFINE_enum(
+  "decoding", "greedy", ["greedy", "beam", "sample"], "generate: the decoding method."
+)
+_MAX_LEN = flags.DEFINE_integer(
+  "max_len", 0, "generate: most tokens to generate, EOS included (0: the config's tgt_len)."
+)
+_BEAM_SIZE = flags.DEFINE_integer("beam_size", 4, "generate: beams for --decoding=beam.")
+_LENGTH_PENALTY = flags.DEFINE_float(
+  "length_penalty", 0.6, "generate: GNMT length penalty alpha for --decoding=beam."
+)
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "generate: --decoding=sample temperature.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "generate: --decoding=sample top-k (0: off).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "generate: --decoding=sample nucleus top-p (1: off).")
+_SEED = flags.DEFINE_integer("seed", 0, "generate: --decoding=sample PRNG seed.")
+_OUTPUT = flags.DEFINE_string(
+  "output",
+  None,
+  "generate: JSONL file the outputs are appended to (default: <workdir>/generate.jsonl).",
+)
+_NUM_EVAL_EXAMPLES = flags.DEFINE_integer(
+  "num_eval_examples", 0, "eval: validation scenes to decode (0: the config's num_eval_examples)."
+)
+_BASELINES = flags.DEFINE_bool(
+  "baselines",
+  False,
+  "eval: also score the untrained model and the most-frequent answer / caption baseline and "
+  "print the comparison table.",
+)
 
 # --mode=prepare_data
 _INPUT_FORMAT = flags.DEFINE_enum(
@@ -153,11 +212,11 @@ def run_train() -> None:
 
 
 def run_prepare_data() -> None:
-  from m6_jax.data import sources
+  from m6_jax.data import prepare
 
   if not _INPUT_PATH.value or not _NAME.value:
     _fail("--mode=prepare_data needs --input_path and --name (and usually --data_dir).")
-  sources.prepare_data(
+  prepare.prepare_data(
     _INPUT_FORMAT.value,
     _INPUT_PATH.value,
     _DATA_DIR.value,
@@ -171,7 +230,120 @@ def run_prepare_data() -> None:
   )
 
 
-MODES = {"train": run_train, "prepare_data": run_prepare_data}
+def _optional_config():
+  """--config for generate/eval: optional (default: the checkpoint's own config)."""
+  if not _WORKDIR.value:
+    _fail(f"--mode={_MODE.value} needs --workdir (a trained workdir).")
+  try:
+    config = _CONFIG.value
+    if config is not None:
+      config.to_dict()
+  except _CONFIG_ERRORS as e:
+    _fail(f"bad config ({_config_args(sys.argv)}): {_one_line(e)}")
+  return config
+
+
+def run_generate() -> None:
+  import os
+
+  from m6_jax.infer import generate
+
+  config = _optional_config()
+  prompt = _PROMPT.value if _PROMPT.present else None
+  if prompt is not None and not prompt.strip():
+    _fail("the prompt is empty; pass some text with --prompt.")
+  for path in _IMAGE.value:  # a bad image fails before the checkpoint is read
+    generate.read_image(path, 8)
+  model = generate.load_model(_WORKDIR.value, _CHECKPOINT_STEP.value, config, best=_BEST.value)
+  rows = generate.generate(
+    model,
+    images=_IMAGE.value,
+    questions=_QUESTION.value,
+    prompt=prompt,
+    decoding_method=_DECODING.value,
+    max_len=_MAX_LEN.value,
+    beam_size=_BEAM_SIZE.value,
+    length_penalty=_LENGTH_PENALTY.value,
+    temperature=_TEMPERATURE.value,
+    top_k=_TOP_K.value,
+    top_p=_TOP_P.value,
+    seed=_SEED.value,
+  )
+  output = _OUTPUT.value or os.path.join(_WORKDIR.value, "generate.jsonl")
+  for row in rows:
+    inputs = " | ".join(str(row[k]) for k in ("image", "question", "prompt") if k in row)
+    print(f"{inputs} -> {row['output']}")
+    row["step"] = model.step
+  generate.write_jsonl(rows, output)
+  print(f"wrote {len(rows)} row(s) to {output}")
+
+
+def run_eval() -> None:
+  from m6_jax.evaluation import evaluate
+
+  evaluate.run_eval(
+    _WORKDIR.value,
+    _CHECKPOINT_STEP.value,
+    config=_optional_config(),
+    best=_BEST.value,
+    num_examples=_NUM_EVAL_EXAMPLES.value,
+    with_baselines=_BASELINES.value,
+  )
+
+
+def _config_module():
+  """The loaded --config file as a module (for PUBLISHED_PARAMS / TOPOLOGY), or None."""
+  import importlib.util
+
+  path = config_flags.get_config_filename(flags.FLAGS["config"]).split(":")[0]
+  spec = importlib.util.spec_from_file_location("_m6_config_file", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _config_only():
+  try:
+    config = _CONFIG.value
+    if config is not None:
+      config.to_dict()
+  except _CONFIG_ERRORS as e:
+    _fail(f"bad config ({_config_args(sys.argv)}): {_one_line(e)}")
+  if config is None:
+    _fail(f"--mode={_MODE.value} needs --config, e.g. --config=configs/m6_10b.py")
+  return config
+
+
+def run_params() -> None:
+  from m6_jax.model import param_count
+
+  config = _config_only()
+  published = getattr(_config_module(), "PUBLISHED_PARAMS", None)
+  text, _ = param_count.report(config, published)
+  print(text)
+
+
+def run_aot() -> None:
+  from m6_jax import aot
+
+  config = _config_only()
+  topology = _TOPOLOGY.value or getattr(_config_module(), "TOPOLOGY", None)
+  if not topology:
+    _fail("--mode=aot needs --topology, e.g. --topology=v5p:4x4x4")
+  output = _AOT_OUTPUT.value
+  if output is None and _WORKDIR.value:
+    output = f"{_WORKDIR.value}/aot.json"
+  aot.run(config, topology, output)
+
+
+MODES = {
+  "params": run_params,
+  "aot": run_aot,
+  "train": run_train,
+  "prepare_data": run_prepare_data,
+  "generate": run_generate,
+  "eval": run_eval,
+}
 
 
 def main(argv: list[str]) -> None:
@@ -179,15 +351,20 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   # Imported here so that `--help` and flag errors are instant and don't start JAX.
   from m6_jax import config as config_lib
-  from m6_jax.data import sources
-  from m6_jax.train import loop
+  from m6_jax.data import prepare
+  from m6_jax.evaluation import evaluate
+  from m6_jax.infer import generate
+  from m6_jax.train import checkpointing, loop
 
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
   user_errors = (
     config_lib.ConfigError,
     loop.TrainingError,
-    sources.DataPreparationError,
+    prepare.DataPreparationError,
+    checkpointing.CheckpointError,
+    generate.GenerationError,
+    evaluate.EvaluationError,
     FileNotFoundError,
   )
   try:

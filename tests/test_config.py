@@ -23,7 +23,7 @@ def test_default_and_base_configs_are_valid():
 def test_mesh_minus_one_fills_the_devices():
   c = default_config()
   c.mesh.tensor = 2
-  assert mesh_shape(c, 8) == {"data": 4, "fsdp": 1, "tensor": 2}
+  assert mesh_shape(c, 8) == {"data": 4, "fsdp": 1, "tensor": 2, "expert": 1}
 
 
 @pytest.mark.parametrize(

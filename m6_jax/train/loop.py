@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
 import time
 from typing import Any, Callable
@@ -84,6 +85,9 @@ def summarize(sums: dict[str, np.ndarray]) -> dict[str, float]:
   for i, name in enumerate(TASK_NAMES):
     if sums["task_weight_sum"][i] > 0:
       out[f"{name}_loss"] = float(sums["task_loss_sum"][i] / sums["task_weight_sum"][i])
+  for k in _MEAN_METRICS:  # MoE models only: averaged over the interval's steps
+    if k in sums:
+      out[k] = float(sums[k] / max(sums["steps"], 1))
   return out
 
 
@@ -96,17 +100,85 @@ _SUMMED_METRICS = (
   "task_weight_sum",
   "grad_norm",
 )
+# Per-step means reported when the step returns them (MoE aux losses and drop rate).
+_MEAN_METRICS = ("moe_load_balance_loss", "moe_router_z_loss", "moe_dropped_fraction")
 
 
 def _accumulate(sums: dict | None, metrics: dict) -> dict:
+  keys = _SUMMED_METRICS + tuple(k for k in _MEAN_METRICS if k in metrics)
   if sums is None:
-    sums = {k: np.zeros_like(np.asarray(metrics[k], np.float64)) for k in _SUMMED_METRICS}
+    sums = {k: np.zeros_like(np.asarray(metrics[k], np.float64)) for k in keys}
     sums["steps"] = 0
-  for k in _SUMMED_METRICS:
+  for k in keys:
     sums[k] = sums[k] + np.asarray(metrics[k], np.float64)
   sums["steps"] += 1
   sums["learning_rate"] = float(metrics["learning_rate"])
   return sums
+
+
+def _copy_tokenizer(init_from: str, workdir: str) -> None:
+  """A fine-tuning run uses the tokenizer its initial checkpoint was trained with."""
+  target = os.path.join(workdir, "tokenizer", "spm.model")
+  if os.path.exists(target):
+    return
+  path = os.path.abspath(init_from)
+  for root in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
+    source = os.path.join(root, "tokenizer", "spm.model")
+    if os.path.exists(source):
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      shutil.copyfile(source, target)
+      logging.info("Using the tokenizer of %s", root)
+      return
+  logging.warning("No tokenizer/spm.model next to %s; training a new one.", init_from)
+
+
+def _init_params_from(state: Any, shardings: Any, init_from: str) -> Any:
+  """The state with its parameters from the latest checkpoint of `init_from` (fine-tuning:
+  the optimizer state and step stay fresh)."""
+  params, step, _ = checkpointing.load_params(init_from)
+  checkpointing.check_param_shapes(state.params, params, f"{init_from} (step {step})")
+  params = jax.tree.map(
+    lambda x, p, s: jax.device_put(x.astype(p.dtype), s), params, state.params, shardings.params
+  )
+  logging.info("Initialised the parameters from %s (step %d)", init_from, step)
+  return state.replace(params=params)
+
+
+class _Evaluator:
+  """Periodic evaluation (train.eval_every) that keeps the best checkpoint in <workdir>/best."""
+
+  def __init__(self, config, workdir, model, tokenizer):
+    from m6_jax.evaluation import evaluate
+    from m6_jax.infer import generate
+
+    self.config, self.workdir, self.evaluate, self.generate = config, workdir, evaluate, generate
+    self.model, self.tokenizer = model, tokenizer
+    metric = config.train.eval_metric
+    self.metric = metric
+    mode = "min" if metric.endswith("loss") else "max"
+    self.manager = checkpointing.make_best_manager(workdir, metric, mode)
+    self.writer = metrics_writer.MetricsWriter(workdir, enabled=jax.process_index() == 0)
+
+  def __call__(self, step: int, state: Any) -> dict[str, float]:
+    params = jax.device_get(state.params)
+    loaded = self.generate.LoadedModel(self.config, self.model, params, self.tokenizer, step, "")
+    metrics = self.evaluate.evaluate(loaded, int(self.config.train.eval_examples))
+    if self.metric not in metrics:
+      raise config_lib.ConfigError(
+        f"train.eval_metric='{self.metric}' is not an eval metric; known: {sorted(metrics)}."
+      )
+    logging.info(
+      "eval step %d | %s %.4f | %s",
+      step,
+      self.metric,
+      metrics[self.metric],
+      " | ".join(
+        f"{k} {metrics[k]:.3f}" for k in ("loss", "vqa_accuracy", "cider") if k in metrics
+      ),
+    )
+    self.writer.write(step, {f"eval_{k}": v for k, v in metrics.items()})
+    checkpointing.save_best(self.manager, step, state, self.config, metrics)
+    return metrics
 
 
 def train(
@@ -127,6 +199,8 @@ def train(
   logging.info("Mesh: %s", dict(mesh.shape))
 
   # Tokenizer and data: each process reads its own slice of every global batch.
+  if config.get("init_from") and not config.data.tokenizer_path:
+    _copy_tokenizer(config.init_from, workdir)
   try:
     tokenizer = tokenizer_lib.get_or_train_tokenizer(
       workdir,
@@ -176,7 +250,10 @@ def train(
     state = checkpointing.restore(manager, abstract, data_iter)
     start_step = int(state.step)
     logging.info("Resumed from step %d in %s", start_step, workdir)
+  elif config.get("init_from"):
+    state = _init_params_from(state, state_shardings, config.init_from)
   checkpointing.write_config(workdir, config)
+  evaluator = _Evaluator(config, workdir, model, tokenizer) if t.eval_every else None
 
   writer = metrics_writer.MetricsWriter(workdir, enabled=jax.process_index() == 0)
   preemption = PreemptionFlag()
@@ -262,6 +339,8 @@ def train(
           finish_step(*pending)
           pending = None
           checkpointing.save(manager, step, state, data_iter, config)
+        if evaluator is not None and (step % t.eval_every == 0 or step == t.steps):
+          evaluator(step, state)
         if stop_now:
           logging.info("Stopping at step %d (state saved); rerun to resume.", step)
           break
