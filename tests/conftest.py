@@ -10,8 +10,32 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main_cli(*args: str, devices: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+  """`python -m m6_jax.main ARGS` from the repository root on `devices` CPU devices."""
+  flags = f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+  return subprocess.run(
+    [sys.executable, "-m", "m6_jax.main", *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+
+
+@pytest.fixture
+def run_main():
+  return run_main_cli
 
 
 def make_random_batch(batch_size: int, config, seed: int = 0) -> dict[str, np.ndarray]:

@@ -1,7 +1,6 @@
 """Bad configs fail before anything is built, with one line naming the key and the fix."""
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -60,18 +59,6 @@ def test_bad_config_raises_one_clear_error(mutate, pattern):
     validate(c, num_devices=8)
 
 
-def _run_main(*args):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  return subprocess.run(
-    [sys.executable, "-m", "m6_jax.main", *args],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-
-
 @pytest.mark.parametrize(
   "args, message",
   [
@@ -84,16 +71,16 @@ def _run_main(*args):
     (["--config.train.lr=abc"], "could not convert string to float"),
   ],
 )
-def test_cli_prints_one_error_line_and_exits_2(args, message, tmp_path):
-  proc = _run_main("--config=configs/base.py", f"--workdir={tmp_path}", *args)
+def test_cli_prints_one_error_line_and_exits_2(args, message, tmp_path, run_main):
+  proc = run_main("--config=configs/base.py", f"--workdir={tmp_path}", *args, devices=8)
   assert proc.returncode == 2, proc.stderr
   error_lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
   assert len(error_lines) == 1 and message in error_lines[0], proc.stderr
   assert "Traceback" not in proc.stderr
 
 
-def test_cli_missing_config_file(tmp_path):
-  proc = _run_main("--config=configs/no_such_file.py", f"--workdir={tmp_path}")
+def test_cli_missing_config_file(tmp_path, run_main):
+  proc = run_main("--config=configs/no_such_file.py", f"--workdir={tmp_path}", devices=8)
   assert proc.returncode == 2
   assert "No such file or directory: 'configs/no_such_file.py'" in proc.stderr
   assert "Traceback" not in proc.stderr

@@ -3,7 +3,6 @@
 import importlib
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -43,15 +42,8 @@ def test_params_report_prints_difference():
   assert out["difference_percent"] == pytest.approx(-2.43, abs=0.01)
 
 
-def test_params_mode_cli():
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run(
-    [sys.executable, "-m", "m6_jax.main", "--mode=params", "--config=configs/m6_10t.py"],
-    cwd=repo,
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
+def test_params_mode_cli(run_main):
+  out = run_main("--mode=params", "--config=configs/m6_10t.py", timeout=120)
   assert out.returncode == 0, out.stderr
   assert "published total: 10.000T; ours 10.056T (+0.56%)" in out.stdout
   assert "experts" in out.stdout and "router" in out.stdout

@@ -2,29 +2,13 @@
 
 import json
 import os
-import subprocess
-import sys
 
 from PIL import Image
 
 from m6_jax.data import synthetic
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def _main(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  return subprocess.run(
-    [sys.executable, "-m", "m6_jax.main", *args],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-
-
-def test_prepare_data_then_train(tmp_path):
+def test_prepare_data_then_train(tmp_path, run_main):
   (tmp_path / "images").mkdir()
   lines = []
   for i in range(24):
@@ -35,7 +19,7 @@ def test_prepare_data_then_train(tmp_path):
   (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps(l) for l in lines) + "\n")
 
   data_dir = tmp_path / "tfds"
-  prep = _main(
+  prep = run_main(
     "--mode=prepare_data",
     f"--input_path={tmp_path / 'captions.jsonl'}",
     f"--data_dir={data_dir}",
@@ -45,7 +29,7 @@ def test_prepare_data_then_train(tmp_path):
   assert "missing_image         1" in prep.stdout, prep.stdout
   assert os.path.isdir(data_dir / "caps" / "1.0.0")
 
-  train = _main(
+  train = run_main(
     f"--config=configs/caption_user_data.py:{data_dir / 'caps'},runlocal",
     f"--workdir={tmp_path / 'work'}",
     "--config.train.steps=4",
@@ -55,7 +39,7 @@ def test_prepare_data_then_train(tmp_path):
   # The tokenizer was trained on the dataset's own captions.
   assert "on the dataset's texts" in train.stderr
 
-  again = _main(
+  again = run_main(
     "--mode=prepare_data",
     f"--input_path={tmp_path / 'captions.jsonl'}",
     f"--data_dir={data_dir}",

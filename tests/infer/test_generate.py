@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -14,8 +12,6 @@ from m6_jax.config import default_config
 from m6_jax.data import synthetic
 from m6_jax.evaluation import evaluate
 from m6_jax.train import checkpointing, loop
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _config():
@@ -70,18 +66,6 @@ def image_path(tmp_path_factory):
   return path
 
 
-def _main(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  return subprocess.run(
-    [sys.executable, "-m", "m6_jax.main", *args],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
-
-
 def _assert_one_error_line(proc, *needles):
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
@@ -92,9 +76,9 @@ def _assert_one_error_line(proc, *needles):
   return errors[0]
 
 
-def test_generate_caption_vqa_and_prompt(workdir, image_path, tmp_path):
+def test_generate_caption_vqa_and_prompt(workdir, image_path, tmp_path, run_main):
   out = tmp_path / "out.jsonl"
-  proc = _main(
+  proc = run_main(
     "--mode=generate",
     f"--workdir={workdir}",
     f"--image={image_path}",
@@ -108,7 +92,7 @@ def test_generate_caption_vqa_and_prompt(workdir, image_path, tmp_path):
   assert rows[0]["output"] == rows[1]["output"]  # greedy: same image, same caption
   assert f"-> {rows[0]['output']}" in proc.stdout
 
-  proc = _main(
+  proc = run_main(
     "--mode=generate",
     f"--workdir={workdir}",
     f"--image={image_path}",
@@ -121,7 +105,7 @@ def test_generate_caption_vqa_and_prompt(workdir, image_path, tmp_path):
   row = json.loads(open(os.path.join(workdir, "generate.jsonl")).read().splitlines()[-1])
   assert row["task"] == "vqa" and row["question"] == "what color is the circle?"
 
-  proc = _main(
+  proc = run_main(
     "--mode=generate",
     f"--workdir={workdir}",
     "--prompt=a small red circle",
@@ -136,29 +120,29 @@ def test_generate_caption_vqa_and_prompt(workdir, image_path, tmp_path):
   assert row["task"] == "text_generation" and row["prompt"] == "a small red circle"
 
 
-def test_generate_errors_are_one_line(workdir, image_path, tmp_path):
+def test_generate_errors_are_one_line(workdir, image_path, tmp_path, run_main):
   corrupt = tmp_path / "corrupt.png"
   corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really an image")
   _assert_one_error_line(
-    _main("--mode=generate", f"--workdir={workdir}", f"--image={tmp_path / 'nope.png'}"),
+    run_main("--mode=generate", f"--workdir={workdir}", f"--image={tmp_path / 'nope.png'}"),
     "image file not found",
     "nope.png",
   )
   _assert_one_error_line(
-    _main("--mode=generate", f"--workdir={workdir}", f"--image={corrupt}"),
+    run_main("--mode=generate", f"--workdir={workdir}", f"--image={corrupt}"),
     "cannot read image",
     "corrupt.png",
   )
   _assert_one_error_line(
-    _main("--mode=generate", f"--workdir={workdir}", "--prompt= "), "prompt is empty"
+    run_main("--mode=generate", f"--workdir={workdir}", "--prompt= "), "prompt is empty"
   )
   _assert_one_error_line(
-    _main("--mode=generate", f"--workdir={tmp_path / 'empty'}", f"--image={image_path}"),
+    run_main("--mode=generate", f"--workdir={tmp_path / 'empty'}", f"--image={image_path}"),
     "no checkpoint in",
   )
   # Another config than the checkpoint's: the first mismatching parameter and both shapes.
   line = _assert_one_error_line(
-    _main(
+    run_main(
       "--mode=generate",
       f"--workdir={workdir}",
       f"--image={image_path}",
