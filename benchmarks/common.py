@@ -10,12 +10,9 @@ from typing import Any, Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "tests"))
 
 
-from conftest import make_random_batch  # noqa: E402  (a valid batch of the feature contract)
-
-from m6_jax.data.tasks import TASK_NAMES  # noqa: E402
+from m6_jax.data.tasks import TASK_NAMES, random_features_batch  # noqa: E402
 from m6_jax.model.m6 import M6, M6Config  # noqa: E402
 from m6_jax.parallel import partitioning  # noqa: E402
 from m6_jax.train import optim  # noqa: E402
@@ -30,7 +27,7 @@ def jax_train_step(config) -> tuple[Callable, Any, Any, Any]:
   model = M6(M6Config.from_config(config))
   tx = optim.make_optimizer(config.train)
   state, shardings = state_lib.create_sharded_state(model, tx, mesh, rules, seed=0)
-  batch = make_random_batch(config.data.batch_size, config)
+  batch = random_features_batch(config.data.batch_size, config)
   batch_sh = partitioning.batch_shardings(batch, mesh, rules)
   step = step_lib.jit_train_step(
     step_lib.make_train_step(

@@ -101,7 +101,7 @@ def bench_torch(config, reps: int, compile_model: bool) -> dict:
   step = make_train_step(model, t.lr, t.weight_decay, t.grad_clip_norm)
   batch = {
     k: torch.from_numpy(np.asarray(v).astype(np.int64 if v.dtype.kind == "i" else np.float32))
-    for k, v in common.make_random_batch(config.data.batch_size, config).items()
+    for k, v in common.random_features_batch(config.data.batch_size, config).items()
   }
   times = common.time_calls(lambda: step(batch), reps)
   return common.summarize(times)

@@ -10,11 +10,12 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import subprocess
-import sys
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
-import numpy as np
-import pytest
+import pytest  # noqa: E402
+
+from m6_jax.data.tasks import random_features_batch  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,38 +39,9 @@ def run_main():
   return run_main_cli
 
 
-def make_random_batch(batch_size: int, config, seed: int = 0) -> dict[str, np.ndarray]:
-  """A batch with the feature contract of m6_jax/data/tasks.py, random but valid: some
-  examples without an image, ragged source and target lengths, padding id 0."""
-  rng = np.random.default_rng(seed)
-  d, vocab = config.data, config.model.vocab_size
-  src_lens = rng.integers(0, d.src_len + 1, batch_size)
-  tgt_lens = rng.integers(1, d.tgt_len + 1, batch_size)
-  src = rng.integers(4, vocab, (batch_size, d.src_len))
-  tgt = rng.integers(4, vocab, (batch_size, d.tgt_len + 1))
-  pos_s, pos_t = np.arange(d.src_len)[None], np.arange(d.tgt_len)[None]
-  src = np.where(pos_s < src_lens[:, None], src, 0)
-  tgt_input = np.where(pos_t < tgt_lens[:, None], tgt[:, :-1], 0)
-  tgt_input[:, 0] = 2  # BOS
-  tgt_target = np.where(pos_t < tgt_lens[:, None], tgt[:, 1:], 0)
-  has_image = rng.integers(0, 2, batch_size)
-  # Text-only examples need some source text so that every example has a real prefix.
-  src[:, 0] = np.where(has_image == 0, rng.integers(4, vocab, batch_size), src[:, 0])
-  image = rng.random((batch_size, d.image_size, d.image_size, 3), dtype=np.float32)
-  return {
-    "image": image * has_image[:, None, None, None].astype(np.float32),
-    "has_image": has_image.astype(np.int32),
-    "src_tokens": src.astype(np.int32),
-    "tgt_input": tgt_input.astype(np.int32),
-    "tgt_target": tgt_target.astype(np.int32),
-    "tgt_weights": (pos_t < tgt_lens[:, None]).astype(np.float32),
-    "task_id": rng.integers(0, 4, batch_size).astype(np.int32),
-  }
-
-
 @pytest.fixture
 def random_batch():
-  return make_random_batch
+  return random_features_batch
 
 
 @pytest.fixture

@@ -317,3 +317,33 @@ TASKS: dict[str, TaskFn] = {
   "vqa": vqa,
 }
 assert tuple(TASKS) == TASK_NAMES
+
+
+def random_features_batch(batch_size: int, config, seed: int = 0) -> dict[str, np.ndarray]:
+  """A batch of this feature contract, random but valid (for tests, benchmarks and
+  compilation): some examples without an image, ragged source and target lengths, padding
+  id 0, BOS first. `config` is a full config (reads model.vocab_size and data.*)."""
+  rng = np.random.default_rng(seed)
+  d, vocab = config.data, config.model.vocab_size
+  src_lens = rng.integers(0, d.src_len + 1, batch_size)
+  tgt_lens = rng.integers(1, d.tgt_len + 1, batch_size)
+  src = rng.integers(4, vocab, (batch_size, d.src_len))
+  tgt = rng.integers(4, vocab, (batch_size, d.tgt_len + 1))
+  pos_s, pos_t = np.arange(d.src_len)[None], np.arange(d.tgt_len)[None]
+  src = np.where(pos_s < src_lens[:, None], src, 0)
+  tgt_input = np.where(pos_t < tgt_lens[:, None], tgt[:, :-1], 0)
+  tgt_input[:, 0] = 2  # BOS
+  tgt_target = np.where(pos_t < tgt_lens[:, None], tgt[:, 1:], 0)
+  has_image = rng.integers(0, 2, batch_size)
+  # Text-only examples need some source text so that every example has a real prefix.
+  src[:, 0] = np.where(has_image == 0, rng.integers(4, vocab, batch_size), src[:, 0])
+  image = rng.random((batch_size, d.image_size, d.image_size, 3), dtype=np.float32)
+  return {
+    "image": image * has_image[:, None, None, None].astype(np.float32),
+    "has_image": has_image.astype(np.int32),
+    "src_tokens": src.astype(np.int32),
+    "tgt_input": tgt_input.astype(np.int32),
+    "tgt_target": tgt_target.astype(np.int32),
+    "tgt_weights": (pos_t < tgt_lens[:, None]).astype(np.float32),
+    "task_id": rng.integers(0, 4, batch_size).astype(np.int32),
+  }
