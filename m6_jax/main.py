@@ -183,25 +183,26 @@ def parse_flags(argv: list[str]) -> list[str]:
     _fail(f"bad config ({_config_args(argv)}): {_one_line(e)}")
 
 
-def _load_config():
-  """The --config value; exits with one line if it is missing or failed to load."""
+def _load_config(required: bool = True, workdir_hint: str | None = None):
+  """The --config value (None when absent and not `required`); exits with one line if it
+  failed to load or is missing. `workdir_hint` makes --workdir required too."""
   try:
     config = _CONFIG.value
     if config is not None:
       config.to_dict()  # a config file that failed to load raises its error here
   except _CONFIG_ERRORS as e:
     _fail(f"bad config ({_config_args(sys.argv)}): {_one_line(e)}")
-  if config is None:
-    _fail("--config is required, e.g. --config=configs/base.py")
-  if not _WORKDIR.value:
-    _fail("--workdir is required, e.g. --workdir=/tmp/m6_base")
+  if config is None and required:
+    _fail(f"--mode={_MODE.value} needs --config, e.g. --config=configs/base.py")
+  if workdir_hint and not _WORKDIR.value:
+    _fail(f"--mode={_MODE.value} needs --workdir ({workdir_hint}).")
   return config
 
 
 def run_train() -> None:
   from m6_jax.train import loop
 
-  result = loop.train(_load_config(), _WORKDIR.value)
+  result = loop.train(_load_config(workdir_hint="e.g. --workdir=/tmp/m6_base"), _WORKDIR.value)
   first, last, key = result.first_metrics, result.last_metrics, "image_to_text_loss"
   if key in first and key in last:
     print(
@@ -230,25 +231,12 @@ def run_prepare_data() -> None:
   )
 
 
-def _optional_config():
-  """--config for generate/eval: optional (default: the checkpoint's own config)."""
-  if not _WORKDIR.value:
-    _fail(f"--mode={_MODE.value} needs --workdir (a trained workdir).")
-  try:
-    config = _CONFIG.value
-    if config is not None:
-      config.to_dict()
-  except _CONFIG_ERRORS as e:
-    _fail(f"bad config ({_config_args(sys.argv)}): {_one_line(e)}")
-  return config
-
-
 def run_generate() -> None:
   import os
 
   from m6_jax.infer import generate
 
-  config = _optional_config()
+  config = _load_config(required=False, workdir_hint="a trained workdir")
   prompt = _PROMPT.value if _PROMPT.present else None
   if prompt is not None and not prompt.strip():
     _fail("the prompt is empty; pass some text with --prompt.")
@@ -284,7 +272,7 @@ def run_eval() -> None:
   evaluate.run_eval(
     _WORKDIR.value,
     _CHECKPOINT_STEP.value,
-    config=_optional_config(),
+    config=_load_config(required=False, workdir_hint="a trained workdir"),
     best=_BEST.value,
     num_examples=_NUM_EVAL_EXAMPLES.value,
     with_baselines=_BASELINES.value,
@@ -302,22 +290,10 @@ def _config_module():
   return module
 
 
-def _config_only():
-  try:
-    config = _CONFIG.value
-    if config is not None:
-      config.to_dict()
-  except _CONFIG_ERRORS as e:
-    _fail(f"bad config ({_config_args(sys.argv)}): {_one_line(e)}")
-  if config is None:
-    _fail(f"--mode={_MODE.value} needs --config, e.g. --config=configs/m6_10b.py")
-  return config
-
-
 def run_params() -> None:
   from m6_jax.model import param_count
 
-  config = _config_only()
+  config = _load_config()
   published = getattr(_config_module(), "PUBLISHED_PARAMS", None)
   text, _ = param_count.report(config, published)
   print(text)
@@ -326,7 +302,7 @@ def run_params() -> None:
 def run_aot() -> None:
   from m6_jax import aot
 
-  config = _config_only()
+  config = _load_config()
   topology = _TOPOLOGY.value or getattr(_config_module(), "TOPOLOGY", None)
   if not topology:
     _fail("--mode=aot needs --topology, e.g. --topology=v5p:4x4x4")
