@@ -8,8 +8,9 @@
 any TPU being present; the train step (same model, optimizer, shardings and donation as
 `train/loop.py`) is lowered with abstract inputs and compiled by libtpu for that slice. We
 report per-chip memory (arguments, outputs, temporaries, total against the chip's HBM), the
-compiled FLOPs, an analytic MFU bound and the collectives in the compiled HLO, print them and
-write them as JSON.
+compiled FLOPs, the collectives in the compiled HLO with the bytes each chip sends in them
+(loop bodies counted once per iteration), and an MFU estimate from the model FLOPs, the HBM
+traffic and that communication; we print them and write them as JSON.
 
 Environment: JAX_PLATFORMS is forced to cpu (the TPU platform is only used through the
 topology), so that no TPU backend is initialised; TPU_WORKER_HOSTNAMES=localhost quiets
@@ -38,12 +39,13 @@ from m6_jax.train import optim
 from m6_jax.train import state as state_lib
 from m6_jax.train import step as step_lib
 
-# Per chip: HBM (GiB), peak bf16 TFLOP/s, HBM bandwidth (TB/s) (public Cloud TPU figures).
+# Per chip: HBM (GiB), peak bf16 TFLOP/s, HBM bandwidth (TB/s), inter-chip interconnect
+# bandwidth (GB/s; the published Gbps / 8) -- public Cloud TPU figures.
 CHIPS = {
-  "v4": (32, 275, 1.2),
-  "v5e": (16, 197, 0.82),
-  "v5p": (95, 459, 2.76),
-  "v6e": (32, 918, 1.64),
+  "v4": (32, 275, 1.2, 300),
+  "v5e": (16, 197, 0.82, 200),
+  "v5p": (95, 459, 2.76, 600),
+  "v6e": (32, 918, 1.64, 448),
 }
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 NUM_TASKS = 4
@@ -119,6 +121,135 @@ def count_collectives(hlo_text: str) -> dict[str, int]:
   return counts
 
 
+_DTYPE_BYTES = {
+  "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
+  "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
+}  # fmt: skip
+_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r"|f8\w*)\[([\d,]*)\]")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
+_COLLECTIVE = re.compile(
+  r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\("
+)
+_CALLEE = re.compile(r"\b(body|condition|to_apply|calls)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP_COUNT = re.compile(r'known_trip_count"?\s*:\s*\{\s*"?n"?\s*:\s*"?(\d+)')
+
+
+def _array_bytes(type_text: str) -> list[int]:
+  sizes = []
+  for dtype, dims in _ARRAY.findall(type_text):
+    n = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
+    sizes.append(n * _DTYPE_BYTES.get(dtype, 1))
+  return sizes
+
+
+def _group_size(line: str, num_devices: int) -> int:
+  mesh = re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", line)
+  if mesh:  # mesh['axis_0'=2,'axis_1'=4] {'axis_1'}: groups along the named mesh axes
+    sizes = {k: int(v) for k, v in re.findall(r"'(\w+)'=(\d+)", mesh.group(1))}
+    return int(np.prod([sizes[a] for a in re.findall(r"'(\w+)'", mesh.group(2))]))
+  iota = re.search(r"replica_groups=\[([\d,]+)\]<=", line)
+  if iota:  # [groups, size] (or [groups, a, b]: size a*b) over an iota of the devices
+    return int(np.prod([int(d) for d in iota.group(1).split(",")[1:]]))
+  explicit = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
+  if explicit:
+    return len(explicit.group(1).split(","))
+  return num_devices  # replica_groups={}: one group of every device
+
+
+def _per_chip_traffic(kind: str, start: bool, type_text: str, n: int) -> float:
+  """Bytes one chip sends for one collective (the usual ring/bucket algorithm costs)."""
+  arrays = _array_bytes(type_text)
+  if start and kind in ("all-gather", "collective-permute") and len(arrays) > 1:
+    arrays = arrays[len(arrays) // 2 :]  # async result tuple: (operands..., outputs...)
+  size = float(sum(arrays))
+  if n <= 1:
+    return 0.0
+  if kind == "all-reduce":
+    return 2.0 * size * (n - 1) / n  # reduce-scatter + all-gather
+  if kind == "reduce-scatter":
+    return size * (n - 1)  # the result is 1/n of the operand
+  if kind == "collective-permute":
+    return size
+  return size * (n - 1) / n  # all-gather (result), all-to-all
+
+
+def _while_trip_count(line: str, condition: list[str]) -> int:
+  """Iterations of a while loop: XLA's known_trip_count when it annotated one, else the
+  bound of the loop condition `counter < constant` (how scan and fori_loop lower, counting
+  from 0 in steps of 1); 1 when neither is found."""
+  known = _TRIP_COUNT.search(line)
+  if known:
+    return int(known.group(1))
+  if any("direction=LT" in c and "compare(" in c for c in condition):
+    bounds = [int(b) for c in condition for b in re.findall(r"s32\[\][^=]*constant\((\d+)\)", c)]
+    if len(bounds) == 1:
+      return bounds[0]
+  return 1
+
+
+def collective_traffic(hlo_text: str, num_devices: int) -> dict[str, float]:
+  """Bytes each chip sends per step, by collective kind, from a compiled HLO module.
+
+  Collectives inside while loops (the scanned layers, gradient accumulation) are multiplied
+  by the loop's known trip count, so a scanned 24-layer model counts its per-layer
+  all-gathers 24 times, unlike `count_collectives`.
+  """
+  computations: dict[str, list[str]] = {}
+  entry, current = None, None
+  for line in hlo_text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header:
+      current = header.group(1)
+      computations[current] = []
+      if line.startswith("ENTRY"):
+        entry = current
+    elif current is not None:
+      computations[current].append(line)
+  if entry is None:
+    return {k: 0.0 for k in COLLECTIVES}
+
+  # How many times each computation runs per step: the call graph is a DAG, walk it in
+  # topological order from the entry computation.
+  callees: dict[str, list[tuple[str, int]]] = {}
+  for name, lines in computations.items():
+    calls = []
+    for line in lines:
+      roles = dict((role, callee) for role, callee in _CALLEE.findall(line))
+      trip = _while_trip_count(line, computations.get(roles.get("condition", ""), []))
+      for role, callee in roles.items():
+        calls.append((callee, trip if role == "body" else 1))
+      for group in _BRANCHES.findall(line):
+        calls += [(b.strip().lstrip("%"), 1) for b in group.split(",") if b.strip()]
+    callees[name] = [(c, k) for c, k in calls if c in computations]
+  order, seen = [], set()
+
+  def visit(name: str) -> None:
+    if name in seen:
+      return
+    seen.add(name)
+    for callee, _ in callees[name]:
+      visit(callee)
+    order.append(name)
+
+  visit(entry)
+  runs = {name: 0 for name in order}
+  runs[entry] = 1
+  for name in reversed(order):  # callers before callees
+    for callee, times in callees[name]:
+      runs[callee] += runs[name] * times
+
+  traffic = {k: 0.0 for k in COLLECTIVES}
+  for name in order:
+    for line in computations[name]:
+      m = _COLLECTIVE.match(line)
+      if m:
+        type_text, kind, start = m.group(1), m.group(2), bool(m.group(3))
+        n = _group_size(line, num_devices)
+        traffic[kind] += runs[name] * _per_chip_traffic(kind, start, type_text, n)
+  return traffic
+
+
 def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any]) -> Any:
   config_lib.validate(config, len(devices))
   mesh = partitioning.make_mesh(config, devices)
@@ -146,7 +277,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any]) ->
 def analyse(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
   devices = topology_devices(topology)
   chip = topology.split(":")[0]
-  hbm_gib, peak_tflops, hbm_tbps = CHIPS.get(chip, (float("nan"),) * 3)
+  hbm_gib, peak_tflops, hbm_tbps, ici_gbps = CHIPS.get(chip, (float("nan"),) * 4)
   start = time.perf_counter()
   compiled = compile_train_step(config, devices)
   compile_s = time.perf_counter() - start
@@ -168,10 +299,16 @@ def analyse(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
   chips = len(devices)
   model_flops = model_flops_per_step(config, counts)
   peak = peak_tflops * 1e12
-  # Roofline lower bound on the step time per chip (ignores communication and overlap).
+  # Step time per chip from three rooflines: the model FLOPs at peak, the HBM traffic XLA
+  # reports, and the bytes each chip sends in collectives over its ICI bandwidth. With
+  # perfect overlap the step takes the largest of them (an upper bound on MFU); with no
+  # overlap of communication and computation, the sum (the MFU estimate we report).
   t_compute = model_flops / chips / peak
   t_memory = bytes_accessed / (hbm_tbps * 1e12) if np.isfinite(bytes_accessed) else 0.0
-  t_step = max(t_compute, t_memory)
+  traffic = collective_traffic(hlo, chips)
+  t_comm = sum(traffic.values()) / (ici_gbps * 1e9)
+  t_step = max(t_compute, t_memory, t_comm)
+  t_serial = max(t_compute, t_memory) + t_comm
   return {
     "config": {
       "d_model": config.model.d_model,
@@ -206,16 +343,22 @@ def analyse(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
       "hbm_tb_per_s": hbm_tbps,
       "compute_bound_step_s": t_compute,
       "memory_bound_step_s": t_memory,
+      "ici_gb_per_s": ici_gbps,
+      "communication_step_s": t_comm,
       "step_s_lower_bound": t_step,
-      "mfu_upper_bound": (model_flops / chips / peak) / t_step if t_step else float("nan"),
+      "step_s_no_overlap": t_serial,
+      "mfu_upper_bound": t_compute / t_step if t_step else float("nan"),
+      "mfu_estimate": t_compute / t_serial if t_serial else float("nan"),
     },
     "collectives": count_collectives(hlo),
+    "collective_bytes_per_chip": traffic,
     "_hlo_text": hlo,
   }
 
 
 def format_report(r: dict[str, Any]) -> str:
   m, f, rl = r["memory_per_chip_gib"], r["flops_per_step"], r["roofline"]
+  comm_gb = sum(r["collective_bytes_per_chip"].values()) / 1e9
   lines = [
     f"AOT train step on {r['topology']} ({r['chips']} x {r['device_kind']}), mesh "
     f"{dict(r['config']['mesh'])}, compiled in {r['compile_seconds']:.1f}s",
@@ -234,11 +377,18 @@ def format_report(r: dict[str, Any]) -> str:
     "which counts a scanned layer's while-loop body once); "
     f"model (analytic) {f['model_analytic_total']:.3e} total, "
     f"{f['model_analytic_per_chip']:.3e} per chip",
-    f"roofline: compute {rl['compute_bound_step_s'] * 1e3:.1f} ms, memory "
-    f"{rl['memory_bound_step_s'] * 1e3:.1f} ms -> step >= {rl['step_s_lower_bound'] * 1e3:.1f} ms,"
-    f" MFU <= {100 * rl['mfu_upper_bound']:.1f}% (peak {rl['peak_tflops_per_chip']} TFLOP/s)",
-    "collectives in the compiled HLO: "
-    + ", ".join(f"{k} {v}" for k, v in r["collectives"].items()),
+    f"step time per chip: compute {rl['compute_bound_step_s'] * 1e3:.1f} ms (model FLOPs at "
+    f"{rl['peak_tflops_per_chip']} TFLOP/s), HBM {rl['memory_bound_step_s'] * 1e3:.1f} ms, "
+    f"communication {rl['communication_step_s'] * 1e3:.1f} ms ({comm_gb:.2f} GB sent per chip "
+    f"at {rl['ici_gb_per_s']} GB/s ICI)",
+    f"MFU estimate {100 * rl['mfu_estimate']:.1f}% (communication not overlapped, step "
+    f"{rl['step_s_no_overlap'] * 1e3:.1f} ms); upper bound {100 * rl['mfu_upper_bound']:.1f}% "
+    f"(fully overlapped, step {rl['step_s_lower_bound'] * 1e3:.1f} ms)",
+    "collectives in the compiled HLO (instructions / GB sent per chip per step): "
+    + ", ".join(
+      f"{k} {v} / {r['collective_bytes_per_chip'][k] / 1e9:.2f}"
+      for k, v in r["collectives"].items()
+    ),
   ]
   return "\n".join(lines)
 

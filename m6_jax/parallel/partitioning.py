@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from m6_jax.config import MESH_AXES, mesh_shape
@@ -28,9 +30,16 @@ def make_mesh(
   sizes = mesh_shape(config, len(devices))
   shape = tuple(sizes[a] for a in MESH_AXES)
   used = int(np.prod(shape))
-  return jax.make_mesh(
-    shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices[:used]
-  )
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  try:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices[:used])
+  except NotImplementedError:
+    # On a TPU torus every mesh axis must be a product of whole physical axes; a mesh such as
+    # fsdp 2 x expert 256 on 8x8x8 is not. Splitting a physical axis still gives a valid mesh,
+    # only with less regular collectives, so fall back to it rather than refuse the config.
+    logging.warning("mesh %s splits physical axes of the device topology", dict(sizes))
+    grid = mesh_utils.create_device_mesh(shape, devices[:used], allow_split_physical_axes=True)
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def logical_rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
