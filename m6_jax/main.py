@@ -17,6 +17,13 @@ Flags:
                (--baselines adds the untrained and most-frequent baselines).
                generate and eval use the checkpoint's config unless --config is given.
 
+Multi-host (one process per host, every process running the same command; see README.md):
+  --distributed          let JAX detect the cluster and join it (Cloud TPU pod slices, SLURM,
+                         Open MPI, JAX_COORDINATOR_ADDRESS); nothing else needed on a TPU pod.
+  --coordinator_address  host:port of process 0, with --num_processes and --process_id:
+                         explicit set-up for other clusters (GPU nodes, CPU processes).
+jax.distributed is started before anything else touches JAX, for every mode.
+
 Every user mistake (bad flag, unknown config key, impossible mesh, missing file) ends with one
 `error: ...` line on stderr and exit status 2, not a traceback.
 """
@@ -39,6 +46,27 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 _MODE = flags.DEFINE_enum(
   "mode", "train", ["train", "prepare_data", "generate", "eval", "params", "aot"], "What to run."
 )
+# Multi-host runs: jax.distributed (m6_jax/parallel/multihost.py)
+_DISTRIBUTED = flags.DEFINE_bool(
+  "distributed",
+  False,
+  "Join a multi-process JAX job whose set-up JAX detects (Cloud TPU pod slice, SLURM, Open "
+  "MPI, or the JAX_COORDINATOR_ADDRESS environment variable); the flags below, if given, "
+  "override what is detected. Run the same command on every host.",
+)
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+  "coordinator_address",
+  None,
+  "Multi-process job without auto-detection: host:port of process 0 (a port free there), the "
+  "same on every process; needs --num_processes and --process_id.",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+  "num_processes", None, "Multi-process job: the number of processes (usually one per host)."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+  "process_id", None, "Multi-process job: this process's number, 0 .. --num_processes - 1."
+)
+
 # --mode=aot (and --mode=params, which needs no flag of its own)
 _TOPOLOGY = flags.DEFINE_string(
   "topology", None, "aot: TPU topology, e.g. v5p:4x4x4 (default: the config file's TOPOLOGY)."
@@ -235,6 +263,7 @@ def run_generate() -> None:
   import os
 
   from m6_jax.infer import generate
+  from m6_jax.parallel import multihost
 
   config = _load_config(required=False, workdir_hint="a trained workdir")
   prompt = _PROMPT.value if _PROMPT.present else None
@@ -262,8 +291,9 @@ def run_generate() -> None:
     inputs = " | ".join(str(row[k]) for k in ("image", "question", "prompt") if k in row)
     print(f"{inputs} -> {row['output']}")
     row["step"] = model.step
-  generate.write_jsonl(rows, output)
-  print(f"wrote {len(rows)} row(s) to {output}")
+  if multihost.is_primary():  # every process generates the same rows; one writes them
+    generate.write_jsonl(rows, output)
+    print(f"wrote {len(rows)} row(s) to {output}")
 
 
 def run_eval() -> None:
@@ -325,15 +355,26 @@ MODES = {
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  # Imported here so that `--help` and flag errors are instant and don't start JAX.
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  # Imported here so that `--help` and flag errors are instant and don't start JAX; and
+  # jax.distributed must start before anything else uses JAX.
+  from m6_jax.parallel import multihost
+
+  try:
+    if multihost.initialize(
+      _COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value
+    ):
+      logging.info("JAX distributed: %s.", multihost.describe())
+  except multihost.DistributedError as e:
+    _fail(str(e))
+
   from m6_jax import config as config_lib
   from m6_jax.data import prepare
   from m6_jax.evaluation import evaluate
   from m6_jax.infer import generate
   from m6_jax.train import checkpointing, loop
 
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_QuietLibraries())
   user_errors = (
     config_lib.ConfigError,
     loop.TrainingError,

@@ -225,6 +225,9 @@ def comparison_table(rows: dict[str, dict]) -> str:
 
 
 def _write(workdir: str, result: dict[str, Any]) -> None:
+  """eval_metrics.json(l) and TensorBoard, from process 0 only (the workdir is shared)."""
+  if jax.process_index() != 0:
+    return
   path = os.path.join(workdir, "eval_metrics.json")
   with open(path + ".tmp", "w") as f:
     json.dump(result, f, indent=2, sort_keys=True)

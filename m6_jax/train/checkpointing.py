@@ -72,7 +72,15 @@ def restore(
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """The config of the latest run, beside the checkpoints, for humans and tools."""
+  """The config of the latest run, beside the checkpoints, for humans and tools.
+
+  Written by process 0 only: with several processes the workdir is shared, and concurrent
+  writers of one temporary file would race.
+  """
+  import jax
+
+  if jax.process_index() != 0:
+    return
   path = os.path.join(workdir, "config.json")
   tmp = path + ".tmp"
   with open(tmp, "w") as f:

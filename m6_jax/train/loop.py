@@ -26,7 +26,7 @@ from m6_jax.data import pipeline, sources
 from m6_jax.data import tokenizer as tokenizer_lib
 from m6_jax.data.tasks import TASK_NAMES
 from m6_jax.model.m6 import M6, M6Config
-from m6_jax.parallel import partitioning
+from m6_jax.parallel import multihost, partitioning
 from m6_jax.train import checkpointing, metrics_writer, optim
 from m6_jax.train import state as state_lib
 from m6_jax.train import step as step_lib
@@ -47,12 +47,24 @@ class TrainResult:
 
 
 class PreemptionFlag:
-  """Set by SIGTERM (how clusters announce preemption); the loop saves and exits cleanly."""
+  """SIGTERM (how clusters announce preemption) makes the loop save and exit cleanly.
+
+  One process: our SIGTERM handler sets `requested`. Several processes: JAX's preemption
+  service (started by jax.distributed) catches SIGTERM on any of them and all processes agree
+  on the step to stop at (`multihost.preemption_sync_point`); our handler would replace
+  JAX's, so it is not installed then.
+  """
 
   def __init__(self):
     self.requested = False
 
+  def stop_at(self, step: int) -> bool:
+    """Whether to save and stop after `step` (the same answer on every process)."""
+    return self.requested or multihost.preemption_sync_point(step)
+
   def install(self) -> Callable[[], None]:
+    if multihost.uses_preemption_service():
+      return lambda: None
     previous = signal.getsignal(signal.SIGTERM)
 
     def handler(signum, frame):
@@ -160,9 +172,11 @@ class _Evaluator:
     self.writer = metrics_writer.MetricsWriter(workdir, enabled=jax.process_index() == 0)
 
   def __call__(self, step: int, state: Any) -> dict[str, float]:
-    params = jax.device_get(state.params)
+    params = multihost.to_host(state.params)
     loaded = self.generate.LoadedModel(self.config, self.model, params, self.tokenizer, step, "")
-    metrics = self.evaluate.evaluate(loaded, int(self.config.train.eval_examples))
+    # Every process evaluates on its own first device (the same numbers everywhere).
+    with multihost.process_local(partitioning.logical_rules(self.config)):
+      metrics = self.evaluate.evaluate(loaded, int(self.config.train.eval_examples))
     if self.metric not in metrics:
       raise config_lib.ConfigError(
         f"train.eval_metric='{self.metric}' is not an eval metric; known: {sorted(metrics)}."
@@ -199,10 +213,10 @@ def train(
   logging.info("Mesh: %s", dict(mesh.shape))
 
   # Tokenizer and data: each process reads its own slice of every global batch.
-  if config.get("init_from") and not config.data.tokenizer_path:
-    _copy_tokenizer(config.init_from, workdir)
-  try:
-    tokenizer = tokenizer_lib.get_or_train_tokenizer(
+  def make_tokenizer() -> tokenizer_lib.Tokenizer:
+    if config.get("init_from") and not config.data.tokenizer_path:
+      _copy_tokenizer(config.init_from, workdir)
+    return tokenizer_lib.get_or_train_tokenizer(
       workdir,
       vocab_size=config.model.vocab_size,
       seed=config.seed,
@@ -211,6 +225,9 @@ def train(
       # A user dataset trains the tokenizer on its own texts (read lazily, only if needed).
       corpus=sources.iter_dataset_text(config) if config.data.source == "tfds" else None,
     )
+
+  try:  # process 0 trains (or copies) the workdir's tokenizer, then the others load it
+    tokenizer = multihost.primary_first(make_tokenizer, "tokenizer")
   except ValueError as e:  # a tokenizer that does not fit model.vocab_size
     raise config_lib.ConfigError(f"{e} (key: model.vocab_size)") from e
   try:
@@ -334,7 +351,7 @@ def train(
         if pending is not None:
           finish_step(*pending)
         pending = (metrics, step)
-        stop_now = preemption.requested or (should_stop is not None and should_stop(step))
+        stop_now = preemption.stop_at(step) or (should_stop is not None and should_stop(step))
         if step % t.checkpoint_every == 0 or step == t.steps or stop_now:
           finish_step(*pending)
           pending = None

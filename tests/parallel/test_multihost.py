@@ -1,0 +1,185 @@
+"""Two processes on localhost train exactly like one process with the same 8 devices.
+
+Each process runs `python -m m6_jax.main` on 4 fake CPU devices and joins the other through
+jax.distributed (--coordinator_address / --num_processes / --process_id). The mesh
+(fsdp=8) spans both processes, so every batch, the parameters and the optimizer state are
+split across them, and the checkpoint holds shards written by both. The reference is the
+same config trained in this (1-process, 8-device) test process.
+
+Run 1: two processes, steps 1-4 from scratch (process 0 trains the workdir's tokenizer while
+process 1 waits), checkpoint at step 4.
+Run 2: two processes resume from that checkpoint; after a few steps process 1 alone gets
+SIGTERM, and both must agree on the step to stop at, save it and exit cleanly.
+Every logged per-step loss of both runs must match the 1-process run.
+"""
+
+import importlib.util
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from m6_jax.train import loop
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = "configs/base.py:runlocal"
+# A constant schedule after warm-up: the learning rate of a step must not depend on
+# train.steps, which differs between the runs compared here.
+OVERRIDES = {
+  "train.log_every": 1,
+  "train.checkpoint_every": 4,
+  "train.schedule": "constant",
+  "train.warmup_steps": 2,
+  "model.num_layers": 1,
+  "model.d_model": 64,
+  "model.mlp_dim": 128,
+  "data.src_len": 16,
+  "data.tgt_len": 16,
+  "data.image_size": 32,
+  "mesh.fsdp": 8,
+}
+REFERENCE_STEPS = 30
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _reference_config(steps):
+  path, variant = CONFIG.split(":")
+  spec = importlib.util.spec_from_file_location("_base_config", os.path.join(REPO, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(variant)
+  for key, value in {**OVERRIDES, "train.steps": steps}.items():
+    section, name = key.split(".")
+    config[section][name] = value
+  return config
+
+
+def _launch(workdir, steps, logs):
+  """Both processes of a run; their output goes to files (a pipe could fill and block)."""
+  port = _free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  procs = []
+  for pid in range(2):
+    log = open(logs[pid], "w")
+    cmd = [
+      sys.executable,
+      "-m",
+      "m6_jax.main",
+      f"--config={CONFIG}",
+      f"--workdir={workdir}",
+      f"--config.train.steps={steps}",
+      *(f"--config.{k}={v}" for k, v in OVERRIDES.items()),
+      f"--coordinator_address=localhost:{port}",
+      "--num_processes=2",
+      f"--process_id={pid}",
+    ]
+    procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+    log.close()
+  return procs
+
+
+def _output(logs):
+  return "\n".join(f"----- process {i} -----\n{open(p).read()[-6000:]}" for i, p in enumerate(logs))
+
+
+def _wait(procs, logs, timeout):
+  deadline = time.time() + timeout
+  try:
+    for p in procs:
+      p.wait(timeout=max(deadline - time.time(), 1))
+  except subprocess.TimeoutExpired:
+    for p in procs:
+      p.kill()
+    raise AssertionError(f"the processes did not finish in {timeout}s:\n{_output(logs)}")
+  codes = [p.returncode for p in procs]
+  assert codes == [0, 0], f"exit codes {codes}:\n{_output(logs)}"
+
+
+def _wait_for_line(logs, pid, text, procs, timeout):
+  deadline = time.time() + timeout
+  while text not in open(logs[pid]).read():
+    if time.time() > deadline or any(p.poll() is not None for p in procs):
+      for p in procs:
+        p.kill()
+      raise AssertionError(f"process {pid} never logged {text!r}:\n{_output(logs)}")
+    time.sleep(0.2)
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {row["step"]: row["loss"] for row in map(json.loads, f)}
+
+
+def test_two_processes_match_one_and_resume_and_stop_together(tmp_path):
+  workdir = str(tmp_path / "two_processes")
+  logs = [str(tmp_path / f"run1_process_{i}.log") for i in range(2)]
+  procs = _launch(workdir, steps=4, logs=logs)
+  try:  # the reference trains here while the two processes run
+    loop.train(_reference_config(REFERENCE_STEPS), str(tmp_path / "one_process"))
+  except BaseException:
+    for p in procs:
+      p.kill()
+    raise
+  _wait(procs, logs, timeout=240)
+  expected = _losses(str(tmp_path / "one_process"))
+  assert "process 1 of 2, 4 local / 8 global cpu devices" in open(logs[1]).read()
+
+  losses = _losses(workdir)
+  assert sorted(losses) == [1, 2, 3, 4]
+  np.testing.assert_allclose(
+    [losses[s] for s in range(1, 5)], [expected[s] for s in range(1, 5)], rtol=1e-5
+  )
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4"]
+  data_states = os.listdir(os.path.join(workdir, "checkpoints", "4", "data"))
+  assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(data_states)
+  assert os.path.exists(os.path.join(workdir, "tokenizer", "spm.model"))
+  assert "Training sentencepiece" in open(logs[0]).read()
+  assert "Training sentencepiece" not in open(logs[1]).read()  # it waited and loaded it
+
+  # Run 2: resume in two processes; SIGTERM to process 1 only, after step 6.
+  logs = [str(tmp_path / f"run2_process_{i}.log") for i in range(2)]
+  procs = _launch(workdir, steps=1000, logs=logs)
+  _wait_for_line(logs, 1, "step 6/1000", procs, timeout=240)
+  procs[1].send_signal(signal.SIGTERM)
+  _wait(procs, logs, timeout=120)
+  outputs = [open(p).read() for p in logs]
+  stops = [re.findall(r"Stopping at step (\d+) \(state saved\)", out) for out in outputs]
+  assert stops[0] and stops[0] == stops[1], _output(logs)
+  stop = int(stops[0][0])
+  assert 6 <= stop < REFERENCE_STEPS, stop
+  assert "Resumed from step 4" in outputs[0] and "Resumed from step 4" in outputs[1]
+  assert stop in {int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))}
+
+  losses = _losses(workdir)
+  assert sorted(losses) == list(range(1, stop + 1))
+  steps = range(5, stop + 1)
+  np.testing.assert_allclose([losses[s] for s in steps], [expected[s] for s in steps], rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+  "flags, message",
+  [
+    (["--process_id=1"], "--process_id=1 needs --num_processes"),
+    (["--num_processes=2", "--process_id=2"], "--process_id=2 must be in [0, 2)"),
+    (["--num_processes=2", "--process_id=0"], "--coordinator_address missing"),
+    (["--coordinator_address=nohost", "--num_processes=2", "--process_id=0"], "host:port"),
+  ],
+)
+def test_bad_multihost_flags_give_one_error_line(run_main, flags, message):
+  proc = run_main("--mode=params", f"--config={CONFIG}", *flags, timeout=60)
+  assert proc.returncode == 2, proc.stderr
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and message in errors[0], proc.stderr
+  assert "Traceback" not in proc.stderr
