@@ -1,0 +1,92 @@
+"""Every paper config compiled ahead of time for its TPU topology: the table in docs/performance.md.
+
+  pip install -r requirements-aot.txt
+  python benchmarks/aot_table.py [--configs=m6_base,m6_large,m6_10b,m6_100b,m6_t_1t,m6_10t]
+      [--json=benchmarks/results/aot_table.json]
+
+Each config is compiled in its own process (`python -m m6_jax.main --mode=aot`, topology
+from the config file's TOPOLOGY), so the compiler's memory is returned between configs; the
+per-config JSON reports are gathered into one JSON file and a markdown table. The largest
+configs take minutes each (M6-10T: about 7 minutes and 10 GB of host memory on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402  (puts the repository on sys.path)
+
+PAPER_CONFIGS = ("m6_base", "m6_large", "m6_10b", "m6_100b", "m6_t_1t", "m6_10t")
+
+
+def compile_config(name: str, out_dir: str) -> dict:
+  output = os.path.join(out_dir, f"{name}.json")
+  cmd = [
+    sys.executable, "-m", "m6_jax.main", "--mode=aot", f"--config=configs/{name}.py",
+    f"--aot_output={output}",
+  ]  # fmt: skip
+  print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[1:])}", flush=True)
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(cmd, cwd=common.REPO, env=env, capture_output=True, text=True)
+  if proc.returncode != 0:
+    tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+    raise SystemExit(f"--mode=aot failed for {name} (exit {proc.returncode}):\n{tail}")
+  with open(output) as f:
+    return json.load(f)
+
+
+def table(reports: dict[str, dict]) -> str:
+  rows = [
+    "| config | params | topology | mesh | memory per chip | step FLOPs (model) | "
+    "compute / HBM / comm. per step | GB sent per chip | MFU estimate (bound) | compile |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for name, r in reports.items():
+    m, rl = r["memory_per_chip_gib"], r["roofline"]
+    mesh = " x ".join(f"{k} {v}" for k, v in r["config"]["mesh"].items() if v > 1) or "1 chip"
+    sent = sum(r["collective_bytes_per_chip"].values()) / 1e9
+    fits = "" if m["fits"] else " (DOES NOT FIT)"
+    rows.append(
+      f"| {name} | {r['params'] / 1e9:,.1f}B | {r['topology']} ({r['chips']} chips) | {mesh} | "
+      f"{m['total']:.1f} of {m['hbm']} GiB{fits} | {r['flops_per_step']['model_analytic_total']:.2e}"
+      f" | {rl['compute_bound_step_s'] * 1e3:.1f} / {rl['memory_bound_step_s'] * 1e3:.1f} / "
+      f"{rl['communication_step_s'] * 1e3:.1f} ms | {sent:.2f} | "
+      f"{100 * rl['mfu_estimate']:.0f}% ({100 * rl['mfu_upper_bound']:.0f}%) | "
+      f"{r['compile_seconds']:.0f} s |"
+    )
+  return "\n".join(rows)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--configs", default=",".join(PAPER_CONFIGS))
+  parser.add_argument(
+    "--json", default=os.path.join(os.path.dirname(__file__), "results", "aot_table.json")
+  )
+  args = parser.parse_args()
+  names = [n for n in args.configs.split(",") if n]
+  for name in names:  # fail on a typo before minutes of compiling
+    importlib.import_module(f"configs.{name}")
+  reports = {}
+  with tempfile.TemporaryDirectory() as out_dir:
+    for name in names:
+      reports[name] = compile_config(name, out_dir)
+      print(table({name: reports[name]}).splitlines()[-1], flush=True)
+  print(table(reports))
+  os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+  with open(args.json, "w") as f:
+    json.dump(reports, f, indent=2)
+  print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+  main()
