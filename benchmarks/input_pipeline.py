@@ -8,6 +8,13 @@ examples/s of the jitted train step of configs/base.py on the same machine in th
 The pipeline must not be the bottleneck: the printed ratio (pipeline / train step) must be
 above 1. Both run on the same cores here, so the ratio is a conservative bound: on an
 accelerator the step leaves the CPU to the pipeline.
+
+Padding efficiency (length bucketing, config.data.length_bucket / bucket_window): for no
+bucketing, bucketing, and bucketing + window sort, the fraction of text positions per batch
+that hold a real token (source != 0, target weight > 0) over `--batches` batches of the
+synthetic pipeline, and examples/s of the base config's jitted train step fed those batches
+(every batch shape compiled before timing; the median of `--reps` passes over `--steps`
+batches).
 """
 
 from __future__ import annotations
@@ -23,11 +30,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402  (puts the repository on sys.path)
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from configs import base  # noqa: E402
 from m6_jax.data import pipeline, prepare, synthetic  # noqa: E402
 from m6_jax.data import tokenizer as tokenizer_lib  # noqa: E402
+from m6_jax.parallel import partitioning  # noqa: E402
+
+# (name, data.length_bucket, data.bucket_window)
+BUCKETING = (
+  ("no bucketing (src_len x tgt_len)", 0, 0),
+  ("length_bucket=8", 8, 0),
+  ("length_bucket=8 + bucket_window=16", 8, 16),
+)
 
 
 def pipeline_rate(config, tokenizer, batches: int) -> float:
@@ -72,10 +88,49 @@ def train_step_rate(config, steps: int) -> float:
   return config.data.batch_size / common.summarize(times)["median_s"]
 
 
+def padding_efficiency(config, tokenizer, batches: int, steps: int, reps: int) -> dict:
+  """Text fill and train-step examples/s for each BUCKETING setting, on one jitted step."""
+  step, state, device_batch, mesh_context = common.jax_train_step(config)
+  shardings = jax.tree.map(lambda x: x.sharding, device_batch)  # depend on ndim only
+  holder = {"state": state}
+
+  def run(device_batches):
+    for b in device_batches:
+      holder["state"], metrics = step(holder["state"], b)
+    jax.block_until_ready(metrics)
+
+  out = {}
+  with mesh_context:
+    for name, bucket, window in BUCKETING:
+      cfg = config.copy_and_resolve_references()
+      cfg.data.length_bucket, cfg.data.bucket_window = bucket, window
+      it = pipeline.make_iterator(cfg, tokenizer, process_index=0, process_count=1)
+      host = [next(it) for _ in range(max(batches, steps))]
+      real = sum(
+        np.count_nonzero(b["src_tokens"]) + np.count_nonzero(b["tgt_weights"]) for b in host
+      )
+      positions = sum(b["src_tokens"].size + b["tgt_weights"].size for b in host)
+      timed = [partitioning.host_batch_to_global(b, shardings) for b in host[:steps]]
+      shapes = {}
+      for b in timed:
+        shapes.setdefault((b["src_tokens"].shape[1], b["tgt_input"].shape[1]), b)
+      run(list(shapes.values()))  # compile every shape before timing
+      times = common.time_calls(lambda: run(timed), reps, warmup=0)
+      out[name] = {
+        "length_bucket": bucket,
+        "bucket_window": window,
+        "text_fill": real / positions,
+        "batch_shapes": len(shapes),
+        "train_step_examples_per_sec": steps * config.data.batch_size / float(np.median(times)),
+      }
+  return out
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batches", type=int, default=60, help="batches timed per pipeline")
   parser.add_argument("--steps", type=int, default=30, help="train steps timed")
+  parser.add_argument("--reps", type=int, default=3, help="timed passes per bucketing setting")
   parser.add_argument(
     "--json", default=os.path.join(os.path.dirname(__file__), "results", "input_pipeline.json")
   )
@@ -87,6 +142,12 @@ def main() -> None:
       tmp, config.model.vocab_size, config.seed, config.data.tokenizer_corpus_examples
     )
     rows = {"synthetic (render + tokenize + batch)": pipeline_rate(config, tokenizer, args.batches)}
+    sorted_ = base.get_config()
+    sorted_.data.length_bucket, sorted_.data.bucket_window = 8, 16
+    rows["synthetic, length_bucket=8 + bucket_window=16"] = pipeline_rate(
+      sorted_, tokenizer, args.batches
+    )
+    padding = padding_efficiency(config, tokenizer, args.batches, args.steps, args.reps)
     data_dir, name = make_jpeg_dataset(tmp, 512)
     user = base.get_config()
     user.data.source, user.data.data_dir, user.data.tfds_name = "tfds", data_dir, name
@@ -106,6 +167,15 @@ def main() -> None:
   for name, rate in rows.items():
     print(f"{name:<48} {rate:>12.0f} {rate / step_rate:>15.1f}x")
     results["pipelines"][name] = {"examples_per_sec": rate, "ratio_to_step": rate / step_rate}
+  print(f"\n{'padding efficiency':<40} {'text fill':>10} {'shapes':>7} {'step examples/s':>16}")
+  plain = padding[BUCKETING[0][0]]["train_step_examples_per_sec"]
+  for name, row in padding.items():
+    rate = row["train_step_examples_per_sec"]
+    print(
+      f"{name:<40} {row['text_fill']:>10.1%} {row['batch_shapes']:>7} "
+      f"{rate:>9.0f} ({rate / plain:.2f}x)"
+    )
+  results["padding_efficiency"] = padding
   bottleneck = [n for n, r in rows.items() if r < step_rate]
   print(
     "pipeline is the bottleneck for: " + ", ".join(bottleneck)

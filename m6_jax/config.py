@@ -93,8 +93,21 @@ def default_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.batch_size = 32  # global batch, split over processes and the (data, fsdp) axes
   c.data.image_size = 48
-  c.data.src_len = 32
-  c.data.tgt_len = 32
+  c.data.src_len = 32  # maximum source tokens (size of the position table with tgt_len)
+  c.data.tgt_len = 32  # maximum target tokens, BOS / EOS included
+  # Length bucketing (train split; m6_jax/data/pipeline.py): each batch's source and target
+  # columns are trimmed to the smallest multiple of `length_bucket` that holds its longest
+  # real text, so the step computes less padding. 0: off (every batch src_len x tgt_len).
+  # Every new (source, target) shape compiles the step once, at most
+  # (src_len / length_bucket) x (tgt_len / length_bucket) shapes. Positions do not move, so a
+  # trimmed batch gives the padded batch's loss exactly for a dense model; with dropout the
+  # masks differ (their shape does), and a MoE layer's expert capacity scales with the
+  # sequence length, so it may drop other tokens than on the padded batch.
+  c.data.length_bucket = 0
+  # With length_bucket > 0: sort records by length within windows of bucket_window global
+  # batches (batch order within a window shuffled), so batches are tighter. 0: no sorting.
+  # Each process then computes every record of a window (not only its own rows).
+  c.data.bucket_window = 0
   c.data.num_train_examples = 20000
   c.data.num_eval_examples = 512
   c.data.task_weights = ml_collections.ConfigDict(
@@ -271,6 +284,26 @@ def _validate_moe_and_stack(config: ml_collections.ConfigDict, sizes: dict[str, 
     )
 
 
+def _validate_bucketing(d: ml_collections.ConfigDict) -> None:
+  b = d.length_bucket
+  _require(b >= 0, f"data.length_bucket={b} must be >= 0 (0 = no length bucketing).")
+  _require(
+    d.bucket_window >= 0,
+    f"data.bucket_window={d.bucket_window} must be >= 0 (0 = no sorting by length).",
+  )
+  _require(
+    d.bucket_window == 0 or b > 0,
+    f"data.bucket_window={d.bucket_window} sorts by bucketed length and needs "
+    "data.length_bucket > 0; set a bucket or data.bucket_window=0.",
+  )
+  if b > 0:
+    _require(
+      d.src_len % b == 0 and d.tgt_len % b == 0,
+      f"data.src_len={d.src_len} and data.tgt_len={d.tgt_len} must be multiples of "
+      f"data.length_bucket={b}; pick a bucket that divides both (or 0 to turn it off).",
+    )
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int, process_count: int = 1) -> None:
   """Raises ConfigError naming the first problem found, with the fix."""
   _check_known_keys(config)
@@ -294,6 +327,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     _require(m[key] > 0, f"model.{key}={m[key]} must be positive.")
   for key in ("batch_size", "image_size", "src_len", "tgt_len"):
     _require(d[key] > 0, f"data.{key}={d[key]} must be positive.")
+  _validate_bucketing(d)
   _require(t.steps > 0, f"train.steps={t.steps} must be positive.")
   _require(0.0 <= m.dropout_rate < 1.0, f"model.dropout_rate={m.dropout_rate} must be in [0, 1).")
   _require(

@@ -26,6 +26,31 @@ Train (``split="train"``), an endless stream:
   ``{"next_index": k}`` is the same on all processes and also valid for another process
   count with the same global batch size.
 
+Length bucketing (train only; ``config.data.length_bucket`` > 0, see m6_jax/config.py):
+
+    ... mix(...) -> [window sort] -> [process_index::process_count] -> batch -> trim
+
+* **trim** (``TrimBatch``): each local batch's ``src_tokens`` is cut to the smallest multiple
+  of the bucket holding its longest real source (last non-pad column), and ``tgt_input /
+  tgt_target / tgt_weights`` likewise for the target; at least one bucket, at most
+  ``src_len`` / ``tgt_len``. Only columns that are padding in every row go, and the model
+  keeps the padded batch's positions, so the batch means the same. Records, order and
+  iterator state are those of the unbucketed pipeline.
+* **window sort** (``config.data.bucket_window`` > 0, ``WindowSortDataset``): the global
+  stream is cut into windows of ``bucket_window`` global batches; each window's records are
+  sorted by (target, source) length in buckets, cut into global batches, and those batches
+  shuffled (seed from ``config.seed`` and the window index). It runs before the per-process
+  slice, so global batch k is the same records for every process count and processes still
+  get disjoint rows that together cover it; it is a pure function of the index, so
+  determinism and resumption hold as above. Cost: every process computes the features of
+  every record of a window once more (to learn its length), not only its own rows.
+* **several processes**: each process trims its own rows, so local shapes may differ; the
+  train loop pads them to the largest over processes (``pad_to_common_lengths`` with
+  ``process_allgather``) before building the global batch.
+
+The eval split is never bucketed: its batches keep src_len x tgt_len (it runs rarely and
+with fixed shapes needs one compilation).
+
 Eval (``split="validation"`` or ``"test"``), one finite pass: every eval example under every
 enabled task, in order, with fixed per-record seeds. The last batch is filled with all-zero
 rows whose ``tgt_weights`` are 0, so every batch has the same shape and every process yields
@@ -48,13 +73,15 @@ Sources (``config.data.source``):
 Config fields read: ``config.seed`` and ``config.data.{batch_size, src_len, tgt_len,
 image_size, num_train_examples, num_eval_examples, task_weights, noise_density,
 mean_noise_span_length}``; optional ``config.data.{read_threads (2), prefetch_batches (4),
-source ("synthetic"), tfds_name, data_dir}``.
+source ("synthetic"), tfds_name, data_dir, length_bucket (0), bucket_window (0)}``.
 """
 
 from __future__ import annotations
 
+import collections
 import math
-from typing import Any, Mapping
+import threading
+from typing import Any, Callable, Mapping
 
 import grain
 import numpy as np
@@ -207,6 +234,147 @@ def _open_source(config, split: str, task_names) -> tuple[Any, list[np.ndarray |
   return source, indices
 
 
+# --------------------------------------------------------------------------------------
+# Length bucketing
+# --------------------------------------------------------------------------------------
+
+TARGET_KEYS = ("tgt_input", "tgt_target", "tgt_weights")
+
+
+def _used_columns(mask: np.ndarray) -> int:
+  """1 + the last column (axis -1) where `mask` is true in any row; 0 if it is nowhere."""
+  cols = np.flatnonzero(mask.reshape(-1, mask.shape[-1]).any(axis=0))
+  return int(cols[-1]) + 1 if len(cols) else 0
+
+
+def text_lengths(features: Mapping[str, np.ndarray]) -> tuple[int, int]:
+  """(source, target) columns holding real content in an example or a batch: everything
+  after them is padding in every row (source: token 0; target: token 0 and weight 0)."""
+  target = (features["tgt_input"] != 0) | (features["tgt_target"] != 0)
+  target = target | (features["tgt_weights"] != 0)
+  return _used_columns(features["src_tokens"] != 0), _used_columns(target)
+
+
+def bucketed_length(length: int, bucket: int, maximum: int) -> int:
+  """The smallest multiple of `bucket` >= length, at least one bucket, at most `maximum`."""
+  return min(max(bucket, -(-length // bucket) * bucket), maximum)
+
+
+class TrimBatch:
+  """Batch -> the same batch with the source and target columns cut to the smallest multiple
+  of `bucket` holding its longest real source / target (only padding columns go)."""
+
+  def __init__(self, bucket: int, src_len: int, tgt_len: int):
+    self.bucket, self.src_len, self.tgt_len = int(bucket), int(src_len), int(tgt_len)
+
+  def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    src, tgt = text_lengths(batch)
+    src = bucketed_length(src, self.bucket, self.src_len)
+    tgt = bucketed_length(tgt, self.bucket, self.tgt_len)
+    out = dict(batch, src_tokens=batch["src_tokens"][:, :src])
+    out.update({k: batch[k][:, :tgt] for k in TARGET_KEYS})
+    return out
+
+
+def pad_text(batch: Mapping[str, np.ndarray], src_len: int, tgt_len: int) -> dict[str, np.ndarray]:
+  """The batch with its text right-padded (token 0, weight 0) to src_len / tgt_len columns."""
+
+  def pad(x, length, key):
+    if x.shape[1] > length:
+      raise ValueError(f"{key} has {x.shape[1]} columns, more than the {length} to pad to")
+    return np.pad(x, [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+
+  out = dict(batch, src_tokens=pad(batch["src_tokens"], src_len, "src_tokens"))
+  out.update({k: pad(batch[k], tgt_len, k) for k in TARGET_KEYS})
+  return out
+
+
+def pad_to_common_lengths(
+  batch: Mapping[str, np.ndarray], allgather: Callable[[np.ndarray], Any]
+) -> dict[str, np.ndarray]:
+  """Multi-host bucketing: every process pads its local batch to the longest text columns
+  of any process, so that all feed the step the same shapes. `allgather(x)` returns the
+  [2] int arrays of all processes stacked (jax.experimental.multihost_utils.process_allgather).
+  """
+  local = np.array([batch["src_tokens"].shape[1], batch["tgt_input"].shape[1]], np.int32)
+  lengths = np.asarray(allgather(local)).reshape(-1, 2).max(axis=0)
+  if (lengths == local).all():
+    return dict(batch)
+  return pad_text(batch, int(lengths[0]), int(lengths[1]))
+
+
+class _Once:
+  """A value computed by the first caller; concurrent callers wait for it."""
+
+  def __init__(self):
+    self.lock, self.value = threading.Lock(), None
+
+  def get(self, compute: Callable[[], Any]) -> Any:
+    with self.lock:
+      if self.value is None:
+        self.value = compute()
+      return self.value
+
+
+class WindowSortDataset(grain.MapDataset):
+  """Records sorted by bucketed length within windows of `window_batches` global batches.
+
+  Window w is the parent's records [w*W, (w+1)*W) with W = window_batches * global_batch:
+  they are sorted by (target buckets, source buckets) (stable, so ties keep stream order),
+  cut into global batches, and the batches of the window put in a random order drawn from
+  (seed, w), so consecutive batches do not march from short to long. Element i is a pure
+  function of i: random access, iterator state and resumption work as for the parent.
+
+  Only the order is kept (a few windows' worth of ints); records are read from the parent
+  again when asked for, so sorting costs one extra feature computation of every record of
+  the window, per process.
+  """
+
+  _KEEP_WINDOWS = 8
+
+  def __init__(self, parent, window_batches: int, global_batch: int, bucket: int, seed: int):
+    super().__init__(parent)
+    self.window_batches, self.global_batch = int(window_batches), int(global_batch)
+    self.window = self.window_batches * self.global_batch
+    self.bucket, self.seed = int(bucket), int(seed)
+    self._lock = threading.Lock()
+    self._orders: collections.OrderedDict[int, _Once] = collections.OrderedDict()
+
+  def __len__(self) -> int:
+    return len(self._parent)
+
+  def __str__(self) -> str:
+    return f"WindowSortDataset(window={self.window}, bucket={self.bucket})"
+
+  def _compute_order(self, w: int) -> np.ndarray:
+    start = w * self.window
+    keys = np.array(
+      [text_lengths(self._parent[start + i]) for i in range(self.window)], np.int64
+    ).reshape(-1, 2)
+    keys = -(-keys // self.bucket)  # lengths in buckets: ties are free to reorder
+    order = np.lexsort((keys[:, 0], keys[:, 1]))  # by target, then source; stable
+    batches = order.reshape(self.window_batches, self.global_batch)
+    rng = np.random.default_rng([self.seed, w])
+    return start + batches[rng.permutation(self.window_batches)].reshape(-1)
+
+  def _order(self, w: int) -> np.ndarray:
+    with self._lock:
+      entry = self._orders.get(w)
+      if entry is None:
+        entry = self._orders[w] = _Once()
+        while len(self._orders) > self._KEEP_WINDOWS:
+          self._orders.popitem(last=False)
+      else:
+        self._orders.move_to_end(w)
+    return entry.get(lambda: self._compute_order(w))
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    w, r = divmod(int(index), self.window)
+    return self._parent[int(self._order(w)[r])]
+
+
 def _process_index_and_count(process_index, process_count) -> tuple[int, int]:
   if process_index is None or process_count is None:
     import jax  # only when the caller did not say; keeps this module usable without jax
@@ -248,8 +416,16 @@ def make_map_dataset(
         ds.random_map(_TaskTransform(name, tokenizer, cfg), seed=_derive_seed(seed, 2, t))
       )
     ds = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, [w for _, w in enabled])
+    bucket = int(_get(data, "length_bucket", 0))
+    window = int(_get(data, "bucket_window", 0))
+    if bucket > 0 and window > 0:
+      # Before the per-process slice, so global batch k is the same records for any count.
+      ds = WindowSortDataset(ds, window, int(data.batch_size), bucket, _derive_seed(seed, 4))
     ds = ds[process_index::process_count]
-    return ds.batch(batch, drop_remainder=True)
+    ds = ds.batch(batch, drop_remainder=True)
+    if bucket > 0:
+      ds = ds.map(TrimBatch(bucket, cfg.src_len, cfg.tgt_len))
+    return ds
 
   record_fn = _EvalRecord(source, task_names, tokenizer, cfg, task_indices)
   # Pad the record count so that every process gets the same number of full batches.

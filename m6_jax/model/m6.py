@@ -8,6 +8,15 @@ would be wasted vocabulary-sized matmuls.
 Batch features (see m6_jax/data/tasks.py): image [b, h, w, 3] float in [0, 1], has_image [b],
 src_tokens [b, Ls], tgt_input [b, Lt]; token id 0 is padding.
 
+Text lengths come from the batch, not the config: src_tokens may have any Ls' <= src_len
+columns and tgt_input any Lt' <= tgt_len (a length-bucketed batch, m6_jax/data/pipeline.py,
+drops trailing padding columns). Positions do not move: source position i is i and target
+position j is src_len + j (the config's src_len), so a trimmed batch gives exactly the
+logits of the padded one on the kept positions (padding keys are masked out either way).
+The config lengths are the maxima and size the position table. One exception: a MoE layer's
+expert capacity is computed from the sequence length (m6_jax/model/moe.py), so a trimmed
+batch can drop different tokens than the padded one unless the capacity never binds.
+
 Incremental decoding (used by m6_jax/infer/decoding.py): `encode_prefix` runs the prefix
 through the stack once and returns a DecodeCache; `decode_step` then embeds one target token
 at a time, attends to the cached prefix and to the target positions decoded so far, and
@@ -53,7 +62,7 @@ class M6Config:
   mlp_dim: int
   image_size: int
   patch_size: int
-  src_len: int
+  src_len: int  # maxima: a batch may have fewer text columns (see the module docstring)
   tgt_len: int
   dropout_rate: float = 0.0
   image_stem: str = "linear"
@@ -147,6 +156,17 @@ def prefix_lm_mask(prefix_valid: jax.Array, target_valid: jax.Array) -> jax.Arra
   causal = pos[None, :] <= pos[:, None]
   structure = is_prefix[None, :] | (~is_prefix[:, None] & causal)  # [q, k]
   return structure[None] & valid[:, None, :]
+
+
+def _check_text_lengths(c: M6Config, batch: Mapping[str, jax.Array]) -> None:
+  """Static check: text no longer than the config's maxima (the position table's size)."""
+  limits = {"src_tokens": (0, c.src_len, "src_len"), "tgt_input": (1, c.tgt_len, "tgt_len")}
+  for key, (low, high, name) in limits.items():
+    if key in batch and not low <= batch[key].shape[1] <= high:
+      raise ValueError(
+        f"batch['{key}'] has {batch[key].shape[1]} positions; the model takes {low} to "
+        f"data.{name}={high} (a shorter batch means the same as the padded one)."
+      )
 
 
 @struct.dataclass
@@ -302,14 +322,14 @@ class M6(nn.Module):
   def embed_prefix(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     """The embedded prefix [b, P+Ls, d] and which of its positions are real [b, P+Ls]."""
     c = self.config
-    images = batch["image"]
+    images, src = batch["image"], batch["src_tokens"]
     b = images.shape[0]
     image_x = self.image_embedding(images) + self.segment_embedding(SEGMENT_IMAGE)
-    src_x = self.token_embedding(batch["src_tokens"]) + self.text_position(jnp.arange(c.src_len))
+    src_x = self.token_embedding(src) + self.text_position(jnp.arange(src.shape[1]))
     src_x = src_x + self.segment_embedding(SEGMENT_SOURCE)
     x = jnp.concatenate([image_x, src_x], axis=1)
     image_valid = jnp.broadcast_to(batch["has_image"].astype(bool)[:, None], (b, c.num_patches))
-    prefix_valid = jnp.concatenate([image_valid, batch["src_tokens"] != PAD_ID], axis=1)
+    prefix_valid = jnp.concatenate([image_valid, src != PAD_ID], axis=1)
     return constrain(x, ("batch", "length", "embed")), prefix_valid
 
   def embed_target(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
@@ -322,7 +342,7 @@ class M6(nn.Module):
   def embed_inputs(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     """Returns the embedded sequence [b, L, d] and which prefix positions are real [b, P+Ls]."""
     prefix_x, prefix_valid = self.embed_prefix(batch)
-    target_x = self.embed_target(batch["tgt_input"], jnp.arange(self.config.tgt_len))
+    target_x = self.embed_target(batch["tgt_input"], jnp.arange(batch["tgt_input"].shape[1]))
     x = jnp.concatenate([prefix_x, target_x], axis=1)
     return constrain(x, ("batch", "length", "embed")), prefix_valid
 
@@ -337,8 +357,9 @@ class M6(nn.Module):
     return logits.astype(jnp.float32)
 
   def __call__(self, batch: Mapping[str, jax.Array], deterministic: bool = True) -> jax.Array:
-    """Logits [b, Lt, vocab] (float32) for the target positions."""
+    """Logits [b, Lt, vocab] (float32) for the target positions (Lt: tgt_input's length)."""
     c = self.config
+    _check_text_lengths(c, batch)
     x, prefix_valid = self.embed_inputs(batch)
     target_valid = batch["tgt_input"] != PAD_ID
     mask = prefix_lm_mask(prefix_valid, target_valid)
@@ -355,14 +376,16 @@ class M6(nn.Module):
           layer = lambda mdl, x, mask, tm, i=i: mdl.blocks[i](x, mask, deterministic, token_mask=tm)
           remat = nn.remat(layer, policy=REMAT_POLICIES[c.remat_policy])
           x = remat(self, x, mask, token_mask)
-    return self.logits(x[:, -c.tgt_len :, :])
+    return self.logits(x[:, -batch["tgt_input"].shape[1] :, :])
 
   def encode_prefix(self, batch: Mapping[str, jax.Array]) -> DecodeCache:
     """Runs image + source through the stack once (no dropout) and returns the DecodeCache:
     the prefix keys/values of every layer and an empty target cache of the batch's size.
 
-    Reads image, has_image and src_tokens only (tgt_input is not needed).
+    Reads image, has_image and src_tokens only (tgt_input is not needed); src_tokens may be
+    shorter than src_len. The target cache always has tgt_len positions.
     """
+    _check_text_lengths(self.config, {"src_tokens": batch["src_tokens"]})
     x, prefix_valid = self.embed_prefix(batch)
     # The prefix rows of the full prefix-LM mask: prefix queries see exactly the real
     # prefix keys, never the target, so the prefix can be computed before any target.

@@ -94,6 +94,8 @@ def summarize(sums: dict[str, np.ndarray]) -> dict[str, float]:
     "learning_rate": float(sums["learning_rate"]),
     "target_tokens": float(sums["weight_sum"]),
   }
+  if "text_counts" in sums:  # real (non-pad) text tokens / text positions the step computed
+    out["text_fill"] = float(sums["text_counts"][0] / max(sums["text_counts"][1], 1.0))
   for i, name in enumerate(TASK_NAMES):
     if sums["task_weight_sum"][i] > 0:
       out[f"{name}_loss"] = float(sums["task_loss_sum"][i] / sums["task_weight_sum"][i])
@@ -116,16 +118,48 @@ _SUMMED_METRICS = (
 _MEAN_METRICS = ("moe_load_balance_loss", "moe_router_z_loss", "moe_dropped_fraction")
 
 
-def _accumulate(sums: dict | None, metrics: dict) -> dict:
+def _accumulate(sums: dict | None, metrics: dict, counts: np.ndarray | None = None) -> dict:
+  """Adds one step's metrics (and its `text_counts`, when given) to the interval's sums."""
   keys = _SUMMED_METRICS + tuple(k for k in _MEAN_METRICS if k in metrics)
   if sums is None:
     sums = {k: np.zeros_like(np.asarray(metrics[k], np.float64)) for k in keys}
     sums["steps"] = 0
   for k in keys:
     sums[k] = sums[k] + np.asarray(metrics[k], np.float64)
+  if counts is not None:
+    sums["text_counts"] = sums.get("text_counts", 0.0) + counts
   sums["steps"] += 1
   sums["learning_rate"] = float(metrics["learning_rate"])
   return sums
+
+
+def agree_text_lengths(
+  host_batch: dict[str, np.ndarray], allgather: Callable[[np.ndarray], Any] | None = None
+) -> dict[str, np.ndarray]:
+  """With length bucketing each process trims its rows on its own; the jitted step needs the
+  same shapes everywhere, so pad every local batch to the longest text of any process.
+
+  `allgather` defaults to process_allgather across the processes; with one process (and no
+  `allgather` given) the batch comes back unchanged. Note that the gather is a collective the
+  host waits for, once per step.
+  """
+  if allgather is None:
+    if jax.process_count() == 1:
+      return host_batch
+    from jax.experimental import multihost_utils
+
+    allgather = multihost_utils.process_allgather
+  return pipeline.pad_to_common_lengths(host_batch, allgather)
+
+
+def text_counts(host_batch: dict[str, np.ndarray], process_count: int) -> np.ndarray:
+  """[real text tokens, text positions computed] of the global batch: source tokens != 0
+  plus target tokens with weight > 0, over batch * (source + target columns). With several
+  processes the real tokens are this process's rows times the process count (an estimate)."""
+  src, weights = host_batch["src_tokens"], host_batch["tgt_weights"]
+  real = np.count_nonzero(src) + np.count_nonzero(weights)
+  positions = src.shape[0] * (src.shape[1] + weights.shape[1])
+  return np.array([real, positions], np.float64) * process_count
 
 
 def _copy_tokenizer(init_from: str, workdir: str) -> None:
@@ -275,7 +309,11 @@ def train(
   writer = metrics_writer.MetricsWriter(workdir, enabled=jax.process_index() == 0)
   preemption = PreemptionFlag()
   restore_signal = preemption.install()
-  tokens_per_step = config.data.batch_size * (config.data.src_len + config.data.tgt_len)
+  bucketing = config.data.length_bucket > 0
+  max_shapes = (config.data.src_len // max(config.data.length_bucket, 1)) * (
+    config.data.tgt_len // max(config.data.length_bucket, 1)
+  )
+  seen_shapes: set[tuple[int, int]] = set()
 
   result = TrainResult(start_step, {}, {}, [], [])
   step = start_step
@@ -290,7 +328,9 @@ def train(
     elapsed = time.perf_counter() - interval_start
     summary = summarize(interval_sums)
     summary["steps_per_sec"] = interval_steps / max(elapsed, 1e-9)
-    summary["tokens_per_sec"] = summary["steps_per_sec"] * tokens_per_step
+    summary["examples_per_sec"] = summary["steps_per_sec"] * config.data.batch_size
+    # Real (non-pad) text tokens, so that the gain of length bucketing shows.
+    summary["tokens_per_sec"] = float(interval_sums["text_counts"][0]) / max(elapsed, 1e-9)
     writer.write(at_step, summary)
     result.history.append(dict(summary, step=at_step))
     if not result.first_metrics:
@@ -301,7 +341,8 @@ def train(
     else:
       eta = (t.steps - at_step) / max(summary["steps_per_sec"], 1e-9)
       speed = (
-        f"{summary['steps_per_sec']:.2f} steps/s | {summary['tokens_per_sec']:,.0f} tok/s | "
+        f"{summary['steps_per_sec']:.2f} steps/s | {summary['examples_per_sec']:,.0f} ex/s | "
+        f"{summary['tokens_per_sec']:,.0f} real tok/s (fill {summary['text_fill']:.0%}) | "
         f"ETA {_format_duration(eta)}"
       )
     i2t = summary.get("image_to_text_loss")
@@ -319,7 +360,7 @@ def train(
     interval_sums, interval_steps = None, 0
     interval_start = time.perf_counter()
 
-  def finish_step(metrics_on_device: Any, at_step: int) -> None:
+  def finish_step(metrics_on_device: Any, at_step: int, counts: np.ndarray) -> None:
     """Host-side bookkeeping for a step whose successor is already dispatched."""
     nonlocal interval_sums, nan_streak, interval_steps
     metrics = jax.device_get(metrics_on_device)
@@ -334,7 +375,7 @@ def train(
         )
       return
     nan_streak = 0
-    interval_sums = _accumulate(interval_sums, metrics)
+    interval_sums = _accumulate(interval_sums, metrics, counts)
     interval_steps += 1
     # Log the very first step (the reference point for "did it learn") and every interval.
     if at_step == start_step + 1 or at_step % t.log_every == 0 or at_step == t.steps:
@@ -344,13 +385,26 @@ def train(
     with partitioning.mesh_context(mesh, rules):
       while step < t.steps:
         host_batch = next(data_iter)
+        if bucketing:
+          host_batch = agree_text_lengths(host_batch)
+          shape = (host_batch["src_tokens"].shape[1], host_batch["tgt_input"].shape[1])
+          if shape not in seen_shapes:
+            seen_shapes.add(shape)
+            logging.info(
+              "Length bucketing: new batch shape (source %d, target %d), compiling the train "
+              "step for it (shape %d of at most %d).",
+              *shape,
+              len(seen_shapes),
+              max_shapes,
+            )
+        counts = text_counts(host_batch, jax.process_count())
         batch = partitioning.host_batch_to_global(host_batch, batch_shardings)
         state, metrics = train_step(state, batch)
         step += 1
         # Fetch the previous step's metrics only now, so the device never waits on the host.
         if pending is not None:
           finish_step(*pending)
-        pending = (metrics, step)
+        pending = (metrics, step, counts)
         stop_now = preemption.stop_at(step) or (should_stop is not None and should_stop(step))
         if step % t.checkpoint_every == 0 or step == t.steps or stop_now:
           finish_step(*pending)

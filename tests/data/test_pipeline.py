@@ -195,3 +195,147 @@ def test_explicit_synthetic_source_is_the_default(tokenizer, make_config):
   assert _equal(a, b)
   with pytest.raises(ValueError, match="needs config.data.tfds_name"):
     P.make_dataset(make_config(source="tfds"), tokenizer, process_index=0, process_count=1)
+
+
+# --------------------------------------------------------------------------------------
+# Length bucketing and window sorting
+# --------------------------------------------------------------------------------------
+
+
+def _padded(batch, length=32):
+  """A (possibly trimmed) batch padded back to the config's 32 / 32 text columns."""
+  return P.pad_text(batch, length, length)
+
+
+def _rows_padded(batches):
+  return [_row_hash(r) for b in batches for r in _rows(_padded(b))]
+
+
+def test_bucketed_batches_only_drop_padding_columns(tokenizer, make_config):
+  plain = _take(P.make_iterator(make_config(), tokenizer, process_index=0, process_count=1), 12)
+  config = make_config(length_bucket=8)
+  bucketed = _take(P.make_iterator(config, tokenizer, process_index=0, process_count=1), 12)
+  shapes = set()
+  for full, cut in zip(plain, bucketed, strict=True):
+    src, tgt = cut["src_tokens"].shape[1], cut["tgt_input"].shape[1]
+    shapes.add((src, tgt))
+    assert src % 8 == 0 and tgt % 8 == 0 and 8 <= src <= 32 and 8 <= tgt <= 32
+    # Same records, same real content: the cut columns were padding in every row ...
+    np.testing.assert_array_equal(cut["src_tokens"], full["src_tokens"][:, :src])
+    assert not full["src_tokens"][:, src:].any()
+    for k in P.TARGET_KEYS:
+      assert cut[k].shape[1] == tgt
+      np.testing.assert_array_equal(cut[k], full[k][:, :tgt])
+      assert not full[k][:, tgt:].any()
+    for k in ("image", "has_image", "task_id"):
+      np.testing.assert_array_equal(cut[k], full[k])
+    # ... and the smallest bucket that holds the longest real text.
+    used_src, used_tgt = P.text_lengths(full)
+    assert src == max(8, -(-used_src // 8) * 8) and tgt == max(8, -(-used_tgt // 8) * 8)
+  assert any(s < 32 or t < 32 for s, t in shapes), "bucketing trimmed nothing"
+
+
+def test_text_lengths_and_pad_text():
+  batch = {
+    "src_tokens": np.array([[5, 0, 7, 0, 0], [0, 0, 0, 0, 0]], np.int32),  # interior padding
+    "tgt_input": np.array([[2, 9, 0, 0], [2, 0, 0, 0]], np.int32),
+    "tgt_target": np.array([[9, 3, 0, 0], [3, 0, 0, 0]], np.int32),
+    "tgt_weights": np.array([[1, 1, 0, 0], [1, 0, 0, 0]], np.float32),
+  }
+  assert P.text_lengths(batch) == (3, 2)
+  assert P.text_lengths({k: v[1] for k, v in batch.items()}) == (0, 1)  # one example
+  assert [P.bucketed_length(n, 4, 12) for n in (0, 1, 4, 5, 12)] == [4, 4, 4, 8, 12]
+  cut = P.TrimBatch(2, 5, 4)(batch)
+  assert cut["src_tokens"].shape == (2, 4) and cut["tgt_weights"].shape == (2, 2)
+  back = P.pad_text(cut, 5, 4)
+  for k in batch:
+    np.testing.assert_array_equal(back[k], batch[k])
+  with pytest.raises(ValueError, match="more than"):
+    P.pad_text(batch, 4, 4)
+
+
+def test_window_sort_keeps_each_window_and_makes_batches_tighter(tokenizer, make_config):
+  n = 6 * 4  # 6 windows of 3 batches of 4
+  plain = _take(
+    P.make_iterator(make_config(length_bucket=8), tokenizer, process_index=0, process_count=1), n
+  )
+  config = make_config(length_bucket=8, bucket_window=3)
+  it = P.make_iterator(config, tokenizer, process_index=0, process_count=1)
+  sorted_ = _take(it, n)
+  again = _take(P.make_iterator(config, tokenizer, process_index=0, process_count=1), n)
+  assert _equal(sorted_, again), "same seed, same batches"
+  other = _take(
+    P.make_iterator(
+      make_config(length_bucket=8, bucket_window=3, seed=1), tokenizer, "train", 0, 1
+    ),
+    n,
+  )
+  assert not _equal(sorted_, other)
+  for w in range(n // 3):  # every window holds the same records, reordered
+    window = slice(3 * w, 3 * w + 3)
+    assert collections.Counter(_rows_padded(sorted_[window])) == collections.Counter(
+      _rows_padded(plain[window])
+    )
+  assert _rows_padded(sorted_) != _rows_padded(plain)
+
+  def positions(batches):
+    return sum(b["src_tokens"].size + b["tgt_input"].size for b in batches)
+
+  assert positions(sorted_) < positions(plain)
+
+
+def test_window_sort_resumes_from_iterator_state(tokenizer, make_config):
+  config = make_config(length_bucket=8, bucket_window=3)
+  it = P.make_iterator(config, tokenizer, process_index=0, process_count=1)
+  _take(it, 4)  # stop inside the second window
+  state = it.get_state()
+  expected = _take(it, 5)
+  fresh = P.make_iterator(config, tokenizer, process_index=0, process_count=1)
+  fresh.set_state(state)
+  assert _equal(_take(fresh, 5), expected)
+
+
+def test_window_sort_shards_are_disjoint_and_independent_of_process_count(tokenizer, make_config):
+  """Sorting happens on the global stream before the per-process slice, so global batch k
+  is the same records with 1 or 2 processes and the 2 processes never share a record."""
+  config = make_config(length_bucket=8, bucket_window=3, num_train_examples=24)
+  single = _take(P.make_iterator(config, tokenizer, process_index=0, process_count=1), 12)
+  halves = [_take(P.make_iterator(config, tokenizer, "train", p, 2), 12) for p in range(2)]
+  for k in range(12):
+    a, b = halves[0][k], halves[1][k]
+    assert a["image"].shape[0] == b["image"].shape[0] == 2
+    rows0, rows1 = _rows_padded([a]), _rows_padded([b])
+    assert not set(rows0) & set(rows1)
+    # process p holds rows p, p + 2 of the global batch
+    interleaved = [r for pair in zip(rows0, rows1) for r in pair]
+    assert interleaved == _rows_padded([single[k]])
+    # each process trims its own rows: never shorter than what its real text needs
+    for half in (a, b):
+      used = P.text_lengths(half)
+      assert half["src_tokens"].shape[1] >= used[0] and half["tgt_input"].shape[1] >= used[1]
+
+
+def test_pad_to_common_lengths_across_fake_processes(tokenizer, make_config):
+  """Two 'processes' with differently trimmed local batches agree on the larger shapes."""
+  config = make_config(length_bucket=8)
+  halves = [
+    next(P.make_iterator(config, tokenizer, process_index=p, process_count=2)) for p in range(2)
+  ]
+  halves[1] = P.pad_text(halves[1], 32, 32)  # so that the two local shapes surely differ
+  lengths = [np.array([h["src_tokens"].shape[1], h["tgt_input"].shape[1]]) for h in halves]
+  assert (lengths[0] < lengths[1]).any()
+
+  def allgather_for(p):
+    def allgather(local):
+      np.testing.assert_array_equal(local, lengths[p])  # it sends its own lengths
+      return np.stack(lengths)
+
+    return allgather
+
+  out = [P.pad_to_common_lengths(h, allgather_for(p)) for p, h in enumerate(halves)]
+  want = np.max(lengths, axis=0)
+  for p in range(2):
+    assert out[p]["src_tokens"].shape[1] == want[0]
+    for k in P.TARGET_KEYS:
+      assert out[p][k].shape[1] == want[1]
+    assert _rows_padded([out[p]]) == _rows_padded([halves[p]])  # content unchanged
