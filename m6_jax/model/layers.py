@@ -35,6 +35,7 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
 
 
 KV_AXES = ("batch", "length", "heads", "kv")
+HEAD_MAJOR_AXES = ("batch", "heads", "length", "kv")
 
 
 @struct.dataclass
@@ -117,6 +118,13 @@ class MultiHeadAttention(nn.Module):
     `step`). Returns (out [B, 1, d], the target LayerKV with the new key/value written).
     """
     d_model = x.shape[-1]
+    # Full mode works head-major ([b, heads, L, kv]): every attention matmul then runs over
+    # contiguous [L, kv] blocks per (batch, head), which on CPU measured 2-5x faster for the
+    # score and mixing matmuls and their gradients than the [b, L, heads, kv] layout, whose
+    # per-head slices are strided. Step mode and the KV cache stay [b, L, heads, kv].
+    head_major = step is None
+    layout = "bhlk" if head_major else "blhk"
+    axes = HEAD_MAJOR_AXES if head_major else KV_AXES
 
     # Projections as explicit einsums over [embed, heads, kv] kernels: nn.DenseGeneral
     # initialises a flattened 2-D kernel, which cannot carry 3-D logical axis names.
@@ -127,7 +135,7 @@ class MultiHeadAttention(nn.Module):
         (d_model, self.num_heads, self.head_dim),
         jnp.float32,
       )
-      y = jnp.einsum("bld,dhk->blhk", x, kernel.astype(self.dtype))
+      y = jnp.einsum(f"bld,dhk->{layout}", x, kernel.astype(self.dtype))
       if use_bias:
         bias = self.param(
           name + "_bias",
@@ -135,28 +143,25 @@ class MultiHeadAttention(nn.Module):
           (self.num_heads, self.head_dim),
           jnp.float32,
         )
-        y = y + bias.astype(self.dtype)
-      return y
+        y = y + (bias[:, None, :] if head_major else bias).astype(self.dtype)
+      return constrain(y, axes)
 
     # No key bias: it adds the same q.b to every key's logit, which softmax cancels, so its
     # gradient is pure rounding noise that Adam would amplify into random updates.
     q, k, v = proj("query"), proj("key", use_bias=False), proj("value")
-    q = constrain(q, KV_AXES)
-    k = constrain(k, KV_AXES)
-    v = constrain(v, KV_AXES)
 
     q = q * jnp.asarray(self.head_dim**-0.5, self.dtype)
     if step is None:
-      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+      logits = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32)
       logits = jnp.where(mask[:, None, :, :], logits, MASK_BIAS)
       probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
       if not deterministic and self.dropout_rate > 0:
         probs = nn.Dropout(self.dropout_rate)(probs, deterministic=False)
-      out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+      out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
     else:
       target = _write_kv(step.target, k, v, step.position)
       out = _cached_attention(q, step, target, self.dtype)
-    out = constrain(out, KV_AXES)
+    out = constrain(out, axes)
     out_kernel = self.param(
       "out",
       nn.with_logical_partitioning(default_kernel_init, ("heads", "kv", "embed")),
@@ -169,13 +174,13 @@ class MultiHeadAttention(nn.Module):
       (d_model,),
       jnp.float32,
     )
-    out = jnp.einsum("blhk,hkd->bld", out, out_kernel.astype(self.dtype))
+    out = jnp.einsum(f"{layout},hkd->bld", out, out_kernel.astype(self.dtype))
     out = out + out_bias.astype(self.dtype)
     out = constrain(out, ("batch", "length", "embed"))
     if step is not None:
       return out, target
-    if return_kv:
-      return out, LayerKV(k, v)
+    if return_kv:  # the cache layout: [b, L, heads, kv]
+      return out, LayerKV(k.swapaxes(1, 2), v.swapaxes(1, 2))
     return out
 
 
