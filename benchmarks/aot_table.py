@@ -82,10 +82,7 @@ def main() -> None:
       reports[name] = compile_config(name, out_dir)
       print(table({name: reports[name]}).splitlines()[-1], flush=True)
   print(table(reports))
-  os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-  with open(args.json, "w") as f:
-    json.dump(reports, f, indent=2)
-  print(f"wrote {args.json}")
+  common.write_json(args.json, reports)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import sys
@@ -62,3 +63,11 @@ def summarize(times: list[float]) -> dict[str, float]:
     "max_s": max(times),
     "spread": (max(times) - min(times)) / statistics.median(times),
   }
+
+
+def write_json(path: str, results: Any) -> None:
+  """Writes a benchmark's results as JSON (creating the folder) and says where."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(results, f, indent=2)
+  print(f"wrote {path}")

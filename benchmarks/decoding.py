@@ -15,7 +15,6 @@ benchmarks/results/decoding.json).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -25,6 +24,9 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -129,20 +131,16 @@ def main() -> None:
     "Uncached decoding reruns the full sequence each step (time per token grows with the "
     "length); the cached path's time per token should stay flat (ratio near 1)."
   )
-  os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-  with open(args.json, "w") as f:
-    json.dump(
-      {
-        "device": str(jax.devices()[0]),
-        "platform": platform.platform(),
-        "lengths": lengths,
-        "rows": rows,
-        "table": text,
-      },
-      f,
-      indent=2,
-    )
-  print(f"wrote {args.json}")
+  common.write_json(
+    args.json,
+    {
+      "device": str(jax.devices()[0]),
+      "platform": platform.platform(),
+      "lengths": lengths,
+      "rows": rows,
+      "table": text,
+    },
+  )
 
 
 if __name__ == "__main__":

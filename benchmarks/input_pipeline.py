@@ -182,10 +182,7 @@ def main() -> None:
     if bottleneck
     else "the pipeline is not the bottleneck (all ratios > 1)"
   )
-  os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-  with open(args.json, "w") as f:
-    json.dump(results, f, indent=2)
-  print(f"wrote {args.json}")
+  common.write_json(args.json, results)
 
 
 if __name__ == "__main__":

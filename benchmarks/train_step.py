@@ -16,7 +16,6 @@ requirements-bench.txt`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -192,10 +191,7 @@ def main() -> None:
     "model FLOPs / step time / measured matmul peak; XLA/ours = cost_analysis FLOPs / "
     "analytic FLOPs (a scanned stack's loop body is counted once by XLA)"
   )
-  os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-  with open(args.json, "w") as f:
-    json.dump(results, f, indent=2)
-  print(f"wrote {args.json}")
+  common.write_json(args.json, results)
 
 
 def _num_params(config) -> int:
