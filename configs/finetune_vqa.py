@@ -3,7 +3,7 @@
   # 1. pretrain (base model, VQA mixed in at weight 1 next to the three M6 tasks)
   python -m m6_jax.main --config=configs/base.py --workdir=/tmp/m6_pre \
     --config.data.task_weights.vqa=1.0 --config.train.steps=1500
-  # 2. fine-tune on VQA only, evaluating every 500 steps and keeping the best checkpoint
+  # 2. fine-tune on VQA only, evaluating every 1500 steps and keeping the best checkpoint
   python -m m6_jax.main --config=configs/finetune_vqa.py --workdir=/tmp/m6_vqa \
     --config.init_from=/tmp/m6_pre
   # 3. evaluate the best checkpoint against the baselines
@@ -28,12 +28,12 @@ def get_config(arg: str | None = None):
   config.data.task_weights.multimodal_to_text = 0.0
   config.data.task_weights.vqa = 1.0
   config.data.length_bucket = 8  # answers and captions fill a fraction of tgt_len: trim
-  config.train.steps = 1500
+  config.train.steps = 4500
   config.train.lr = 5e-4
   config.train.warmup_steps = 50
   config.train.log_every = 100
-  config.train.checkpoint_every = 500
-  config.train.eval_every = 500
+  config.train.checkpoint_every = 1500
+  config.train.eval_every = 1500
   config.train.eval_metric = "vqa_accuracy"
   config.train.eval_examples = 64
   if arg == "runlocal":
