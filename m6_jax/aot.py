@@ -112,15 +112,6 @@ def model_flops_per_step(config: ml_collections.ConfigDict, counts: dict[str, in
   return flops
 
 
-def count_collectives(hlo_text: str) -> dict[str, int]:
-  """Instructions of each collective kind in an HLO module's text (async `-start` halves
-  count once; ops inside while-loop bodies, e.g. of the scanned layers, count once)."""
-  counts = {}
-  for name in COLLECTIVES:
-    counts[name] = len(re.findall(rf"(?<![\w-]){name}(?:-start)?\(", hlo_text))
-  return counts
-
-
 _DTYPE_BYTES = {
   "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
   "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
@@ -130,6 +121,19 @@ _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$"
 _COLLECTIVE = re.compile(
   r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\("
 )
+
+
+def count_collectives(hlo_text: str) -> dict[str, int]:
+  """Instructions of each collective kind in an HLO module's text (async `-start` halves
+  count once; ops inside while-loop bodies, e.g. of the scanned layers, count once)."""
+  counts = dict.fromkeys(COLLECTIVES, 0)
+  for line in hlo_text.splitlines():
+    m = _COLLECTIVE.match(line)
+    if m:
+      counts[m.group(2)] += 1
+  return counts
+
+
 _CALLEE = re.compile(r"\b(body|condition|to_apply|calls)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP_COUNT = re.compile(r'known_trip_count"?\s*:\s*\{\s*"?n"?\s*:\s*"?(\d+)')
