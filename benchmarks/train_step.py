@@ -1,7 +1,7 @@
 """Train-step speed: our jitted step vs the machine's measured matmul peak and vs PyTorch.
 
   python benchmarks/train_step.py [--sizes=base,medium,medium_scan] [--reps=5] [--no-torch]
-      [--no-torch-compile] [--json=benchmarks/results/train_step.json]
+      [--no-torch-compile] [--no-huge-pages] [--json=benchmarks/results/train_step.json]
 
 For each model size: steady-state step time (after compilation; median and spread of
 `--reps` steps), tokens/s, model FLOPs per step (analytic count, and XLA's cost_analysis of
@@ -10,7 +10,9 @@ same run on the same device. The PyTorch reference (benchmarks/torch_reference.p
 layers, sizes, batch, AdamW and clipping) runs in the same process on the same CPU threads,
 in float32, eager and (where it works) torch.compile; the table gives our step time divided
 by the reference's (< 1: we are faster). PyTorch is optional: `pip install -r
-requirements-bench.txt`.
+requirements-bench.txt`. Like `m6_jax.main`, the benchmark restarts itself once with glibc's
+transparent-huge-page tunable (m6_jax/host_memory.py); both frameworks run under it, in the
+one process. `--no-huge-pages` measures without it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import base  # noqa: E402
+from m6_jax import host_memory  # noqa: E402
 from m6_jax.model.m6 import M6Config  # noqa: E402
 
 
@@ -47,10 +50,11 @@ def medium_config():
 
 
 def medium_scan_config():
-  """`medium` with the layers under `nn.scan`, remat keeping the weight matmuls' outputs."""
+  """`medium` with the layers under `nn.scan`, remat keeping the weight matmuls' outputs and
+  the attention probabilities and output (the backward pass recomputes norms and GELU only)."""
   c = medium_config()
   c.model.scan_layers = True
-  c.model.remat_policy = "dots_with_no_batch_dims_saveable"
+  c.model.remat_policy = "dots_and_attention_saveable"
   return c
 
 
@@ -124,18 +128,33 @@ def main() -> None:
   parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
   parser.add_argument("--no-torch-compile", action="store_true", help="skip torch.compile")
   parser.add_argument(
+    "--no-huge-pages",
+    action="store_true",
+    help="run as started, without restarting with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 "
+    "(m6_jax/host_memory.py; the setting applies to both frameworks, one process)",
+  )
+  parser.add_argument(
     "--json", default=os.path.join(os.path.dirname(__file__), "results", "train_step.json")
   )
   args = parser.parse_args()
+  memory = (
+    "host memory: as started" if args.no_huge_pages else host_memory.restart_with_huge_pages()
+  )
 
   peak = measured_peak_flops()
   device = jax.devices()[0]
   threads = os.cpu_count()
   print(
     f"device: {device.device_kind} x{jax.device_count()}, {threads} CPU threads for both "
-    f"frameworks, float32; measured matmul peak {peak / 1e9:.1f} GFLOP/s"
+    f"frameworks, float32; measured matmul peak {peak / 1e9:.1f} GFLOP/s\n{memory}, for both"
   )
-  results = {"device": str(device.device_kind), "threads": threads, "peak_flops": peak, "sizes": {}}
+  results = {
+    "device": str(device.device_kind),
+    "threads": threads,
+    "peak_flops": peak,
+    "huge_pages": host_memory.enabled(),
+    "sizes": {},
+  }
   header = (
     f"{'size':<15} {'params':>8} {'seq':>5} {'batch':>5} {'step ms':>9} {'spread':>7} "
     f"{'tokens/s':>9} {'GFLOP/step':>10} {'XLA/ours':>8} {'MFU':>6} "

@@ -18,7 +18,13 @@ MESH_AXES = ("data", "fsdp", "tensor", "expert")
 SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
 IMAGE_STEMS = ("linear", "resnet")
 DTYPES = ("float32", "bfloat16")
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+REMAT_POLICIES = (
+  "none",
+  "full",
+  "dots_saveable",
+  "dots_with_no_batch_dims_saveable",
+  "dots_and_attention_saveable",
+)
 
 
 class ConfigError(ValueError):

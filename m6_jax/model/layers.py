@@ -13,12 +13,14 @@ target position against cached keys/values and returns the updated target cache.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
 
@@ -152,12 +154,10 @@ class MultiHeadAttention(nn.Module):
 
     q = q * jnp.asarray(self.head_dim**-0.5, self.dtype)
     if step is None:
-      logits = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32)
-      logits = jnp.where(mask[:, None, :, :], logits, MASK_BIAS)
-      probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+      dropout = None
       if not deterministic and self.dropout_rate > 0:
-        probs = nn.Dropout(self.dropout_rate)(probs, deterministic=False)
-      out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+        dropout = nn.Dropout(self.dropout_rate, deterministic=False)
+      out = attention_core(q, k, v, mask, self.dtype, dropout)
     else:
       target = _write_kv(step.target, k, v, step.position)
       out = _cached_attention(q, step, target, self.dtype)
@@ -182,6 +182,65 @@ class MultiHeadAttention(nn.Module):
     if return_kv:  # the cache layout: [b, L, heads, kv]
       return out, LayerKV(k.swapaxes(1, 2), v.swapaxes(1, 2))
     return out
+
+
+# Names of the attention residuals, for remat policies that keep them (m6.REMAT_POLICIES).
+ATTENTION_PROBS = "attention_probs"
+ATTENTION_OUT = "attention_out"
+
+
+def attention_core(
+  q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, dtype: Dtype, dropout: Any = None
+) -> jax.Array:
+  """softmax(q k^T masked) v over head-major [b, h, L, kv] blocks; mask [b, L, L] bool.
+
+  `q` is already scaled. `dropout` (an nn.Dropout bound to the calling module, or None)
+  drops attention probabilities; that path is differentiated by JAX. Without dropout the
+  core has a hand-written backward pass (`_masked_attention`)."""
+  if dropout is None:
+    return _masked_attention(q, k, v, mask, dtype)
+  probs = _attention_probs(q, k, mask).astype(dtype)
+  return jnp.einsum("bhqk,bhkd->bhqd", dropout(probs), v)
+
+
+def _attention_probs(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
+  """float32 softmax of the masked logits, [b, h, q, k]."""
+  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+  logits = jnp.where(mask[:, None, :, :], logits, MASK_BIAS)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+# Why a custom VJP: differentiating softmax(QK^T)V keeps the logits and the probabilities as
+# separate [b, h, L, L] residuals and, under remat, recomputes the logits, the softmax and
+# both matmuls in the backward pass. The backward below needs only the probabilities and the
+# output: dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)), dQ = dS K, dK = dS^T Q,
+# the same identities flash attention uses. The residuals carry checkpoint names, so a remat
+# policy can keep them (`dots_and_attention_saveable`) instead of recomputing the forward.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _masked_attention(q, k, v, mask, dtype):
+  return _masked_attention_fwd(q, k, v, mask, dtype)[0]
+
+
+def _masked_attention_fwd(q, k, v, mask, dtype):
+  probs = checkpoint_name(_attention_probs(q, k, mask), ATTENTION_PROBS)
+  out = checkpoint_name(jnp.einsum("bhqk,bhkd->bhqd", probs.astype(dtype), v), ATTENTION_OUT)
+  return out, (q, k, v, mask, probs, out)
+
+
+def _masked_attention_bwd(dtype, residuals, d_out):
+  q, k, v, mask, probs, out = residuals
+  d_v = jnp.einsum("bhqk,bhqd->bhkd", probs.astype(dtype), d_out)
+  d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_out, v, preferred_element_type=jnp.float32)
+  row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  # Masked logits were constants (MASK_BIAS): no gradient reaches q or k through them, also
+  # in a fully masked (padded) query row, whose probabilities are uniform rather than zero.
+  d_logits = jnp.where(mask[:, None, :, :], probs * (d_probs - row), 0.0).astype(dtype)
+  d_q = jnp.einsum("bhqk,bhkd->bhqd", d_logits, k)
+  d_k = jnp.einsum("bhqk,bhqd->bhkd", d_logits, q)
+  return d_q, d_k, d_v, None
+
+
+_masked_attention.defvjp(_masked_attention_fwd, _masked_attention_bwd)
 
 
 def _write_kv(cache: LayerKV, k: jax.Array, v: jax.Array, position: jax.Array) -> LayerKV:

@@ -37,6 +37,8 @@ from flax import struct
 
 from m6_jax.model.embeddings import ImageEmbedding, PositionEmbedding, embed_init
 from m6_jax.model.layers import (
+  ATTENTION_OUT,
+  ATTENTION_PROBS,
   LayerKV,
   LayerNorm,
   StepCache,
@@ -213,6 +215,12 @@ REMAT_POLICIES = {
   "full": None,  # jax.checkpoint's default: save nothing, recompute the whole layer
   "dots_saveable": jax.checkpoint_policies.dots_saveable,
   "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  # The weight matmuls' outputs plus the attention probabilities and output: the backward
+  # pass then recomputes only norms and activations. Costs b*h*L*L floats per layer.
+  "dots_and_attention_saveable": jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    jax.checkpoint_policies.save_only_these_names(ATTENTION_PROBS, ATTENTION_OUT),
+  ),
 }
 
 

@@ -47,7 +47,12 @@ def stack_layers(params, config):
 
 @pytest.mark.parametrize(
   "moe, scan, remat",
-  [(False, True, "full"), (True, True, "dots_saveable"), (False, False, "dots_saveable")],
+  [
+    (False, True, "full"),
+    (True, True, "dots_saveable"),
+    (False, False, "dots_saveable"),
+    (False, True, "dots_and_attention_saveable"),
+  ],
 )
 def test_scan_and_remat_match_unrolled(tiny_config, random_batch, moe, scan, remat):
   c = _moe(tiny_config) if moe else tiny_config
