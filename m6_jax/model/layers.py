@@ -88,11 +88,40 @@ class LayerNorm(nn.Module):
       (features,),
       jnp.float32,
     )
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
-    return y.astype(self.dtype)
+    return _layer_norm(x, scale, bias, self.epsilon, x.dtype).astype(self.dtype)
+
+
+# Why a custom VJP: JAX's derivative of the normalisation is a long chain of element-wise ops
+# that XLA:CPU fused into the transposing copies feeding the weight-gradient matmuls, where
+# the row reductions run with strided reads (9 ms per layer of the benchmark model for a
+# 4 MB result). The closed form below, dx = (g - mean(g) - x_hat * mean(g * x_hat)) / std
+# with g = dy * scale, is a few fusions; the medium benchmark step got 4-5% faster.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _layer_norm(x, scale, bias, epsilon, x_dtype):
+  """float32 (x - mean) / std * scale + bias over the last axis."""
+  return _layer_norm_fwd(x, scale, bias, epsilon, x_dtype)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon, x_dtype):
+  x32 = x.astype(jnp.float32)
+  centered = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+  inv_std = jax.lax.rsqrt(jnp.mean(jnp.square(centered), axis=-1, keepdims=True) + epsilon)
+  normed = centered * inv_std
+  return normed * scale + bias, (normed, inv_std, scale)
+
+
+def _layer_norm_bwd(epsilon, x_dtype, residuals, d_y):
+  normed, inv_std, scale = residuals
+  d_y = d_y.astype(jnp.float32)
+  g = d_y * scale
+  d_x = inv_std * (
+    g - jnp.mean(g, axis=-1, keepdims=True) - normed * jnp.mean(g * normed, axis=-1, keepdims=True)
+  )
+  rows = tuple(range(d_y.ndim - 1))
+  return d_x.astype(x_dtype), jnp.sum(d_y * normed, axis=rows), jnp.sum(d_y, axis=rows)
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 class MultiHeadAttention(nn.Module):

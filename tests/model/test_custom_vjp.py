@@ -1,4 +1,4 @@
-"""The attention core's hand-written backward pass gives JAX's gradients of the same function."""
+"""Hand-written backward passes (attention core, LayerNorm) give JAX's gradients."""
 
 import jax
 import jax.numpy as jnp
@@ -57,3 +57,32 @@ def test_saveable_policy_keeps_the_attention_residuals():
 
   assert batched_matmuls("dots_and_attention_saveable") == 6
   assert batched_matmuls("dots_with_no_batch_dims_saveable") == 8
+
+
+@pytest.mark.parametrize(
+  "x_dtype, out_dtype, tol", [(jnp.float32, jnp.float32, 1e-5), (jnp.bfloat16, jnp.bfloat16, 2e-2)]
+)
+def test_layer_norm_vjp_matches_autodiff(x_dtype, out_dtype, tol):
+  """LayerNorm's hand-written backward pass gives JAX's gradients of the textbook formula."""
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal((3, 5, 16)) * 3 + 1, x_dtype)
+  d_y = jnp.asarray(rng.standard_normal((3, 5, 16)), out_dtype)
+  norm = layers.LayerNorm(dtype=out_dtype)
+  params = norm.init(jax.random.PRNGKey(0), x)
+  params = jax.tree.map(lambda p: p + jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
+
+  def textbook(params, x):
+    p = params["params"]
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + 1e-6) * p["scale"].value + p["bias"].value
+    return y.astype(out_dtype)
+
+  y, vjp = jax.vjp(norm.apply, params, x)
+  ref_y, ref_vjp = jax.vjp(textbook, params, x)
+  np.testing.assert_allclose(np.float32(y), np.float32(ref_y), atol=tol, rtol=tol)
+  got, want = vjp(d_y), ref_vjp(d_y)
+  assert got[1].dtype == x_dtype
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.float32(g), np.float32(w), atol=tol * 4, rtol=tol)
