@@ -324,7 +324,7 @@ class Mlp(nn.Module):
       kernel_init=nn.with_logical_partitioning(default_kernel_init, ("embed", "mlp")),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
     )(x)
-    h = constrain(nn.gelu(h), ("batch", "length", "mlp"))
+    h = constrain(gelu(h), ("batch", "length", "mlp"))
     h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
     out = nn.Dense(
       d_model,
@@ -334,6 +334,31 @@ class Mlp(nn.Module):
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
     )(h)
     return constrain(out, ("batch", "length", "embed"))
+
+
+# Why a custom VJP: as with LayerNorm, XLA:CPU fused JAX's derivative of the tanh GELU (a
+# chain through x**3 and tanh) into the transposing copy that feeds the first MLP matmul's
+# weight gradient. The closed-form derivative below made the medium benchmark step about 3%
+# faster (scanned) in a same-run A/B; the forward pass is jax.nn.gelu itself.
+@jax.custom_vjp
+def gelu(x: jax.Array) -> jax.Array:
+  """GELU, tanh approximation (flax's and jax.nn's default)."""
+  return jax.nn.gelu(x, approximate=True)
+
+
+def _gelu_fwd(x):
+  return gelu(x), x
+
+
+def _gelu_bwd(x, d_y):
+  x32 = x.astype(jnp.float32)
+  inner = jnp.sqrt(2 / jnp.pi).astype(jnp.float32)
+  t = jnp.tanh(inner * (x32 + 0.044715 * x32**3))
+  slope = 0.5 * (1 + t) + 0.5 * x32 * (1 - t * t) * inner * (1 + 3 * 0.044715 * x32 * x32)
+  return ((d_y.astype(jnp.float32) * slope).astype(x.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 class TransformerBlock(nn.Module):

@@ -74,7 +74,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from m6_jax.model.layers import constrain
+from m6_jax.model.layers import constrain, gelu
 
 Dtype = Any
 
@@ -294,7 +294,7 @@ class Experts(nn.Module):
     if self.use_bias:
       bi = self._param("wi_bias", nn.initializers.zeros, ("expert", "mlp"), (e, m))
       h = h + bi.astype(self.dtype)[:, None, None, :]
-    h = constrain(nn.gelu(h), EXPERT_MLP)
+    h = constrain(gelu(h), EXPERT_MLP)
     h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
     wo = self._param("wo_kernel", expert_kernel_init, ("expert", "mlp", "embed"), (e, m, d))
     out = jnp.einsum("ebcm,emd->ebcd", h, wo.astype(self.dtype))

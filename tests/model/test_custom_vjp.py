@@ -1,4 +1,4 @@
-"""Hand-written backward passes (attention core, LayerNorm) give JAX's gradients."""
+"""Hand-written backward passes (attention core, LayerNorm, GELU) give JAX's gradients."""
 
 import jax
 import jax.numpy as jnp
@@ -86,3 +86,15 @@ def test_layer_norm_vjp_matches_autodiff(x_dtype, out_dtype, tol):
   assert got[1].dtype == x_dtype
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(np.float32(g), np.float32(w), atol=tol * 4, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
+def test_gelu_vjp_matches_autodiff(dtype, tol):
+  x = jnp.asarray(np.linspace(-6, 6, 97), dtype)
+  d_y = jnp.asarray(np.random.default_rng(3).standard_normal(97), dtype)
+  y, vjp = jax.vjp(layers.gelu, x)
+  ref_y, ref_vjp = jax.vjp(lambda x: jax.nn.gelu(x, approximate=True), x)
+  np.testing.assert_array_equal(np.float32(y), np.float32(ref_y))  # the forward is jax.nn.gelu
+  (got,), (want,) = vjp(d_y), ref_vjp(d_y)
+  assert got.dtype == dtype
+  np.testing.assert_allclose(np.float32(got), np.float32(want), atol=tol, rtol=tol)
