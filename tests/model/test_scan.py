@@ -137,3 +137,11 @@ def test_moe_config_errors(tiny_config):
   with pytest.raises(ConfigError, match=r"mesh.data\*mesh.fsdp\*mesh.expert=8"):
     validate(moe(mesh__expert=4, data__batch_size=4), num_devices=8)
   validate(moe(mesh__expert=4), num_devices=8)
+
+
+def test_config_lists_exactly_the_models_remat_policies():
+  """config.py keeps its own list (it imports no JAX); it must name the policies m6.py has."""
+  from m6_jax import config as config_lib
+  from m6_jax.model.m6 import REMAT_POLICIES
+
+  assert config_lib.REMAT_POLICIES == ("none", *REMAT_POLICIES)
