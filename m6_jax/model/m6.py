@@ -39,6 +39,7 @@ from m6_jax.model.embeddings import ImageEmbedding, PositionEmbedding, embed_ini
 from m6_jax.model.layers import (
   ATTENTION_OUT,
   ATTENTION_PROBS,
+  AttentionMask,
   LayerKV,
   LayerNorm,
   StepCache,
@@ -370,7 +371,7 @@ class M6(nn.Module):
     _check_text_lengths(c, batch)
     x, prefix_valid = self.embed_inputs(batch)
     target_valid = batch["tgt_input"] != PAD_ID
-    mask = prefix_lm_mask(prefix_valid, target_valid)
+    mask = AttentionMask(prefix_lm_mask(prefix_valid, target_valid), prefix_valid.shape[1])
     token_mask = jnp.concatenate([prefix_valid, target_valid], axis=1)
     x = self.embedding_dropout(x, deterministic=deterministic)
     if c.scan_layers:

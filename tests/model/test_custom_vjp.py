@@ -1,4 +1,4 @@
-"""Hand-written backward passes (attention core, LayerNorm, GELU) give JAX's gradients."""
+"""Hand-written backward passes (attention core, dense, LayerNorm, GELU) give JAX's gradients."""
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,39 @@ def test_custom_vjp_matches_autodiff(dtype, tol):
   assert not np.any(np.float32(d_k[1, :, 7])), "a key no query sees must get no gradient"
 
 
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+def test_prefix_split_matches_the_dense_core(dtype, tol):
+  """With `prefix_len` the core skips the prefix-to-target block of a prefix-LM mask: the
+  outputs and gradients of every real query are those of the dense core, and the score
+  matmuls are [prefix x prefix] and [target x all] instead of [all x all]."""
+  from m6_jax.model.m6 import prefix_lm_mask
+
+  rng = np.random.default_rng(4)
+  b, h, p, t, d = 2, 3, 7, 5, 8
+  q, k, v, d_out = (jnp.asarray(rng.standard_normal((b, h, p + t, d)), dtype) for _ in range(4))
+  prefix_valid = jnp.asarray([[1] * 5 + [0] * 2, [1] * 7], bool)
+  target_valid = jnp.asarray([[1] * 5, [1] * 3 + [0] * 2], bool)
+  mask = prefix_lm_mask(prefix_valid, target_valid)
+  real = jnp.concatenate([prefix_valid, target_valid], axis=1)[:, None, :, None]
+  d_out = jnp.where(real, d_out, 0)  # padded positions get no gradient in the model
+
+  def core(prefix_len):
+    return jax.vjp(lambda *a: layers.attention_core(*a, mask, dtype, None, prefix_len), q, k, v)
+
+  (out, vjp), (dense_out, dense_vjp) = core(p), core(0)
+  assert out.shape == dense_out.shape and out.dtype == dtype
+  np.testing.assert_allclose(
+    np.float32(jnp.where(real, out, 0)), np.float32(jnp.where(real, dense_out, 0)), atol=tol
+  )
+  for name, got, want in zip("qkv", vjp(d_out), dense_vjp(d_out)):
+    np.testing.assert_allclose(np.float32(got), np.float32(want), atol=tol, err_msg=name)
+
+  jaxpr = str(jax.make_jaxpr(lambda *a: layers.attention_core(*a, mask, dtype, None, p))(q, k, v))
+  score_shapes = {f"[{b},{h},{p},{p}]", f"[{b},{h},{t},{p + t}]", f"[{b},{h},{p + t},{p + t}]"}
+  found = {s for s in score_shapes if s in jaxpr.replace(" ", "")}
+  assert found == score_shapes - {f"[{b},{h},{p + t},{p + t}]"}, found
+
+
 def test_saveable_policy_keeps_the_attention_residuals():
   """Under the `dots_and_attention_saveable` remat policy the backward pass does not redo the
   forward attention matmuls: 2 forward + 4 backward batched matmuls, against 2 more (the
@@ -57,6 +90,65 @@ def test_saveable_policy_keeps_the_attention_residuals():
 
   assert batched_matmuls("dots_and_attention_saveable") == 6
   assert batched_matmuls("dots_with_no_batch_dims_saveable") == 8
+
+
+@pytest.mark.parametrize("n_in, n_out", [(8, 24), (24, 8)])  # both kernel-gradient branches
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+def test_dense_vjp_matches_autodiff(n_in, n_out, dtype, tol):
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((3, 7, n_in)), dtype)
+  kernel = jnp.asarray(rng.standard_normal((n_in, n_out)), dtype)
+  d_y = jnp.asarray(rng.standard_normal((3, 7, n_out)), dtype)
+  y, vjp = jax.vjp(layers._dense, x, kernel)
+  ref_y, ref_vjp = jax.vjp(jnp.dot, x, kernel)
+  np.testing.assert_array_equal(np.float32(y), np.float32(ref_y))
+  for name, got, want in zip(("x", "kernel"), vjp(d_y), ref_vjp(d_y)):
+    assert got.shape == want.shape and got.dtype == dtype, name
+    np.testing.assert_allclose(np.float32(got), np.float32(want), atol=tol, rtol=tol, err_msg=name)
+
+
+def test_dense_module_has_flax_dense_parameters():
+  """layers.Dense creates nn.Dense's parameters (names, shapes, initial values), so older
+  checkpoints restore into it, and computes the same function."""
+  import flax.linen as nn
+
+  x = jnp.asarray(np.random.default_rng(6).standard_normal((2, 5, 8)), jnp.float32)
+  ours = layers.Dense(16, ("embed", "mlp"))
+  flax_dense = nn.Dense(16, kernel_init=layers.default_kernel_init)
+  params = ours.init(jax.random.PRNGKey(0), x)
+  flax_params = flax_dense.init(jax.random.PRNGKey(0), x)
+  unboxed = nn.unbox(params)
+  assert jax.tree.structure(unboxed) == jax.tree.structure(flax_params)
+  for got, want in zip(jax.tree.leaves(unboxed), jax.tree.leaves(flax_params)):
+    np.testing.assert_array_equal(got, want)
+  np.testing.assert_allclose(
+    ours.apply(params, x), flax_dense.apply(flax_params, x), atol=1e-6, rtol=1e-6
+  )
+
+
+def test_dense_forward_matmul_is_saved_by_the_dots_policies():
+  """Under a remat policy that saves matmul outputs the backward pass must not redo the
+  dense matmuls: 2 forward + 4 backward, against 2 more when nothing is saved."""
+  from m6_jax.model.m6 import REMAT_POLICIES
+
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.standard_normal((2, 4, 8)), jnp.float32)
+  w1, w2 = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((8, 16), (16, 8)))
+
+  def matmuls(policy):
+    def f(w1, w2):
+      return jnp.sum(layers._dense(layers.gelu(layers._dense(x, w1) + 1.0), w2) ** 2)
+
+    grad = jax.grad(jax.checkpoint(f, policy=REMAT_POLICIES[policy]), argnums=(0, 1))
+    return str(jax.make_jaxpr(grad)(w1, w2)).count("dot_general")
+
+  for policy in (
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "dots_and_attention_saveable",
+  ):
+    assert matmuls(policy) == 6, policy
+  assert matmuls("full") == 8
 
 
 @pytest.mark.parametrize(
