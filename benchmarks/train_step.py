@@ -69,9 +69,14 @@ def model_flops_per_step(c: M6Config, batch: int) -> float:
   inner = c.num_heads * c.head_dim
   seq = c.seq_len
   per_token_layer = 2 * (3 * c.d_model * inner + inner * c.d_model + 2 * c.d_model * c.mlp_dim)
-  attention_per_token_layer = 2 * 2 * seq * inner  # scores and weighted sum, full mask
+  # Scores and weighted sum over the (query, key) pairs the prefix-LM mask allows blockwise:
+  # prefix queries x prefix keys and target queries x all keys. Prefix queries never see the
+  # target, so that block is no model work (and layers.attention_core skips it).
+  prefix = seq - c.tgt_len
+  attention_pairs = prefix * prefix + c.tgt_len * seq
   forward = batch * (
-    seq * c.num_layers * (per_token_layer + attention_per_token_layer)
+    seq * c.num_layers * per_token_layer
+    + c.num_layers * 2 * 2 * attention_pairs * inner
     + c.num_patches * 2 * (c.patch_size**2 * 3) * c.d_model  # patch projection
     + c.tgt_len * 2 * c.d_model * c.vocab_size  # LM head on the target positions
   )

@@ -392,9 +392,11 @@ class Dense(nn.Module):
 # matmul contracting the token axis of both operands, and XLA:CPU picks the operand layouts
 # for it. In the medium benchmark it chose forms that ran at 122 GFLOP/s ([512, 2048] kernel)
 # and 150 GFLOP/s ([2048, 512]), against about 200 for the same matmul with its left operand
-# transposed to [features, tokens] first. The backward below does that transpose itself, on
-# the narrower operand (the cheaper copy), and fences it with optimization barriers so that
-# XLA does not fold it back into the matmul.
+# transposed to [features, tokens] first. On CPU the backward below does that transpose
+# itself, on the narrower operand (the cheaper copy), and fences it with optimization
+# barriers so that XLA does not fold it back into the matmul. Other platforms get JAX's own
+# derivative: an accelerator's compiler handles a contraction over any axis without a copy,
+# and a fenced copy would only cost memory bandwidth there.
 @jax.custom_vjp
 def _dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """x [..., n_in] @ kernel [n_in, n_out]."""
@@ -411,13 +413,28 @@ def _dense_bwd(residuals, d_y):
   x, kernel = residuals
   d_x = jax.lax.dot_general(d_y, kernel, (((d_y.ndim - 1,), (1,)), ((), ())))
   x2, d2 = x.reshape(-1, x.shape[-1]), d_y.reshape(-1, d_y.shape[-1])
+  # Chosen when the step is lowered, for the platform it is lowered for (also ahead of time:
+  # a TPU compile on a CPU host takes the default).
+  d_kernel = jax.lax.platform_dependent(
+    x2, d2, cpu=_kernel_grad_from_rows, default=_kernel_grad_over_tokens
+  )
+  return d_x, d_kernel
+
+
+def _kernel_grad_over_tokens(x: jax.Array, d_y: jax.Array) -> jax.Array:
+  """x^T d_y for x [tokens, n_in], d_y [tokens, n_out], as JAX differentiates x @ W."""
+  return jax.lax.dot_general(x, d_y, (((0,), (0,)), ((), ())))
+
+
+def _kernel_grad_from_rows(x: jax.Array, d_y: jax.Array) -> jax.Array:
+  """x^T d_y as a row-major matmul whose left operand is the narrower of the two,
+  transposed to [features, tokens]."""
   barrier = jax.lax.optimization_barrier
   rows_by_tokens = (((1,), (0,)), ((), ()))
-  if x2.shape[1] <= d2.shape[1]:
-    d_kernel = jax.lax.dot_general(barrier(x2.T), d2, rows_by_tokens)
-  else:  # compute d_kernel^T = d_y^T x, then transpose the (small) result
-    d_kernel = barrier(jax.lax.dot_general(barrier(d2.T), x2, rows_by_tokens)).T
-  return d_x, d_kernel
+  if x.shape[1] <= d_y.shape[1]:
+    return jax.lax.dot_general(barrier(x.T), d_y, rows_by_tokens)
+  # d_kernel^T = d_y^T x, then transpose the result (the size of a kernel)
+  return barrier(jax.lax.dot_general(barrier(d_y.T), x, rows_by_tokens)).T
 
 
 _dense.defvjp(_dense_fwd, _dense_bwd)
