@@ -99,8 +99,8 @@ def model_flops_per_step(config: ml_collections.ConfigDict, counts: dict[str, in
   """Analytic training FLOPs of one step (forward + backward = 3x forward, no remat).
 
   6 * (active non-embedding params) per token over the whole sequence, + the LM head on the
-  target positions, + attention scores and mixing (12 * layers * seq^2 * heads*head_dim per
-  sequence, fwd+bwd).
+  target positions, + attention scores and mixing (12 * layers * heads*head_dim per (query,
+  key) pair the prefix-LM mask allows blockwise, M6Config.attention_pairs, fwd+bwd).
   """
   m, d = config.model, config.data
   c = M6Config.from_config(config)
@@ -108,7 +108,7 @@ def model_flops_per_step(config: ml_collections.ConfigDict, counts: dict[str, in
   dense_params = counts["active per token"] - counts["embeddings"]
   flops = 6.0 * dense_params * b * seq
   flops += 6.0 * m.vocab_size * m.d_model * b * d.tgt_len
-  flops += 12.0 * m.num_layers * seq * seq * m.num_heads * m.head_dim * b
+  flops += 12.0 * m.num_layers * c.attention_pairs * m.num_heads * m.head_dim * b
   return flops
 
 

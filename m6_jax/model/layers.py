@@ -156,9 +156,8 @@ class MultiHeadAttention(nn.Module):
     return_kv: bool = False,
     step: StepCache | None = None,
   ) -> Any:
-    """Full mode (`step` None): x [b, L, d], mask [b, L, L] (or an AttentionMask) -> out
-    [b, L, d], plus this
-    layer's LayerKV [b, L, heads, kv] when `return_kv`.
+    """Full mode (`step` None): x [b, L, d], mask [b, L, L] or an AttentionMask -> out
+    [b, L, d], plus this layer's LayerKV [b, L, heads, kv] when `return_kv`.
 
     Step mode: x [B, 1, d] is the new target position; `mask` is unused (the masks are in
     `step`). Returns (out [B, 1, d], the target LayerKV with the new key/value written).
@@ -365,7 +364,7 @@ class Mlp(nn.Module):
 
 class Dense(nn.Module):
   """nn.Dense over the last axis (the same parameters, names and initialisers) whose kernel
-  gradient runs as a row-major matmul (`_dense`)."""
+  gradient runs as a row-major matmul on CPU (`_dense`)."""
 
   features: int
   kernel_axes: tuple[str, str]

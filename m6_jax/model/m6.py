@@ -111,6 +111,14 @@ class M6Config:
   def seq_len(self) -> int:
     return self.num_patches + self.src_len + self.tgt_len
 
+  @property
+  def attention_pairs(self) -> int:
+    """(query, key) pairs one full-mode attention layer scores per sequence: prefix x prefix
+    and target x all keys. The prefix-LM mask never lets a prefix query see the target, and
+    layers.attention_core skips that block (the model-FLOP counts use this)."""
+    prefix = self.seq_len - self.tgt_len
+    return prefix * prefix + self.tgt_len * self.seq_len
+
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "M6Config":
     m, d = config.model, config.data

@@ -23,6 +23,16 @@ def test_mask_prefix_never_sees_target_and_target_is_causal():
   np.testing.assert_array_equal(mask[p:, p:], expected_causal)
 
 
+def test_attention_pairs_are_the_blocks_the_mask_can_allow(tiny_config):
+  """The model-FLOP counts' attention pairs (prefix x prefix + target x all) cover every
+  pair the prefix-LM mask allows and leave out only the prefix-to-target block."""
+  c = M6Config.from_config(tiny_config)
+  p, t, length = c.seq_len - c.tgt_len, c.tgt_len, c.seq_len
+  mask = np.asarray(prefix_lm_mask(jnp.ones((1, p), bool), jnp.ones((1, t), bool)))[0]
+  assert not mask[:p, p:].any()
+  assert c.attention_pairs == length * length - p * t == mask[:p, :p].size + mask[p:].size
+
+
 def _model_and_params(tiny_config, stem="linear"):
   tiny_config.model.image_stem = stem
   cfg = M6Config.from_config(tiny_config)
