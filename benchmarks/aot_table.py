@@ -6,8 +6,9 @@
 
 Each config is compiled in its own process (`python -m m6_jax.main --mode=aot`, topology
 from the config file's TOPOLOGY), so the compiler's memory is returned between configs; the
-per-config JSON reports are gathered into one JSON file and a markdown table. The largest
-configs take minutes each (M6-10T: about 7 minutes and 10 GB of host memory on 2 cores).
+per-config JSON reports are gathered into one JSON file and a markdown table. Each config
+takes about a minute on 2 cores (the whole table: 6 minutes; M6-10T needs about 10 GB of
+host memory).
 """
 
 from __future__ import annotations

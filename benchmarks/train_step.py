@@ -10,10 +10,10 @@ same run on the same device (before and after the sizes; the better of the two).
 reference (benchmarks/torch_reference.py: the same layers, sizes, batch, AdamW and clipping)
 runs in the same process on the same CPU threads, in float32, eager and (where it works)
 torch.compile; the table gives our step time divided by the reference's (< 1: we are
-faster). PyTorch is optional: `pip install -r
-requirements-bench.txt`. Like `m6_jax.main`, the benchmark restarts itself once with glibc's
-transparent-huge-page tunable (m6_jax/host_memory.py); both frameworks run under it, in the
-one process. `--no-huge-pages` measures without it.
+faster). PyTorch is optional: `pip install -r requirements-bench.txt`. Like `m6_jax.main`,
+the benchmark restarts itself once with glibc's transparent-huge-page tunable
+(m6_jax/host_memory.py); both frameworks run under it, in the one process.
+`--no-huge-pages` measures without it.
 """
 
 from __future__ import annotations
