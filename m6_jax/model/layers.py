@@ -200,10 +200,9 @@ class MultiHeadAttention(nn.Module):
       dropout = None
       if not deterministic and self.dropout_rate > 0:
         dropout = nn.Dropout(self.dropout_rate, deterministic=False)
-      if isinstance(mask, AttentionMask):
-        out = attention_core(q, k, v, mask.allowed, self.dtype, dropout, mask.prefix_len)
-      else:
-        out = attention_core(q, k, v, mask, self.dtype, dropout)
+      if not isinstance(mask, AttentionMask):
+        mask = AttentionMask(mask)
+      out = attention_core(q, k, v, mask.allowed, self.dtype, dropout, mask.prefix_len)
     else:
       target = _write_kv(step.target, k, v, step.position)
       out = _cached_attention(q, step, target, self.dtype)
