@@ -66,9 +66,9 @@ def test_prefix_split_matches_the_dense_core(dtype, tol):
     np.testing.assert_allclose(np.float32(got), np.float32(want), atol=tol, err_msg=name)
 
   jaxpr = str(jax.make_jaxpr(lambda *a: layers.attention_core(*a, mask, dtype, None, p))(q, k, v))
-  score_shapes = {f"[{b},{h},{p},{p}]", f"[{b},{h},{t},{p + t}]", f"[{b},{h},{p + t},{p + t}]"}
-  found = {s for s in score_shapes if s in jaxpr.replace(" ", "")}
-  assert found == score_shapes - {f"[{b},{h},{p + t},{p + t}]"}, found
+  jaxpr = jaxpr.replace(" ", "")
+  assert f"[{b},{h},{p},{p}]" in jaxpr and f"[{b},{h},{t},{p + t}]" in jaxpr
+  assert f"[{b},{h},{p + t},{p + t}]" not in jaxpr
 
 
 def test_saveable_policy_keeps_the_attention_residuals():
