@@ -13,35 +13,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 
-from m6_jax.data.tasks import TASK_NAMES, random_features_batch  # noqa: E402
-from m6_jax.model.m6 import M6, M6Config  # noqa: E402
-from m6_jax.parallel import partitioning  # noqa: E402
-from m6_jax.train import optim  # noqa: E402
-from m6_jax.train import state as state_lib  # noqa: E402
-from m6_jax.train import step as step_lib  # noqa: E402
+from m6_jax.data.tasks import random_features_batch  # noqa: E402
+from m6_jax.train import setup as setup_lib  # noqa: E402
 
 
 def jax_train_step(config) -> tuple[Callable, Any, Any, Any]:
-  """(jitted step, state, device batch, mesh context) for `config` on this machine's devices."""
-  mesh = partitioning.make_mesh(config)
-  rules = partitioning.logical_rules(config)
-  model = M6(M6Config.from_config(config))
-  tx = optim.make_optimizer(config.train)
-  state, shardings = state_lib.create_sharded_state(model, tx, mesh, rules, seed=0)
-  batch = random_features_batch(config.data.batch_size, config)
-  batch_sh = partitioning.batch_shardings(batch, mesh, rules)
-  step = step_lib.jit_train_step(
-    step_lib.make_train_step(
-      model, tx, optim.learning_rate_schedule(config.train), config.train, len(TASK_NAMES)
-    ),
-    shardings,
-    batch_sh,
-    partitioning.replicated(mesh),
-  )
-  context = partitioning.mesh_context(mesh, rules)
-  with context:
-    device_batch = partitioning.host_batch_to_global(batch, batch_sh)
-  return step, state, device_batch, partitioning.mesh_context(mesh, rules)
+  """(jitted step, state, device batch, mesh context) for `config` on this machine's devices:
+  the train loop's own set-up (m6_jax/train/setup.py)."""
+  setup = setup_lib.build(config)
+  state = setup.init_state(seed=0)
+  with setup.mesh_context():
+    device_batch = setup.put_batch(random_features_batch(config.data.batch_size, config))
+  return setup.step, state, device_batch, setup.mesh_context()
 
 
 def time_calls(fn: Callable[[], Any], reps: int, warmup: int = 2) -> list[float]:

@@ -6,7 +6,7 @@
 For the two MLP kernels of the medium benchmark model ([d_model, mlp_dim] and [mlp_dim,
 d_model], `tokens` = batch x length rows), times the kernel gradient x^T dY alone, as
 GFLOP/s: as JAX differentiates x @ W (XLA picks the operand layouts), through
-`layers._dense`'s backward pass (on CPU: the narrower operand copied to [features, tokens],
+`ops.dense`'s backward pass (on CPU: the narrower operand copied to [features, tokens],
 see docs/performance.md (7)), and PyTorch's `x.T @ dY` on the same threads (optional:
 requirements-bench.txt). Runs under the same huge-page setting as benchmarks/train_step.py.
 """
@@ -25,7 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from m6_jax import host_memory  # noqa: E402
-from m6_jax.model import layers  # noqa: E402
+from m6_jax.model import ops  # noqa: E402
 
 
 def kernel_grad(dense):
@@ -46,7 +46,7 @@ def main() -> None:
   args = parser.parse_args()
   print(host_memory.restart_with_huge_pages())
   rng = np.random.default_rng(0)
-  forms = {"jax_autodiff": kernel_grad(jnp.dot), "layers_dense": kernel_grad(layers._dense)}
+  forms = {"jax_autodiff": kernel_grad(jnp.dot), "layers_dense": kernel_grad(ops.dense)}
   results = {"device": str(jax.devices()[0].device_kind), "tokens": args.tokens, "kernels": {}}
   print(f"{'kernel':<14} {'JAX autodiff':>13} {'layers.Dense':>13} {'torch':>8}   (GFLOP/s)")
   for n_in, n_out in ((args.d_model, args.mlp_dim), (args.mlp_dim, args.d_model)):

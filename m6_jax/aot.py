@@ -5,12 +5,13 @@
     --aot_output=/tmp/m6_10b_aot.json
 
 `jax.experimental.topologies.get_topology_desc` describes the chips of a TPU slice without
-any TPU being present; the train step (same model, optimizer, shardings and donation as
-`train/loop.py`) is lowered with abstract inputs and compiled by libtpu for that slice. We
-report per-chip memory (arguments, outputs, temporaries, total against the chip's HBM), the
-compiled FLOPs, the collectives in the compiled HLO with the bytes each chip sends in them
-(loop bodies counted once per iteration), and an MFU estimate from the model FLOPs, the HBM
-traffic and that communication; we print them and write them as JSON.
+any TPU being present; the train step (built by `train/setup.py`, as the train loop builds
+it: same model, optimizer, shardings and donation) is lowered with abstract inputs and
+compiled by libtpu for that slice. We report per-chip memory (arguments, outputs,
+temporaries, total against the chip's HBM), the compiled FLOPs, the collectives in the
+compiled HLO with the bytes each chip sends in them (loop bodies counted once per
+iteration), and an MFU estimate from the model FLOPs, the HBM traffic and that
+communication; we print them and write them as JSON.
 
 Environment: JAX_PLATFORMS is forced to cpu (the TPU platform is only used through the
 topology), so that no TPU backend is initialised; TPU_WORKER_HOSTNAMES=localhost quiets
@@ -27,17 +28,13 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from m6_jax import config as config_lib
 from m6_jax.model import param_count
-from m6_jax.model.m6 import M6, M6Config
 from m6_jax.parallel import partitioning
-from m6_jax.train import optim
-from m6_jax.train import state as state_lib
-from m6_jax.train import step as step_lib
+from m6_jax.train import setup as setup_lib
 
 # Per chip: HBM (GiB), peak bf16 TFLOP/s, HBM bandwidth (TB/s), inter-chip interconnect
 # bandwidth (GB/s; the published Gbps / 8) -- public Cloud TPU figures.
@@ -48,7 +45,6 @@ CHIPS = {
   "v6e": (32, 918, 1.64, 448),
 }
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-NUM_TASKS = 4
 
 
 def _prepare_environment() -> None:
@@ -77,39 +73,6 @@ def topology_devices(topology: str) -> list[Any]:
       f"libtpu could not describe --topology={topology}: {str(e).splitlines()[0]} "
       "(topologies look like v5p:2x2x1, v5p:4x4x4, v4:2x2x2, v6e:4x4)."
     ) from e
-
-
-def abstract_batch(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
-  """The train batch's shapes (global batch) as produced by m6_jax/data/tasks.py."""
-  d = config.data
-  b = d.batch_size
-  f32, i32 = jnp.float32, jnp.int32
-  return {
-    "image": jax.ShapeDtypeStruct((b, d.image_size, d.image_size, 3), f32),
-    "has_image": jax.ShapeDtypeStruct((b,), i32),
-    "src_tokens": jax.ShapeDtypeStruct((b, d.src_len), i32),
-    "tgt_input": jax.ShapeDtypeStruct((b, d.tgt_len), i32),
-    "tgt_target": jax.ShapeDtypeStruct((b, d.tgt_len), i32),
-    "tgt_weights": jax.ShapeDtypeStruct((b, d.tgt_len), f32),
-    "task_id": jax.ShapeDtypeStruct((b,), i32),
-  }
-
-
-def model_flops_per_step(config: ml_collections.ConfigDict, counts: dict[str, int]) -> float:
-  """Analytic training FLOPs of one step (forward + backward = 3x forward, no remat).
-
-  6 * (active non-embedding params) per token over the whole sequence, + the LM head on the
-  target positions, + attention scores and mixing (12 * layers * heads*head_dim per (query,
-  key) pair the prefix-LM mask allows blockwise, M6Config.attention_pairs, fwd+bwd).
-  """
-  m, d = config.model, config.data
-  c = M6Config.from_config(config)
-  seq, b = c.seq_len, d.batch_size
-  dense_params = counts["active per token"] - counts["embeddings"]
-  flops = 6.0 * dense_params * b * seq
-  flops += 6.0 * m.vocab_size * m.d_model * b * d.tgt_len
-  flops += 12.0 * m.num_layers * c.attention_pairs * m.num_heads * m.head_dim * b
-  return flops
 
 
 _DTYPE_BYTES = {
@@ -255,27 +218,14 @@ def collective_traffic(hlo_text: str, num_devices: int) -> dict[str, float]:
 
 
 def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any]) -> Any:
+  """The train step of `config` (train/setup.py, as the loop builds it) compiled for `devices`."""
   config_lib.validate(config, len(devices))
-  mesh = partitioning.make_mesh(config, devices)
-  rules = partitioning.logical_rules(config)
-  model = M6(M6Config.from_config(config))
-  tx = optim.make_optimizer(config.train)
-  schedule = optim.learning_rate_schedule(config.train)
-  shardings = state_lib.state_shardings(model, tx, mesh, rules)
-  state = state_lib.abstract_state(model, tx, shardings)
-  batch = abstract_batch(config)
-  batch_sh = partitioning.batch_shardings(batch, mesh, rules)
-  batch = jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), batch, batch_sh
-  )
-  step = step_lib.jit_train_step(
-    step_lib.make_train_step(model, tx, schedule, config.train, NUM_TASKS),
-    shardings,
-    batch_sh,
-    partitioning.replicated(mesh),
-  )
-  with partitioning.mesh_context(mesh, rules):
-    return step.lower(state, batch).compile()
+  setup = setup_lib.build(config, devices)
+  # The abstract inputs outside the mesh context: tracing the initialiser makes a PRNG key,
+  # which must not be placed on the topology's devices (there are none here).
+  state, batch = setup.abstract_state(), setup.abstract_batch()
+  with setup.mesh_context():
+    return setup.step.lower(state, batch).compile()
 
 
 def analyse(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
@@ -301,7 +251,7 @@ def analyse(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
 
   counts = param_count.count_params(config)
   chips = len(devices)
-  model_flops = model_flops_per_step(config, counts)
+  model_flops = param_count.train_flops(config, counts)
   peak = peak_tflops * 1e12
   # Step time per chip from three rooflines: the model FLOPs at peak, the HBM traffic XLA
   # reports, and the bytes each chip sends in collectives over its ICI bandwidth. With

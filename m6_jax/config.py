@@ -9,12 +9,16 @@ twenty seconds into a run.
 from __future__ import annotations
 
 import difflib
-import math
 from typing import Any
 
 import ml_collections
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
+from m6_jax.data import tasks
+from m6_jax.errors import ConfigError
+from m6_jax.parallel import axes
+
+__all__ = ["ConfigError", "default_config", "validate", "moe_layer_indices"]
+
 SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
 IMAGE_STEMS = ("linear", "resnet")
 DTYPES = ("float32", "bfloat16")
@@ -25,38 +29,6 @@ REMAT_POLICIES = (
   "dots_with_no_batch_dims_saveable",
   "dots_and_attention_saveable",
 )
-
-
-class ConfigError(ValueError):
-  """A config value that cannot work; the message names the key and the fix."""
-
-
-def default_logical_axis_rules() -> tuple[tuple[str, Any], ...]:
-  """Logical axis name -> mesh axes. Changing the parallelism is editing this table.
-
-  Batch is split over data and fsdp (and expert: outside the MoE layers the expert axis is
-  one more data-parallel axis); parameters are sharded ZeRO-3 style over fsdp along their
-  embed dimension and Megatron style over tensor along heads / mlp / vocab; MoE experts over
-  expert. Flax gives a mesh axis to the first rule that claims it, so ('expert', 'expert')
-  comes before 'batch', and the second 'batch' rule is the fallback the expert buffers
-  [expert, batch, capacity, embed] use (see m6_jax/model/moe.py). Stacked (scanned) layers
-  keep their `layers` axis whole.
-  """
-  return (
-    ("expert", "expert"),
-    ("batch", ("data", "fsdp", "expert")),
-    ("batch", ("data", "fsdp")),
-    ("layers", None),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("mlp", "tensor"),
-    ("vocab", "tensor"),
-    ("length", None),
-    ("patch", None),
-    ("segment", None),
-    ("channels", None),
-  )
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -116,9 +88,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.bucket_window = 0
   c.data.num_train_examples = 20000
   c.data.num_eval_examples = 512
-  c.data.task_weights = ml_collections.ConfigDict(
-    {"text_to_text": 1.0, "image_to_text": 1.0, "multimodal_to_text": 1.0, "vqa": 0.0}
-  )
+  # One weight per registered task (m6_jax/data/tasks.py); 0 leaves the task out.
+  c.data.task_weights = ml_collections.ConfigDict(tasks.default_weights())
   c.data.noise_density = 0.15
   c.data.mean_noise_span_length = 3.0
   c.data.tokenizer_path = ""  # a sentencepiece .model; empty: train one in the workdir
@@ -148,6 +119,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 200
   c.train.keep_checkpoints = 3
   c.train.max_nan_steps = 0  # consecutive non-finite losses tolerated before stopping
+  # Peak FLOP/s of one device, for the MFU in the progress line and metrics.jsonl. 0: the
+  # published bf16 peak of a known TPU / GPU kind (train/progress.py), none on CPU.
+  c.train.peak_flops = 0.0
   # Periodic evaluation on the validation split (m6_jax/evaluation/evaluate.py) and keeping
   # the best checkpoint by `eval_metric` in <workdir>/best (the last N stay in checkpoints/).
   c.train.eval_every = 0  # 0: no evaluation during training
@@ -159,7 +133,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
   c.mesh.expert = 1  # MoE experts are split over this axis; the batch is split over it too
-  c.mesh.logical_axis_rules = default_logical_axis_rules()
+  c.mesh.logical_axis_rules = axes.default_logical_axis_rules()  # m6_jax/parallel/axes.py
   return c
 
 
@@ -188,49 +162,9 @@ def _check_known_keys(config: ml_collections.ConfigDict) -> None:
       )
 
 
-def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
-  """Resolves the mesh sizes (one -1 allowed) against the device count."""
-  sizes = {a: int(config.mesh[a]) for a in MESH_AXES}
-  unknown = [a for a, s in sizes.items() if s == -1]
-  if len(unknown) > 1:
-    raise ConfigError(
-      f"Only one mesh axis may be -1, got {', '.join('mesh.' + a for a in unknown)}; "
-      "set all but one to explicit sizes."
-    )
-  for a, s in sizes.items():
-    if s == 0 or s < -1:
-      raise ConfigError(f"mesh.{a}={s} must be a positive size or -1.")
-  fixed = math.prod(s for s in sizes.values() if s != -1)
-  if fixed > num_devices:
-    raise ConfigError(
-      f"Mesh {' x '.join(f'{a}={s}' for a, s in sizes.items())} needs {fixed} devices but "
-      f"only {num_devices} are available; shrink mesh.data / mesh.fsdp / mesh.tensor / "
-      f"mesh.expert so their product is at most {num_devices}."
-    )
-  if unknown:
-    if num_devices % fixed:
-      raise ConfigError(
-        f"mesh.{unknown[0]}=-1 cannot fill {num_devices} devices when the other axes use "
-        f"{fixed}; make the fixed axes divide {num_devices}."
-      )
-    sizes[unknown[0]] = num_devices // fixed
-  return sizes
-
-
 def _require(cond: bool, message: str) -> None:
   if not cond:
     raise ConfigError(message)
-
-
-def batch_mesh_axes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """The mesh axes the batch dimension is split over (its first logical rule)."""
-  for name, axes in config.mesh.logical_axis_rules:
-    if name == "batch":
-      if axes is None:
-        return ()
-      axes = (axes,) if isinstance(axes, str) else tuple(axes)
-      return tuple(a for a in axes if a in MESH_AXES)
-  return ()
 
 
 def moe_layer_indices(model: ml_collections.ConfigDict) -> list[int]:
@@ -240,7 +174,7 @@ def moe_layer_indices(model: ml_collections.ConfigDict) -> list[int]:
   return [i for i in range(model.num_layers) if (i + 1) % model.moe_every == 0]
 
 
-def _validate_moe_and_stack(config: ml_collections.ConfigDict, sizes: dict[str, int]) -> None:
+def _validate_moe_and_stack(config: ml_collections.ConfigDict) -> None:
   m = config.model
   _require(
     m.remat_policy in REMAT_POLICIES,
@@ -263,11 +197,6 @@ def _validate_moe_and_stack(config: ml_collections.ConfigDict, sizes: dict[str, 
     m.moe_top_k <= e // m.moe_num_groups,
     f"model.moe_top_k={m.moe_top_k} exceeds the {e // m.moe_num_groups} experts of a group "
     f"(model.moe_num_experts / model.moe_num_groups); lower model.moe_top_k.",
-  )
-  _require(
-    e % sizes["expert"] == 0,
-    f"model.moe_num_experts={e} is not divisible by mesh.expert={sizes['expert']}; use an "
-    "expert-parallel size that divides the number of experts.",
   )
   _require(
     m.moe_capacity_factor > 0 and m.moe_eval_capacity_factor > 0,
@@ -310,11 +239,20 @@ def _validate_bucketing(d: ml_collections.ConfigDict) -> None:
     )
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int, process_count: int = 1) -> None:
-  """Raises ConfigError naming the first problem found, with the fix."""
+def validate(
+  config: ml_collections.ConfigDict,
+  num_devices: int,
+  process_count: int = 1,
+  training: bool = True,
+) -> None:
+  """Raises ConfigError naming the first problem found, with the fix.
+
+  `training=False` (generation, evaluation, export) leaves out the checks of the training
+  batches (length bucketing, their split over the mesh and the processes); the model must
+  still fit the mesh.
+  """
   _check_known_keys(config)
   m, d, t = config.model, config.data, config.train
-  sizes = mesh_shape(config, num_devices)
 
   _require(
     m.image_stem in IMAGE_STEMS, f"model.image_stem='{m.image_stem}' is not one of {IMAGE_STEMS}."
@@ -333,7 +271,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     _require(m[key] > 0, f"model.{key}={m[key]} must be positive.")
   for key in ("batch_size", "image_size", "src_len", "tgt_len"):
     _require(d[key] > 0, f"data.{key}={d[key]} must be positive.")
-  _validate_bucketing(d)
   _require(t.steps > 0, f"train.steps={t.steps} must be positive.")
   _require(0.0 <= m.dropout_rate < 1.0, f"model.dropout_rate={m.dropout_rate} must be in [0, 1).")
   _require(
@@ -341,35 +278,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     f"data.image_size={d.image_size} is not divisible by model.patch_size={m.patch_size}; "
     "pick a patch size that tiles the image.",
   )
-
-  tensor = sizes["tensor"]
-  for key in ("num_heads", "mlp_dim", "vocab_size"):
-    _require(
-      m[key] % tensor == 0,
-      f"model.{key}={m[key]} is not divisible by mesh.tensor={tensor}; choose a tensor "
-      f"parallel size that divides it (e.g. --config.mesh.tensor=1).",
-    )
-  _require(
-    m.d_model % sizes["fsdp"] == 0,
-    f"model.d_model={m.d_model} is not divisible by mesh.fsdp={sizes['fsdp']}.",
-  )
-
-  _validate_moe_and_stack(config, sizes)
-
-  axes = batch_mesh_axes(config)
-  batch_shards = math.prod(sizes[a] for a in axes)
-  names = "*".join(f"mesh.{a}" for a in axes) or "1"
-  _require(
-    d.batch_size % (batch_shards * process_count) == 0,
-    f"data.batch_size={d.batch_size} is not divisible by {names}={batch_shards}"
-    f" (x {process_count} processes); use a multiple of {batch_shards * process_count}.",
-  )
-  _require(t.grad_accum_steps >= 1, f"train.grad_accum_steps={t.grad_accum_steps} must be >= 1.")
-  _require(
-    d.batch_size % (t.grad_accum_steps * batch_shards) == 0,
-    f"data.batch_size={d.batch_size} must split into train.grad_accum_steps="
-    f"{t.grad_accum_steps} micro-batches each divisible by {batch_shards}.",
-  )
+  _validate_moe_and_stack(config)
+  axes.check_model_fits_mesh(config, num_devices)
+  if training:
+    _validate_bucketing(d)
+    axes.check_batch_fits_mesh(config, num_devices, process_count)
+  _require(t.peak_flops >= 0, f"train.peak_flops={t.peak_flops} must be >= 0 (0: unknown).")
   weights = dict(d.task_weights)
   _require(
     any(w > 0 for w in weights.values()),

@@ -15,7 +15,13 @@ Flags:
                eval: loss/accuracy per task and BLEU-4 / CIDEr / VQA accuracy on the
                validation split; writes <workdir>/eval_metrics.json(l) and TensorBoard
                (--baselines adds the untrained and most-frequent baselines).
-               generate and eval use the checkpoint's config unless --config is given.
+               export: write the parameters of a checkpoint of --workdir (latest,
+               --checkpoint_step or --best) with its config and tokenizer into
+               --export_dir, without the optimizer state; generate, eval and
+               config.init_from read an export like a workdir.
+               generate, eval and export use the checkpoint's config unless --config is
+               given; they run on the config's mesh (--config.mesh.*), so a model sharded
+               for training is sharded for inference too.
 
 Multi-host (one process per host, every process running the same command; see README.md):
   --distributed          let JAX detect the cluster and join it (Cloud TPU pod slices, SLURM,
@@ -50,7 +56,10 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
 _MODE = flags.DEFINE_enum(
-  "mode", "train", ["train", "prepare_data", "generate", "eval", "params", "aot"], "What to run."
+  "mode",
+  "train",
+  ["train", "prepare_data", "generate", "eval", "export", "params", "aot"],
+  "What to run.",
 )
 # Multi-host runs: jax.distributed (m6_jax/parallel/multihost.py)
 _DISTRIBUTED = flags.DEFINE_bool(
@@ -89,12 +98,15 @@ _AOT_OUTPUT = flags.DEFINE_string(
   "aot_output", None, "aot: where to write the JSON report (default: --workdir/aot.json or none)."
 )
 
-# --mode=generate and --mode=eval (both read a checkpoint of --workdir)
+# --mode=generate, eval and export (all read a checkpoint of --workdir)
 _CHECKPOINT_STEP = flags.DEFINE_integer(
-  "checkpoint_step", None, "generate/eval: the checkpoint step to load (default: the latest)."
+  "checkpoint_step", None, "generate/eval/export: the checkpoint step to load (default: latest)."
 )
 _BEST = flags.DEFINE_bool(
-  "best", False, "generate/eval: load the best checkpoint kept in <workdir>/best instead."
+  "best", False, "generate/eval/export: load the best checkpoint kept in <workdir>/best instead."
+)
+_EXPORT_DIR = flags.DEFINE_string(
+  "export_dir", None, "export: a new directory for the parameters, config and tokenizer."
 )
 _IMAGE = flags.DEFINE_multi_string(
   "image", [], "generate: image file(s) to caption, or to ask --question about (repeatable)."
@@ -242,15 +254,25 @@ def _load_config(required: bool = True, workdir_hint: str | None = None):
 
 
 def run_train() -> None:
+  from m6_jax.evaluation import evaluate
   from m6_jax.train import loop
 
-  result = loop.train(_load_config(workdir_hint="e.g. --workdir=/tmp/m6_base"), _WORKDIR.value)
+  config = _load_config(workdir_hint="e.g. --workdir=/tmp/m6_base")
+  evaluator = (
+    evaluate.PeriodicEvaluator(config, _WORKDIR.value) if config.train.eval_every else None
+  )
+  result = loop.train(config, _WORKDIR.value, evaluator)
   first, last, key = result.first_metrics, result.last_metrics, "image_to_text_loss"
   if key in first and key in last:
+    start = (
+      "step 0 (initial parameters)"
+      if result.resumed_from == 0
+      else f"step {first['step']} (the first logged step of this run, resumed at step "
+      f"{result.resumed_from})"
+    )
     print(
-      f"image_to_text loss: step {first['step'] - 1} (initial parameters): "
-      f"{first[key]:.4f} -> step "
-      f"{last['step']}: {last[key]:.4f} ({last[key] / first[key]:.2f}x)"
+      f"image_to_text loss: {start}: {first[key]:.4f} -> step {last['step']}: "
+      f"{last[key]:.4f} ({last[key] / first[key]:.2f}x)"
     )
 
 
@@ -276,6 +298,7 @@ def run_prepare_data() -> None:
 def run_generate() -> None:
   import os
 
+  from m6_jax.data import images
   from m6_jax.infer import generate
   from m6_jax.parallel import multihost
 
@@ -284,7 +307,7 @@ def run_generate() -> None:
   if prompt is not None and not prompt.strip():
     _fail("the prompt is empty; pass some text with --prompt.")
   for path in _IMAGE.value:  # a bad image fails before the checkpoint is read
-    generate.read_image(path, 8)
+    images.load_image_file(path, 8)
   model = generate.load_model(_WORKDIR.value, _CHECKPOINT_STEP.value, config, best=_BEST.value)
   rows = generate.generate(
     model,
@@ -320,6 +343,31 @@ def run_eval() -> None:
     best=_BEST.value,
     num_examples=_NUM_EVAL_EXAMPLES.value,
     with_baselines=_BASELINES.value,
+  )
+
+
+def run_export() -> None:
+  from m6_jax import checkpoints
+  from m6_jax.infer import generate
+
+  config = _load_config(required=False, workdir_hint="a trained workdir")
+  if not _EXPORT_DIR.value:
+    _fail("--mode=export needs --export_dir, a new directory for the exported parameters.")
+  model = generate.load_model(_WORKDIR.value, _CHECKPOINT_STEP.value, config, best=_BEST.value)
+  sizes = checkpoints.export(
+    model.params,
+    model.step,
+    model.checkpoint_dir,
+    model.config,
+    model.tokenizer,
+    generate.tokenizer_path(_WORKDIR.value, model.config),
+    _EXPORT_DIR.value,
+  )
+  mb = 1024**2
+  print(
+    f"exported step {sizes['step']} ({sizes['num_params']:,} parameters) to "
+    f"{_EXPORT_DIR.value}: {sizes['export_bytes'] / mb:.1f} MiB, against "
+    f"{sizes['source_bytes'] / mb:.1f} MiB for the checkpoint it came from"
   )
 
 
@@ -363,6 +411,7 @@ MODES = {
   "prepare_data": run_prepare_data,
   "generate": run_generate,
   "eval": run_eval,
+  "export": run_export,
 }
 
 
@@ -390,24 +439,11 @@ def main(argv: list[str]) -> None:
   except multihost.DistributedError as e:
     _fail(str(e))
 
-  from m6_jax import config as config_lib
-  from m6_jax.data import prepare
-  from m6_jax.evaluation import evaluate
-  from m6_jax.infer import generate
-  from m6_jax.train import checkpointing, loop
+  from m6_jax.errors import UserError
 
-  user_errors = (
-    config_lib.ConfigError,
-    loop.TrainingError,
-    prepare.DataPreparationError,
-    checkpointing.CheckpointError,
-    generate.GenerationError,
-    evaluate.EvaluationError,
-    FileNotFoundError,
-  )
   try:
     MODES[_MODE.value]()
-  except user_errors as e:
+  except (UserError, FileNotFoundError) as e:
     _fail(str(e))
 
 

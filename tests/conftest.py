@@ -1,23 +1,45 @@
-"""Test set-up: 8 fake CPU devices so that sharding is really exercised.
+"""Test set-up: 8 fake CPU devices so that sharding is really exercised, and one XLA
+compilation cache per test session.
 
-XLA reads the flag when the backend starts, so it must be set before jax is imported.
+XLA reads the flags when the backend starts, so they must be set before jax is imported.
+
+The cache: many tests compile the same programs again (a resumed run compiles the step of
+the uninterrupted one, every CLI subprocess compiles the decoder of the last), which took
+about half of the suite's time on 2 cores. The cache directory is new for every session
+(shared by the xdist workers and the subprocesses they start, removed at the end), so no
+test depends on what an earlier session compiled.
 """
 
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-import subprocess  # noqa: E402
-import sys  # noqa: E402
+# Made by the first process of the session (the xdist controller, which its workers inherit
+# the environment from, or the only process); a cache the caller set up is left alone.
+_MADE_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _MADE_CACHE = tempfile.mkdtemp(prefix="m6_jax_tests_xla_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _MADE_CACHE
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import pytest  # noqa: E402
 
 from m6_jax.data.tasks import random_features_batch  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_sessionfinish(session):
+  """The session's compilation cache goes with it."""
+  if _MADE_CACHE is not None:
+    shutil.rmtree(_MADE_CACHE, ignore_errors=True)
 
 
 def run_main_cli(*args: str, devices: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -34,7 +56,7 @@ def run_main_cli(*args: str, devices: int = 1, timeout: int = 300) -> subprocess
   )
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def run_main():
   return run_main_cli
 
@@ -42,6 +64,16 @@ def run_main():
 @pytest.fixture
 def random_batch():
   return random_features_batch
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory):
+  """A small sentencepiece model (512 pieces, 300 synthetic scenes) for training tests."""
+  from m6_jax.data import tokenizer as tokenizer_lib
+
+  workdir = str(tmp_path_factory.mktemp("tok"))
+  tokenizer_lib.get_or_train_tokenizer(workdir, vocab_size=512, seed=0, num_corpus_examples=300)
+  return os.path.join(workdir, "tokenizer", "spm.model")
 
 
 @pytest.fixture

@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from m6_jax.config import ConfigError, default_config, mesh_shape, validate
+from m6_jax.config import ConfigError, default_config, validate
+from m6_jax.parallel.axes import mesh_shape
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,7 +23,7 @@ def test_default_and_base_configs_are_valid():
 def test_mesh_minus_one_fills_the_devices():
   c = default_config()
   c.mesh.tensor = 2
-  assert mesh_shape(c, 8) == {"data": 4, "fsdp": 1, "tensor": 2, "expert": 1}
+  assert mesh_shape(c.mesh, 8) == {"data": 4, "fsdp": 1, "tensor": 2, "expert": 1}
 
 
 @pytest.mark.parametrize(
@@ -36,7 +37,7 @@ def test_mesh_minus_one_fills_the_devices():
       lambda c: setattr(c.model, "num_heads", 6) or setattr(c.mesh, "tensor", 4),
       r"model.num_heads=6 is not divisible by mesh.tensor=4",
     ),
-    (lambda c: setattr(c.mesh, "data", 16), r"needs 16 devices but only 8 are available"),
+    (lambda c: setattr(c.mesh, "data", 16), r"needs 16 devices but only 8 devices are available"),
     (lambda c: setattr(c.mesh, "fsdp", 3), r"mesh.data=-1 cannot fill 8 devices"),
     (lambda c: setattr(c.data, "batch_size", 12), r"data.batch_size=12 is not divisible by"),
     (lambda c: setattr(c.model, "patch_size", 7), r"not divisible by model.patch_size=7"),
@@ -67,7 +68,7 @@ def test_bad_config_raises_one_clear_error(mutate, pattern):
       ["--config.model.num_heads=6", "--config.mesh.tensor=4"],
       "model.num_heads=6 is not divisible by mesh.tensor=4",
     ),
-    (["--config.mesh.data=16"], "needs 16 devices but only 8 are available"),
+    (["--config.mesh.data=16"], "needs 16 devices but only 8 devices are available"),
     (["--config.train.lr=abc"], "could not convert string to float"),
   ],
 )

@@ -108,18 +108,18 @@ def _derive_seed(seed: int, *tags: int) -> int:
 def task_weights(weights: Mapping[str, float]) -> list[tuple[str, float]]:
   """Enabled ``(task, weight)`` pairs in TASK_NAMES order; weight 0 disables a task."""
   weights = dict(weights)
-  unknown = sorted(set(weights) - set(tasks.TASK_NAMES))
+  unknown = sorted(set(weights) - set(tasks.names()))
   if unknown:
     raise ValueError(
       f"config.data.task_weights has unknown task(s) {unknown}; valid "
-      f"names are {list(tasks.TASK_NAMES)}"
+      f"names are {list(tasks.names())}"
     )
   for name, w in weights.items():
     if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
       raise ValueError(
         f"config.data.task_weights[{name!r}] must be a finite number >= 0, got {w!r}"
       )
-  enabled = [(n, float(weights[n])) for n in tasks.TASK_NAMES if weights.get(n, 0) > 0]
+  enabled = [(n, float(weights[n])) for n in tasks.names() if weights.get(n, 0) > 0]
   if not enabled:
     raise ValueError(
       f"config.data.task_weights enables no task (all weights are 0 or absent): {weights}"
@@ -152,7 +152,7 @@ class _TaskTransform:
     self.task_name, self.tokenizer, self.cfg = task_name, tokenizer, cfg
 
   def __call__(self, example, rng: np.random.Generator):
-    return tasks.TASKS[self.task_name](example, self.tokenizer, rng, self.cfg)
+    return tasks.get(self.task_name).build(example, self.tokenizer, rng, self.cfg)
 
 
 class _Subset:
@@ -193,7 +193,7 @@ class _EvalRecord:
     i = int(record) - int(self.offsets[task])
     idx = self.task_indices[task]
     example = self.source[i if idx is None else int(idx[i])]
-    return tasks.TASKS[self.task_names[task]](example, self.tokenizer, rng, self.cfg)
+    return tasks.get(self.task_names[task]).build(example, self.tokenizer, rng, self.cfg)
 
 
 def _open_source(config, split: str, task_names) -> tuple[Any, list[np.ndarray | None]]:
@@ -225,10 +225,10 @@ def _open_source(config, split: str, task_names) -> tuple[Any, list[np.ndarray |
   for task in task_names:
     idx = source.task_indices(task)
     if len(idx) == 0:
-      field = sources.TASK_FIELDS[task]
+      fields = " and ".join(tasks.get(task).needs)
       raise ValueError(
-        f"task {task!r} has a positive weight but no record of {source!r} has a {field}; "
-        f"set config.data.task_weights.{task}=0 or prepare data with {field}s"
+        f"task {task!r} has a positive weight but no record of {source!r} has a {fields}; "
+        f"set config.data.task_weights.{task}=0 or prepare data with them"
       )
     indices.append(idx)
   return source, indices
@@ -409,7 +409,7 @@ def make_map_dataset(
   if split == "train":
     streams = []
     for name, idx in zip(task_names, task_indices):
-      t = tasks.TASK_NAMES.index(name)  # tag seeds by task id: stable if others change
+      t = tasks.task_id(name)  # tag seeds by task id: stable if others change
       task_source = source if idx is None else _Subset(source, idx)
       ds = grain.MapDataset.source(task_source).shuffle(seed=_derive_seed(seed, 1, t)).repeat()
       streams.append(

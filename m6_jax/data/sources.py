@@ -23,26 +23,18 @@ Stored per record (TFDS features; all Text features read back as UTF-8 bytes)
 from __future__ import annotations
 
 import base64
-import io
 import os
 import re
 import types
 from typing import Any, Iterator, Mapping
 
 import numpy as np
-from PIL import Image, ImageOps
+
+from m6_jax.data import images, tasks
 
 VERSION = "1.0.0"
 METADATA_KEY = "m6_user_data"  # our entry in the dataset's metadata.json
 FORMAT_VERSION = 1
-
-# Which stored field each task needs; records without it are left out of that task.
-TASK_FIELDS = {
-  "text_to_text": "caption",
-  "image_to_text": "caption",
-  "multimodal_to_text": "caption",
-  "vqa": "qa",
-}
 
 
 # --------------------------------------------------------------------------------------
@@ -126,31 +118,6 @@ def default_data_dir() -> str:
 # --------------------------------------------------------------------------------------
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-  """RGB; transparent areas become white (not the undefined colour under the alpha)."""
-  if img.mode == "P" and "transparency" in img.info:
-    img = img.convert("RGBA")
-  if img.mode in ("RGBA", "LA", "PA"):
-    rgba = img.convert("RGBA")
-    background = Image.new("RGB", rgba.size, (255, 255, 255))
-    background.paste(rgba, mask=rgba.getchannel("A"))
-    return background
-  return img.convert("RGB")
-
-
-def decode_image(data: bytes, image_size: int) -> np.ndarray:
-  """Stored image bytes -> uint8 [image_size, image_size, 3]: EXIF-rotated, RGB (alpha on
-  white), resized to the square (aspect ratio not kept) with bicubic filtering; an image
-  already of that size is returned unchanged."""
-  with Image.open(io.BytesIO(data)) as img:
-    if img.format == "JPEG":
-      img.draft("RGB", (image_size, image_size))  # fast DCT downscaling, still >= the target
-    img = to_rgb(ImageOps.exif_transpose(img))
-  if img.size != (image_size, image_size):
-    img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
-  return np.asarray(img, dtype=np.uint8)
-
-
 def open_builder(data_dir: str, name: str):
   """The TFDS (read-only) builder of a prepared dataset: ``data_dir/name[/version]``.
 
@@ -218,7 +185,7 @@ def record_to_example(record: Mapping[str, Any], image_size: int, index: int) ->
       for lang in ("en", "zh")
     ]
   return {
-    "image": decode_image(bytes(record["image"]), image_size),
+    "image": images.load_image(bytes(record["image"]), image_size),
     "caption_en": caption,
     "caption_zh": caption,
     "qa": qa,
@@ -281,10 +248,9 @@ class PreparedSource:
     return self._data[int(record_key)]
 
   def task_indices(self, task_name: str) -> np.ndarray:
-    """Indices of the records ``task_name`` can use (those with its field)."""
-    if task_name not in TASK_FIELDS:
-      raise ValueError(f"no field requirement known for task {task_name!r}: {TASK_FIELDS}")
-    return np.flatnonzero(self._masks[TASK_FIELDS[task_name]])
+    """Indices of the records ``task_name`` can use (those with every field it needs)."""
+    needs = tasks.get(task_name).needs
+    return np.flatnonzero(np.logical_and.reduce([self._masks[field] for field in needs]))
 
   def __repr__(self) -> str:
     return (

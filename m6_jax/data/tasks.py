@@ -1,25 +1,24 @@
-"""Example -> model features for the M6 tasks.
+"""The M6 tasks: one registry entry per task, next to its example -> features function.
 
-Every task maps a synthetic-world example (see ``synthetic.make_example``) to the one
-feature contract the model consumes; all arrays have fixed shapes:
+A task turns an example (the synthetic world's ``make_example`` format, which prepared user
+data is read into: ``image`` uint8, ``caption_en`` / ``caption_zh``, a ``qa`` list) into the
+feature contract of ``m6_jax/model/features.py``. Everything else about a task derives from
+its ``Task`` entry, so adding one is a ``register(Task(...))`` call beside its function:
 
-    image        float32 [H, W, 3] in [0, 1]; all zeros when has_image == 0
-    has_image    int32 []   1 if the image is part of the input
-    src_tokens   int32 [src_len]  source text ids, right-padded with 0 (may be all padding)
-    tgt_input    int32 [tgt_len]  BOS + target ids, right-padded (teacher forcing input)
-    tgt_target   int32 [tgt_len]  target ids + EOS, right-padded
-    tgt_weights  float32 [tgt_len] 1.0 on real target tokens (EOS included), 0.0 on padding
-    task_id      int32 []   index into TASK_NAMES
+  * config: the key ``data.task_weights.<name>`` and its default (``default_weight``);
+  * task ids and the task count: the registry order (per-task losses, the AOT report);
+  * user data: the records a task can use, from the fields it ``needs`` (``sources.py``),
+    and the per-task record counts ``prepare_data`` prints;
+  * evaluation: the generation metrics of its ``eval_kind`` (``evaluation/evaluate.py``) and
+    the most tokens to decode for it (``decode_len``).
 
-A task is ``fn(example, tokenizer, rng, cfg) -> features``. All randomness (language, noise
-spans, question choice) comes from ``rng``, so a seeded generator makes it reproducible.
-``cfg`` is any attribute object (``TaskConfig``, an ml_collections ConfigDict, ...) with
-
-    src_len, tgt_len                       (required)
-    noise_density (0.15), mean_noise_span_length (3.0)    (optional, defaults shown)
-
-Over-long texts are truncated so that the source fits ``src_len`` and the target fits
-``tgt_len`` with room for BOS (in tgt_input) and EOS (in tgt_target).
+A task function is ``fn(example, tokenizer, rng, cfg) -> features``. All randomness
+(language, noise spans, question choice) comes from ``rng``, so a seeded generator makes it
+reproducible. ``cfg`` is any attribute object (``TaskConfig``, an ml_collections ConfigDict,
+...) with ``src_len``, ``tgt_len`` and optionally ``noise_density`` (0.15) and
+``mean_noise_span_length`` (3.0). Over-long texts are truncated so that the source fits
+``src_len`` and the target fits ``tgt_len`` with room for BOS (in tgt_input) and EOS (in
+tgt_target).
 """
 
 from __future__ import annotations
@@ -29,8 +28,17 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-TASK_NAMES = ("text_to_text", "image_to_text", "multimodal_to_text", "vqa")
+from m6_jax.data import span_corruption
+from m6_jax.model import features
+
 LANGUAGES = ("en", "zh")
+# Fields of a record a task may need (prepared user data keeps a mask of each per split).
+FIELDS = ("caption", "qa")
+# Generation metrics evaluation knows (evaluation/evaluate.py): captions scored by BLEU-4 and
+# CIDEr-D against the scene's caption, answers by VQA accuracy.
+EVAL_KINDS = ("caption", "vqa")
+
+TaskFn = Callable[[dict, Any, np.random.Generator, Any], dict]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,156 +47,62 @@ class TaskConfig:
 
   src_len: int = 32
   tgt_len: int = 32
-  noise_density: float = 0.15
-  mean_noise_span_length: float = 3.0
+  noise_density: float = span_corruption.NOISE_DENSITY
+  mean_noise_span_length: float = span_corruption.MEAN_NOISE_SPAN_LENGTH
 
 
-def _noise_params(cfg) -> tuple[float, float]:
-  density = float(getattr(cfg, "noise_density", TaskConfig.noise_density))
-  mean_span = float(getattr(cfg, "mean_noise_span_length", TaskConfig.mean_noise_span_length))
-  if not 0.0 <= density < 1.0:
-    raise ValueError(f"noise_density must be in [0, 1), got {density}")
-  if mean_span < 1.0:
-    raise ValueError(f"mean_noise_span_length must be >= 1, got {mean_span}")
-  return density, mean_span
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """One task: its name (the key of ``data.task_weights``), its example function, the record
+  fields it needs, how evaluation scores its generations, and its default mixture weight."""
+
+  name: str
+  build: TaskFn
+  needs: tuple[str, ...] = ("caption",)
+  eval_kind: str | None = None
+  default_weight: float = 0.0
+  decode_len: int = 0  # most tokens to generate for it, EOS included (0: data.tgt_len)
 
 
-# --------------------------------------------------------------------------------------
-# Span corruption (pure functions, T5-style)
-# --------------------------------------------------------------------------------------
+_REGISTRY: dict[str, Task] = {}
 
 
-def _random_segmentation(num_items: int, num_segments: int, rng: np.random.Generator):
-  """Splits ``num_items`` into ``num_segments`` non-empty parts, uniformly at random."""
-  cuts = np.sort(rng.choice(num_items - 1, size=num_segments - 1, replace=False) + 1)
-  return np.diff(np.concatenate([[0], cuts, [num_items]]))
+def register(task: Task) -> Task:
+  """Adds a task (its id is its position in registration order); returns it."""
+  if not task.name.isidentifier() or task.name in _REGISTRY:
+    raise ValueError(f"task name {task.name!r} must be a new identifier; have {names()}")
+  unknown = set(task.needs) - set(FIELDS)
+  if unknown:
+    raise ValueError(f"task {task.name!r} needs unknown record fields {sorted(unknown)}: {FIELDS}")
+  if task.eval_kind not in EVAL_KINDS + (None,):
+    raise ValueError(f"task {task.name!r} has eval_kind {task.eval_kind!r}; one of {EVAL_KINDS}")
+  _REGISTRY[task.name] = task
+  return task
 
 
-def _span_counts(
-  length: int, noise_density: float, mean_noise_span_length: float, max_num_spans: int | None = None
-) -> tuple[int, int]:
-  """(num_noise_tokens, num_noise_spans) for a text of ``length``; deterministic."""
-  if length < 2 or noise_density <= 0:
-    return 0, 0
-  num_noise = min(max(int(round(length * noise_density)), 1), length - 1)
-  num_spans = max(int(round(num_noise / mean_noise_span_length)), 1)
-  if max_num_spans is not None:
-    num_spans = min(num_spans, max_num_spans)
-  # Spans are separated by non-noise, so both kinds need at least one token per span.
-  num_spans = min(num_spans, num_noise, length - num_noise)
-  return num_noise, num_spans
+def unregister(name: str) -> None:
+  """Removes a task (tests that register their own use this to clean up)."""
+  del _REGISTRY[name]
 
 
-def random_spans_noise_mask(
-  length: int,
-  noise_density: float,
-  mean_noise_span_length: float,
-  rng: np.random.Generator,
-  max_num_spans: int | None = None,
-) -> np.ndarray:
-  """Boolean [length] mask, True on noise, as in T5's ``random_spans_noise_mask``.
-
-  Exactly ``round(length * noise_density)`` tokens (at least 1, at most length - 1) are
-  noise, split into about ``num_noise / mean_noise_span_length`` spans of random lengths
-  that alternate with non-noise runs. Unlike T5 the text starts with a noise span half of
-  the time, so the first token can be masked too. Texts shorter than 2 get no noise.
-  """
-  num_noise, num_spans = _span_counts(length, noise_density, mean_noise_span_length, max_num_spans)
-  if num_spans == 0:
-    return np.zeros(length, dtype=bool)
-  noise_lengths = _random_segmentation(num_noise, num_spans, rng)
-  keep_lengths = _random_segmentation(length - num_noise, num_spans, rng)
-  pairs = [(keep_lengths, False), (noise_lengths, True)]
-  if rng.random() < 0.5:
-    pairs.reverse()
-  (first, first_value), (second, second_value) = pairs
-  mask = np.empty(length, dtype=bool)
-  pos = 0
-  for a, b in zip(first, second):
-    mask[pos : pos + a] = first_value
-    mask[pos + a : pos + a + b] = second_value
-    pos += a + b
-  return mask
+def names() -> tuple[str, ...]:
+  """The registered task names; a task's id is its index here."""
+  return tuple(_REGISTRY)
 
 
-def corrupt_spans(ids: Sequence[int], mask: np.ndarray, tokenizer) -> tuple[list[int], list[int]]:
-  """T5 span corruption: (source, target) for ``ids`` with noise ``mask``.
-
-  source: ids with the k-th noise span replaced by sentinel k;
-  target: sentinel_0 span_0 sentinel_1 span_1 ...  (empty if there is no noise).
-  """
-  if len(ids) != len(mask):
-    raise ValueError(f"ids and mask differ in length: {len(ids)} vs {len(mask)}")
-  source, target = [], []
-  k, prev = 0, False
-  for tok, noise in zip(ids, mask):
-    if noise:
-      if not prev:
-        if k >= tokenizer.num_sentinels:
-          raise ValueError(
-            f"mask has more than {tokenizer.num_sentinels} spans, the "
-            "number of sentinels of the tokenizer"
-          )
-        sentinel = tokenizer.sentinel_id(k)
-        source.append(sentinel)
-        target.append(sentinel)
-        k += 1
-      target.append(int(tok))
-    else:
-      source.append(int(tok))
-    prev = bool(noise)
-  return source, target
+def get(name: str) -> Task:
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown task {name!r}; the registered tasks are {list(names())}")
+  return _REGISTRY[name]
 
 
-def _strip(ids: Sequence[int], tokenizer) -> list[int]:
-  """Ids up to the first EOS, without PAD / BOS."""
-  out = []
-  for i in ids:
-    i = int(i)
-    if i == tokenizer.eos_id:
-      break
-    if i not in (tokenizer.pad_id, tokenizer.bos_id):
-      out.append(i)
-  return out
+def task_id(name: str) -> int:
+  return names().index(get(name).name)
 
 
-def reconstruct_from_spans(
-  source_ids: Sequence[int], target_ids: Sequence[int], tokenizer
-) -> list[int]:
-  """Inverse of ``corrupt_spans``: puts the target's spans back into the source.
-
-  Padding, BOS and anything after EOS are ignored, so padded features work directly.
-  """
-  spans: dict[int, list[int]] = {}
-  current = None
-  for tok in _strip(target_ids, tokenizer):
-    if tokenizer.is_sentinel(tok):
-      current = spans.setdefault(tok, [])
-    elif current is None:
-      raise ValueError("target does not start with a sentinel")
-    else:
-      current.append(tok)
-  out = []
-  for tok in _strip(source_ids, tokenizer):
-    if tokenizer.is_sentinel(tok):
-      if tok not in spans:
-        raise ValueError(f"sentinel {tokenizer.id_to_piece(tok)} missing in the target")
-      out.extend(spans[tok])
-    else:
-      out.append(tok)
-  return out
-
-
-def replace_spans(ids: Sequence[int], mask: np.ndarray, replacement_id: int) -> list[int]:
-  """BART-style text infilling: each noise span becomes one ``replacement_id`` token."""
-  out, prev = [], False
-  for tok, noise in zip(ids, mask):
-    if noise and not prev:
-      out.append(int(replacement_id))
-    elif not noise:
-      out.append(int(tok))
-    prev = bool(noise)
-  return out
+def default_weights() -> dict[str, float]:
+  """{task: default weight}: the default ``data.task_weights``."""
+  return {t.name: float(t.default_weight) for t in _REGISTRY.values()}
 
 
 # --------------------------------------------------------------------------------------
@@ -204,6 +118,18 @@ def _pad(ids: Sequence[int], length: int, what: str) -> np.ndarray:
   return out
 
 
+def prefix_features(
+  image: np.ndarray | None, image_shape: Sequence[int], src: Sequence[int], src_len: int
+) -> dict[str, np.ndarray]:
+  """The prefix part of the features (image uint8 or None, source ids): what the model
+  reads before the target, in training and in generation alike."""
+  return {
+    "image": np.zeros(image_shape, np.float32) if image is None else features.pixels(image),
+    "has_image": np.int32(image is not None),
+    "src_tokens": _pad(src, int(src_len), "source"),
+  }
+
+
 def make_features(
   image: np.ndarray | None,
   image_shape: Sequence[int],
@@ -214,34 +140,21 @@ def make_features(
   cfg,
 ) -> dict[str, np.ndarray]:
   """Assembles the feature dict; ``tgt`` gets BOS (input) and EOS (target) added here."""
-  src_len, tgt_len = int(cfg.src_len), int(cfg.tgt_len)
-  if image is None:
-    img = np.zeros(image_shape, dtype=np.float32)
-  else:
-    img = np.asarray(image, dtype=np.float32) / 255.0
+  tgt_len = int(cfg.tgt_len)
   tgt = list(tgt)
   return {
-    "image": img,
-    "has_image": np.int32(image is not None),
-    "src_tokens": _pad(src, src_len, "source"),
+    **prefix_features(image, image_shape, src, int(cfg.src_len)),
     "tgt_input": _pad([tokenizer.bos_id] + tgt, tgt_len, "target input"),
     "tgt_target": _pad(tgt + [tokenizer.eos_id], tgt_len, "target"),
     "tgt_weights": (np.arange(tgt_len) < len(tgt) + 1).astype(np.float32),
-    "task_id": np.int32(TASK_NAMES.index(task_name)),
+    "task_id": np.int32(task_id(task_name)),
   }
 
 
 def empty_features(image_shape: Sequence[int], cfg) -> dict[str, np.ndarray]:
   """All-zero features with zero weights: padding rows for a last, partial eval batch."""
-  return {
-    "image": np.zeros(image_shape, dtype=np.float32),
-    "has_image": np.int32(0),
-    "src_tokens": np.zeros(int(cfg.src_len), dtype=np.int32),
-    "tgt_input": np.zeros(int(cfg.tgt_len), dtype=np.int32),
-    "tgt_target": np.zeros(int(cfg.tgt_len), dtype=np.int32),
-    "tgt_weights": np.zeros(int(cfg.tgt_len), dtype=np.float32),
-    "task_id": np.int32(0),
-  }
+  shapes = features.feature_shapes(int(image_shape[0]), int(cfg.src_len), int(cfg.tgt_len))
+  return features.zeros(shapes)
 
 
 def _pick_language(rng: np.random.Generator) -> str:
@@ -259,19 +172,23 @@ def _caption_ids(example, tokenizer, rng) -> list[int]:
 
 def text_to_text(example, tokenizer, rng: np.random.Generator, cfg) -> dict[str, np.ndarray]:
   """Text-only span in-filling: corrupted caption -> sentinel-delimited missing spans."""
-  density, mean_span = _noise_params(cfg)
+  density, mean_span = span_corruption.noise_params(cfg)
   ids = _caption_ids(example, tokenizer, rng)
   # Longest prefix whose corruption fits: the source is never longer than the text, the
   # target is num_noise + num_spans tokens plus EOS; both are known before sampling.
   length = min(len(ids), int(cfg.src_len))
   while length > 0:
-    num_noise, num_spans = _span_counts(length, density, mean_span, tokenizer.num_sentinels)
+    num_noise, num_spans = span_corruption.span_counts(
+      length, density, mean_span, tokenizer.num_sentinels
+    )
     if num_noise + num_spans + 1 <= int(cfg.tgt_len):
       break
     length -= 1
   ids = ids[:length]
-  mask = random_spans_noise_mask(length, density, mean_span, rng, tokenizer.num_sentinels)
-  source, target = corrupt_spans(ids, mask, tokenizer)
+  mask = span_corruption.random_spans_noise_mask(
+    length, density, mean_span, rng, tokenizer.num_sentinels
+  )
+  source, target = span_corruption.corrupt_spans(ids, mask, tokenizer)
   return make_features(None, example["image"].shape, source, target, "text_to_text", tokenizer, cfg)
 
 
@@ -285,11 +202,11 @@ def image_to_text(example, tokenizer, rng: np.random.Generator, cfg) -> dict[str
 
 def multimodal_to_text(example, tokenizer, rng: np.random.Generator, cfg) -> dict[str, np.ndarray]:
   """Image + caption with spans replaced by <mask> -> the whole original caption."""
-  density, mean_span = _noise_params(cfg)
+  density, mean_span = span_corruption.noise_params(cfg)
   ids = _caption_ids(example, tokenizer, rng)
   ids = ids[: min(int(cfg.src_len), int(cfg.tgt_len) - 1)]
-  mask = random_spans_noise_mask(len(ids), density, mean_span, rng)
-  source = replace_spans(ids, mask, tokenizer.mask_id)
+  mask = span_corruption.random_spans_noise_mask(len(ids), density, mean_span, rng)
+  source = span_corruption.replace_spans(ids, mask, tokenizer.mask_id)
   return make_features(
     example["image"], example["image"].shape, source, ids, "multimodal_to_text", tokenizer, cfg
   )
@@ -309,14 +226,11 @@ def vqa(example, tokenizer, rng: np.random.Generator, cfg) -> dict[str, np.ndarr
   )
 
 
-TaskFn = Callable[[dict, Any, np.random.Generator, Any], dict]
-TASKS: dict[str, TaskFn] = {
-  "text_to_text": text_to_text,
-  "image_to_text": image_to_text,
-  "multimodal_to_text": multimodal_to_text,
-  "vqa": vqa,
-}
-assert tuple(TASKS) == TASK_NAMES
+register(Task("text_to_text", text_to_text, needs=("caption",), default_weight=1.0))
+register(Task("image_to_text", image_to_text, ("caption",), "caption", default_weight=1.0))
+register(Task("multimodal_to_text", multimodal_to_text, ("caption",), default_weight=1.0))
+# Answers are 1-3 pieces; 8 tokens (EOS included) is plenty.
+register(Task("vqa", vqa, ("qa",), "vqa", default_weight=0.0, decode_len=8))
 
 
 def random_features_batch(batch_size: int, config, seed: int = 0) -> dict[str, np.ndarray]:
@@ -345,5 +259,5 @@ def random_features_batch(batch_size: int, config, seed: int = 0) -> dict[str, n
     "tgt_input": tgt_input.astype(np.int32),
     "tgt_target": tgt_target.astype(np.int32),
     "tgt_weights": (pos_t < tgt_lens[:, None]).astype(np.float32),
-    "task_id": rng.integers(0, 4, batch_size).astype(np.int32),
+    "task_id": rng.integers(0, len(names()), batch_size).astype(np.int32),
   }

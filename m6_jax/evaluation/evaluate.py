@@ -1,55 +1,58 @@
-"""Evaluation on the held-out (validation) split.
+"""Evaluation on the held-out (validation) split, on the model's mesh.
 
 Two parts:
 
 * **Teacher-forced loss / token accuracy** per enabled task, over the validation pipeline
-  (`pipeline.make_dataset(split="validation")`, padded final batch, zero-weight padding).
-* **Generation metrics** by greedy decoding (KV cache). The references are regenerated
-  from the synthetic source by index (the train feature contract stays unchanged): scene
-  `i` of the validation split gives one caption input per language (references: the scene's
-  caption in that language) and one VQA input per question the scene answers (reference:
-  its answer; question type from the world). Reported: BLEU-4 and CIDEr-D per language and
-  their mean (`bleu4`, `cider`), VQA accuracy overall, per question type and per language.
+  (`pipeline.make_dataset(split="validation")`, padded final batch, zero-weight padding),
+  with the loss the train step uses (m6_jax/model/loss.py).
+* **Generation metrics** by greedy decoding (KV cache), one group per `eval_kind` of the
+  registered tasks (m6_jax/data/tasks.py). The references are regenerated from the
+  synthetic source by index: scene `i` of the validation split gives one caption input
+  (references: the scene's caption in each language) and one VQA input per question the
+  scene answers (reference: its answer; question type from the world). Reported: BLEU-4 and
+  CIDEr-D per language and their mean (`bleu4`, `cider`), VQA accuracy overall, per
+  question type and per language.
 
-`run_eval` (``--mode=eval``) loads a workdir's checkpoint, writes `eval_metrics.json`
-(latest), appends `eval_metrics.jsonl`, and logs `eval/<name>` TensorBoard scalars; with
-`baselines=True` it also scores the untrained model and the most-frequent baseline and
-prints the comparison table.
+`run_eval` (``--mode=eval``) loads a workdir's checkpoint onto the config's mesh, writes
+`eval_metrics.json` (latest), appends `eval_metrics.jsonl`, and logs `eval/<name>`
+TensorBoard scalars; with `baselines=True` it also scores the untrained model and the
+most-frequent baseline and prints the comparison table. `PeriodicEvaluator` is what the
+train loop calls every `train.eval_every` steps, on the training mesh.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 
-from m6_jax.data import pipeline, synthetic
-from m6_jax.data.tasks import TASK_NAMES
+from m6_jax.data import pipeline, synthetic, tasks
+from m6_jax.data import tokenizer as tokenizer_lib
+from m6_jax.errors import EvaluationError
 from m6_jax.evaluation import baselines, metrics
 from m6_jax.infer import generate as gen
+from m6_jax.model import loss as loss_lib
+from m6_jax.model.m6 import M6, M6Config
+from m6_jax.parallel import multihost, partitioning
 
-VQA_MAX_LEN = 8  # answers are 1-3 pieces; EOS included
+__all__ = ["EvaluationError", "evaluate", "run_eval", "PeriodicEvaluator"]
+
 LANGS = ("en", "zh")
-
-
-class EvaluationError(ValueError):
-  """Evaluation cannot run with this data or config; the message says why."""
 
 
 @dataclasses.dataclass
 class HeldOut:
   """Generation inputs and references regenerated from the synthetic validation split."""
 
-  caption_images: list[np.ndarray]
+  caption_images: list[np.ndarray]  # uint8
   caption_refs: list[dict[str, str]]  # {"en": caption, "zh": caption} of the scene
   vqa_images: list[np.ndarray]
   vqa_questions: list[str]
@@ -70,11 +73,10 @@ def held_out(config: ml_collections.ConfigDict, num_examples: int) -> HeldOut:
   h = HeldOut([], [], [], [], [], [], [])
   for i in range(len(source)):
     ex = source[i]
-    image = ex["image"].astype(np.float32) / 255.0
-    h.caption_images.append(image)
+    h.caption_images.append(ex["image"])
     h.caption_refs.append({lang: ex[f"caption_{lang}"] for lang in LANGS})
     for qa in ex["qa"]:
-      h.vqa_images.append(image)
+      h.vqa_images.append(ex["image"])
       h.vqa_questions.append(qa["question"])
       h.vqa_answers.append(qa["answer"])
       h.vqa_qtypes.append(qa["qtype"])
@@ -86,14 +88,12 @@ def caption_language(text: str) -> str:
   return "zh" if metrics._CJK_RE.search(text) else "en"
 
 
-def generation_metrics(h: HeldOut, captions: Sequence[str], answers: Sequence[str]) -> dict:
-  """Caption BLEU-4 / CIDEr and VQA accuracy (overall, per question type, per language).
-
-  A caption is generated from the image alone, so the model chooses its language (it was
-  trained on both): each caption is scored against the scene's caption in the language it
-  is written in (Chinese if it has a Han character). `bleu4_<lang>` / `cider_<lang>` are
-  over the captions of that language; `bleu4` / `cider` their mean weighted by count.
-  """
+def caption_scores(h: HeldOut, captions: Sequence[str]) -> dict[str, float]:
+  """Caption BLEU-4 / CIDEr-D. A caption is generated from the image alone, so the model
+  chooses its language (it was trained on both): each caption is scored against the scene's
+  caption in the language it is written in (Chinese if it has a Han character).
+  `bleu4_<lang>` / `cider_<lang>` are over the captions of that language; `bleu4` / `cider`
+  their mean weighted by count."""
   out: dict[str, float] = {}
   langs = [caption_language(c) for c in captions]
   weighted_bleu = weighted_cider = 0.0
@@ -109,6 +109,13 @@ def generation_metrics(h: HeldOut, captions: Sequence[str], answers: Sequence[st
     weighted_cider += out[f"cider_{lang}"] * len(rows)
   out["bleu4"] = weighted_bleu / len(captions)
   out["cider"] = weighted_cider / len(captions)
+  out["num_caption_inputs"] = len(captions)
+  return out
+
+
+def vqa_scores(h: HeldOut, answers: Sequence[str]) -> dict[str, float]:
+  """VQA accuracy overall, per question type and per language."""
+  out: dict[str, float] = {}
   vqa = metrics.vqa_accuracy(list(answers), [[a] for a in h.vqa_answers], h.vqa_qtypes)
   out["vqa_accuracy"] = vqa["overall"]
   for qtype, value in sorted(vqa["per_type"].items()):
@@ -119,44 +126,50 @@ def generation_metrics(h: HeldOut, captions: Sequence[str], answers: Sequence[st
       out[f"vqa_accuracy_{lang}"] = metrics.vqa_accuracy(
         [answers[i] for i in rows], [[h.vqa_answers[i]] for i in rows]
       )["overall"]
-  out["num_caption_inputs"] = len(captions)
   out["num_vqa_questions"] = len(answers)
   return out
 
 
-def generate_held_out(
-  model: gen.LoadedModel, h: HeldOut, batch_size: int = 64
-) -> tuple[list[str], list[str]]:
-  captions = gen.decode_in_batches(
-    model, h.caption_images, [""] * len(h.caption_images), batch_size
-  )
-  answers = gen.decode_in_batches(
-    model,
-    h.vqa_images,
-    h.vqa_questions,
-    batch_size,
-    max_len=min(VQA_MAX_LEN, int(model.config.data.tgt_len)),
-  )
-  return captions, answers
+# eval_kind -> (the held-out inputs: (images, source texts), how to score the outputs)
+GENERATIONS: dict[str, tuple[Callable, Callable]] = {
+  "caption": (lambda h: (h.caption_images, [""] * len(h.caption_images)), caption_scores),
+  "vqa": (lambda h: (h.vqa_images, h.vqa_questions), vqa_scores),
+}
 
 
-def _make_sums_fn(model):
-  num_tasks = len(TASK_NAMES)
+def eval_tasks() -> dict[str, tasks.Task]:
+  """{eval kind: the first registered task of that kind}: what generation evaluates."""
+  out: dict[str, tasks.Task] = {}
+  for name in tasks.names():
+    task = tasks.get(name)
+    if task.eval_kind is not None:
+      out.setdefault(task.eval_kind, task)
+  return out
 
-  @jax.jit
+
+def generation_metrics(model: gen.LoadedModel, h: HeldOut, batch_size: int = 64) -> dict:
+  """Greedy decoding of the held-out inputs of every eval kind, scored."""
+  out: dict[str, float] = {}
+  tgt_len = int(model.config.data.tgt_len)
+  for kind, task in eval_tasks().items():
+    inputs, score = GENERATIONS[kind]
+    images, sources = inputs(h)
+    max_len = min(task.decode_len or tgt_len, tgt_len)
+    out.update(score(h, gen.decode_in_batches(model, images, sources, batch_size, max_len=max_len)))
+  return out
+
+
+@functools.lru_cache(maxsize=8)
+def _sums_fn(model: M6) -> Callable:
+  """The jitted per-task loss sums of one validation batch (the train step's loss)."""
+
   def sums(params, batch):
-    logits = model.apply({"params": params}, batch, deterministic=True).astype(jnp.float32)
-    w = batch["tgt_weights"].astype(jnp.float32)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["tgt_target"]) * w
-    correct = (jnp.argmax(logits, -1) == batch["tgt_target"]) * w
-    onehot = jax.nn.one_hot(batch["task_id"], num_tasks, dtype=jnp.float32)
-    return {
-      "loss": onehot.T @ losses.sum(1),
-      "correct": onehot.T @ correct.sum(1),
-      "weight": onehot.T @ w.sum(1),
-    }
+    _, out = loss_lib.loss_and_sums(
+      params, batch, jax.random.PRNGKey(0), model, len(tasks.names()), 0.0, 1.0, True
+    )
+    return out
 
-  return sums
+  return jax.jit(sums)
 
 
 def task_losses(model: gen.LoadedModel) -> dict[str, float]:
@@ -164,19 +177,24 @@ def task_losses(model: gen.LoadedModel) -> dict[str, float]:
   dataset = pipeline.make_dataset(
     model.config, model.tokenizer, split="validation", process_index=0, process_count=1
   )
-  fn = _make_sums_fn(model.model)
-  total = None
-  for batch in dataset:
-    s = jax.device_get(fn(model.params, batch))
-    total = s if total is None else jax.tree.map(np.add, total, s)
+  fn, total = _sums_fn(model.model), None
+  with model.mesh_context():
+    for batch in dataset:
+      inputs, _ = partitioning.put_full_batch(batch, model.mesh, model.rules)
+      s = multihost.to_host(fn(model.params, inputs))
+      total = s if total is None else jax.tree.map(np.add, total, s)
   out: dict[str, float] = {}
-  for i, name in enumerate(TASK_NAMES):
-    if total["weight"][i] > 0:
-      out[f"{name}_loss"] = float(total["loss"][i] / total["weight"][i])
-      out[f"{name}_accuracy"] = float(total["correct"][i] / total["weight"][i])
-  weight = max(float(total["weight"].sum()), 1.0)
-  out["loss"] = float(total["loss"].sum() / weight)
-  out["accuracy"] = float(total["correct"].sum() / weight)
+  loss, correct, weight = (
+    total["task_loss_sum"],
+    total["task_correct_sum"],
+    total["task_weight_sum"],
+  )
+  for i, name in enumerate(tasks.names()):
+    if weight[i] > 0:
+      out[f"{name}_loss"] = float(loss[i] / weight[i])
+      out[f"{name}_accuracy"] = float(correct[i] / weight[i])
+  out["loss"] = float(loss.sum() / max(float(weight.sum()), 1.0))
+  out["accuracy"] = float(correct.sum() / max(float(weight.sum()), 1.0))
   return out
 
 
@@ -189,10 +207,30 @@ def evaluate(
   out = task_losses(model)
   if generation:
     n = int(num_examples) or int(model.config.data.num_eval_examples)
-    h = held_out(model.config, n)
-    out.update(generation_metrics(h, *generate_held_out(model, h, batch_size)))
+    out.update(generation_metrics(model, held_out(model.config, n), batch_size))
   out["eval_seconds"] = time.perf_counter() - start
   return out
+
+
+class PeriodicEvaluator:
+  """`evaluator(step, params) -> metrics`: the train loop's periodic evaluation, on the
+  parameters as they are sharded for training (`train.eval_examples` scenes decoded)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    self.config, self.workdir = config, workdir
+    self.model = M6(M6Config.from_config(config))
+    self._tokenizer = None
+
+  def __call__(self, step: int, params: Any) -> dict[str, float]:
+    if self._tokenizer is None:  # the loop has made the workdir's tokenizer by now
+      path = gen.tokenizer_path(self.workdir, self.config)
+      self._tokenizer = tokenizer_lib.Tokenizer.from_file(path)
+    mesh = jax.tree.leaves(params)[0].sharding.mesh
+    rules = partitioning.logical_rules(self.config)
+    model = gen.LoadedModel(
+      self.config, self.model, params, self._tokenizer, step, self.workdir, mesh, rules
+    )
+    return evaluate(model, int(self.config.train.eval_examples))
 
 
 def most_frequent_metrics(config: ml_collections.ConfigDict, h: HeldOut) -> dict[str, float]:
@@ -208,7 +246,7 @@ def most_frequent_metrics(config: ml_collections.ConfigDict, h: HeldOut) -> dict
   # Every image gets the most frequent English training caption.
   captions = baselines.predict(caption_table, ["en"] * len(h.caption_images))
   answers = baselines.predict(answer_table, list(zip(h.vqa_langs, h.vqa_qtypes)))
-  return generation_metrics(h, captions, answers)
+  return {**caption_scores(h, captions), **vqa_scores(h, answers)}
 
 
 TABLE_KEYS = ("vqa_accuracy", "bleu4", "cider", "bleu4_en", "bleu4_zh", "cider_en", "cider_zh")
@@ -226,7 +264,7 @@ def comparison_table(rows: dict[str, dict]) -> str:
 
 def _write(workdir: str, result: dict[str, Any]) -> None:
   """eval_metrics.json(l) and TensorBoard, from process 0 only (the workdir is shared)."""
-  if jax.process_index() != 0:
+  if not multihost.is_primary():
     return
   path = os.path.join(workdir, "eval_metrics.json")
   with open(path + ".tmp", "w") as f:
@@ -252,11 +290,11 @@ def run_eval(
 ) -> dict[str, Any]:
   """--mode=eval: evaluates a checkpoint of `workdir`, writes and returns the results."""
   model = gen.load_model(workdir, step, config=config, best=best)
-  logging.info("Evaluating %s step %d", workdir, model.step)
+  logging.info("Evaluating %s step %d on mesh %s", workdir, model.step, dict(model.mesh.shape))
   result: dict[str, Any] = {"step": model.step, "time": time.time(), "best": bool(best)}
   result["metrics"] = evaluate(model, num_examples)
   if with_baselines:
-    untrained = gen.init_model(model.config, model.tokenizer, int(model.config.seed))
+    untrained = gen.init_model(model.config, model.tokenizer, int(model.config.seed), model.mesh)
     n = int(num_examples) or int(model.config.data.num_eval_examples)
     result["baselines"] = {
       "untrained": evaluate(untrained, num_examples),

@@ -31,6 +31,8 @@ from typing import Sequence, Union
 import sacrebleu
 from pycocoevalcap.cider.cider import Cider
 
+from m6_jax.evaluation import vqa_tables
+
 __all__ = [
   "bleu4",
   "cider",
@@ -196,185 +198,18 @@ def cider(predictions: Sequence[str], references: References, lang: str = "en") 
 # VQA accuracy
 # --------------------------------------------------------------------------------------
 
-# Tables of the official VQA evaluation (GT-Vision-Lab/VQA,
-# PythonEvaluationTools/vqaEvaluation/vqaEval.py, master), reproduced verbatim.
-_VQA_CONTRACTIONS = {
-  "aint": "ain't",
-  "arent": "aren't",
-  "cant": "can't",
-  "couldve": "could've",
-  "couldnt": "couldn't",
-  "couldn'tve": "couldn't've",
-  "couldnt've": "couldn't've",
-  "didnt": "didn't",
-  "doesnt": "doesn't",
-  "dont": "don't",
-  "hadnt": "hadn't",
-  "hadnt've": "hadn't've",
-  "hadn'tve": "hadn't've",
-  "hasnt": "hasn't",
-  "havent": "haven't",
-  "hed": "he'd",
-  "hed've": "he'd've",
-  "he'dve": "he'd've",
-  "hes": "he's",
-  "howd": "how'd",
-  "howll": "how'll",
-  "hows": "how's",
-  "Id've": "I'd've",
-  "I'dve": "I'd've",
-  "Im": "I'm",
-  "Ive": "I've",
-  "isnt": "isn't",
-  "itd": "it'd",
-  "itd've": "it'd've",
-  "it'dve": "it'd've",
-  "itll": "it'll",
-  "let's": "let's",
-  "maam": "ma'am",
-  "mightnt": "mightn't",
-  "mightnt've": "mightn't've",
-  "mightn'tve": "mightn't've",
-  "mightve": "might've",
-  "mustnt": "mustn't",
-  "mustve": "must've",
-  "neednt": "needn't",
-  "notve": "not've",
-  "oclock": "o'clock",
-  "oughtnt": "oughtn't",
-  "ow's'at": "'ow's'at",
-  "'ows'at": "'ow's'at",
-  "'ow'sat": "'ow's'at",
-  "shant": "shan't",
-  "shed've": "she'd've",
-  "she'dve": "she'd've",
-  "she's": "she's",
-  "shouldve": "should've",
-  "shouldnt": "shouldn't",
-  "shouldnt've": "shouldn't've",
-  "shouldn'tve": "shouldn't've",
-  "somebody'd": "somebodyd",
-  "somebodyd've": "somebody'd've",
-  "somebody'dve": "somebody'd've",
-  "somebodyll": "somebody'll",
-  "somebodys": "somebody's",
-  "someoned": "someone'd",
-  "someoned've": "someone'd've",
-  "someone'dve": "someone'd've",
-  "someonell": "someone'll",
-  "someones": "someone's",
-  "somethingd": "something'd",
-  "somethingd've": "something'd've",
-  "something'dve": "something'd've",
-  "somethingll": "something'll",
-  "thats": "that's",
-  "thered": "there'd",
-  "thered've": "there'd've",
-  "there'dve": "there'd've",
-  "therere": "there're",
-  "theres": "there's",
-  "theyd": "they'd",
-  "theyd've": "they'd've",
-  "they'dve": "they'd've",
-  "theyll": "they'll",
-  "theyre": "they're",
-  "theyve": "they've",
-  "twas": "'twas",
-  "wasnt": "wasn't",
-  "wed've": "we'd've",
-  "we'dve": "we'd've",
-  "weve": "we've",
-  "werent": "weren't",
-  "whatll": "what'll",
-  "whatre": "what're",
-  "whats": "what's",
-  "whatve": "what've",
-  "whens": "when's",
-  "whered": "where'd",
-  "wheres": "where's",
-  "whereve": "where've",
-  "whod": "who'd",
-  "whod've": "who'd've",
-  "who'dve": "who'd've",
-  "wholl": "who'll",
-  "whos": "who's",
-  "whove": "who've",
-  "whyll": "why'll",
-  "whyre": "why're",
-  "whys": "why's",
-  "wont": "won't",
-  "wouldve": "would've",
-  "wouldnt": "wouldn't",
-  "wouldnt've": "wouldn't've",
-  "wouldn'tve": "wouldn't've",
-  "yall": "y'all",
-  "yall'll": "y'all'll",
-  "y'allll": "y'all'll",
-  "yall'd've": "y'all'd've",
-  "y'alld've": "y'all'd've",
-  "y'all'dve": "y'all'd've",
-  "youd": "you'd",
-  "youd've": "you'd've",
-  "you'dve": "you'd've",
-  "youll": "you'll",
-  "youre": "you're",
-  "youve": "you've",
-}
-_VQA_NUMBERS = {
-  "none": "0",
-  "zero": "0",
-  "one": "1",
-  "two": "2",
-  "three": "3",
-  "four": "4",
-  "five": "5",
-  "six": "6",
-  "seven": "7",
-  "eight": "8",
-  "nine": "9",
-  "ten": "10",
-}
-_VQA_ARTICLES = ("a", "an", "the")
-# Regexes as written in the official script (the "(?!<=\d)" is a lookahead there, not a
-# lookbehind; kept as is so that results match).
-_VQA_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
-_VQA_COMMA_STRIP = re.compile(r"(\d)(\,)(\d)")
-_VQA_PUNCT = (
-  ";",
-  "/",
-  "[",
-  "]",
-  '"',
-  "{",
-  "}",
-  "(",
-  ")",
-  "=",
-  "+",
-  "\\",
-  "_",
-  "-",
-  ">",
-  "<",
-  "@",
-  "`",
-  ",",
-  "?",
-  "!",
-)
-
 
 def _vqa_process_punctuation(text: str) -> str:
   """Official ``processPunctuation``."""
   out = text
-  has_digit_comma = _VQA_COMMA_STRIP.search(text) is not None
-  for p in _VQA_PUNCT:
+  has_digit_comma = vqa_tables.COMMA_STRIP.search(text) is not None
+  for p in vqa_tables.PUNCT:
     if (p + " " in text or " " + p in text) or has_digit_comma:
       out = out.replace(p, "")
     else:
       out = out.replace(p, " ")
   # The official call is ``sub("", out, re.UNICODE)``, i.e. count=re.UNICODE (32).
-  return _VQA_PERIOD_STRIP.sub("", out, count=int(re.UNICODE))
+  return vqa_tables.PERIOD_STRIP.sub("", out, count=int(re.UNICODE))
 
 
 def _vqa_process_digit_article(text: str) -> str:
@@ -382,10 +217,10 @@ def _vqa_process_digit_article(text: str) -> str:
   restore contractions."""
   words = []
   for word in text.lower().split():
-    word = _VQA_NUMBERS.get(word, word)
-    if word not in _VQA_ARTICLES:
+    word = vqa_tables.NUMBERS.get(word, word)
+    if word not in vqa_tables.ARTICLES:
       words.append(word)
-  return " ".join(_VQA_CONTRACTIONS.get(w, w) for w in words)
+  return " ".join(vqa_tables.CONTRACTIONS.get(w, w) for w in words)
 
 
 def normalize_vqa_answer(text: str) -> str:

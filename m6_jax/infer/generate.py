@@ -1,12 +1,18 @@
-"""Generation from a trained workdir: captions, VQA answers and text continuations.
+"""Generation from a trained workdir, on a mesh: captions, VQA answers, text continuations.
 
     model = load_model(workdir)                       # latest checkpoint + its config/tokenizer
     rows = generate(model, images=["cat.png"], questions=["what color is the circle?"])
 
+The parameters are restored straight into the shardings of the mesh the config describes
+(`config.mesh.*`, the logical axis rules of training), so a model that needed many devices
+to train decodes on many devices too: with `--config.mesh.tensor=4` each device holds about
+a quarter of the parameters. Inputs are split over the mesh's batch axes.
+
 An image alone is captioned; an image and a question give the answer; a text prompt (with
-or without an image) is the source text whose continuation is generated. Decoding is greedy,
-beam search (`beam_size`, `length_penalty`) or sampling (`temperature`, `top_k`, `top_p`,
-`seed`), all with the KV cache of `m6_jax.infer.decoding`.
+or without an image) is the source text whose continuation is generated. Images are read by
+the loader training uses (m6_jax/data/images.py), so they get the same pixels. Decoding is
+greedy, beam search (`beam_size`, `length_penalty`) or sampling (`temperature`, `top_k`,
+`top_p`, `seed`), all with the KV cache of `m6_jax.infer.decoding`.
 """
 
 from __future__ import annotations
@@ -16,69 +22,102 @@ import json
 import os
 from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
+from jax.sharding import Mesh
 
+from m6_jax import checkpoints
+from m6_jax import config as config_lib
+from m6_jax.data import images as images_lib
+from m6_jax.data import tasks
 from m6_jax.data import tokenizer as tokenizer_lib
+from m6_jax.errors import CheckpointError, ConfigError, GenerationError
 from m6_jax.infer import decoding
 from m6_jax.model.m6 import M6, M6Config, dummy_batch
-from m6_jax.train import checkpointing
+from m6_jax.parallel import axes, multihost, partitioning
 
 DECODINGS = ("greedy", "beam", "sample")
 
-
-class GenerationError(ValueError):
-  """Bad generation input (missing / unreadable image, empty prompt, ...)."""
+__all__ = ["GenerationError", "LoadedModel", "load_model", "generate", "decode"]
 
 
 @dataclasses.dataclass
 class LoadedModel:
+  """A model ready to decode: its config, module, parameters (sharded over `mesh`) and
+  tokenizer, and where they came from."""
+
   config: ml_collections.ConfigDict
   model: M6
   params: Any
   tokenizer: tokenizer_lib.Tokenizer
   step: int
   workdir: str
+  mesh: Mesh
+  rules: tuple[tuple[str, Any], ...]
+  checkpoint_dir: str = ""  # the checkpoint directory the parameters came from
+
+  def mesh_context(self):
+    return partitioning.mesh_context(self.mesh, self.rules)
 
 
-def _saved_config(workdir: str, from_checkpoint: dict | None) -> ml_collections.ConfigDict:
-  if from_checkpoint is None:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-      raise checkpointing.CheckpointError(f"{workdir} has a checkpoint but no config.json.")
-    with open(path) as f:
-      from_checkpoint = json.load(f)
-  # Keys added since the checkpoint was written take their defaults.
-  from m6_jax import config as config_lib
+def _merged_with_defaults(saved: dict) -> ml_collections.ConfigDict:
+  """A saved config dict, with the keys added since it was written at their defaults."""
 
   def merge(base: dict, saved: dict) -> dict:
     for k, v in saved.items():
       base[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
     return base
 
-  return ml_collections.ConfigDict(merge(config_lib.default_config().to_dict(), from_checkpoint))
+  return ml_collections.ConfigDict(merge(config_lib.default_config().to_dict(), saved))
 
 
-def _tokenizer_for(workdir: str, config: ml_collections.ConfigDict) -> tokenizer_lib.Tokenizer:
-  path = config.data.get("tokenizer_path", "") or os.path.join(workdir, "tokenizer", "spm.model")
-  if not os.path.exists(path):
-    raise checkpointing.CheckpointError(
-      f"no tokenizer at {path}: the workdir must hold the tokenizer its model was trained with."
-    )
-  return tokenizer_lib.Tokenizer.from_file(path)
+def _saved_config(ckpts: checkpoints.Checkpoints, step: int, workdir: str) -> dict:
+  saved = ckpts.saved_json(step, "config")
+  if saved is None:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+      raise CheckpointError(f"{workdir} has a checkpoint but no config.json.")
+    with open(path) as f:
+      saved = json.load(f)
+  return saved
 
 
-def model_params_shapes(model: M6) -> Any:
-  return jax.eval_shape(
+def inference_config(
+  saved: dict, config: ml_collections.ConfigDict | None, num_devices: int
+) -> ml_collections.ConfigDict:
+  """The config to decode with: `config` when given (its mesh included), else the saved one
+  on its training mesh, or on all devices over the batch when that mesh does not fit here."""
+  if config is not None:
+    config_lib.validate(config, num_devices, training=False)
+    return config
+  config = _merged_with_defaults(saved)
+  try:
+    config_lib.validate(config, num_devices, training=False)
+  except ConfigError as e:
+    default = config_lib.default_config().mesh
+    with config.unlocked():
+      for axis in axes.MESH_AXES:
+        config.mesh[axis] = default[axis]
+    logging.info("The training mesh does not fit here (%s); decoding on all devices.", e)
+  return config
+
+
+def tokenizer_path(workdir: str, config: ml_collections.ConfigDict) -> str:
+  return config.data.get("tokenizer_path", "") or os.path.join(workdir, checkpoints.TOKENIZER_FILE)
+
+
+def abstract_params(model: M6, mesh: Mesh, rules) -> Any:
+  """The parameter tree as ShapeDtypeStructs carrying their shardings on `mesh`."""
+  boxed = jax.eval_shape(
     lambda: model.init(jax.random.PRNGKey(0), dummy_batch(model.config), deterministic=True)
   )["params"]
-
-
-def unboxed_shapes(model: M6) -> Any:
-  import flax.linen as nn
-
-  return nn.unbox(model_params_shapes(model))
+  shardings = partitioning.logical_to_shardings(boxed, mesh, rules)
+  return jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings
+  )
 
 
 def load_model(
@@ -86,63 +125,66 @@ def load_model(
   step: int | None = None,
   config: ml_collections.ConfigDict | None = None,
   best: bool = False,
+  devices: Sequence[jax.Device] | None = None,
 ) -> LoadedModel:
-  """The checkpoint `step` (None: latest; `best`: the kept best one) of `workdir` with its
-  tokenizer. `config` None uses the checkpoint's own config; a given config must match the
-  checkpoint's parameter shapes (else CheckpointError naming the first mismatch)."""
-  source = checkpointing.best_dir(workdir) if best else workdir
-  params, step, saved = checkpointing.load_params(source, step)
-  if config is None:
-    config = _saved_config(workdir, saved)
+  """The checkpoint `step` (None: latest; `best`: the kept best one) of `workdir` (a trained
+  workdir or an export) with its tokenizer, its parameters on the config's mesh over
+  `devices` (default: all). `config` None uses the checkpoint's own config; a given config
+  must match the checkpoint's parameter shapes (else CheckpointError naming the first
+  mismatch) and the tokenizer the checkpoint's fingerprint."""
+  source = checkpoints.best_dir(workdir) if best else workdir
+  ckpts = checkpoints.open_steps(source)
+  step = ckpts.latest_step() if step is None else step
+  devices = list(devices if devices is not None else jax.devices())
+  config = inference_config(_saved_config(ckpts, step, workdir), config, len(devices))
+  mesh = partitioning.make_mesh(config, devices)
+  rules = partitioning.logical_rules(config)
   model = M6(M6Config.from_config(config))
-  checkpointing.check_param_shapes(unboxed_shapes(model), params, f"{source} (step {step})")
-  return LoadedModel(config, model, params, _tokenizer_for(workdir, config), step, workdir)
+  path = tokenizer_path(workdir, config)
+  if not os.path.exists(path):
+    raise CheckpointError(
+      f"no tokenizer at {path}: the workdir must hold the tokenizer its model was trained with."
+    )
+  tokenizer = tokenizer_lib.Tokenizer.from_file(path)
+  target = abstract_params(model, mesh, rules)
+  loaded = checkpoints.load_params(source, target, step, tokenizer, path)
+  return LoadedModel(
+    config, model, loaded.params, tokenizer, loaded.step, workdir, mesh, rules, loaded.directory
+  )
 
 
-def init_model(config: ml_collections.ConfigDict, tokenizer, seed: int = 0) -> LoadedModel:
-  """Freshly initialised parameters (the "untrained model" baseline)."""
-  import flax.linen as nn
-
+def init_model(
+  config: ml_collections.ConfigDict, tokenizer, seed: int = 0, mesh: Mesh | None = None
+) -> LoadedModel:
+  """Freshly initialised parameters (the "untrained model" baseline), on `mesh`."""
+  mesh = mesh or partitioning.make_mesh(config)
+  rules = partitioning.logical_rules(config)
   model = M6(M6Config.from_config(config))
-  variables = model.init(jax.random.PRNGKey(seed), dummy_batch(model.config), deterministic=True)
-  return LoadedModel(config, model, nn.unbox(variables["params"]), tokenizer, 0, "")
+  shardings = jax.tree.map(lambda a: a.sharding, abstract_params(model, mesh, rules))
 
+  def init(rng):
+    variables = model.init(rng, dummy_batch(model.config), deterministic=True)
+    return nn.unbox(variables["params"])
 
-def read_image(path: str, image_size: int) -> np.ndarray:
-  """float32 [image_size, image_size, 3] in [0, 1]; GenerationError if missing or unreadable."""
-  from PIL import Image, UnidentifiedImageError
-
-  if not os.path.isfile(path):
-    raise GenerationError(f"image file not found: {path}")
-  try:
-    with Image.open(path) as img:
-      img = img.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
-      return np.asarray(img, dtype=np.float32) / 255.0
-  except (UnidentifiedImageError, OSError, ValueError) as e:
-    raise GenerationError(f"cannot read image {path}: {e}") from e
+  with partitioning.mesh_context(mesh, rules):
+    params = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
+  return LoadedModel(config, model, params, tokenizer, 0, "", mesh, rules)
 
 
 def make_inputs(
   model: LoadedModel, images: Sequence[np.ndarray | None], sources: Sequence[str]
 ) -> dict[str, np.ndarray]:
-  """The decoding prefix features for rows (image or None, source text)."""
+  """The decoding prefix features for rows (uint8 image or None, source text), built as
+  the tasks build them in training."""
   d = model.config.data
-  size, src_len = int(d.image_size), int(d.src_len)
-  n = len(images)
-  batch = {
-    "image": np.zeros((n, size, size, 3), np.float32),
-    "has_image": np.zeros((n,), np.int32),
-    "src_tokens": np.zeros((n, src_len), np.int32),
-  }
-  for i, (image, text) in enumerate(zip(images, sources)):
-    if image is not None:
-      batch["image"][i] = image
-      batch["has_image"][i] = 1
+  shape, src_len = (int(d.image_size), int(d.image_size), 3), int(d.src_len)
+  rows = []
+  for image, text in zip(images, sources):
     ids = model.tokenizer.encode(text)[:src_len] if text else []
-    batch["src_tokens"][i, : len(ids)] = ids
     if image is None and not ids:
       raise GenerationError("a row has neither an image nor source text; nothing to condition on.")
-  return batch
+    rows.append(tasks.prefix_features(image, shape, ids, src_len))
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
 def decode(
@@ -157,23 +199,26 @@ def decode(
   top_p: float = 1.0,
   seed: int = 0,
 ) -> list[str]:
-  """Decodes every row of `batch`; returns the texts (EOS and padding removed)."""
+  """Decodes every row of `batch` on the model's mesh; returns the texts (EOS and padding
+  removed). Every process passes the whole batch and gets every text."""
   max_len = int(max_len) or int(model.config.data.tgt_len)
   tok = model.tokenizer
-  args = (model.model, model.params, batch)
-  if decoding_method == "greedy":
-    ids = decoding.greedy_decode(*args, max_len, tok.bos_id, tok.eos_id)
-  elif decoding_method == "beam":
-    seqs, _ = decoding.beam_search(
-      *args, beam_size, max_len, tok.bos_id, tok.eos_id, length_penalty
-    )
-    ids = seqs[:, 0]
-  elif decoding_method == "sample":
-    ids = decoding.sample(
-      *args, jax.random.PRNGKey(seed), max_len, tok.bos_id, tok.eos_id, temperature, top_k, top_p
-    )
-  else:
-    raise GenerationError(f"unknown decoding '{decoding_method}'; one of {DECODINGS}.")
+  with model.mesh_context():
+    inputs, rows = partitioning.put_full_batch(batch, model.mesh, model.rules)
+    args = (model.model, model.params, inputs)
+    if decoding_method == "greedy":
+      ids = decoding.greedy_decode(*args, max_len, tok.bos_id, tok.eos_id)
+    elif decoding_method == "beam":
+      seqs, _ = decoding.beam_search(
+        *args, beam_size, max_len, tok.bos_id, tok.eos_id, length_penalty
+      )
+      ids = seqs[:, 0]
+    elif decoding_method == "sample":
+      key = jax.random.PRNGKey(seed)
+      ids = decoding.sample(*args, key, max_len, tok.bos_id, tok.eos_id, temperature, top_k, top_p)
+    else:
+      raise GenerationError(f"unknown decoding '{decoding_method}'; one of {DECODINGS}.")
+    ids = multihost.to_host(ids)[:rows]
   # An untrained model may pick embedding rows beyond the tokenizer's pieces: dropped.
   return [tok.decode([i for i in row if i < tok.vocab_size]) for row in np.asarray(ids)]
 
@@ -181,7 +226,8 @@ def decode(
 def decode_in_batches(
   model: LoadedModel, images, sources, batch_size: int = 64, **decode_kwargs
 ) -> list[str]:
-  """`decode` over any number of rows, in fixed-size batches (the last one padded)."""
+  """`decode` over any number of rows, in fixed-size batches (the last one padded with
+  copies of its first row, so that every batch has the shape the first one compiled)."""
   out: list[str] = []
   for start in range(0, len(sources), batch_size):
     imgs, srcs = list(images[start : start + batch_size]), list(sources[start : start + batch_size])
@@ -225,7 +271,7 @@ def generate(
       "images or one per image."
     )
   size = int(model.config.data.image_size)
-  pixels = [read_image(p, size) for p in images] or [None]
+  pixels = [images_lib.load_image_file(p, size) for p in images] or [None]
   names = list(images) or [None]
   if prompt is not None:
     sources, task, key = [prompt] * len(pixels), "text_generation", "prompt"

@@ -8,7 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from m6_jax.model.layers import constrain, default_kernel_init
+from m6_jax.model.layers import default_kernel_init
+from m6_jax.model.ops import constrain
 
 Dtype = Any
 

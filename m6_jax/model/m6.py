@@ -5,8 +5,8 @@ prefix and causally to itself, so one stack is encoder and decoder at once (pref
 LM head runs on the target positions only: the prefix has no loss, so computing its logits
 would be wasted vocabulary-sized matmuls.
 
-Batch features (see m6_jax/data/tasks.py): image [b, h, w, 3] float in [0, 1], has_image [b],
-src_tokens [b, Ls], tgt_input [b, Lt]; token id 0 is padding.
+Batch features (see m6_jax/model/features.py): image [b, h, w, 3] float in [0, 1],
+has_image [b], src_tokens [b, Ls], tgt_input [b, Lt]; token id 0 is padding.
 
 Text lengths come from the batch, not the config: src_tokens may have any Ls' <= src_len
 columns and tgt_input any Lt' <= tgt_len (a length-bucketed batch, m6_jax/data/pipeline.py,
@@ -35,21 +35,20 @@ import jax.numpy as jnp
 import ml_collections
 from flax import struct
 
+from m6_jax.model import features
 from m6_jax.model.embeddings import ImageEmbedding, PositionEmbedding, embed_init
 from m6_jax.model.layers import (
-  ATTENTION_OUT,
-  ATTENTION_PROBS,
   AttentionMask,
   LayerKV,
   LayerNorm,
   StepCache,
   TransformerBlock,
-  constrain,
   default_kernel_init,
 )
 from m6_jax.model.moe import AUX_LOSS_COLLECTION, METRICS_COLLECTION, MoeOptions
+from m6_jax.model.ops import ATTENTION_OUT, ATTENTION_PROBS, constrain
 
-PAD_ID = 0
+PAD_ID = features.PAD_ID
 SEGMENT_IMAGE, SEGMENT_SOURCE, SEGMENT_TARGET = 0, 1, 2
 
 
@@ -115,7 +114,7 @@ class M6Config:
   def attention_pairs(self) -> int:
     """(query, key) pairs one full-mode attention layer scores per sequence: prefix x prefix
     and target x all keys. The prefix-LM mask never lets a prefix query see the target, and
-    layers.attention_core skips that block (the model-FLOP counts use this)."""
+    ops.attention_core skips that block (the model-FLOP counts use this)."""
     prefix = self.seq_len - self.tgt_len
     return prefix * prefix + self.tgt_len * self.seq_len
 
@@ -473,10 +472,7 @@ class M6(nn.Module):
 
 
 def dummy_batch(config: M6Config, batch_size: int = 1) -> dict[str, Any]:
-  """A zero batch with the feature shapes the model expects (for init and eval_shape)."""
-  return {
-    "image": jnp.zeros((batch_size, config.image_size, config.image_size, 3), jnp.float32),
-    "has_image": jnp.ones((batch_size,), jnp.int32),
-    "src_tokens": jnp.zeros((batch_size, config.src_len), jnp.int32),
-    "tgt_input": jnp.ones((batch_size, config.tgt_len), jnp.int32),
-  }
+  """A zero batch with the feature shapes the model reads (for init and eval_shape)."""
+  shapes = features.feature_shapes(config.image_size, config.src_len, config.tgt_len)
+  keys = features.PREFIX_FEATURES + ("tgt_input",)
+  return {k: jnp.asarray(v) for k, v in features.zeros(shapes, batch_size, keys).items()}

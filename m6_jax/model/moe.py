@@ -53,15 +53,15 @@ They are recorded only when the collection is mutable, e.g.
 `moe_terms()` averages each of them over all MoE layers. The losses are unweighted: the train
 step multiplies them by its weights.
 
-**Sharding.** Expert kernels carry ('expert', 'embed', 'mlp') / ('expert', 'mlp', 'embed');
-the expert buffers are constrained to ('expert', 'batch', None, 'embed') so that a logical rule
-('expert', <mesh axis>) splits the experts over that axis and GSPMD inserts the all-to-all
-between the batch-sharded tokens and the expert-sharded buffers. Without such a rule the
-experts are replicated. The router kernel is small and carries ('embed', None). Flax gives a
-mesh axis to the first rule that claims it, so when 'batch' is also split over the expert mesh
-axis, list ('expert', 'expert') before the 'batch' rules and add a fallback 'batch' rule
-without that axis, e.g. (('expert', 'expert'), ('batch', ('data', 'expert')), ('batch',
-'data')): the expert buffers then use the fallback and the experts stay split.
+**Sharding.** Expert kernels carry the logical axes ('experts', 'embed', 'mlp') /
+('experts', 'mlp', 'embed'); the expert buffers are constrained to ('experts', 'batch', None,
+'embed') so that a logical rule ('experts', <mesh axis>) splits the experts over that axis and
+GSPMD inserts the all-to-all between the batch-sharded tokens and the expert-sharded buffers.
+Without such a rule the experts are replicated. The router kernel is small and carries
+('embed', None). Flax gives a mesh axis to the first rule that claims it, so when 'batch' is
+also split over the expert mesh axis, list ('experts', <that axis>) before the 'batch' rules
+and add a fallback 'batch' rule without it (m6_jax/parallel/axes.py does): the expert buffers
+then use the fallback and the experts stay split.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from m6_jax.model.layers import constrain, gelu
+from m6_jax.model.ops import constrain, gelu
 
 Dtype = Any
 
@@ -82,8 +82,8 @@ AUX_LOSS_COLLECTION = "aux_loss"
 METRICS_COLLECTION = "moe_metrics"
 
 # Buffers of tokens on their way to / back from the experts.
-EXPERT_EMBED = ("expert", "batch", None, "embed")
-EXPERT_MLP = ("expert", "batch", None, "mlp")
+EXPERT_EMBED = ("experts", "batch", None, "embed")
+EXPERT_MLP = ("experts", "batch", None, "mlp")
 # Dispatch / combine tensors [batch, length, expert, capacity].
 ROUTING = ("batch", "length", None, None)
 
@@ -289,17 +289,17 @@ class Experts(nn.Module):
     e, d, m = self.num_experts, x.shape[-1], self.mlp_dim
     if x.shape[0] != e:
       raise ValueError(f"Experts got a buffer for {x.shape[0]} experts, expected {e}.")
-    wi = self._param("wi_kernel", expert_kernel_init, ("expert", "embed", "mlp"), (e, d, m))
+    wi = self._param("wi_kernel", expert_kernel_init, ("experts", "embed", "mlp"), (e, d, m))
     h = jnp.einsum("ebcd,edm->ebcm", x.astype(self.dtype), wi.astype(self.dtype))
     if self.use_bias:
-      bi = self._param("wi_bias", nn.initializers.zeros, ("expert", "mlp"), (e, m))
+      bi = self._param("wi_bias", nn.initializers.zeros, ("experts", "mlp"), (e, m))
       h = h + bi.astype(self.dtype)[:, None, None, :]
     h = constrain(gelu(h), EXPERT_MLP)
     h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
-    wo = self._param("wo_kernel", expert_kernel_init, ("expert", "mlp", "embed"), (e, m, d))
+    wo = self._param("wo_kernel", expert_kernel_init, ("experts", "mlp", "embed"), (e, m, d))
     out = jnp.einsum("ebcm,emd->ebcd", h, wo.astype(self.dtype))
     if self.use_bias:
-      bo = self._param("wo_bias", nn.initializers.zeros, ("expert", "embed"), (e, d))
+      bo = self._param("wo_bias", nn.initializers.zeros, ("experts", "embed"), (e, d))
       out = out + bo.astype(self.dtype)[:, None, None, :]
     return constrain(out, EXPERT_EMBED)
 

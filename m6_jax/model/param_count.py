@@ -2,6 +2,9 @@
 
   python -m m6_jax.main --mode=params --config=configs/m6_10b.py
 
+`train_flops` turns the counts into the analytic model FLOPs of a train step (the MFU of the
+progress line and of the AOT report).
+
 Components: embeddings (token, text position, segment, 2-D image positions, an untied LM
 head), image stem, attention, FFN dense, experts, router, norms. A config file may define
 `PUBLISHED_PARAMS` (the paper's total); the report then prints ours against it.
@@ -9,6 +12,7 @@ head), image stem, attention, FFN dense, experts, router, norms. A config file m
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -60,6 +64,32 @@ def count_params(config: ml_collections.ConfigDict) -> dict[str, int]:
     active -= counts["experts"] * (1 - m.moe_num_groups * m.moe_top_k / m.moe_num_experts)
   counts["active per token"] = int(active)
   return counts
+
+
+def train_flops(
+  config: ml_collections.ConfigDict,
+  counts: dict[str, int],
+  batch_size: int | None = None,
+  src_len: int | None = None,
+  tgt_len: int | None = None,
+) -> float:
+  """Analytic model FLOPs of one train step (forward + backward = 3x forward, no remat).
+
+  6 * (active non-embedding params) per token over the whole sequence, + the LM head on the
+  target positions, + attention scores and mixing (12 * layers * heads * head_dim per
+  (query, key) pair the prefix-LM mask allows blockwise, M6Config.attention_pairs, fwd+bwd).
+  `counts` is `count_params(config)`; the batch size and text lengths default to the
+  config's (a length-bucketed batch passes its own).
+  """
+  m, d = config.model, config.data
+  c = M6Config.from_config(config)
+  c = dataclasses.replace(c, src_len=src_len or c.src_len, tgt_len=tgt_len or c.tgt_len)
+  b = batch_size or d.batch_size
+  dense_params = counts["active per token"] - counts["embeddings"]
+  flops = 6.0 * dense_params * b * c.seq_len
+  flops += 6.0 * m.vocab_size * m.d_model * b * c.tgt_len
+  flops += 12.0 * m.num_layers * c.attention_pairs * m.num_heads * m.head_dim * b
+  return flops
 
 
 def _human(n: float) -> str:

@@ -20,21 +20,14 @@ default in this JAX version), so a multi-process CPU run needs nothing beyond th
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, TypeVar
 
 import jax
 import numpy as np
-from jax.sharding import AxisType
 
-from m6_jax.config import MESH_AXES
-from m6_jax.parallel import partitioning
+from m6_jax.errors import DistributedError
 
 T = TypeVar("T")
-
-
-class DistributedError(ValueError):
-  """Bad multi-host flags, or jax.distributed could not start; the message says which."""
 
 
 def check_flags(
@@ -175,27 +168,6 @@ def to_host(tree: Any) -> Any:
   from jax.experimental import multihost_utils
 
   return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
-
-
-@contextlib.contextmanager
-def process_local(rules: partitioning.Rules) -> Iterator[None]:
-  """With several processes: runs the body on this process's first device alone.
-
-  For work each process does whole, on its own, such as the periodic evaluation on host
-  copies of the parameters: under the global mesh, jitted code would make arrays spread
-  over other processes' devices, which this process cannot read. One process: no change.
-  """
-  if jax.process_count() == 1:
-    yield
-    return
-  mesh = jax.make_mesh(
-    (1,) * len(MESH_AXES),
-    MESH_AXES,
-    axis_types=(AxisType.Auto,) * len(MESH_AXES),
-    devices=jax.local_devices()[:1],
-  )
-  with partitioning.mesh_context(mesh, rules):
-    yield
 
 
 def uses_preemption_service() -> bool:

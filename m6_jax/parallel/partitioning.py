@@ -1,7 +1,8 @@
-"""Meshes, logical axis rules and shardings. The only module that knows mesh axis names.
+"""Meshes and shardings from the config's mesh sizes and logical axis rules.
 
-Everything else names tensor dimensions logically ("batch", "embed", "heads", ...); the
-config's `mesh.logical_axis_rules` maps those names onto the mesh axes built here.
+Everything outside m6_jax/parallel/ names tensor dimensions logically ("batch", "embed",
+"heads", ...); `config.mesh.logical_axis_rules` (defaults in m6_jax/parallel/axes.py) maps
+those names onto the mesh axes built here.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from absl import logging
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from m6_jax.config import MESH_AXES, mesh_shape
+from m6_jax.parallel.axes import MESH_AXES, mesh_shape
 
 Rules = Sequence[tuple[str, Any]]
 
@@ -25,9 +26,9 @@ Rules = Sequence[tuple[str, Any]]
 def make_mesh(
   config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
 ) -> Mesh:
-  """A (data, fsdp, tensor, expert) mesh over `devices` (default: all devices) sized by the config."""
+  """The (data, fsdp, tensor, expert) mesh over `devices` (default: all), sized by the config."""
   devices = list(devices if devices is not None else jax.devices())
-  sizes = mesh_shape(config, len(devices))
+  sizes = mesh_shape(config.mesh, len(devices))
   shape = tuple(sizes[a] for a in MESH_AXES)
   used = int(np.prod(shape))
   axis_types = (AxisType.Auto,) * len(MESH_AXES)
@@ -99,3 +100,36 @@ def count_sharded_params(tree: Any) -> tuple[int, int]:
   leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, "sharding")]
   split = sum(1 for x in leaves if not x.sharding.is_fully_replicated)
   return split, len(leaves)
+
+
+def batch_rows_multiple(mesh: Mesh, rules: Rules) -> int:
+  """How many ways the batch dimension is split on `mesh` (a batch's rows must divide)."""
+  spec = nn.logical_to_mesh_axes(("batch",), rules)[0]
+  names = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+  return int(np.prod([mesh.shape[a] for a in names]))
+
+
+def put_full_batch(batch: dict[str, np.ndarray], mesh: Mesh, rules: Rules) -> tuple[dict, int]:
+  """A batch that every process holds whole (evaluation, generation) -> (global arrays split
+  over the batch axes, the number of real rows). The rows are padded with zeros to a multiple
+  of the batch shards; a zero row has no image, no text and zero target weights."""
+  rows = len(next(iter(batch.values())))
+  multiple = batch_rows_multiple(mesh, rules)
+  padded = -(-rows // multiple) * multiple
+  out = {}
+  for key, x in batch.items():
+    x = np.asarray(x)
+    if padded > rows:
+      x = np.concatenate([x, np.zeros((padded - rows,) + x.shape[1:], x.dtype)])
+    sharding = batch_sharding(mesh, rules, x.ndim)
+    out[key] = jax.make_array_from_callback(x.shape, sharding, lambda index, x=x: x[index])
+  return out, rows
+
+
+def device_bytes(tree: Any) -> dict[Any, int]:
+  """{device: bytes of the tree's shards it holds}."""
+  held: dict[Any, int] = {}
+  for x in jax.tree.leaves(tree):
+    for shard in x.addressable_shards:
+      held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+  return held

@@ -119,7 +119,7 @@ def test_task_mixture_follows_weights(tokenizer, make_config):
   )
   it = P.make_iterator(config, tokenizer, process_index=0, process_count=1)
   ids = np.concatenate([b["task_id"] for b in _take(it, 30)])
-  counts = collections.Counter(K.TASK_NAMES[i] for i in ids)
+  counts = collections.Counter(K.names()[i] for i in ids)
   assert "image_to_text" not in counts
   assert counts["multimodal_to_text"] == 60 and counts["text_to_text"] == 30 and counts["vqa"] == 30
 

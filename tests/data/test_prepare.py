@@ -11,6 +11,7 @@ import pytest
 from user_data import MAX_CHARS, encode, small_folder, write_jsonl
 
 from m6_jax.data import prepare as PREP
+from m6_jax.data import readers
 from m6_jax.data import sources as SRC
 from m6_jax.data import synthetic as S
 
@@ -24,8 +25,12 @@ def test_image_folder_counts_every_kind_of_bad_record(folder):
   )  # fmt: skip
   assert s.splits["validation"].rejected == collections.Counter(malformed_line=1)
   assert s.splits["train"].read == 14 + 10 and s.splits["validation"].read == 5
+  # Per registered task, the records that have what it needs (13 captions, 1 question).
+  assert s.task_records["image_to_text"] == {"train": 13, "validation": 4}
+  assert s.task_records["vqa"] == {"train": 1, "validation": 0}
   text = s.format()
   assert "corrupt_image" in text and "duplicate_id" in text and "user_caps" in text
+  assert "records each task can use" in text and "vqa" in text
   assert "tensorflow" not in sys.modules  # prepared (and read below) without TensorFlow
 
 
@@ -74,7 +79,7 @@ def test_muge_tsv_with_hash_split(tmp_path):
       r = src.raw(i)
       records[r["id"].decode()] = (split, r["image_key"].decode(), r["caption"].decode())
       key = r["image_key"].decode()
-      want = "validation" if PREP.validation_share(key) < 0.3 else "train"
+      want = "validation" if readers.validation_share(key) < 0.3 else "train"
       assert split == want, f"{key} should be in {want}"
       np.testing.assert_array_equal(src[i]["image"], S.make_example(1, int(key))["image"])
   assert 0 < summary.written["validation"] < summary.written["train"]
@@ -87,26 +92,26 @@ def test_muge_tsv_with_hash_split(tmp_path):
 def test_resolve_inputs(tmp_path):
   for name in ("IC_train.jsonl", "IC_valid.jsonl", "IC_train.tsv", "IC_valid.tsv", "x.txt"):
     (tmp_path / name).write_text("")
-  found = PREP.resolve_inputs("muge_tsv", str(tmp_path))
+  found = readers.resolve_inputs("muge_tsv", str(tmp_path))
   assert found == {
-    "train": PREP._Input(str(tmp_path / "IC_train.jsonl"), str(tmp_path / "IC_train.tsv")),
-    "validation": PREP._Input(str(tmp_path / "IC_valid.jsonl"), str(tmp_path / "IC_valid.tsv")),
+    "train": readers.Input(str(tmp_path / "IC_train.jsonl"), str(tmp_path / "IC_train.tsv")),
+    "validation": readers.Input(str(tmp_path / "IC_valid.jsonl"), str(tmp_path / "IC_valid.tsv")),
   }
-  paired = PREP.resolve_inputs(
+  paired = readers.resolve_inputs(
     "muge_tsv", f"dev={tmp_path / 'IC_train.jsonl'}+{tmp_path / 'x.txt'}"
   )
   assert paired == {
-    "validation": PREP._Input(str(tmp_path / "IC_train.jsonl"), str(tmp_path / "x.txt"))
+    "validation": readers.Input(str(tmp_path / "IC_train.jsonl"), str(tmp_path / "x.txt"))
   }
   (tmp_path / "more_train.jsonl").write_text("")
   with pytest.raises(PREP.DataPreparationError, match="several train files"):
-    PREP.resolve_inputs("image_folder_jsonl", str(tmp_path))
+    readers.resolve_inputs("image_folder_jsonl", str(tmp_path))
   with pytest.raises(PREP.DataPreparationError, match="unknown split 'tran'"):
-    PREP.resolve_inputs("image_folder_jsonl", f"tran={tmp_path / 'IC_train.jsonl'}")
+    readers.resolve_inputs("image_folder_jsonl", f"tran={tmp_path / 'IC_train.jsonl'}")
   with pytest.raises(PREP.DataPreparationError, match="does not exist"):
-    PREP.resolve_inputs("image_folder_jsonl", str(tmp_path / "nope.jsonl"))
+    readers.resolve_inputs("image_folder_jsonl", str(tmp_path / "nope.jsonl"))
   with pytest.raises(PREP.DataPreparationError, match="unknown input_format"):
-    PREP.resolve_inputs("coco", str(tmp_path))
+    readers.resolve_inputs("coco", str(tmp_path))
 
 
 def _leftovers(out, name):

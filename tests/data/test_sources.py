@@ -131,7 +131,7 @@ def test_tfds_pipeline_batches(tokenizer, make_config, qa_dataset):
   seen = collections.Counter()
   for batch in batches:
     for r in range(4):
-      task = K.TASK_NAMES[batch["task_id"][r]]
+      task = K.names()[batch["task_id"][r]]
       seen[task] += 1
       img = np.round(batch["image"][r] * 255).astype(np.uint8)
       assert img.tobytes() in images
@@ -151,7 +151,7 @@ def test_tfds_eval_pass_covers_each_tasks_records(tokenizer, make_config, qa_dat
     rows = []
     for batch in P.make_iterator(config, tokenizer, "validation", 0, 1):
       rows += [int(t) for t, w in zip(batch["task_id"], batch["tgt_weights"].sum(1)) if w > 0]
-    expected = {K.TASK_NAMES.index(t): len(val.task_indices(t)) for t in names}
+    expected = {K.task_id(t): len(val.task_indices(t)) for t in names}
     assert collections.Counter(rows) == expected and all(expected.values())
   assert len(val) == 5 < len(SRC.PreparedSource(qa_dataset, "qa_caps", "validation", 48))
   with pytest.raises(ValueError, match="has no 'test' split"):

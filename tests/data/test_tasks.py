@@ -1,68 +1,13 @@
-"""Tests for span corruption and the per-task feature functions."""
+"""The task registry and the per-task feature functions."""
 
 import ml_collections
 import numpy as np
-import pytest
 
+from m6_jax.data import span_corruption
 from m6_jax.data import synthetic as S
 from m6_jax.data import tasks as K
 
 CFG = K.TaskConfig(src_len=32, tgt_len=32, noise_density=0.15, mean_noise_span_length=3.0)
-
-
-def _spans(mask):
-  """Number of runs of True in a boolean mask."""
-  m = np.asarray(mask, dtype=int)
-  return int(np.sum(np.diff(np.concatenate([[0], m])) == 1))
-
-
-def test_noise_mask_density_and_spans():
-  rng = np.random.default_rng(0)
-  for _ in range(200):
-    mask = K.random_spans_noise_mask(100, 0.15, 3.0, rng)
-    assert mask.dtype == bool and mask.shape == (100,)
-    assert mask.sum() == 15 and _spans(mask) == 5
-  # over many random lengths the noise fraction stays near the density
-  fractions, first_noise = [], 0
-  for _ in range(2000):
-    length = int(rng.integers(8, 60))
-    mask = K.random_spans_noise_mask(length, 0.15, 3.0, rng)
-    assert 0 < mask.sum() < length
-    fractions.append(mask.mean())
-    first_noise += mask[0]
-  assert abs(np.mean(fractions) - 0.15) < 0.02
-  assert 0.35 < first_noise / 2000 < 0.65  # spans start at the first token about half the time
-  # edge cases: too short to corrupt, span cap
-  assert not K.random_spans_noise_mask(1, 0.15, 3.0, rng).any()
-  assert _spans(K.random_spans_noise_mask(200, 0.5, 1.0, rng, max_num_spans=4)) == 4
-
-
-def test_corrupt_and_reconstruct(tokenizer):
-  rng = np.random.default_rng(1)
-  for _ in range(300):
-    ids = rng.integers(100, 300, size=int(rng.integers(2, 40))).tolist()
-    mask = K.random_spans_noise_mask(len(ids), 0.3, 2.0, rng)
-    source, target = K.corrupt_spans(ids, mask, tokenizer)
-    n = _spans(mask)
-    assert [t for t in source if tokenizer.is_sentinel(t)] == [
-      tokenizer.sentinel_id(k) for k in range(n)
-    ]
-    assert target[0] == tokenizer.sentinel_id(0)
-    assert len(source) == len(ids) - mask.sum() + n
-    assert len(target) == mask.sum() + n
-    assert K.reconstruct_from_spans(source, target, tokenizer) == ids
-    # padding and a trailing EOS are ignored
-    assert (
-      K.reconstruct_from_spans(source + [0, 0], target + [tokenizer.eos_id, 0], tokenizer) == ids
-    )
-  with pytest.raises(ValueError, match="sentinel"):
-    K.reconstruct_from_spans([tokenizer.sentinel_id(1)], [tokenizer.sentinel_id(0), 7], tokenizer)
-
-
-def test_replace_spans_uses_one_mask_per_span():
-  ids = [10, 11, 12, 13, 14, 15]
-  mask = np.array([False, True, True, False, True, False])
-  assert K.replace_spans(ids, mask, 4) == [10, 4, 13, 4, 15]
 
 
 def _check_contract(f, cfg, image_shape=(48, 48, 3)):
@@ -104,11 +49,11 @@ def test_text_to_text(tokenizer):
     ex = S.make_example(0, i)
     f = K.text_to_text(ex, tokenizer, np.random.default_rng(i), CFG)
     _check_contract(f, CFG)
-    assert f["has_image"] == 0 and f["task_id"] == K.TASK_NAMES.index("text_to_text")
+    assert f["has_image"] == 0 and f["task_id"] == K.task_id("text_to_text")
     assert tokenizer.sentinel_id(0) in f["src_tokens"]
-    assert K.reconstruct_from_spans(f["src_tokens"], f["tgt_target"], tokenizer) in _caption_ids(
-      tokenizer, ex
-    )
+    assert span_corruption.reconstruct_from_spans(
+      f["src_tokens"], f["tgt_target"], tokenizer
+    ) in _caption_ids(tokenizer, ex)
 
 
 def test_text_to_text_truncates_to_fit(tokenizer):
@@ -117,7 +62,7 @@ def test_text_to_text_truncates_to_fit(tokenizer):
     ex = S.make_example(0, i)
     f = K.text_to_text(ex, tokenizer, np.random.default_rng(i), cfg)
     _check_contract(f, cfg)
-    original = K.reconstruct_from_spans(f["src_tokens"], f["tgt_target"], tokenizer)
+    original = span_corruption.reconstruct_from_spans(f["src_tokens"], f["tgt_target"], tokenizer)
     assert any(ids[: len(original)] == original for ids in _caption_ids(tokenizer, ex))
     assert len(original) >= 4  # truncated, but not more than needed
 
@@ -169,17 +114,17 @@ def test_tasks_accept_config_dict_and_truncate(tokenizer):
     dict(src_len=6, tgt_len=4, noise_density=0.15, mean_noise_span_length=3.0, unrelated=1)
   )
   ex = S.make_example(0, 0, image_size=30)
-  for name, fn in K.TASKS.items():
-    f = fn(ex, tokenizer, np.random.default_rng(0), cfg)
+  for name in K.names():
+    f = K.get(name).build(ex, tokenizer, np.random.default_rng(0), cfg)
     _check_contract(f, cfg, image_shape=(30, 30, 3))
-    assert f["task_id"] == K.TASK_NAMES.index(name)
+    assert f["task_id"] == K.task_id(name)
 
 
 def test_same_rng_same_features(tokenizer):
   ex = S.make_example(0, 9)
-  for fn in K.TASKS.values():
-    a = fn(ex, tokenizer, np.random.default_rng(42), CFG)
-    b = fn(ex, tokenizer, np.random.default_rng(42), CFG)
+  for name in K.names():
+    a = K.get(name).build(ex, tokenizer, np.random.default_rng(42), CFG)
+    b = K.get(name).build(ex, tokenizer, np.random.default_rng(42), CFG)
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 

@@ -1,17 +1,26 @@
-"""--mode=generate / --mode=eval and fine-tuning (init_from) on one tiny trained workdir."""
+"""--mode=generate / eval / export and fine-tuning (init_from) on one tiny trained workdir:
+inference on a mesh, exports, and the tokenizer check."""
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec
 from PIL import Image
 
+from m6_jax import checkpoints
 from m6_jax.config import default_config
 from m6_jax.data import synthetic
+from m6_jax.data import tokenizer as tokenizer_lib
 from m6_jax.evaluation import evaluate
-from m6_jax.train import checkpointing, loop
+from m6_jax.infer import generate
+from m6_jax.parallel import partitioning
+from m6_jax.train import loop
+
+STEPS = 80
 
 
 def _config():
@@ -19,9 +28,10 @@ def _config():
   c.model.vocab_size = 768
   c.model.d_model = 32
   c.model.num_layers = 1
-  c.model.num_heads = 2
-  c.model.head_dim = 16
+  c.model.num_heads = 4
+  c.model.head_dim = 8
   c.model.mlp_dim = 64
+  c.model.patch_size = 8  # a small image stem, so that the layers hold most parameters
   c.data.batch_size = 8
   c.data.src_len = 12
   c.data.tgt_len = 12
@@ -29,7 +39,8 @@ def _config():
   c.data.num_eval_examples = 4
   c.data.tokenizer_corpus_examples = 300
   c.data.task_weights.vqa = 1.0
-  c.train.steps = 3
+  c.train.steps = STEPS  # enough to decode words rather than EOS (decoding is compared below)
+  c.train.lr = 5e-3
   c.train.warmup_steps = 0
   c.train.schedule = "constant"
   c.train.log_every = 1
@@ -43,9 +54,10 @@ MODEL_FLAGS = [
   "--config.model.vocab_size=768",
   "--config.model.d_model=32",
   "--config.model.num_layers=1",
-  "--config.model.num_heads=2",
-  "--config.model.head_dim=16",
+  "--config.model.num_heads=4",
+  "--config.model.head_dim=8",
   "--config.model.mlp_dim=64",
+  "--config.model.patch_size=8",
   "--config.data.src_len=12",
   "--config.data.tgt_len=12",
 ]
@@ -59,11 +71,32 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def exported(workdir, tmp_path_factory, run_main):
+  """The workdir's latest parameters exported by the CLI (and what it printed)."""
+  path = str(tmp_path_factory.mktemp("export") / "m6")
+  proc = run_main("--mode=export", f"--workdir={workdir}", f"--export_dir={path}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return path, proc.stdout
+
+
+@pytest.fixture(scope="module")
 def image_path(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("img") / "scene.png")
   ex = synthetic.make_example(0, synthetic.split_index("validation", 0))
   Image.fromarray(ex["image"]).save(path)
   return path
+
+
+def _generate_with_config(run_main, workdir, image_path, *overrides):
+  """--mode=generate with --config=configs/base.py made the test model, plus `overrides`."""
+  return run_main(
+    "--mode=generate",
+    f"--workdir={workdir}",
+    f"--image={image_path}",
+    "--config=configs/base.py",
+    *MODEL_FLAGS,
+    *overrides,
+  )
 
 
 def _assert_one_error_line(proc, *needles):
@@ -88,7 +121,7 @@ def test_generate_caption_vqa_and_prompt(workdir, image_path, tmp_path, run_main
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [json.loads(l) for l in out.read_text().splitlines()]
   assert [r["task"] for r in rows] == ["caption", "caption"]
-  assert rows[0]["image"] == image_path and rows[0]["step"] == 3
+  assert rows[0]["image"] == image_path and rows[0]["step"] == STEPS
   assert rows[0]["output"] == rows[1]["output"]  # greedy: same image, same caption
   assert f"-> {rows[0]['output']}" in proc.stdout
 
@@ -142,14 +175,7 @@ def test_generate_errors_are_one_line(workdir, image_path, tmp_path, run_main):
   )
   # Another config than the checkpoint's: the first mismatching parameter and both shapes.
   line = _assert_one_error_line(
-    run_main(
-      "--mode=generate",
-      f"--workdir={workdir}",
-      f"--image={image_path}",
-      "--config=configs/base.py",
-      *MODEL_FLAGS[:-1],
-      "--config.model.mlp_dim=48",
-    ),
+    _generate_with_config(run_main, workdir, image_path, "--config.model.mlp_dim=48"),
     "does not fit this config",
     "(64,)",
     "(48,)",
@@ -161,14 +187,23 @@ def test_init_from_with_other_shapes_names_the_parameter(workdir, tmp_path):
   config = _config()
   config.model.d_model = 48
   config.init_from = workdir
-  with pytest.raises(checkpointing.CheckpointError, match=r"parameter '.*' has shape \(.*32"):
+  with pytest.raises(checkpoints.CheckpointError, match=r"parameter '.*' has shape \(.*32"):
     loop.train(config, str(tmp_path / "ft"))
 
 
-def test_finetune_from_checkpoint_evaluates_and_keeps_best(workdir, tmp_path):
-  params, _, _ = checkpointing.load_params(workdir)
+def saved_params(path):
+  """The parameters of the latest step under `path`, as host arrays."""
+  ckpts = checkpoints.open_steps(path)
+  step = ckpts.latest_step()
+  shapes = ckpts.saved_param_shapes(step)
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), shapes)
+  return ckpts.restore_params(step, target)
+
+
+def test_finetune_from_an_export_evaluates_and_keeps_best(workdir, exported, tmp_path):
+  params = saved_params(workdir)
   config = _config()
-  config.init_from = workdir
+  config.init_from = exported[0]  # an export holds the parameters, config and tokenizer
   config.data.task_weights.text_to_text = 0.0
   config.data.task_weights.image_to_text = 0.0
   config.data.task_weights.multimodal_to_text = 0.0
@@ -177,14 +212,14 @@ def test_finetune_from_checkpoint_evaluates_and_keeps_best(workdir, tmp_path):
   config.train.eval_every = 1
   config.train.eval_metric = "vqa_accuracy"
   ft = str(tmp_path / "ft")
-  result = loop.train(config, ft)
+  result = loop.train(config, ft, evaluate.PeriodicEvaluator(config, ft))
   assert result.final_step == 2  # fresh step counter
   loaded = result.state.params
   assert jax.tree.structure(loaded) == jax.tree.structure(params)
   for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  best = checkpointing.make_best_manager(ft, "vqa_accuracy")
-  assert len(best.all_steps()) == 1 and best.best_step() in (1, 2)
+  best = checkpoints.open_steps(checkpoints.best_dir(ft)).steps()
+  assert len(best) == 1 and best[0] in (1, 2)
   with (
     open(os.path.join(ft, "tokenizer", "spm.model"), "rb") as f,
     open(os.path.join(workdir, "tokenizer", "spm.model"), "rb") as g,
@@ -198,7 +233,7 @@ def test_eval_mode_writes_metrics_json(workdir):
   result = evaluate.run_eval(workdir, num_examples=2, with_baselines=True)
   with open(os.path.join(workdir, "eval_metrics.json")) as f:
     saved = json.load(f)
-  assert saved["step"] == 3
+  assert saved["step"] == STEPS
   m = saved["metrics"]
   for key in (
     "loss",
@@ -217,3 +252,63 @@ def test_eval_mode_writes_metrics_json(workdir):
   assert set(saved["baselines"]) == {"untrained", "most_frequent"}
   assert "| most frequent answer / caption |" in result["table"]
   assert os.listdir(os.path.join(workdir, "tensorboard"))
+
+
+def _scenes(n):
+  """uint8 images of the first `n` validation scenes and one question about each."""
+  examples = [synthetic.make_example(0, synthetic.split_index("validation", i)) for i in range(n)]
+  return [ex["image"] for ex in examples], [ex["qa"][0]["question"] for ex in examples]
+
+
+def test_generate_on_a_tensor_parallel_mesh_equals_one_device(workdir):
+  one = generate.load_model(workdir, devices=jax.devices()[:1])
+  config = _config()
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 2, 4
+  sharded = generate.load_model(workdir, config=config)
+  assert dict(sharded.mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 4, "expert": 1}
+  # Each device holds at most a quarter of the parameters (the rest live on other devices).
+  total = sum(x.nbytes for x in jax.tree.leaves(one.params))
+  held = partitioning.device_bytes(sharded.params)
+  assert len(held) == 8 and max(held.values()) <= total / 4, (max(held.values()), total)
+  kernel = sharded.params["layer_0"]["mlp"]["wi"]["kernel"]
+  assert kernel.sharding.spec == PartitionSpec("fsdp", "tensor")
+  images, questions = _scenes(6)
+  for sources in ([""] * len(images), questions):  # captions, then answers
+    batch = generate.make_inputs(one, images, sources)
+    want = generate.decode(one, batch)
+    assert generate.decode(sharded, batch) == want
+    assert any(want)  # it decoded something
+
+
+def test_export_holds_the_parameters_alone_and_generates_the_same(workdir, exported):
+  path, printed = exported
+  steps = os.listdir(os.path.join(path, "checkpoints"))
+  assert steps == [str(STEPS)]
+  items = sorted(os.listdir(os.path.join(path, "checkpoints", str(STEPS))))
+  assert "params" in items and "state" not in items and "data" not in items
+  assert os.path.exists(os.path.join(path, "tokenizer", "spm.model"))
+  assert os.path.exists(os.path.join(path, "config.json"))
+  sizes = re.search(r"([\d.]+) MiB, against ([\d.]+) MiB", printed)
+  assert sizes, printed
+  assert float(sizes.group(1)) < float(sizes.group(2)) / 2  # no Adam moments
+  for a, b in zip(jax.tree.leaves(saved_params(path)), jax.tree.leaves(saved_params(workdir))):
+    np.testing.assert_array_equal(a, b)
+  images, _ = _scenes(3)
+  model, original = generate.load_model(path), generate.load_model(workdir)
+  batch = generate.make_inputs(model, images, [""] * len(images))
+  assert generate.decode(model, batch) == generate.decode(original, batch)
+
+
+def test_a_checkpoint_refuses_another_tokenizer(workdir, image_path, tmp_path, run_main):
+  other = tokenizer_lib.get_or_train_tokenizer(
+    str(tmp_path), vocab_size=700, seed=1, num_corpus_examples=200
+  )
+  path = os.path.join(str(tmp_path), "tokenizer", "spm.model")
+  assert other.vocab_size <= 768
+  line = _assert_one_error_line(
+    _generate_with_config(run_main, workdir, image_path, f"--config.data.tokenizer_path={path}"),
+    "tokenizer mismatch",
+    path,
+    workdir,
+  )
+  assert "pieces" in line

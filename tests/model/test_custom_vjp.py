@@ -5,12 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m6_jax.model import layers
+from m6_jax.model import layers, ops
 
 
 def _reference(q, k, v, mask, dtype):
   """softmax(q k^T masked) v, differentiated by JAX."""
-  probs = layers._attention_probs(q, k, mask).astype(dtype)
+  probs = ops.attention_probs(q, k, mask).astype(dtype)
   return jnp.einsum("bhqk,bhkd->bhqd", probs, v)
 
 
@@ -25,7 +25,7 @@ def test_custom_vjp_matches_autodiff(dtype, tol):
   mask = mask.at[0, 5].set(False)  # a fully masked (padded) query row
   mask = mask.at[1, :, 7].set(False)  # a key no query may see
 
-  out, vjp = jax.vjp(lambda *a: layers.attention_core(*a, mask, dtype), q, k, v)
+  out, vjp = jax.vjp(lambda *a: ops.attention_core(*a, mask, dtype), q, k, v)
   ref_out, ref_vjp = jax.vjp(lambda *a: _reference(*a, mask, dtype), q, k, v)
 
   assert out.dtype == dtype
@@ -55,7 +55,7 @@ def test_prefix_split_matches_the_dense_core(dtype, tol):
   d_out = jnp.where(real, d_out, 0)  # padded positions get no gradient in the model
 
   def core(prefix_len):
-    return jax.vjp(lambda *a: layers.attention_core(*a, mask, dtype, None, prefix_len), q, k, v)
+    return jax.vjp(lambda *a: ops.attention_core(*a, mask, dtype, None, prefix_len), q, k, v)
 
   (out, vjp), (dense_out, dense_vjp) = core(p), core(0)
   assert out.shape == dense_out.shape and out.dtype == dtype
@@ -65,7 +65,7 @@ def test_prefix_split_matches_the_dense_core(dtype, tol):
   for name, got, want in zip("qkv", vjp(d_out), dense_vjp(d_out)):
     np.testing.assert_allclose(np.float32(got), np.float32(want), atol=tol, err_msg=name)
 
-  jaxpr = str(jax.make_jaxpr(lambda *a: layers.attention_core(*a, mask, dtype, None, p))(q, k, v))
+  jaxpr = str(jax.make_jaxpr(lambda *a: ops.attention_core(*a, mask, dtype, None, p))(q, k, v))
   jaxpr = jaxpr.replace(" ", "")
   assert f"[{b},{h},{p},{p}]" in jaxpr and f"[{b},{h},{t},{p + t}]" in jaxpr
   assert f"[{b},{h},{p + t},{p + t}]" not in jaxpr
@@ -83,7 +83,7 @@ def test_saveable_policy_keeps_the_attention_residuals():
 
   def batched_matmuls(policy):
     f = jax.checkpoint(
-      lambda q, k, v: jnp.sum(layers.attention_core(q, k, v, mask, jnp.float32) ** 2),
+      lambda q, k, v: jnp.sum(ops.attention_core(q, k, v, mask, jnp.float32) ** 2),
       policy=REMAT_POLICIES[policy],
     )
     return str(jax.make_jaxpr(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)).count("dot_general")
@@ -99,7 +99,7 @@ def test_dense_vjp_matches_autodiff(n_in, n_out, dtype, tol):
   x = jnp.asarray(rng.standard_normal((3, 7, n_in)), dtype)
   kernel = jnp.asarray(rng.standard_normal((n_in, n_out)), dtype)
   d_y = jnp.asarray(rng.standard_normal((3, 7, n_out)), dtype)
-  y, vjp = jax.vjp(layers._dense, x, kernel)
+  y, vjp = jax.vjp(ops.dense, x, kernel)
   ref_y, ref_vjp = jax.vjp(jnp.dot, x, kernel)
   np.testing.assert_array_equal(np.float32(y), np.float32(ref_y))
   for name, got, want in zip(("x", "kernel"), vjp(d_y), ref_vjp(d_y)):
@@ -111,7 +111,7 @@ def test_dense_kernel_gradient_form_is_chosen_per_platform():
   """The fenced transpose is for XLA:CPU only; a TPU lowering (also ahead of time, on this
   CPU) gets JAX's own derivative."""
   x, kernel = jnp.ones((6, 4), jnp.float32), jnp.ones((4, 12), jnp.float32)
-  grad = jax.jit(jax.grad(lambda w, x: jnp.sum(layers._dense(x, w) ** 2)))
+  grad = jax.jit(jax.grad(lambda w, x: jnp.sum(ops.dense(x, w) ** 2)))
   traced = grad.trace(kernel, x)
   assert "optimization_barrier" in traced.lower(lowering_platforms=("cpu",)).as_text()
   assert "optimization_barrier" not in traced.lower(lowering_platforms=("tpu",)).as_text()
@@ -146,7 +146,7 @@ def test_dense_forward_matmul_is_saved_by_the_dots_policies():
   w1, w2 = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((8, 16), (16, 8)))
 
   def f(w1, w2):
-    return jnp.sum(layers._dense(layers.gelu(layers._dense(x, w1) + 1.0), w2) ** 2)
+    return jnp.sum(ops.dense(ops.gelu(ops.dense(x, w1) + 1.0), w2) ** 2)
 
   def matmuls(policy):
     fn = f if policy is None else jax.checkpoint(f, policy=REMAT_POLICIES[policy])
@@ -195,7 +195,7 @@ def test_layer_norm_vjp_matches_autodiff(x_dtype, out_dtype, tol):
 def test_gelu_vjp_matches_autodiff(dtype, tol):
   x = jnp.asarray(np.linspace(-6, 6, 97), dtype)
   d_y = jnp.asarray(np.random.default_rng(3).standard_normal(97), dtype)
-  y, vjp = jax.vjp(layers.gelu, x)
+  y, vjp = jax.vjp(ops.gelu, x)
   ref_y, ref_vjp = jax.vjp(lambda x: jax.nn.gelu(x, approximate=True), x)
   np.testing.assert_array_equal(np.float32(y), np.float32(ref_y))  # the forward is jax.nn.gelu
   (got,), (want,) = vjp(d_y), ref_vjp(d_y)

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, PartitionSpec
 
-from m6_jax.config import default_logical_axis_rules
 from m6_jax.model import moe
 from m6_jax.model.layers import Mlp
+from m6_jax.parallel.axes import default_logical_axis_rules
 
 D, H = 16, 32  # embed, expert mlp
 COLLECTIONS = [moe.AUX_LOSS_COLLECTION, moe.METRICS_COLLECTION]
@@ -300,16 +300,17 @@ def test_moe_terms_average_over_layers():
   assert moe.moe_terms({}) == {}
 
 
-# (rules, batch size): experts over `expert`; the tokens over `data` only, or over
-# (`data`, `expert`) -- the expert-parallel layout where dispatch needs an all-to-all. There
-# the 'expert' rule must come before 'batch' so that the expert buffers claim the mesh axis.
+# (rules, batch size): the logical `experts` over the mesh axis `expert`; the tokens over
+# `data` only, or over (`data`, `expert`) -- the expert-parallel layout where dispatch needs an
+# all-to-all. There the 'experts' rule must come before 'batch' so that the expert buffers
+# claim the mesh axis.
 MESH_CASES = {
   "batch_over_data": (
-    (("batch", "data"), ("expert", "expert"), ("embed", None), ("mlp", None)),
+    (("batch", "data"), ("experts", "expert"), ("embed", None), ("mlp", None)),
     4,
   ),
   "batch_over_data_and_expert": (
-    (("expert", "expert"), ("batch", ("data", "expert")), ("batch", "data")),
+    (("experts", "expert"), ("batch", ("data", "expert")), ("batch", "data")),
     8,
   ),
 }
@@ -353,8 +354,8 @@ def test_sharded_on_expert_mesh_matches_single_device(case):
 
 
 def test_sharded_init_places_experts_on_expert_axis():
-  """With the default rules plus ('expert', 'expert'), a jitted init shards the experts."""
-  rules = default_logical_axis_rules() + (("expert", "expert"),)
+  """With the default rules, a jitted init shards the experts over the `expert` mesh axis."""
+  rules = default_logical_axis_rules()
   mesh = jax.make_mesh(
     (2, 1, 1, 4), ("data", "fsdp", "tensor", "expert"), axis_types=(AxisType.Auto,) * 4
   )

@@ -89,7 +89,7 @@ def test_scanned_params_carry_layers_axis(tiny_config):
   model = M6(M6Config.from_config(c))
   boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy_batch(model.config))["params"]
   kernel = boxed["layers"]["layer_1"]["mlp"]["experts"]["wi_kernel"]
-  assert kernel.names == ("layers", "expert", "embed", "mlp")
+  assert kernel.names == ("layers", "experts", "embed", "mlp")
   assert kernel.value.shape == (2, 4, 64, 128)
   assert boxed["layers"]["layer_0"]["mlp"]["wi"]["kernel"].names == ("layers", "embed", "mlp")
 

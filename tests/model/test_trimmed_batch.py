@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m6_jax.data.tasks import TASK_NAMES
+from m6_jax.data import tasks
+from m6_jax.model import loss as loss_lib
 from m6_jax.model import moe as moe_lib
 from m6_jax.model.m6 import M6, M6Config, dummy_batch
-from m6_jax.train import step as step_lib
 
 SRC, TGT = 5, 4  # kept columns of src_len 12 / tgt_len 10
 
@@ -48,8 +48,8 @@ def _logits_and_losses(model, params, batch):
       mutable=[moe_lib.AUX_LOSS_COLLECTION, moe_lib.METRICS_COLLECTION],
     )[0]
     weights = batch["tgt_weights"]
-    losses = step_lib.token_losses(logits, batch["tgt_target"], 0.0) * weights
-    task_losses = jax.nn.one_hot(batch["task_id"], len(TASK_NAMES)).T @ losses.sum(axis=1)
+    losses = loss_lib.token_losses(logits, batch["tgt_target"], 0.0) * weights
+    task_losses = jax.nn.one_hot(batch["task_id"], len(tasks.names())).T @ losses.sum(axis=1)
     return logits, losses.sum() / weights.sum(), task_losses
 
   logits, loss, task_losses = run(params, jax.tree.map(jnp.asarray, batch))

@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec
 from test_sharded_step import _assert_trees_close, run_steps
 
-from m6_jax.train import loop
+from m6_jax.train import progress
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from configs import moe_base  # noqa: E402
@@ -68,8 +68,8 @@ def test_loop_reports_moe_metrics():
   }
   sums = None
   for drop in (0.1, 0.3):
-    sums = loop._accumulate(sums, dict(step, moe_dropped_fraction=drop))
-  summary = loop.summarize(sums)
+    sums = progress.accumulate(sums, dict(step, moe_dropped_fraction=drop))
+  summary = progress.summarize(sums)
   assert summary["moe_dropped_fraction"] == pytest.approx(0.2)
   assert summary["loss"] == pytest.approx(2.0)
-  assert "moe_dropped_fraction" not in loop.summarize(loop._accumulate(None, step))
+  assert "moe_dropped_fraction" not in progress.summarize(progress.accumulate(None, step))

@@ -5,34 +5,20 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from m6_jax.model.m6 import M6, M6Config
+from m6_jax import config as config_lib
 from m6_jax.parallel import partitioning
-from m6_jax.train import optim
-from m6_jax.train import state as state_lib
-from m6_jax.train import step as step_lib
-
-NUM_TASKS = 4
+from m6_jax.train import setup as setup_lib
 
 
 def run_steps(config, batches, devices, return_metrics=False):
-  mesh = partitioning.make_mesh(config, devices)
-  rules = partitioning.logical_rules(config)
-  model = M6(M6Config.from_config(config))
-  tx = optim.make_optimizer(config.train)
-  state, shardings = state_lib.create_sharded_state(model, tx, mesh, rules, seed=0)
-  batch_sh = partitioning.batch_shardings(batches[0], mesh, rules)
-  step = step_lib.jit_train_step(
-    step_lib.make_train_step(
-      model, tx, optim.learning_rate_schedule(config.train), config.train, NUM_TASKS
-    ),
-    shardings,
-    batch_sh,
-    partitioning.replicated(mesh),
-  )
+  """Trains on `batches` with the train loop's own set-up (train/setup.py) on `devices`."""
+  config_lib.validate(config, len(devices))
+  setup = setup_lib.build(config, devices)
+  state = setup.init_state(seed=0)
   losses = []
-  with partitioning.mesh_context(mesh, rules):
+  with setup.mesh_context():
     for b in batches:
-      state, metrics = step(state, partitioning.host_batch_to_global(b, batch_sh))
+      state, metrics = setup.step(state, setup.put_batch(b))
       losses.append(float(metrics["loss"]))
   if return_metrics:  # the last step's
     return state, losses, jax.tree.map(np.asarray, jax.device_get(metrics))

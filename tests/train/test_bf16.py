@@ -2,16 +2,12 @@
 
 import jax.numpy as jnp
 
-from m6_jax.data import tokenizer as tokenizer_lib
 from m6_jax.train import loop
 
 
-def test_bfloat16_scanned_remat_training_learns(tiny_config, tmp_path):
-  tokenizer_lib.get_or_train_tokenizer(
-    str(tmp_path / "tok"), vocab_size=512, seed=0, num_corpus_examples=300
-  )
+def test_bfloat16_scanned_remat_training_learns(tiny_config, tokenizer_path, tmp_path):
   c = tiny_config
-  c.data.tokenizer_path = str(tmp_path / "tok" / "tokenizer" / "spm.model")
+  c.data.tokenizer_path = tokenizer_path
   c.data.src_len, c.data.tgt_len, c.data.num_train_examples = 16, 16, 512
   c.model.dtype, c.model.scan_layers, c.model.remat_policy = "bfloat16", True, "dots_saveable"
   c.train.steps, c.train.lr, c.train.log_every, c.train.checkpoint_every = 40, 3e-3, 10, 1000

@@ -1,14 +1,12 @@
 """Length bucketing in the train loop: config validation, the multi-host re-pad, a short run."""
 
 import json
-import os
 
 import numpy as np
 import pytest
 
 from m6_jax import config as config_lib
-from m6_jax.data import tokenizer as tokenizer_lib
-from m6_jax.train import loop
+from m6_jax.train import loop, progress
 
 
 def test_bucket_config_is_validated(tiny_config):
@@ -63,15 +61,8 @@ def test_text_counts_count_real_tokens_over_computed_positions():
   batch = _local_batch(2, 4, 4, 5)
   batch["src_tokens"][:, 2:] = 0
   batch["tgt_weights"][1, 1:] = 0
-  np.testing.assert_array_equal(loop.text_counts(batch, 1), [4 + 5, 16])
-  np.testing.assert_array_equal(loop.text_counts(batch, 2), [18, 32])
-
-
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("tok"))
-  tokenizer_lib.get_or_train_tokenizer(workdir, vocab_size=512, seed=0, num_corpus_examples=300)
-  return os.path.join(workdir, "tokenizer", "spm.model")
+  np.testing.assert_array_equal(progress.text_counts(batch, 1), [4 + 5, 16])
+  np.testing.assert_array_equal(progress.text_counts(batch, 2), [18, 32])
 
 
 def test_short_training_run_with_bucketing(tiny_config, tokenizer_path, tmp_path):

@@ -1,0 +1,45 @@
+"""The errors a user can cause, in one family.
+
+`m6_jax.main` turns every `UserError` into one `error: ...` line on stderr and exit status 2;
+anything else is a bug and keeps its traceback. Each message says what was wrong, where, and
+how to fix it. The modules that raise them re-export their own (`config.ConfigError`,
+`checkpoints.CheckpointError`, ...), so callers import them from where they are raised.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+  """Bad input, flags, config or files: reported in one line, never as a traceback."""
+
+
+class ConfigError(UserError, ValueError):
+  """A config value that cannot work; the message names the key and the fix."""
+
+
+class CheckpointError(UserError, ValueError):
+  """A checkpoint that is missing, damaged or does not fit the model or tokenizer."""
+
+
+class DataPreparationError(UserError, ValueError):
+  """Data preparation cannot go on (bad arguments, too many bad records)."""
+
+
+class GenerationError(UserError, ValueError):
+  """Bad generation input (missing or unreadable image, empty prompt, ...)."""
+
+
+class EvaluationError(UserError, ValueError):
+  """Evaluation cannot run with this data or config."""
+
+
+class TrainingError(UserError, RuntimeError):
+  """Training cannot continue (e.g. the loss diverged); the message says what was saved."""
+
+
+class DistributedError(UserError, ValueError):
+  """Bad multi-host flags, or jax.distributed could not start."""
+
+
+class ImageError(UserError, ValueError):
+  """An image file that is missing or cannot be decoded."""
