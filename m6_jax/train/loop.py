@@ -198,27 +198,6 @@ def train(
   preemption = PreemptionFlag()
   restore_signal = preemption.install()
   seen_shapes: set[tuple[int, int]] = set()
-  losses: list[float] = []
-  pending = None  # the last dispatched step, fetched once its successor is dispatched
-  nan_streak = 0
-
-  def finish(metrics_on_device, at_step: int, counts: np.ndarray, flops: float) -> None:
-    nonlocal nan_streak
-    metrics = jax.device_get(metrics_on_device)
-    losses.append(float(metrics["loss"]))
-    if not bool(metrics["finite"]):
-      nan_streak += 1
-      if nan_streak > t.max_nan_steps:
-        raise TrainingError(
-          f"Non-finite loss at step {at_step} ({nan_streak} in a row, train.max_nan_steps="
-          f"{t.max_nan_steps}); the update was skipped and the last good state was kept. "
-          "Lower train.lr, raise train.warmup_steps or check the data."
-        )
-      return
-    nan_streak = 0
-    record.add(metrics, counts, flops)
-    if record.due(at_step):
-      record.log(at_step)
 
   start = time.perf_counter()
   try:
@@ -228,26 +207,19 @@ def train(
         if config.data.length_bucket > 0:
           host_batch = agree_text_lengths(host_batch)
           _log_new_shape(host_batch, seen_shapes, config.data)
-        counts = progress.text_counts(host_batch, jax.process_count())
-        flops = record.step_flops(host_batch)
         state, metrics = setup.step(state, setup.put_batch(host_batch))
         step += 1
-        # Fetch the previous step's metrics only now, so the device never waits on the host.
-        if pending is not None:
-          finish(*pending)
-        pending = (metrics, step, counts, flops)
+        record.dispatched(step, metrics, host_batch)  # books the previous step
         stop_now = preemption.stop_at(step) or (should_stop is not None and should_stop(step))
         if step % t.checkpoint_every == 0 or step == t.steps or stop_now:
-          finish(*pending)
-          pending = None
+          record.flush()
           ckpts.save(step, config=config, tokenizer=tokenizer, state=state, data_iter=data_iter)
         if evaluator is not None and (step % t.eval_every == 0 or step == t.steps):
           _evaluate(evaluator, step, state, best, writer, config, tokenizer)
         if stop_now:
           logging.info("Stopping at step %d (state saved); rerun to resume.", step)
           break
-      if pending is not None:
-        finish(*pending)
+      record.flush()
   except TrainingError:
     ckpts.save(
       step - 1, config=config, tokenizer=tokenizer, state=state, data_iter=data_iter, force=True
@@ -261,7 +233,9 @@ def train(
   logging.info(
     "Finished at step %d in %s.", step, progress.format_duration(time.perf_counter() - start)
   )
-  return TrainResult(step, record.first, record.last, record.history, losses, start_step, state)
+  return TrainResult(
+    step, record.first, record.last, record.history, record.losses, start_step, state
+  )
 
 
 def _log_new_shape(host_batch, seen: set[tuple[int, int]], data) -> None:

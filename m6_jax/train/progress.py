@@ -13,11 +13,13 @@ import dataclasses
 import time
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
 from m6_jax.data import tasks
+from m6_jax.errors import TrainingError
 from m6_jax.model import param_count
 
 # Published dense bf16 peak FLOP/s per chip, by jax Device.device_kind prefix (longest first).
@@ -102,14 +104,18 @@ def summarize(sums: dict[str, Any]) -> dict[str, float]:
 
 @dataclasses.dataclass
 class Progress:
-  """Sums the finished steps of the current logging interval; `log` turns them into one
-  record (metrics.jsonl, TensorBoard, the progress line) and starts the next interval."""
+  """The bookkeeping of dispatched steps. `dispatched` books the previous step (so the host
+  fetches step N's metrics only once step N+1 is queued, and the device never waits) and
+  keeps this one pending; `flush` books the pending one. Booking sums the finished steps of
+  the current logging interval; `log` turns them into one record (metrics.jsonl,
+  TensorBoard, the progress line) and starts the next interval."""
 
   config: ml_collections.ConfigDict
   start_step: int
   writer: Any  # metrics_writer.MetricsWriter
   mesh_peak_flops: float | None  # peak FLOP/s of all the mesh's devices together
   history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+  losses: list[float] = dataclasses.field(default_factory=list)  # every step booked
 
   def __post_init__(self):
     self._param_counts = param_count.count_params(self.config)
@@ -117,6 +123,38 @@ class Progress:
     self._sums: dict | None = None
     self._steps, self._step_flops = 0, 0.0
     self._start = time.perf_counter()
+    self._pending: tuple | None = None
+    self._nan_streak = 0
+
+  def dispatched(self, step: int, metrics: dict, host_batch: dict[str, np.ndarray]) -> None:
+    """Step `step` (on `host_batch`) is queued on the device with these metrics."""
+    self.flush()
+    counts = text_counts(host_batch, jax.process_count())
+    self._pending = (step, metrics, counts, self.step_flops(host_batch))
+
+  def flush(self) -> None:
+    """Books the pending step: fetches its metrics, and raises TrainingError after more than
+    `train.max_nan_steps` non-finite losses in a row (the step itself kept the old state)."""
+    if self._pending is None:
+      return
+    step, metrics, counts, flops = self._pending
+    self._pending = None
+    metrics = jax.device_get(metrics)
+    self.losses.append(float(metrics["loss"]))
+    max_nan_steps = self.config.train.max_nan_steps
+    if not bool(metrics["finite"]):
+      self._nan_streak += 1
+      if self._nan_streak > max_nan_steps:
+        raise TrainingError(
+          f"Non-finite loss at step {step} ({self._nan_streak} in a row, train.max_nan_steps="
+          f"{max_nan_steps}); the update was skipped and the last good state was kept. "
+          "Lower train.lr, raise train.warmup_steps or check the data."
+        )
+      return
+    self._nan_streak = 0
+    self.add(metrics, counts, flops)
+    if self.due(step):
+      self.log(step)
 
   def step_flops(self, host_batch: dict[str, np.ndarray]) -> float:
     """Model FLOPs of a train step on a batch with these text columns (cached per shape)."""
