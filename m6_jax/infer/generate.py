@@ -101,6 +101,7 @@ def inference_config(
     with config.unlocked():
       for axis in axes.MESH_AXES:
         config.mesh[axis] = default[axis]
+    config_lib.validate(config, num_devices, training=False)  # what is not the mesh still fails
     logging.info("The training mesh does not fit here (%s); decoding on all devices.", e)
   return config
 

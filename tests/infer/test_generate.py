@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec
 from PIL import Image
 
 from m6_jax import checkpoints
-from m6_jax.config import default_config
+from m6_jax.config import ConfigError, default_config
 from m6_jax.data import synthetic
 from m6_jax.data import tokenizer as tokenizer_lib
 from m6_jax.evaluation import evaluate
@@ -312,3 +312,15 @@ def test_a_checkpoint_refuses_another_tokenizer(workdir, image_path, tmp_path, r
     workdir,
   )
   assert "pieces" in line
+
+
+def test_inference_uses_the_training_mesh_where_it_fits():
+  saved = _config().to_dict()
+  saved["mesh"].update(data=1, fsdp=8)
+  assert generate.inference_config(saved, None, num_devices=8).mesh.fsdp == 8
+  fallback = generate.inference_config(saved, None, num_devices=2)  # fsdp=8 cannot fit
+  assert (fallback.mesh.data, fallback.mesh.fsdp) == (-1, 1)
+  given = _config()
+  given.mesh.data, given.mesh.tensor = 1, 4
+  with pytest.raises(ConfigError, match="needs 4 devices"):
+    generate.inference_config(saved, given, num_devices=2)  # a given mesh is not replaced
