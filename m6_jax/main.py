@@ -427,6 +427,11 @@ def main(argv: list[str]) -> None:
       logging.info(host_memory.restart_with_huge_pages())
     except OSError as e:
       logging.warning("host memory: restart with huge pages failed (%s); running without", e)
+  from m6_jax import platforms  # before JAX starts its backends
+
+  chosen = platforms.choose()
+  if chosen:
+    logging.info(chosen)
   # Imported here so that `--help` and flag errors are instant and don't start JAX; and
   # jax.distributed must start before anything else uses JAX.
   from m6_jax.parallel import multihost
