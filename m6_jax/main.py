@@ -450,6 +450,9 @@ def main(argv: list[str]) -> None:
     MODES[_MODE.value]()
   except (UserError, FileNotFoundError) as e:
     _fail(str(e))
+  except KeyboardInterrupt as e:  # training saves on the first Ctrl-C; this is the second
+    print(f"interrupted: {e or 'Ctrl-C'}", file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -50,12 +50,13 @@ class TrainResult:
 
 
 class PreemptionFlag:
-  """SIGTERM (how clusters announce preemption) makes the loop save and exit cleanly.
+  """SIGTERM (how clusters announce preemption) and Ctrl-C (SIGINT) make the loop finish the
+  step, save and exit cleanly; a second Ctrl-C stops at once (KeyboardInterrupt).
 
-  One process: our SIGTERM handler sets `requested`. Several processes: JAX's preemption
-  service (started by jax.distributed) catches SIGTERM on any of them and all processes agree
-  on the step to stop at (`multihost.preemption_sync_point`); our handler would replace
-  JAX's, so it is not installed then.
+  One process: our handler sets `requested`. Several processes: JAX's preemption service
+  (started by jax.distributed) catches SIGTERM on any of them and all processes agree on the
+  step to stop at (`multihost.preemption_sync_point`); our handler would replace JAX's, so
+  none is installed then (and Ctrl-C keeps Python's default).
   """
 
   def __init__(self):
@@ -68,17 +69,31 @@ class PreemptionFlag:
   def install(self) -> Callable[[], None]:
     if multihost.uses_preemption_service():
       return lambda: None
-    previous = signal.getsignal(signal.SIGTERM)
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {s: signal.getsignal(s) for s in signals}
 
     def handler(signum, frame):
-      logging.warning("SIGTERM received: saving a checkpoint at the end of this step.")
+      if signum == signal.SIGINT and self.requested:
+        raise KeyboardInterrupt("a second Ctrl-C: stopped without saving")
+      name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+      logging.warning(
+        "%s received: saving a checkpoint at the end of this step%s.",
+        name,
+        "; Ctrl-C again stops at once, without saving" if signum == signal.SIGINT else "",
+      )
       self.requested = True
 
     try:
-      signal.signal(signal.SIGTERM, handler)
+      for s in signals:
+        signal.signal(s, handler)
     except ValueError:  # not the main thread (e.g. inside a notebook worker)
       return lambda: None
-    return lambda: signal.signal(signal.SIGTERM, previous)
+
+    def restore() -> None:
+      for s, h in previous.items():
+        signal.signal(s, h)
+
+    return restore
 
 
 def agree_text_lengths(
