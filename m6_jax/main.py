@@ -43,6 +43,7 @@ Every user mistake (bad flag, unknown config key, impossible mesh, missing file)
 from __future__ import annotations
 
 import logging as pylogging
+import os
 import sys
 
 from absl import app, flags, logging
@@ -225,6 +226,31 @@ class _QuietLibraries(pylogging.Filter):
     )
 
 
+def _config_file(argv: list[str]) -> str | None:
+  """The --config file named on the command line (without its :variant), or None."""
+  for i, arg in enumerate(argv[1:], start=1):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1].split(":")[0]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1].split(":")[0]
+  return None
+
+
+def _fail_config(argv: list[str], error: BaseException) -> None:
+  path = _config_file(argv)
+  if path and not os.path.isfile(path):
+    shipped = (
+      sorted(f for f in os.listdir("configs") if f.endswith(".py"))
+      if os.path.isdir("configs")
+      else []
+    )
+    _fail(
+      f"no such config file: {path}"
+      + (f"; the shipped ones are configs/{{{','.join(shipped)}}}" if shipped else "")
+    )
+  _fail(f"bad config ({_config_args(argv)}): {_one_line(error)}")
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
@@ -234,7 +260,7 @@ def parse_flags(argv: list[str]) -> list[str]:
       "Pass --helpshort to see the flags."
     )
   except _CONFIG_ERRORS as e:
-    _fail(f"bad config ({_config_args(argv)}): {_one_line(e)}")
+    _fail_config(argv, e)
 
 
 def _load_config(required: bool = True, workdir_hint: str | None = None):
@@ -245,7 +271,7 @@ def _load_config(required: bool = True, workdir_hint: str | None = None):
     if config is not None:
       config.to_dict()  # a config file that failed to load raises its error here
   except _CONFIG_ERRORS as e:
-    _fail(f"bad config ({_config_args(sys.argv)}): {_one_line(e)}")
+    _fail_config(sys.argv, e)
   if config is None and required:
     _fail(f"--mode={_MODE.value} needs --config, e.g. --config=configs/base.py")
   if workdir_hint and not _WORKDIR.value:
@@ -296,8 +322,6 @@ def run_prepare_data() -> None:
 
 
 def run_generate() -> None:
-  import os
-
   from m6_jax.data import images
   from m6_jax.infer import generate
   from m6_jax.parallel import multihost

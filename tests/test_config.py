@@ -83,5 +83,7 @@ def test_cli_prints_one_error_line_and_exits_2(args, message, tmp_path, run_main
 def test_cli_missing_config_file(tmp_path, run_main):
   proc = run_main("--config=configs/no_such_file.py", f"--workdir={tmp_path}", devices=8)
   assert proc.returncode == 2
-  assert "No such file or directory: 'configs/no_such_file.py'" in proc.stderr
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert errors and errors[0].startswith("error: no such config file: configs/no_such_file.py")
+  assert "configs/{base.py," in errors[0]  # it lists the shipped configs
   assert "Traceback" not in proc.stderr

@@ -226,11 +226,26 @@ def vqa(example, tokenizer, rng: np.random.Generator, cfg) -> dict[str, np.ndarr
   )
 
 
+def text_lm(example, tokenizer, rng: np.random.Generator, cfg) -> dict[str, np.ndarray]:
+  """Text generation (prefix language modelling on text alone): the first pieces of a caption
+  -> the rest of it. What `--prompt` asks of the model: continue a text."""
+  ids = _caption_ids(example, tokenizer, rng)
+  if len(ids) < 2:
+    source, target = ids, []
+  else:
+    cut = int(rng.integers(1, len(ids)))  # at least one piece on each side
+    source, target = ids[:cut], ids[cut:]
+  source = source[-int(cfg.src_len) :]  # the pieces nearest the cut matter most
+  target = target[: int(cfg.tgt_len) - 1]
+  return make_features(None, example["image"].shape, source, target, "text_lm", tokenizer, cfg)
+
+
 register(Task("text_to_text", text_to_text, needs=("caption",), default_weight=1.0))
 register(Task("image_to_text", image_to_text, ("caption",), "caption", default_weight=1.0))
 register(Task("multimodal_to_text", multimodal_to_text, ("caption",), default_weight=1.0))
 # Answers are 1-3 pieces; 8 tokens (EOS included) is plenty.
 register(Task("vqa", vqa, ("qa",), "vqa", default_weight=0.0, decode_len=8))
+register(Task("text_lm", text_lm, ("caption",), default_weight=0.0))
 
 
 def random_features_batch(batch_size: int, config, seed: int = 0) -> dict[str, np.ndarray]:

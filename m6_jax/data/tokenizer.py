@@ -18,6 +18,7 @@ import os
 import tempfile
 from typing import Iterable, Sequence
 
+import numpy as np
 import sentencepiece as spm
 from absl import logging
 
@@ -210,6 +211,16 @@ class Tokenizer:
 
   def is_sentinel(self, i: int) -> bool:
     return int(i) in self._sentinel_ids
+
+  def text_token_mask(self, vocab_size: int) -> np.ndarray:
+    """bool [vocab_size]: the ids generated text may hold, i.e. the pieces and EOS, without
+    PAD, BOS, <unk>, <mask>, the sentinels, or embedding rows past the tokenizer's pieces."""
+    mask = np.zeros(vocab_size, bool)
+    mask[: min(self.vocab_size, vocab_size)] = True
+    for i in (PAD_ID, BOS_ID, UNK_ID, self._mask_id, *self._sentinel_ids):
+      if i < vocab_size:
+        mask[i] = False
+    return mask
 
   def sentinel_index(self, i: int) -> int:
     """The k with sentinel_id(k) == i (ValueError if i is not a sentinel)."""

@@ -11,6 +11,10 @@ position (0 is the BOS slot), the same for all rows. The M6 bindings (`greedy_de
 their state is only the target part of the KV cache, so beams of one example share one
 copy of the prefix cache and beam search gathers only the target cache.
 
+`allowed` (bool [vocab], default all) masks the tokens a search may choose: generation passes
+the tokenizer's text pieces and EOS, so a caption, an answer or a continuation never holds a
+sentinel, <mask>, <unk> or an embedding row beyond the tokenizer's pieces.
+
 All outputs hold the generated tokens without BOS: [.., max_len] int32, EOS included, and
 padding (id 0) after EOS. Everything runs inside one `jax.jit` with a `lax.while_loop` that
 stops as soon as every row (every example, for beam search) is finished; bos_id, eos_id and
@@ -264,20 +268,40 @@ def generic_beam_search(
 # --------------------------------------------------------------------------------------
 
 
-def m6_step_fn(model: M6, params: Any, prefix_cache: DecodeCache) -> StepFn:
+def m6_step_fn(
+  model: M6, params: Any, prefix_cache: DecodeCache, allowed: jax.Array | None = None
+) -> StepFn:
   """The step function of M6 with the prefix cache closed over; its state is the target
-  KVCache (`prefix_cache.target` for batch rows, or that repeated per beam)."""
+  KVCache (`prefix_cache.target` for batch rows, or that repeated per beam). `allowed`
+  (bool [vocab], None: all) masks the tokens decoding may never choose."""
 
   def step(token, position, target):
     cache = DecodeCache(prefix_cache.prefix, target)
     logits, cache = model.apply({"params": params}, cache, token, position, method=M6.decode_step)
-    return logits, cache.target
+    return allow_only(logits, allowed), cache.target
 
   return step
 
 
+def allow_only(logits: jax.Array, allowed: jax.Array | None) -> jax.Array:
+  """Logits [B, vocab] with the tokens not `allowed` (bool [vocab]) at -inf."""
+  if allowed is None:
+    return logits
+  return jnp.where(allowed[None, :], logits.astype(jnp.float32), NEG_INF)
+
+
 def encode_prefix(model: M6, params: Any, batch: Mapping[str, jax.Array]) -> DecodeCache:
   return model.apply({"params": params}, batch, method=M6.encode_prefix)
+
+
+def _allowed(model: M6, allowed: Any) -> jax.Array:
+  """The decodable tokens as bool [vocab] (None: all of them)."""
+  if allowed is None:
+    return jnp.ones((model.config.vocab_size,), bool)
+  allowed = jnp.asarray(allowed, bool)
+  if allowed.shape != (model.config.vocab_size,):
+    raise ValueError(f"allowed has shape {allowed.shape}; want ({model.config.vocab_size},)")
+  return allowed
 
 
 def _prefix_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -288,10 +312,10 @@ def _prefix_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_len"))
-def _greedy_jit(model, params, batch, max_len, bos_id, eos_id):
+def _greedy_jit(model, params, batch, max_len, bos_id, eos_id, allowed):
   cache = encode_prefix(model, params, batch)
   return generic_greedy(
-    m6_step_fn(model, params, cache),
+    m6_step_fn(model, params, cache, allowed),
     cache.target,
     batch_size=batch["src_tokens"].shape[0],
     max_len=max_len,
@@ -301,21 +325,30 @@ def _greedy_jit(model, params, batch, max_len, bos_id, eos_id):
 
 
 def greedy_decode(
-  model: M6, params: Any, batch: Mapping[str, Any], max_len: int, bos_id: int, eos_id: int
+  model: M6,
+  params: Any,
+  batch: Mapping[str, Any],
+  max_len: int,
+  bos_id: int,
+  eos_id: int,
+  allowed: Any = None,
 ) -> jax.Array:
-  """Greedy decoding with the KV cache: tokens [b, max_len] int32, padding after EOS."""
+  """Greedy decoding with the KV cache: tokens [b, max_len] int32, padding after EOS.
+  `allowed` (bool [vocab], None: every token) is what the decoder may choose."""
   _check_max_len(model, max_len)
-  return _greedy_jit(model, params, _prefix_batch(batch), max_len, bos_id, eos_id)
+  allowed = _allowed(model, allowed)
+  return _greedy_jit(model, params, _prefix_batch(batch), max_len, bos_id, eos_id, allowed)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_len"))
-def _greedy_uncached_jit(model, params, batch, max_len, bos_id, eos_id):
+def _greedy_uncached_jit(model, params, batch, max_len, bos_id, eos_id, allowed):
   b, tgt_len = batch["src_tokens"].shape[0], model.config.tgt_len
 
   def step(token, position, tgt_input):
     tgt_input = jax.lax.dynamic_update_slice_in_dim(tgt_input, token[:, None], position, axis=1)
     logits = model.apply({"params": params}, dict(batch, tgt_input=tgt_input))
-    return jax.lax.dynamic_index_in_dim(logits, position, axis=1, keepdims=False), tgt_input
+    logits = jax.lax.dynamic_index_in_dim(logits, position, axis=1, keepdims=False)
+    return allow_only(logits, allowed), tgt_input
 
   return generic_greedy(
     step,
@@ -328,18 +361,25 @@ def _greedy_uncached_jit(model, params, batch, max_len, bos_id, eos_id):
 
 
 def greedy_decode_uncached(
-  model: M6, params: Any, batch: Mapping[str, Any], max_len: int, bos_id: int, eos_id: int
+  model: M6,
+  params: Any,
+  batch: Mapping[str, Any],
+  max_len: int,
+  bos_id: int,
+  eos_id: int,
+  allowed: Any = None,
 ) -> jax.Array:
   """Reference greedy decoding that reruns the full `M6.__call__` every step (no cache)."""
   _check_max_len(model, max_len)
-  return _greedy_uncached_jit(model, params, _prefix_batch(batch), max_len, bos_id, eos_id)
+  allowed = _allowed(model, allowed)
+  return _greedy_uncached_jit(model, params, _prefix_batch(batch), max_len, bos_id, eos_id, allowed)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "beam_size", "max_len"))
-def _beam_jit(model, params, batch, beam_size, max_len, bos_id, eos_id, length_penalty):
+def _beam_jit(model, params, batch, beam_size, max_len, bos_id, eos_id, length_penalty, allowed):
   cache = encode_prefix(model, params, batch)
   return generic_beam_search(
-    m6_step_fn(model, params, cache),
+    m6_step_fn(model, params, cache, allowed),
     cache.target,
     batch_size=batch["src_tokens"].shape[0],
     beam_size=beam_size,
@@ -359,6 +399,7 @@ def beam_search(
   bos_id: int,
   eos_id: int,
   length_penalty: float = 0.6,
+  allowed: Any = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Beam search with the KV cache: (sequences [b, beam, max_len], scores [b, beam]),
   best first; see `generic_beam_search` for the scheme and the scores."""
@@ -372,6 +413,7 @@ def beam_search(
     bos_id,
     eos_id,
     float(length_penalty),
+    _allowed(model, allowed),
   )
 
 
@@ -379,10 +421,12 @@ def beam_search(
   jax.jit,
   static_argnames=("model", "max_len", "temperature", "top_k", "top_p"),
 )
-def _sample_jit(model, params, batch, rng, max_len, bos_id, eos_id, temperature, top_k, top_p):
+def _sample_jit(
+  model, params, batch, rng, max_len, bos_id, eos_id, temperature, top_k, top_p, allowed
+):
   cache = encode_prefix(model, params, batch)
   return generic_sample(
-    m6_step_fn(model, params, cache),
+    m6_step_fn(model, params, cache, allowed),
     cache.target,
     rng,
     batch_size=batch["src_tokens"].shape[0],
@@ -406,6 +450,7 @@ def sample(
   temperature: float = 1.0,
   top_k: int = 0,
   top_p: float = 1.0,
+  allowed: Any = None,
 ) -> jax.Array:
   """Sampling with the KV cache: tokens [b, max_len]; the same key gives the same tokens.
 
@@ -424,4 +469,5 @@ def sample(
     float(temperature),
     int(top_k),
     float(top_p),
+    _allowed(model, allowed),
   )

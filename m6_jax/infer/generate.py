@@ -204,24 +204,26 @@ def decode(
   removed). Every process passes the whole batch and gets every text."""
   max_len = int(max_len) or int(model.config.data.tgt_len)
   tok = model.tokenizer
+  allowed = tok.text_token_mask(model.model.config.vocab_size)  # never a special token
   with model.mesh_context():
     inputs, rows = partitioning.put_full_batch(batch, model.mesh, model.rules)
     args = (model.model, model.params, inputs)
     if decoding_method == "greedy":
-      ids = decoding.greedy_decode(*args, max_len, tok.bos_id, tok.eos_id)
+      ids = decoding.greedy_decode(*args, max_len, tok.bos_id, tok.eos_id, allowed)
     elif decoding_method == "beam":
       seqs, _ = decoding.beam_search(
-        *args, beam_size, max_len, tok.bos_id, tok.eos_id, length_penalty
+        *args, beam_size, max_len, tok.bos_id, tok.eos_id, length_penalty, allowed
       )
       ids = seqs[:, 0]
     elif decoding_method == "sample":
       key = jax.random.PRNGKey(seed)
-      ids = decoding.sample(*args, key, max_len, tok.bos_id, tok.eos_id, temperature, top_k, top_p)
+      ids = decoding.sample(
+        *args, key, max_len, tok.bos_id, tok.eos_id, temperature, top_k, top_p, allowed
+      )
     else:
       raise GenerationError(f"unknown decoding '{decoding_method}'; one of {DECODINGS}.")
     ids = multihost.to_host(ids)[:rows]
-  # An untrained model may pick embedding rows beyond the tokenizer's pieces: dropped.
-  return [tok.decode([i for i in row if i < tok.vocab_size]) for row in np.asarray(ids)]
+  return [tok.decode(row) for row in np.asarray(ids)]
 
 
 def decode_in_batches(

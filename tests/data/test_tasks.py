@@ -109,6 +109,20 @@ def test_vqa(tokenizer):
     assert f["task_id"] == 3 and f["has_image"] == 1
 
 
+def test_text_lm_continues_a_caption(tokenizer):
+  cuts = set()
+  for i in range(30):
+    ex = S.make_example(0, i)
+    f = K.text_lm(ex, tokenizer, np.random.default_rng(i), CFG)
+    n, m = _check_contract(f, CFG)
+    assert f["has_image"] == 0 and f["task_id"] == K.task_id("text_lm")
+    assert m >= 1 and n >= 1  # a prompt and a continuation
+    whole = f["src_tokens"][:m].tolist() + f["tgt_target"][:n].tolist()
+    assert whole in _caption_ids(tokenizer, ex)
+    cuts.add(m)
+  assert len(cuts) > 5  # the prompt length varies
+
+
 def test_tasks_accept_config_dict_and_truncate(tokenizer):
   cfg = ml_collections.ConfigDict(
     dict(src_len=6, tgt_len=4, noise_density=0.15, mean_noise_span_length=3.0, unrelated=1)

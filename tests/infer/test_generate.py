@@ -16,7 +16,7 @@ from m6_jax.config import ConfigError, default_config
 from m6_jax.data import synthetic
 from m6_jax.data import tokenizer as tokenizer_lib
 from m6_jax.evaluation import evaluate
-from m6_jax.infer import generate
+from m6_jax.infer import decoding, generate
 from m6_jax.parallel import partitioning
 from m6_jax.train import loop
 
@@ -324,3 +324,33 @@ def test_inference_uses_the_training_mesh_where_it_fits():
   given.mesh.data, given.mesh.tensor = 1, 4
   with pytest.raises(ConfigError, match="needs 4 devices"):
     generate.inference_config(saved, given, num_devices=2)  # a given mesh is not replaced
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam", "sample"])
+def test_decoding_never_emits_special_tokens(workdir, method):
+  """Not even an untrained model: captions, answers and continuations hold text pieces and
+  EOS only (no sentinel, <mask>, <unk>, PAD/BOS, or embedding row past the pieces)."""
+  trained = generate.load_model(workdir, devices=jax.devices()[:1])
+  untrained = generate.init_model(trained.config, trained.tokenizer, seed=3, mesh=trained.mesh)
+  tok = trained.tokenizer
+  allowed = tok.text_token_mask(trained.config.model.vocab_size)
+  assert allowed[tok.eos_id] and not allowed[tok.sentinel_id(0)] and not allowed[tok.mask_id]
+  assert not allowed[tok.vocab_size :].any() and not allowed[[0, 2, 3]].any()
+  images, questions = _scenes(4)
+  batch = generate.make_inputs(untrained, images + [None], [""] * 4 + ["a small red circle"])
+  with untrained.mesh_context():
+    inputs, _ = partitioning.put_full_batch(batch, untrained.mesh, untrained.rules)
+    args = (untrained.model, untrained.params, inputs)
+    kwargs = dict(allowed=allowed)
+    if method == "greedy":
+      ids = decoding.greedy_decode(*args, 12, tok.bos_id, tok.eos_id, **kwargs)
+    elif method == "beam":
+      ids = decoding.beam_search(*args, 3, 12, tok.bos_id, tok.eos_id, **kwargs)[0][:, 0]
+    else:
+      ids = decoding.sample(*args, jax.random.PRNGKey(0), 12, tok.bos_id, tok.eos_id, **kwargs)
+  ids = np.asarray(ids)
+  assert (ids != 0).sum() > 10  # it generated tokens
+  emitted = ids[ids != 0]  # padding after EOS is not emitted
+  assert allowed[emitted].all(), sorted(set(emitted[~allowed[emitted]].tolist()))
+  for text in generate.decode(untrained, batch, method):
+    assert "<extra_id" not in text and "<mask>" not in text and "<unk>" not in text
