@@ -2,10 +2,17 @@
 
   python -m m6_jax.main --config=configs/base.py --workdir=/tmp/m6_base
 
-About 0.9M parameters (4 layers, d_model 128), 9 image patches + <= 32 source + <= 32 target tokens,
-the three M6 pretraining tasks mixed equally (text-to-text denoising, image-to-text,
-multimodal-to-text). On 2 CPU cores it trains 600 steps in a few minutes; the image-to-text
-loss ends well below half of its step-0 value (both are printed at the end): 6.95 -> 0.34.
+About 1.0M parameters (4 layers, d_model 128), 9 image patches + <= 32 source + <= 32 target
+tokens. It trains every task the README then shows on its workdir: captioning
+(image_to_text, weight 1), visual question answering (vqa, 1), text continuation (text_lm,
+0.5), and the other two M6 pretraining tasks, span in-filling (text_to_text) and
+multimodal-to-text, at 0.25. 800 steps at lr 2e-3 take 2 to 4.5 minutes on 2 CPU cores; the
+image-to-text loss ends below a tenth of its step-0 value (both are printed at the end):
+6.95 -> 0.48. Held-out (`--mode=eval`): VQA accuracy 49% (the most frequent answer per
+question type: 28%), captions BLEU-4 52, CIDEr-D 4.7. Measured against the older mixture
+(the three pretraining tasks alone, 600 steps at lr 1e-3: captions BLEU-4 66, no VQA, no
+continuation) and other weights, learning rates and lengths: all five tasks at weight 1 gave
+VQA 32%, lr 3e-3 gave 38%, 600 steps 42%.
 
 Length bucketing is on (data.length_bucket=8): batches drop their all-padding text columns
 (the synthetic texts fill about a third of 32 + 32 positions), which gives the same losses as
@@ -23,6 +30,11 @@ from m6_jax.config import default_config
 def get_config(arg: str | None = None):
   config = default_config()
   config.data.length_bucket = 8
+  weights = config.data.task_weights
+  weights.image_to_text, weights.vqa, weights.text_lm = 1.0, 1.0, 0.5
+  weights.text_to_text, weights.multimodal_to_text = 0.25, 0.25
+  config.train.steps = 800
+  config.train.lr = 2e-3
   if arg == "runlocal":
     config.train.steps = 20
     config.train.log_every = 5
