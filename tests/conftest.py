@@ -16,8 +16,11 @@ import subprocess
 import sys
 import tempfile
 
+# Tests compile far more than they run (tiny models, a few steps each): XLA's backend
+# optimisations cost more compile time than they save at run time here.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  os.environ.get("XLA_FLAGS", "") + f" {FAST_COMPILE} --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Made by the first process of the session (the xdist controller, which its workers inherit
@@ -42,14 +45,26 @@ def pytest_sessionfinish(session):
     shutil.rmtree(_MADE_CACHE, ignore_errors=True)
 
 
+def cpu_env(devices: int = 1, platforms: str | None = "cpu") -> dict[str, str]:
+  """The environment of a subprocess the tests start: `devices` CPU devices and the tests'
+  compile flags; `platforms=None` leaves JAX_PLATFORMS unset (as a user would)."""
+  env = dict(os.environ)
+  env.pop("JAX_PLATFORMS", None)
+  if platforms:
+    env["JAX_PLATFORMS"] = platforms
+  flags = FAST_COMPILE + (
+    f" --xla_force_host_platform_device_count={devices}" if devices > 1 else ""
+  )
+  env["XLA_FLAGS"] = flags
+  return env
+
+
 def run_main_cli(*args: str, devices: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
   """`python -m m6_jax.main ARGS` from the repository root on `devices` CPU devices."""
-  flags = f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
   return subprocess.run(
     [sys.executable, "-m", "m6_jax.main", *args],
     cwd=REPO,
-    env=env,
+    env=cpu_env(devices),
     capture_output=True,
     text=True,
     timeout=timeout,

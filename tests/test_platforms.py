@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import cpu_env
 
 from m6_jax import platforms
 
@@ -18,7 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   reason="only meaningful where libtpu is installed on a machine without TPU chips",
 )
 def test_a_short_run_prints_no_tpu_errors(tmp_path):
-  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+  env = cpu_env(platforms=None)  # JAX_PLATFORMS unset, as a user has it
   proc = subprocess.run(
     [
       sys.executable,

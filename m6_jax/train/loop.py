@@ -277,7 +277,9 @@ def _evaluate(evaluator, step, state, best, writer, config, tokenizer) -> None:
       f"train.eval_metric='{metric}' is not an eval metric; known: {sorted(metrics)}."
     )
   shown = " | ".join(
-    f"{k} {metrics[k]:.3f}" for k in ("loss", "vqa_accuracy", "cider") if k in metrics
+    f"{k} {metrics[k]:.3f}"
+    for k in ("loss", "vqa_accuracy", "cider")
+    if k in metrics and k != metric  # the metric that picks `best` is shown first
   )
   logging.info("eval step %d | %s %.4f | %s", step, metric, metrics[metric], shown)
   writer.write(step, {f"eval_{k}": v for k, v in metrics.items()})

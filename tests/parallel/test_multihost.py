@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import cpu_env
 
 from m6_jax.train import loop
 
@@ -69,7 +70,7 @@ def _reference_config(steps):
 def _launch(workdir, steps, logs):
   """Both processes of a run; their output goes to files (a pipe could fill and block)."""
   port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = cpu_env(devices=4)
   procs = []
   for pid in range(2):
     log = open(logs[pid], "w")

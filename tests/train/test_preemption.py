@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from conftest import cpu_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -16,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def _start(workdir, steps):
   """A tiny base run; a constant learning rate, so that a step's update does not depend on
   train.steps (which differs between the runs compared here)."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env = cpu_env()
   return subprocess.Popen(
     [
       sys.executable,
