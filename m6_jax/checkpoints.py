@@ -8,7 +8,8 @@ some of these items:
   params   the parameters alone                                       best step, export
   data     the data iterator's position (grain)                       training checkpoints
   config   the run's config (JSON)
-  meta     the tokenizer's SHA-256 and piece count (JSON)
+  meta     the tokenizer's SHA-256 and piece count, a checksum of every array
+           (m6_jax/checksums.py), and the run's rollback state (JSON)
 
 A workdir holds `checkpoints/` (the last `train.keep_checkpoints` steps), `best/` (the best
 step by `train.eval_metric`), `config.json` and `tokenizer/spm.model`; an export directory
@@ -22,6 +23,12 @@ Before restoring, the saved parameter shapes are compared with the model's and t
 tokenizer fingerprint with the tokenizer in use; a mismatch is one CheckpointError naming
 both sides. Orbax writes each step into a temporary folder and renames it when complete, so
 a crash mid-save never leaves a half-written step that a resume would pick up.
+
+A resume takes the newest step that restores and matches its checksums; a damaged one
+(truncated or missing files, changed bytes) is reported in one line, moved to
+`checkpoints.damaged/` and the step before it is used. Training steps are rotated here: the
+newest `keep` steps stay, and so does the newest *good* step (`good_steps.json`: steps the
+run confirmed by training on without diverging, m6_jax/train/divergence.py).
 """
 
 from __future__ import annotations
@@ -40,11 +47,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from m6_jax.errors import CheckpointError
+from m6_jax.checksums import checksums, verify_checksums
+from m6_jax.errors import CheckpointError, DamagedCheckpoint
+from m6_jax.parallel import multihost
 
-__all__ = ["CheckpointError", "Checkpoints", "load_params", "export"]
+__all__ = ["CheckpointError", "Checkpoints", "DamagedCheckpoint", "load_params"]
 
 TOKENIZER_FILE = os.path.join("tokenizer", "spm.model")
+GOOD_STEPS_FILE = "good_steps.json"
 
 
 def _array_handlers() -> ocp.type_handlers.TypeHandlerRegistry:
@@ -145,13 +155,22 @@ def check_param_shapes(expected: Any, loaded: Any, source: str) -> None:
   want, got = _flat_shapes(expected), _flat_shapes(loaded)
   for name in sorted(set(want) | set(got)):
     if want.get(name) != got.get(name):
-      w = want.get(name, "absent")
-      g = got.get(name, "absent")
+      if name not in got:
+        what = f"parameter '{name}' {want[name]} of the model is not in the checkpoint"
+      elif name not in want:
+        what = f"parameter '{name}' {got[name]} of the checkpoint is not in the model"
+      else:
+        what = f"parameter '{name}' has shape {got[name]} in the checkpoint but {want[name]} in the model"
       raise CheckpointError(
-        f"checkpoint {source} does not fit this config: parameter '{name}' has shape {g} in "
-        f"the checkpoint but {w} in the model; use the config the checkpoint was trained "
-        "with (its config.json) or a checkpoint of this model."
+        f"checkpoint {source} does not fit this config: {what}; use the config the checkpoint "
+        "was trained with (its config.json) or a checkpoint of this model."
       )
+
+
+def _short(e: Exception) -> str:
+  """The first line of an exception, for a one-line report."""
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
 
 
 def _restore_args(target: Any) -> Any:
@@ -184,10 +203,19 @@ class Checkpoints:
         best_mode=best_mode,
         keep_checkpoints_without_metrics=False,
       )
+    # Training checkpoints are rotated here (`_rotate`), so that the newest good step is
+    # never deleted by newer ones; best-by-metric rotation is Orbax's.
+    self.keep = keep
     options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=create, enable_async_checkpointing=async_save, **best
+      max_to_keep=keep if best_metric else None,
+      create=create,
+      # A save cut short (SIGKILL) leaves a temporary folder, never a step; clear it.
+      cleanup_tmp_directories=create,
+      enable_async_checkpointing=async_save,
+      **best,
     )
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
+    self._rotating = not best_metric and keep is not None
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -208,15 +236,21 @@ class Checkpoints:
     params: Any = None,
     data_iter: Any = None,
     metrics: dict[str, float] | None = None,
-    force: bool = False,
+    extra_meta: dict[str, Any] | None = None,
   ) -> None:
-    """Saves `state` (with `data_iter`) or `params`, plus the config and the tokenizer's
-    fingerprint, as `step` (once: a step already saved is left as it is)."""
+    """Saves `state` (with `data_iter`) or `params`, plus the config, the tokenizer's
+    fingerprint and a checksum of every array, as `step` (once: a step already saved is left
+    as it is). Training checkpoints beyond `keep` are deleted first, except the newest good
+    one."""
     if step in self.manager.all_steps():
       return
+    if self._rotating:
+      self._rotate(self.keep - 1)
+    saved = {"state": state} if state is not None else {"params": params}
+    meta = dict(tokenizer_fingerprint(tokenizer), checksums=checksums(saved), **(extra_meta or {}))
     items = {
       "config": ocp.args.JsonSave(config.to_dict()),
-      "meta": ocp.args.JsonSave(tokenizer_fingerprint(tokenizer)),
+      "meta": ocp.args.JsonSave(meta),
     }
     if state is not None:
       items["state"] = ocp.args.PyTreeSave(state)
@@ -225,7 +259,66 @@ class Checkpoints:
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
     metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
-    self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+    self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics)
+
+  # -- good steps and rotation ---------------------------------------------------------------
+
+  def _good_file(self) -> str:
+    return os.path.join(self.directory, GOOD_STEPS_FILE)
+
+  def good_steps(self) -> list[int]:
+    """Steps confirmed good (`mark_good`) that still exist."""
+    try:
+      with open(self._good_file()) as f:
+        marked = set(json.load(f))
+    except (OSError, ValueError):
+      return []
+    return sorted(marked & set(self.manager.all_steps()))
+
+  def mark_good(self, step: int) -> None:
+    """Records that the steps after `step` stayed finite (process 0 writes, atomically)."""
+    good = self.good_steps()
+    if step in good or step not in self.manager.all_steps() or jax.process_index() != 0:
+      return
+    tmp = self._good_file() + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(sorted(good + [step]), f)
+    os.replace(tmp, self._good_file())
+
+  def _rotate(self, keep: int) -> None:
+    """Deletes all but the newest `keep` steps and the newest good one."""
+    self.wait()
+    steps = self.steps()
+    good = self.good_steps()
+    protected = set(steps[-keep:] if keep > 0 else []) | set(good[-1:])
+    for step in steps:
+      if step not in protected:
+        self.manager.delete(step)
+
+  def discard_after(self, step: int | None) -> list[int]:
+    """Deletes every step newer than `step` (None: every step); returns them."""
+    self.wait()
+    dropped = [s for s in self.steps() if step is None or s > step]
+    for s in dropped:
+      self.manager.delete(s)
+    return dropped
+
+  # -- integrity -------------------------------------------------------------------------------
+
+  def _quarantine(self, step: int) -> str:
+    """Moves a damaged step out of the directory (kept for inspection, never resumed from)."""
+    target_root = self.directory.rstrip("/") + ".damaged"
+    target = os.path.join(target_root, str(step))
+    n = 1
+    while os.path.exists(target):
+      n += 1
+      target = os.path.join(target_root, f"{step}.{n}")
+    if jax.process_index() == 0:
+      os.makedirs(target_root, exist_ok=True)
+      shutil.move(os.path.join(self.directory, str(step)), target)
+    multihost.sync(f"quarantine_{step}")
+    self.manager.reload()
+    return target
 
   def saved_json(self, step: int, item: str) -> dict | None:
     """The step's `config` or `meta` (None if it has none)."""
@@ -244,14 +337,44 @@ class Checkpoints:
 
   def restore_train_state(self, abstract_state: Any, data_iter: Any, step: int | None = None):
     """The TrainState onto the shardings in `abstract_state` (any mesh), rewinding
-    `data_iter` to where it was; the parameter shapes are checked first."""
+    `data_iter` to where it was; the parameter shapes are checked first, the arrays' checksums
+    after. A damaged step raises DamagedCheckpoint."""
     step = self.latest_step() if step is None else step
     source = f"{self.directory} (step {step})"
-    check_param_shapes(abstract_state.params, self.saved_param_shapes(step), source)
+    try:
+      saved_shapes = self.saved_param_shapes(step)
+      meta = self.saved_json(step, "meta")
+    except Exception as e:  # noqa: BLE001 - any unreadable metadata is damage
+      raise DamagedCheckpoint(f"{source}: {_short(e)}") from e
+    check_param_shapes(abstract_state.params, saved_shapes, source)
     items = {"state": ocp.args.PyTreeRestore(abstract_state, _restore_args(abstract_state))}
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-    return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+    try:
+      state = self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+    except Exception as e:  # noqa: BLE001 - a truncated or missing file is damage
+      raise DamagedCheckpoint(f"{source}: {_short(e)}") from e
+    verify_checksums({"state": state}, meta, source)
+    return state
+
+  def restore_intact_train_state(self, abstract_state: Any, data_iter: Any):
+    """(state, step, meta) of the newest step that restores and verifies; damaged steps
+    are reported in one line each and moved to `<directory>.damaged/`. (None, None, None)
+    when no step is left; CheckpointError when the model does not fit the checkpoint."""
+    while (step := self.latest_step()) is not None:
+      try:
+        state = self.restore_train_state(abstract_state, data_iter, step)
+        return state, step, self.saved_json(step, "meta") or {}
+      except DamagedCheckpoint as e:
+        moved = self._quarantine(step)
+        older = self.latest_step()
+        logging.warning(
+          "Checkpoint damaged, %s; moved it to %s and %s.",
+          e,
+          moved,
+          f"fall back to step {older}" if older is not None else "no older step is left",
+        )
+    return None, None, None
 
   def restore_params(self, step: int, target: Any) -> Any:
     """The parameters alone (no optimizer state is read) onto `target`'s shardings."""
@@ -319,6 +442,8 @@ def load_params(
   if tokenizer is not None:
     check_tokenizer(ckpts.saved_json(step, "meta"), tokenizer, tokenizer_path, source)
   params = ckpts.restore_params(step, target)
+  if ckpts.has(step, "params"):  # a training step's checksums cover the whole state
+    verify_checksums({"params": params}, ckpts.saved_json(step, "meta"), source)
   return LoadedParams(params, int(step), ckpts.saved_json(step, "config"), ckpts.directory)
 
 
@@ -335,47 +460,6 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   with open(tmp, "w") as f:
     json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=str)
   os.replace(tmp, path)
-
-
-def _disk_bytes(path: str) -> int:
-  return sum(
-    os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files
-  )
-
-
-def export(
-  params: Any,
-  step: int,
-  source_dir: str,
-  config: ml_collections.ConfigDict,
-  tokenizer,
-  tokenizer_path: str,
-  out_dir: str,
-) -> dict[str, Any]:
-  """Writes `params` (step `step` of the checkpoint directory `source_dir`) with the config
-  and the tokenizer into `out_dir`, in a workdir's shape (`checkpoints/<step>/params`,
-  `config.json`, `tokenizer/spm.model`). Returns the sizes on disk of the export's step and
-  of the step it came from."""
-  out_dir = os.path.abspath(out_dir)
-  target = checkpoint_dir(out_dir)
-  if os.path.isdir(target) and os.listdir(target):
-    raise CheckpointError(f"{out_dir} already holds an export; pick a new --export_dir.")
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    config.data.tokenizer_path = ""  # the export's own tokenizer/spm.model
-  ckpts = Checkpoints(target, async_save=False)
-  ckpts.save(step, config=config, tokenizer=tokenizer, params=params)
-  ckpts.wait()
-  if jax.process_index() == 0:
-    os.makedirs(os.path.join(out_dir, "tokenizer"), exist_ok=True)
-    shutil.copyfile(tokenizer_path, os.path.join(out_dir, TOKENIZER_FILE))
-  write_config(out_dir, config)
-  return {
-    "step": step,
-    "export_bytes": _disk_bytes(os.path.join(target, str(step))),
-    "source_bytes": _disk_bytes(os.path.join(source_dir, str(step))),
-    "num_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
-  }
 
 
 def copy_tokenizer(source: str, workdir: str) -> str | None:

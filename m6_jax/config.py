@@ -118,7 +118,22 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.log_every = 20
   c.train.checkpoint_every = 200
   c.train.keep_checkpoints = 3
-  c.train.max_nan_steps = 0  # consecutive non-finite losses tolerated before stopping
+  # Divergence (m6_jax/train/divergence.py): a step whose loss, gradients, new parameters or
+  # optimizer state are not finite is not applied; more than `max_nan_steps` of them in a
+  # row, or a loss above `spike_factor` x the median of the last `spike_window` losses (0:
+  # no spike check), rolls back to the newest good checkpoint (one the following steps
+  # confirmed), skips the next `rollback_skip_batches` batches, multiplies the learning rate
+  # by `rollback_lr_factor`, and continues; after `max_rollbacks` rollbacks the run stops.
+  c.train.max_nan_steps = 0
+  c.train.checkpoint_confirm_steps = 20
+  c.train.spike_factor = 10.0
+  c.train.spike_window = 50
+  c.train.rollback_skip_batches = 20
+  c.train.rollback_lr_factor = 1.0
+  c.train.max_rollbacks = 3
+  # Testing aid: batches of the data stream (e.g. "30,31"; 0 is the first) whose images are
+  # replaced by NaN, as corrupt data would be, to exercise the above.
+  c.train.debug_nonfinite_batches = ""
   # Peak FLOP/s of one device, for the MFU in the progress line and metrics.jsonl. 0: the
   # published bf16 peak of a known TPU / GPU kind (train/progress.py), none on CPU.
   c.train.peak_flops = 0.0
@@ -239,6 +254,47 @@ def _validate_bucketing(d: ml_collections.ConfigDict) -> None:
     )
 
 
+def parse_positions(text: str) -> tuple[int, ...]:
+  """'30,31' -> (30, 31) (train.debug_nonfinite_batches)."""
+  return tuple(int(x) for x in str(text).replace(" ", "").split(",") if x)
+
+
+def _validate_optimizer_and_divergence(t: ml_collections.ConfigDict) -> None:
+  float32_max = 3.4028234663852886e38
+  _require(
+    0 <= t.lr < float32_max,
+    f"train.lr={t.lr} must be >= 0 and below float32's largest value ({float32_max:.3g}).",
+  )
+  _require(
+    t.eps > 0,
+    f"train.eps={t.eps} must be positive: Adam divides by sqrt(v) + eps, and a parameter "
+    "with a zero gradient (e.g. an unused position) would get 0/0 = NaN.",
+  )
+  _require(
+    min(t.max_nan_steps, t.max_rollbacks, t.rollback_skip_batches, t.checkpoint_confirm_steps) >= 0,
+    "train.max_nan_steps, train.max_rollbacks, train.rollback_skip_batches and "
+    "train.checkpoint_confirm_steps must be >= 0.",
+  )
+  _require(
+    t.spike_factor == 0 or t.spike_factor > 1,
+    f"train.spike_factor={t.spike_factor} must be 0 (off) or above 1.",
+  )
+  _require(t.spike_window > 0, f"train.spike_window={t.spike_window} must be positive.")
+  _require(
+    0 < t.rollback_lr_factor <= 1,
+    f"train.rollback_lr_factor={t.rollback_lr_factor} must be in (0, 1].",
+  )
+  try:
+    steps = parse_positions(t.debug_nonfinite_batches)
+  except ValueError:
+    steps = (-1,)
+  _require(
+    all(s >= 0 for s in steps),
+    f"train.debug_nonfinite_batches='{t.debug_nonfinite_batches}' must be comma-separated "
+    "batch positions (0, 1, ...).",
+  )
+
+
 def validate(
   config: ml_collections.ConfigDict,
   num_devices: int,
@@ -291,6 +347,7 @@ def validate(
     "--config.data.task_weights.image_to_text=1.0.",
   )
   _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0.")
+  _validate_optimizer_and_divergence(t)
   _require(
     t.eval_every >= 0 and t.eval_examples >= 0,
     f"train.eval_every={t.eval_every} and train.eval_examples={t.eval_examples} must be >= 0.",

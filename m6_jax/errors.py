@@ -21,6 +21,10 @@ class CheckpointError(UserError, ValueError):
   """A checkpoint that is missing, damaged or does not fit the model or tokenizer."""
 
 
+class DamagedCheckpoint(CheckpointError):
+  """A checkpoint step that cannot be read, or whose arrays differ from their checksums."""
+
+
 class DataPreparationError(UserError, ValueError):
   """Data preparation cannot go on (bad arguments, too many bad records)."""
 
@@ -35,6 +39,10 @@ class EvaluationError(UserError, ValueError):
 
 class TrainingError(UserError, RuntimeError):
   """Training cannot continue (e.g. the loss diverged); the message says what was saved."""
+
+
+class WorkdirError(UserError, OSError):
+  """A workdir that cannot be created or written, or a disk too full for its checkpoints."""
 
 
 class DistributedError(UserError, ValueError):

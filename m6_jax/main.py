@@ -371,14 +371,13 @@ def run_eval() -> None:
 
 
 def run_export() -> None:
-  from m6_jax import checkpoints
-  from m6_jax.infer import generate
+  from m6_jax.infer import export, generate
 
   config = _load_config(required=False, workdir_hint="a trained workdir")
   if not _EXPORT_DIR.value:
     _fail("--mode=export needs --export_dir, a new directory for the exported parameters.")
   model = generate.load_model(_WORKDIR.value, _CHECKPOINT_STEP.value, config, best=_BEST.value)
-  sizes = checkpoints.export(
+  sizes = export.export(
     model.params,
     model.step,
     model.checkpoint_dir,

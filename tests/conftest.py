@@ -71,6 +71,16 @@ def run_main_cli(*args: str, devices: int = 1, timeout: int = 300) -> subprocess
   )
 
 
+def assert_every_step_once(records, last_step):
+  """Each metrics record covers the steps since the previous one, none twice, none lost."""
+  metrics = [r for r in records if "event" not in r]
+  steps = [r["step"] for r in metrics]
+  assert steps == sorted(set(steps)), steps
+  covered = [r["steps_averaged"] + r.get("steps_nonfinite", 0) for r in metrics]
+  assert covered == [b - a for a, b in zip([0] + steps, steps)], list(zip(steps, covered))
+  assert steps[-1] == last_step
+
+
 @pytest.fixture(scope="session")
 def run_main():
   return run_main_cli

@@ -51,6 +51,10 @@ def test_mesh_minus_one_fills_the_devices():
       r"gives no task a positive weight",
     ),
     (lambda c: setattr(c.train, "grad_accum_steps", 3), r"micro-batches"),
+    (lambda c: setattr(c.train, "eps", 0.0), r"train.eps=0.0 must be positive: Adam divides"),
+    (lambda c: setattr(c.train, "lr", 1e39), r"below float32's largest value"),
+    (lambda c: setattr(c.train, "spike_factor", 0.5), r"train.spike_factor=0.5 must be 0"),
+    (lambda c: setattr(c.train, "debug_nonfinite_batches", "3,x"), r"comma-separated"),
   ],
 )
 def test_bad_config_raises_one_clear_error(mutate, pattern):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
 import time
 from typing import Any, Callable
 
@@ -29,10 +28,11 @@ from m6_jax.data import pipeline, sources
 from m6_jax.data import tokenizer as tokenizer_lib
 from m6_jax.errors import ConfigError, TrainingError
 from m6_jax.parallel import multihost
-from m6_jax.train import metrics_writer, progress
+from m6_jax.train import divergence, metrics_writer, preflight, progress
 from m6_jax.train import setup as setup_lib
+from m6_jax.train.preemption import PreemptionFlag
 
-__all__ = ["TrainingError", "TrainResult", "train"]
+__all__ = ["PreemptionFlag", "TrainingError", "TrainResult", "train"]
 
 # (step, parameters) -> eval metrics; see m6_jax/evaluation/evaluate.py `PeriodicEvaluator`.
 Evaluator = Callable[[int, Any], dict[str, float]]
@@ -47,53 +47,6 @@ class TrainResult:
   losses: list[float]  # the per-step loss of every step this run executed
   resumed_from: int  # the step this run started at (0: a fresh run)
   state: Any = None
-
-
-class PreemptionFlag:
-  """SIGTERM (how clusters announce preemption) and Ctrl-C (SIGINT) make the loop finish the
-  step, save and exit cleanly; a second Ctrl-C stops at once (KeyboardInterrupt).
-
-  One process: our handler sets `requested`. Several processes: JAX's preemption service
-  (started by jax.distributed) catches SIGTERM on any of them and all processes agree on the
-  step to stop at (`multihost.preemption_sync_point`); our handler would replace JAX's, so
-  none is installed then (and Ctrl-C keeps Python's default).
-  """
-
-  def __init__(self):
-    self.requested = False
-
-  def stop_at(self, step: int) -> bool:
-    """Whether to save and stop after `step` (the same answer on every process)."""
-    return self.requested or multihost.preemption_sync_point(step)
-
-  def install(self) -> Callable[[], None]:
-    if multihost.uses_preemption_service():
-      return lambda: None
-    signals = (signal.SIGTERM, signal.SIGINT)
-    previous = {s: signal.getsignal(s) for s in signals}
-
-    def handler(signum, frame):
-      if signum == signal.SIGINT and self.requested:
-        raise KeyboardInterrupt("a second Ctrl-C: stopped without saving")
-      name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
-      logging.warning(
-        "%s received: saving a checkpoint at the end of this step%s.",
-        name,
-        "; Ctrl-C again stops at once, without saving" if signum == signal.SIGINT else "",
-      )
-      self.requested = True
-
-    try:
-      for s in signals:
-        signal.signal(s, handler)
-    except ValueError:  # not the main thread (e.g. inside a notebook worker)
-      return lambda: None
-
-    def restore() -> None:
-      for s, h in previous.items():
-        signal.signal(s, h)
-
-    return restore
 
 
 def agree_text_lengths(
@@ -152,24 +105,23 @@ def _data_iterator(config: ml_collections.ConfigDict, tokenizer):
   return iter(dataset)
 
 
-def _initial_state(setup, ckpts, data_iter, tokenizer, tokenizer_path) -> Any:
-  """The latest checkpoint's state (data iterator rewound), else a fresh state with the
-  parameters of `init_from` when given (fine-tuning: fresh optimizer and step)."""
+def _initial_state(setup, ckpts, data_iter, tokenizer, tokenizer_path) -> tuple[Any, dict]:
+  """(state, its checkpoint's meta): the newest intact checkpoint's state (data iterator
+  rewound; damaged steps are set aside), else a fresh state with the parameters of
+  `init_from` when given (fine-tuning: fresh optimizer and step) and an empty meta."""
   config = setup.config
-  step = ckpts.latest_step()
-  if step is not None:
-    meta = ckpts.saved_json(step, "meta")
+  state, step, meta = ckpts.restore_intact_train_state(setup.abstract_state(), data_iter)
+  if state is not None:
     checkpoints.check_tokenizer(meta, tokenizer, tokenizer_path, f"{ckpts.directory} ({step})")
-    state = ckpts.restore_train_state(setup.abstract_state(), data_iter, step)
-    logging.info("Resumed from step %d in %s", int(state.step), ckpts.directory)
-    return state
+    logging.info("Resumed from step %d in %s", step, ckpts.directory)
+    return state, meta
   state = setup.init_state()
   if config.init_from:
     target = setup.abstract_state().params
     loaded = checkpoints.load_params(config.init_from, target, None, tokenizer, tokenizer_path)
     state = state.replace(params=loaded.params)
     logging.info("Initialised the parameters from %s", loaded.source)
-  return state
+  return state, {}
 
 
 def train(
@@ -183,18 +135,22 @@ def train(
   `evaluator(step, params)` runs every `train.eval_every` steps and at the end; the best step
   by `train.eval_metric` is kept in `<workdir>/best`. `should_stop(step)` lets a caller end
   the run early after a step (the state is saved first), exactly as SIGTERM preemption does.
+  A divergence rolls back to the newest good checkpoint (m6_jax/train/divergence.py).
   """
   config_lib.validate(config, jax.device_count(), jax.process_count())
-  os.makedirs(workdir, exist_ok=True)
+  preflight.check_workdir(workdir)
   t = config.train
   setup = setup_lib.build(config)
   logging.info("Mesh: %s", dict(setup.mesh.shape))
+  ckpts = checkpoints.Checkpoints(checkpoints.checkpoint_dir(workdir), t.keep_checkpoints)
+  preflight.check_resume(setup, ckpts)  # the model fits the checkpoint, and the disk two more
 
   tokenizer, tokenizer_path = _tokenizer(config, workdir)
   data_iter = _data_iterator(config, tokenizer)
-
-  ckpts = checkpoints.Checkpoints(checkpoints.checkpoint_dir(workdir), t.keep_checkpoints)
-  state = _initial_state(setup, ckpts, data_iter, tokenizer, tokenizer_path)
+  state, meta = _initial_state(setup, ckpts, data_iter, tokenizer, tokenizer_path)
+  lr_scale = float(meta.get("lr_scale", 1.0))
+  if lr_scale != 1.0:  # earlier rollbacks lowered the learning rate
+    setup = setup_lib.build(divergence.scaled_lr_config(config, lr_scale))
   start_step = step = int(state.step)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   logging.info("Model parameters: %s", f"{num_params:,}")
@@ -205,7 +161,7 @@ def train(
     best_dir = checkpoints.best_dir(workdir)
     best = checkpoints.Checkpoints(best_dir, 1, t.eval_metric, mode, async_save=False)
 
-  writer = metrics_writer.MetricsWriter(workdir, enabled=multihost.is_primary())
+  writer = metrics_writer.MetricsWriter(workdir, start_step, enabled=multihost.is_primary())
   device = setup.mesh.devices.flat[0]
   peak = progress.peak_flops(device.device_kind, t.peak_flops)
   mesh_peak = peak * setup.mesh.devices.size if peak else None
@@ -213,33 +169,56 @@ def train(
   preemption = PreemptionFlag()
   restore_signal = preemption.install()
   seen_shapes: set[tuple[int, int]] = set()
+  # Saved steps not yet confirmed good (`train.checkpoint_confirm_steps` finite steps after).
+  unconfirmed = [s for s in ckpts.steps()[-1:] if s not in ckpts.good_steps()]
+  rollbacks, repeats = 0, {}  # rollbacks in all, and to each step
+  poisoned = set(config_lib.parse_positions(t.debug_nonfinite_batches))  # fault injection
+
+  def save(step, state):
+    record.close_interval(step)  # may raise Diverged: a diverging state is never saved
+    extra = {"lr_scale": lr_scale, "rollbacks": rollbacks}
+    ckpts.save(
+      step, config=config, tokenizer=tokenizer, state=state, data_iter=data_iter, extra_meta=extra
+    )
+    unconfirmed.append(step)
 
   start = time.perf_counter()
   try:
-    with setup.mesh_context():
-      while step < t.steps:
-        host_batch = next(data_iter)
-        if config.data.length_bucket > 0:
-          host_batch = agree_text_lengths(host_batch)
-          _log_new_shape(host_batch, seen_shapes, config.data)
-        state, metrics = setup.step(state, setup.put_batch(host_batch))
-        step += 1
-        record.dispatched(step, metrics, host_batch)  # books the previous step
-        stop_now = preemption.stop_at(step) or (should_stop is not None and should_stop(step))
-        if step % t.checkpoint_every == 0 or step == t.steps or stop_now:
-          record.flush()
-          ckpts.save(step, config=config, tokenizer=tokenizer, state=state, data_iter=data_iter)
-        if evaluator is not None and (step % t.eval_every == 0 or step == t.steps):
-          _evaluate(evaluator, step, state, best, writer, config, tokenizer)
-        if stop_now:
-          logging.info("Stopping at step %d (state saved); rerun to resume.", step)
-          break
-      record.flush()
-  except TrainingError:
-    ckpts.save(
-      step - 1, config=config, tokenizer=tokenizer, state=state, data_iter=data_iter, force=True
-    )
-    raise
+    while step < t.steps:
+      try:
+        with setup.mesh_context():  # per step: a rollback below rebuilds the set-up
+          host_batch = divergence.poison(next(data_iter), data_iter, poisoned)
+          if config.data.length_bucket > 0:
+            host_batch = agree_text_lengths(host_batch)
+            _log_new_shape(host_batch, seen_shapes, config.data)
+          state, metrics = setup.step(state, setup.put_batch(host_batch))
+          step += 1
+          record.dispatched(step, metrics, host_batch)  # books (and checks) the previous step
+          while unconfirmed and step - 1 >= unconfirmed[0] + t.checkpoint_confirm_steps:
+            ckpts.mark_good(unconfirmed.pop(0))
+          stop_now = preemption.stop_at(step) or (should_stop is not None and should_stop(step))
+          if step % t.checkpoint_every == 0 or step == t.steps or stop_now:
+            save(step, state)
+          if evaluator is not None and (step % t.eval_every == 0 or step == t.steps):
+            _evaluate(evaluator, step, state, best, writer, config, tokenizer)
+          if stop_now:
+            logging.info("Stopping at step %d (state saved); rerun to resume.", step)
+            break
+      except divergence.Diverged as event:
+        rollbacks += 1
+        divergence.roll_back_checkpoints(event, ckpts, writer, rollbacks, t, lr_scale)
+        data_iter = _data_iterator(config, tokenizer)
+        state, _ = _initial_state(setup, ckpts, data_iter, tokenizer, tokenizer_path)
+        step = int(state.step)
+        # Each further rollback to the same step skips that many more batches.
+        repeats[step] = repeats.get(step, 0) + 1
+        skipped = divergence.skip_batches(data_iter, t.rollback_skip_batches * repeats[step])
+        lr_scale *= t.rollback_lr_factor
+        if t.rollback_lr_factor != 1.0:
+          setup = setup_lib.build(divergence.scaled_lr_config(config, lr_scale))
+        record.restart(step)
+        unconfirmed[:] = []  # the restored step is good (or the initial state)
+        divergence.report(event, writer, step, rollbacks, t.max_rollbacks, skipped, lr_scale)
   finally:
     ckpts.wait()
     writer.close()

@@ -19,8 +19,8 @@ import numpy as np
 from absl import logging
 
 from m6_jax.data import tasks
-from m6_jax.errors import TrainingError
 from m6_jax.model import param_count
+from m6_jax.train import divergence
 
 # Published dense bf16 peak FLOP/s per chip, by jax Device.device_kind prefix (longest first).
 PEAK_FLOPS_BY_KIND = (
@@ -124,7 +124,8 @@ class Progress:
     self._steps, self._step_flops = 0, 0.0
     self._start = time.perf_counter()
     self._pending: tuple | None = None
-    self._nan_streak = 0
+    self._nonfinite = 0  # steps of this interval whose update was not applied
+    self.monitor = divergence.Monitor.from_config(self.config.train)
 
   def dispatched(self, step: int, metrics: dict, host_batch: dict[str, np.ndarray]) -> None:
     """Step `step` (on `host_batch`) is queued on the device with these metrics."""
@@ -133,28 +134,41 @@ class Progress:
     self._pending = (step, metrics, counts, self.step_flops(host_batch))
 
   def flush(self) -> None:
-    """Books the pending step: fetches its metrics, and raises TrainingError after more than
-    `train.max_nan_steps` non-finite losses in a row (the step itself kept the old state)."""
+    """Books the pending step: fetches its metrics and raises divergence.Diverged if the
+    step is one (divergence.Monitor); a non-finite step (not applied) is counted, not
+    averaged."""
     if self._pending is None:
       return
     step, metrics, counts, flops = self._pending
     self._pending = None
     metrics = jax.device_get(metrics)
-    self.losses.append(float(metrics["loss"]))
-    max_nan_steps = self.config.train.max_nan_steps
-    if not bool(metrics["finite"]):
-      self._nan_streak += 1
-      if self._nan_streak > max_nan_steps:
-        raise TrainingError(
-          f"Non-finite loss at step {step} ({self._nan_streak} in a row, train.max_nan_steps="
-          f"{max_nan_steps}); the update was skipped and the last good state was kept. "
-          "Lower train.lr, raise train.warmup_steps or check the data."
-        )
-      return
-    self._nan_streak = 0
-    self.add(metrics, counts, flops)
+    loss, finite = float(metrics["loss"]), bool(metrics["finite"])
+    self.losses.append(loss)
+    reason = self.monitor.observe(loss, finite)
+    if reason is not None:
+      raise divergence.Diverged(step, reason)
+    if finite:
+      self.add(metrics, counts, flops)
+    else:
+      self._nonfinite += 1
     if self.due(step):
       self.log(step)
+
+  def close_interval(self, step: int) -> None:
+    """Logs the steps booked since the last record (at checkpoints and at a stop, so that
+    truncating metrics.jsonl to a checkpoint's step keeps every step before it)."""
+    self.flush()
+    if self._steps or self._nonfinite:
+      self.log(step)
+
+  def restart(self, step: int) -> None:
+    """After a rollback to `step`: drops the pending step, the interval and what the history
+    holds after `step`, and starts watching the losses afresh."""
+    self._pending, self._sums, self._steps, self._step_flops = None, None, 0, 0.0
+    self._nonfinite = 0
+    self.history = [h for h in self.history if h["step"] <= step]
+    self.monitor.reset()
+    self._start = time.perf_counter()
 
   def step_flops(self, host_batch: dict[str, np.ndarray]) -> float:
     """Model FLOPs of a train step on a batch with these text columns (cached per shape)."""
@@ -176,6 +190,12 @@ class Progress:
 
   def log(self, step: int) -> dict[str, float]:
     elapsed = max(time.perf_counter() - self._start, 1e-9)
+    if self._sums is None:  # every step of the interval was non-finite
+      summary = {"steps_averaged": 0, "steps_nonfinite": self._nonfinite}
+      self.writer.write(step, summary)
+      logging.warning("step %d | %d non-finite step(s), not applied", step, self._nonfinite)
+      self._nonfinite, self._start = 0, time.perf_counter()
+      return summary
     summary = summarize(self._sums)
     summary["steps_per_sec"] = self._steps / elapsed
     summary["examples_per_sec"] = summary["steps_per_sec"] * self.config.data.batch_size
@@ -183,11 +203,13 @@ class Progress:
     summary["tokens_per_sec"] = float(self._sums["text_counts"][0]) / elapsed
     if self.mesh_peak_flops:
       summary["mfu"] = self._step_flops / elapsed / self.mesh_peak_flops
-    summary["steps_averaged"] = self._steps
+    summary["steps_averaged"] = self._steps  # finite steps; with the non-finite ones below,
+    if self._nonfinite:  # every step since the previous record
+      summary["steps_nonfinite"] = self._nonfinite
     self.writer.write(step, summary)
     self.history.append(dict(summary, step=step))
     logging.info(self._line(step, summary, elapsed))
-    self._sums, self._steps, self._step_flops = None, 0, 0.0
+    self._sums, self._steps, self._step_flops, self._nonfinite = None, 0, 0.0, 0
     self._start = time.perf_counter()
     return summary
 

@@ -35,6 +35,13 @@ def _split_microbatches(batch: dict, num_micro: int) -> dict:
   return jax.tree.map(split, batch)
 
 
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = [
+    jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)
+  ]
+  return jnp.stack(leaves).all() if leaves else jnp.array(True)
+
+
 def make_train_step(
   model: M6,
   tx: optax.GradientTransformation,
@@ -93,9 +100,16 @@ def make_train_step(
     grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
-    # A non-finite loss or gradient leaves the parameters and optimizer untouched, so the
-    # loop can stop and save the last good state instead of a poisoned one.
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # The update is applied only when the loss, the gradients and the new parameters and
+    # optimizer state are all finite (Adam with a zero gradient and eps=0 computes 0/0 from
+    # finite gradients; a huge learning rate overflows the parameters): otherwise the state
+    # stays as it was, so no checkpoint can hold a non-finite array.
+    finite = (
+      jnp.isfinite(loss)
+      & jnp.isfinite(grad_norm)
+      & _all_finite(new_params)
+      & _all_finite(new_opt_state)
+    )
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = state.replace(
       step=state.step + 1,

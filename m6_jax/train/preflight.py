@@ -1,0 +1,69 @@
+"""Checks made before a run compiles anything: each failure is one WorkdirError or
+CheckpointError line (exit 2) instead of a traceback minutes later.
+
+- the workdir can be created and written;
+- a checkpoint to resume from fits the model (its parameter tree and shapes, read from the
+  checkpoint's metadata, against the config's);
+- the disk holds at least two more checkpoints (estimated from the state's size).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import jax
+import numpy as np
+
+from m6_jax import checkpoints
+from m6_jax.errors import WorkdirError
+
+CHECKPOINTS_OF_SPACE = 2  # free space asked for, in checkpoints of the current state's size
+
+
+def check_workdir(workdir: str) -> None:
+  """Creates `workdir` if needed and checks that files can be written in it."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f"--workdir={workdir} is a file, not a directory; pick another path.")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_check_"):
+      pass
+  except OSError as e:
+    raise WorkdirError(
+      f"--workdir={workdir} cannot be written ({e.strerror or e}); pick a directory you can "
+      "write to."
+    ) from e
+
+
+def state_bytes(abstract_state) -> int:
+  """Bytes of the whole train state (parameters, optimizer state, step, rng)."""
+  return int(
+    sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(abstract_state))
+  )
+
+
+def check_disk_space(directory: str, needed: int) -> None:
+  free = shutil.disk_usage(directory).free
+  if free < needed:
+    raise WorkdirError(
+      f"{directory} has {free / 2**20:,.0f} MiB free, but {CHECKPOINTS_OF_SPACE} checkpoints "
+      f"of this model need about {needed / 2**20:,.0f} MiB; free some space or pick another "
+      "--workdir."
+    )
+
+
+def check_resume(setup, ckpts: checkpoints.Checkpoints) -> None:
+  """The latest checkpoint (if any) fits the model, and the disk has room for more."""
+  abstract = setup.abstract_state()
+  step = ckpts.latest_step()
+  if step is not None:
+    try:
+      saved = ckpts.saved_param_shapes(step)
+    except Exception:  # noqa: BLE001 - a damaged step is reported (and set aside) on restore
+      saved = None
+    if saved is not None:
+      source = f"{ckpts.directory} (step {step})"
+      checkpoints.check_param_shapes(abstract.params, saved, source)
+  check_disk_space(ckpts.directory, CHECKPOINTS_OF_SPACE * state_bytes(abstract))
