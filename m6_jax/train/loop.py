@@ -143,9 +143,9 @@ def train(
   setup = setup_lib.build(config)
   logging.info("Mesh: %s", dict(setup.mesh.shape))
   ckpts = checkpoints.Checkpoints(checkpoints.checkpoint_dir(workdir), t.keep_checkpoints)
-  preflight.check_resume(setup, ckpts)  # the model fits the checkpoint, and the disk two more
-
   tokenizer, tokenizer_path = _tokenizer(config, workdir)
+  # The model and tokenizer fit the checkpoint, and the disk holds two more.
+  preflight.check_resume(setup, ckpts, tokenizer, tokenizer_path)
   data_iter = _data_iterator(config, tokenizer)
   state, meta = _initial_state(setup, ckpts, data_iter, tokenizer, tokenizer_path)
   lr_scale = float(meta.get("lr_scale", 1.0))

@@ -3,7 +3,7 @@ CheckpointError line (exit 2) instead of a traceback minutes later.
 
 - the workdir can be created and written;
 - a checkpoint to resume from fits the model (its parameter tree and shapes, read from the
-  checkpoint's metadata, against the config's);
+  checkpoint's metadata, against the config's) and the tokenizer in use;
 - the disk holds at least two more checkpoints (estimated from the state's size).
 """
 
@@ -54,16 +54,18 @@ def check_disk_space(directory: str, needed: int) -> None:
     )
 
 
-def check_resume(setup, ckpts: checkpoints.Checkpoints) -> None:
-  """The latest checkpoint (if any) fits the model, and the disk has room for more."""
+def check_resume(setup, ckpts: checkpoints.Checkpoints, tokenizer, tokenizer_path: str) -> None:
+  """The latest checkpoint (if any) fits the model and the tokenizer, and the disk has room
+  for more."""
   abstract = setup.abstract_state()
   step = ckpts.latest_step()
   if step is not None:
     try:
-      saved = ckpts.saved_param_shapes(step)
+      saved, meta = ckpts.saved_param_shapes(step), ckpts.saved_json(step, "meta")
     except Exception:  # noqa: BLE001 - a damaged step is reported (and set aside) on restore
-      saved = None
+      saved = meta = None
+    source = f"{ckpts.directory} (step {step})"
     if saved is not None:
-      source = f"{ckpts.directory} (step {step})"
       checkpoints.check_param_shapes(abstract.params, saved, source)
+    checkpoints.check_tokenizer(meta, tokenizer, tokenizer_path, source)
   check_disk_space(ckpts.directory, CHECKPOINTS_OF_SPACE * state_bytes(abstract))

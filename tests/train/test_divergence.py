@@ -16,7 +16,8 @@ from conftest import assert_every_step_once
 
 from m6_jax import checkpoints
 from m6_jax.data import tokenizer as tokenizer_lib
-from m6_jax.train import divergence, loop
+from m6_jax.errors import WorkdirError
+from m6_jax.train import divergence, loop, preflight
 from m6_jax.train import setup as setup_lib
 
 BASE = ("--config=configs/base.py:runlocal", "--config.model.num_layers=1")
@@ -164,3 +165,14 @@ def test_a_workdir_that_cannot_be_written_is_one_error_line(run_main, tmp_path, 
   assert f"--workdir={workdir}" in errors[0]
   assert ("is a file" if kind == "a_file" else "cannot be written") in errors[0]
   assert "Traceback" not in proc.stderr
+
+
+def test_a_disk_without_room_for_two_checkpoints_is_one_error(tiny_config, tmp_path):
+  setup = setup_lib.build(tiny_config, jax.devices()[:1])
+  size = preflight.state_bytes(setup.abstract_state())
+  params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_state().params))
+  assert size >= 3 * 4 * params  # float32 parameters and Adam's two moments
+  free = shutil.disk_usage(tmp_path).free
+  preflight.check_disk_space(str(tmp_path), free // 2)
+  with pytest.raises(WorkdirError, match="MiB free, but 2 checkpoints of this model need"):
+    preflight.check_disk_space(str(tmp_path), free * 2)
