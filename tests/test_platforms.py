@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import cpu_env
+from testing_utils import cpu_env
 
 from m6_jax import platforms
 

@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import cpu_env
+from testing_utils import cpu_env
 
 from m6_jax.train import loop
 

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import assert_every_step_once
+from testing_utils import assert_every_step_once
 
 from m6_jax import checkpoints
 from m6_jax.data import tokenizer as tokenizer_lib
