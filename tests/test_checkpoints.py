@@ -1,5 +1,5 @@
 """One checkpoint module: what is saved on one mesh resumes training and serves inference on
-another (8 devices -> 4 -> 2x2x2 with tensor parallelism -> 1)."""
+another (8 devices -> 2x2x2 with tensor parallelism -> 1; inference on 4 and on 1)."""
 
 import jax
 import numpy as np
@@ -12,7 +12,7 @@ from m6_jax.train import loop
 
 STEPS = 8
 # (data, fsdp, tensor) and the step each run stops at; the last run has one device.
-MESHES = [((8, 1, 1), 2), ((4, 1, 1), 4), ((2, 2, 2), 6), ((1, 1, 1), STEPS)]
+MESHES = [((8, 1, 1), 3), ((2, 2, 2), 6), ((1, 1, 1), STEPS)]
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ def test_a_checkpoint_moves_between_meshes_for_training_and_inference(config, tm
     losses += result.losses
   assert len(losses) == STEPS
   # The first run is on the uninterrupted run's mesh: bit-exact; the others within rounding.
-  assert losses[:2] == straight.losses[:2]
+  assert losses[:3] == straight.losses[:3]
   np.testing.assert_allclose(losses, straight.losses, rtol=1e-4)
   assert losses[-1] < losses[0]
 

@@ -60,14 +60,14 @@ def test_an_lr_spike_rolls_back_then_stops_with_one_message_and_no_bad_checkpoin
   loop_config.train.schedule = "constant"
   loop_config.train.warmup_steps = 0
   loop_config.train.checkpoint_every = 1
-  loop_config.train.max_rollbacks = 2
+  loop_config.train.max_rollbacks = 1
   workdir = tmp_path / "nan"
   with pytest.raises(loop.TrainingError, match="diverged at step 2: non-finite") as error:
     loop.train(loop_config, str(workdir))
-  assert "rolled back 2 time(s)" in str(error.value)
+  assert "rolled back 1 time(s)" in str(error.value)
   assert "no checkpoint was confirmed good" in str(error.value)
   assert not [s for s in os.listdir(workdir / "checkpoints") if s.isdigit()]
   records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   events = [r for r in records if r.get("event") == "rollback"]
-  assert [e["diverged_at"] for e in events] == [2, 2]
-  assert [e["skipped_batches"] for e in events] == [[0, 20], [0, 40]]
+  assert [e["diverged_at"] for e in events] == [2]
+  assert [e["skipped_batches"] for e in events] == [[0, 20]]
