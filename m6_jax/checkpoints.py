@@ -335,18 +335,27 @@ class Checkpoints:
     tree = metadata.tree if hasattr(metadata, "tree") else metadata
     return tree if item == "params" else tree["params"]
 
-  def restore_train_state(self, abstract_state: Any, data_iter: Any, step: int | None = None):
-    """The TrainState onto the shardings in `abstract_state` (any mesh), rewinding
-    `data_iter` to where it was; the parameter shapes are checked first, the arrays' checksums
-    after. A damaged step raises DamagedCheckpoint."""
-    step = self.latest_step() if step is None else step
+  def restore_train_state(
+    self,
+    abstract_state: Any,
+    data_iter: Any,
+    step: int,
+    tokenizer=None,
+    tokenizer_path: str = "",
+  ) -> tuple[Any, dict]:
+    """(TrainState, meta) of `step`, onto the shardings in `abstract_state` (any mesh),
+    rewinding `data_iter` to where it was. Before any array is read, the parameter shapes
+    and (when given) the tokenizer are checked against the checkpoint (CheckpointError);
+    after, the arrays' checksums. A damaged step raises DamagedCheckpoint."""
     source = f"{self.directory} (step {step})"
     try:
       saved_shapes = self.saved_param_shapes(step)
-      meta = self.saved_json(step, "meta")
+      meta = self.saved_json(step, "meta") or {}
     except Exception as e:  # noqa: BLE001 - any unreadable metadata is damage
       raise DamagedCheckpoint(f"{source}: {_short(e)}") from e
     check_param_shapes(abstract_state.params, saved_shapes, source)
+    if tokenizer is not None:
+      check_tokenizer(meta, tokenizer, tokenizer_path, source)
     items = {"state": ocp.args.PyTreeRestore(abstract_state, _restore_args(abstract_state))}
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
@@ -355,16 +364,21 @@ class Checkpoints:
     except Exception as e:  # noqa: BLE001 - a truncated or missing file is damage
       raise DamagedCheckpoint(f"{source}: {_short(e)}") from e
     verify_checksums({"state": state}, meta, source)
-    return state
+    return state, meta
 
-  def restore_intact_train_state(self, abstract_state: Any, data_iter: Any):
+  def restore_intact_train_state(
+    self, abstract_state: Any, data_iter: Any, tokenizer=None, tokenizer_path: str = ""
+  ):
     """(state, step, meta) of the newest step that restores and verifies; damaged steps
     are reported in one line each and moved to `<directory>.damaged/`. (None, None, None)
-    when no step is left; CheckpointError when the model does not fit the checkpoint."""
+    when no step is left; CheckpointError when the model or the tokenizer does not fit the
+    checkpoint."""
     while (step := self.latest_step()) is not None:
       try:
-        state = self.restore_train_state(abstract_state, data_iter, step)
-        return state, step, self.saved_json(step, "meta") or {}
+        state, meta = self.restore_train_state(
+          abstract_state, data_iter, step, tokenizer, tokenizer_path
+        )
+        return state, step, meta
       except DamagedCheckpoint as e:
         moved = self._quarantine(step)
         older = self.latest_step()

@@ -110,9 +110,10 @@ def _initial_state(setup, ckpts, data_iter, tokenizer, tokenizer_path) -> tuple[
   rewound; damaged steps are set aside), else a fresh state with the parameters of
   `init_from` when given (fine-tuning: fresh optimizer and step) and an empty meta."""
   config = setup.config
-  state, step, meta = ckpts.restore_intact_train_state(setup.abstract_state(), data_iter)
+  state, step, meta = ckpts.restore_intact_train_state(
+    setup.abstract_state(), data_iter, tokenizer, tokenizer_path
+  )
   if state is not None:
-    checkpoints.check_tokenizer(meta, tokenizer, tokenizer_path, f"{ckpts.directory} ({step})")
     logging.info("Resumed from step %d in %s", step, ckpts.directory)
     return state, meta
   state = setup.init_state()
@@ -143,9 +144,8 @@ def train(
   setup = setup_lib.build(config)
   logging.info("Mesh: %s", dict(setup.mesh.shape))
   ckpts = checkpoints.Checkpoints(checkpoints.checkpoint_dir(workdir), t.keep_checkpoints)
+  preflight.check_room_for_checkpoints(setup, ckpts.directory)
   tokenizer, tokenizer_path = _tokenizer(config, workdir)
-  # The model and tokenizer fit the checkpoint, and the disk holds two more.
-  preflight.check_resume(setup, ckpts, tokenizer, tokenizer_path)
   data_iter = _data_iterator(config, tokenizer)
   state, meta = _initial_state(setup, ckpts, data_iter, tokenizer, tokenizer_path)
   lr_scale = float(meta.get("lr_scale", 1.0))

@@ -1,10 +1,12 @@
-"""Checks made before a run compiles anything: each failure is one WorkdirError or
-CheckpointError line (exit 2) instead of a traceback minutes later.
+"""Checks made before a run compiles anything: each failure is one WorkdirError line
+(exit 2) instead of a traceback minutes later.
 
 - the workdir can be created and written;
-- a checkpoint to resume from fits the model (its parameter tree and shapes, read from the
-  checkpoint's metadata, against the config's) and the tokenizer in use;
 - the disk holds at least two more checkpoints (estimated from the state's size).
+
+Whether a checkpoint fits the model and the tokenizer is checked where it is restored,
+before any array is read (`checkpoints.Checkpoints.restore_train_state`), which is also
+before anything compiles.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import tempfile
 import jax
 import numpy as np
 
-from m6_jax import checkpoints
 from m6_jax.errors import WorkdirError
 
 CHECKPOINTS_OF_SPACE = 2  # free space asked for, in checkpoints of the current state's size
@@ -54,18 +55,6 @@ def check_disk_space(directory: str, needed: int) -> None:
     )
 
 
-def check_resume(setup, ckpts: checkpoints.Checkpoints, tokenizer, tokenizer_path: str) -> None:
-  """The latest checkpoint (if any) fits the model and the tokenizer, and the disk has room
-  for more."""
-  abstract = setup.abstract_state()
-  step = ckpts.latest_step()
-  if step is not None:
-    try:
-      saved, meta = ckpts.saved_param_shapes(step), ckpts.saved_json(step, "meta")
-    except Exception:  # noqa: BLE001 - a damaged step is reported (and set aside) on restore
-      saved = meta = None
-    source = f"{ckpts.directory} (step {step})"
-    if saved is not None:
-      checkpoints.check_param_shapes(abstract.params, saved, source)
-    checkpoints.check_tokenizer(meta, tokenizer, tokenizer_path, source)
-  check_disk_space(ckpts.directory, CHECKPOINTS_OF_SPACE * state_bytes(abstract))
+def check_room_for_checkpoints(setup, directory: str) -> None:
+  """The disk under `directory` holds CHECKPOINTS_OF_SPACE checkpoints of this state."""
+  check_disk_space(directory, CHECKPOINTS_OF_SPACE * state_bytes(setup.abstract_state()))
