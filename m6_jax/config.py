@@ -71,8 +71,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.batch_size = 32  # global batch, split over processes and the (data, fsdp) axes
   c.data.image_size = 48
-  c.data.src_len = 32  # maximum source tokens (size of the position table with tgt_len)
-  c.data.tgt_len = 32  # maximum target tokens, BOS / EOS included
+  # Chinese is one piece per character (data.tokenizer_split_han): the synthetic world's
+  # Chinese captions take up to 42 pieces (English: 27), so 48 holds every caption whole.
+  c.data.src_len = 48  # maximum source tokens (size of the position table with tgt_len)
+  c.data.tgt_len = 48  # maximum target tokens, BOS / EOS included
   # Length bucketing (train split; m6_jax/data/pipeline.py): each batch's source and target
   # columns are trimmed to the smallest multiple of `length_bucket` that holds its longest
   # real text, so the step computes less padding. 0: off (every batch src_len x tgt_len).
@@ -94,6 +96,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.mean_noise_span_length = 3.0
   c.data.tokenizer_path = ""  # a sentencepiece .model; empty: train one in the workdir
   c.data.tokenizer_corpus_examples = 2000
+  # Every Han character of the corpus is a piece of its own and no piece spans two (M6's
+  # character-level Chinese); False lets sentencepiece learn multi-character Chinese pieces.
+  c.data.tokenizer_split_han = True
   c.data.read_threads = 2  # grain threads that decode and tokenize examples
   c.data.prefetch_batches = 4
   c.data.source = "synthetic"  # "synthetic" (embedded world) or "tfds" (--mode=prepare_data)

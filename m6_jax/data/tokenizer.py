@@ -9,12 +9,21 @@ so it also works with models trained elsewhere as long as the pieces exist.
 The model is BPE with byte fallback: any text round-trips (unseen characters become UTF-8
 byte pieces instead of ``<unk>``), and the normalizer is the identity so that full-width
 Chinese punctuation (，) is not folded to ASCII by NFKC and decode(encode(x)) == x.
+
+Chinese is character-level by default (as M6's vocabulary was): at training time every Han
+character is fenced off by sentencepiece's ``pretokenization_delimiter``, so each Han
+character of the corpus becomes a piece of its own and no learned piece spans two of them
+(``split_han=False``, config key ``data.tokenizer_split_han``, allows word pieces).
+Without this, a small corpus of templated Chinese captions is learned as whole-caption
+pieces (``▁一个手写的数字七``): such a caption cannot be span-masked, a new combination of its
+words has no pieces, and most embedding rows go unused.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import tempfile
 from typing import Iterable, Sequence
 
@@ -27,9 +36,19 @@ from m6_jax.data import synthetic
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 MASK_PIECE = "<mask>"
 DEFAULT_NUM_SENTINELS = 32
-# Put between Chinese words of the synthetic corpus at training time only; sentencepiece
-# then never learns pieces that cross a word (see synthetic.iter_corpus_text).
-_ZH_WORD_DELIMITER = "\t"
+# Put around pieces that must stay apart (Han characters; words of the synthetic corpus when
+# split_han is off) at training time only; sentencepiece then never learns a piece across it.
+_DELIMITER = "\t"
+# Han characters: CJK unified ideographs, extension A, compatibility ideographs and the
+# supplementary-plane extensions.
+HAN_CHARACTERS = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
+_HAN_RE = re.compile(f"([{HAN_CHARACTERS}])")
+
+
+def fence_han(text: str, delimiter: str = _DELIMITER) -> str:
+  """``text`` with ``delimiter`` on both sides of every Han character (and tabs, the
+  delimiter, turned into spaces first so that only the fences remain)."""
+  return _HAN_RE.sub(delimiter + r"\1" + delimiter, text.replace(delimiter, " "))
 
 
 def sentinel_piece(i: int) -> str:
@@ -234,13 +253,17 @@ def get_or_train_tokenizer(
   num_corpus_examples: int,
   model_path: str | None = None,
   corpus: Iterable[str] | None = None,
+  split_han: bool = True,
 ) -> Tokenizer:
   """Loads ``model_path`` if given; else loads or trains ``<workdir>/tokenizer/spm.model``.
 
   The default model is trained on ``corpus`` (e.g. a prepared dataset's texts) or, when it
   is None, on the texts of the first ``num_corpus_examples`` train scenes of the synthetic
-  world with ``seed``, and reused on later runs. Raises ValueError
-  if the tokenizer has more pieces than ``vocab_size`` (the model's embedding table).
+  world with ``seed``, and reused on later runs. ``split_han``: every Han character of the
+  corpus is a piece of its own and no piece spans two (character coverage 1.0, so none of
+  them falls back to bytes); off, pieces may span Han characters (the synthetic corpus then
+  keeps them within its Chinese words). Raises ValueError if the tokenizer has more pieces
+  than ``vocab_size`` (the model's embedding table).
   """
   if model_path is not None:
     tok = Tokenizer.from_file(model_path)
@@ -251,9 +274,11 @@ def get_or_train_tokenizer(
       tok = Tokenizer.from_file(path)
       logging.info("Reusing sentencepiece model %s (%d pieces).", path, tok.vocab_size)
     else:
+      # Where pieces must stop: Han characters, or (split_han off) the synthetic corpus's
+      # Chinese words; nothing for a user corpus with split_han off.
+      delimit, options = split_han, {}
       if corpus is not None:
         logging.info("Training sentencepiece model %s on the dataset's texts.", path)
-        train_tokenizer(corpus, path, vocab_size, seed=seed)
       else:
         logging.info(
           "Training sentencepiece model %s on %d synthetic scenes (seed %d).",
@@ -261,10 +286,15 @@ def get_or_train_tokenizer(
           num_corpus_examples,
           seed,
         )
-        corpus = synthetic.iter_corpus_text(seed, num_corpus_examples, _ZH_WORD_DELIMITER)
-        train_tokenizer(
-          corpus, path, vocab_size, pretokenization_delimiter=_ZH_WORD_DELIMITER, seed=seed
-        )
+        words = "" if split_han else _DELIMITER
+        corpus = synthetic.iter_corpus_text(seed, num_corpus_examples, words)
+        delimit = True
+      if split_han:
+        corpus = (fence_han(text) for text in corpus)
+        options["character_coverage"] = 1.0
+      if delimit:
+        options["pretokenization_delimiter"] = _DELIMITER
+      train_tokenizer(corpus, path, vocab_size, seed=seed, **options)
       tok = Tokenizer.from_file(path)
       logging.info(
         "Trained sentencepiece model %s (%d pieces, asked for at most %d).",

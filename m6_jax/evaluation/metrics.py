@@ -31,6 +31,7 @@ from typing import Sequence, Union
 import sacrebleu
 from pycocoevalcap.cider.cider import Cider
 
+from m6_jax.data.tokenizer import HAN_CHARACTERS
 from m6_jax.evaluation import vqa_tables
 
 __all__ = [
@@ -49,9 +50,7 @@ References = Sequence[Union[str, Sequence[str]]]
 _BLEU_TOKENIZERS = {"en": "13a", "zh": "zh"}
 _LANGS = ("en", "zh")
 
-# Chinese (Han) characters: CJK unified ideographs, extension A, compatibility ideographs and
-# the supplementary-plane extensions.
-_CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
+_CJK = HAN_CHARACTERS  # Chinese (Han) characters
 _CJK_RE = re.compile(f"[{_CJK}]")
 # English caption tokens: runs of letters/digits, keeping in-word apostrophes ("don't").
 _EN_TOKEN_RE = re.compile(r"[^\W_]+(?:'[^\W_]+)*")

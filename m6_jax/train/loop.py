@@ -85,6 +85,7 @@ def _tokenizer(config: ml_collections.ConfigDict, workdir: str):
       model_path=d.tokenizer_path or None,
       # A user dataset trains the tokenizer on its own texts (read lazily, only if needed).
       corpus=sources.iter_dataset_text(config) if d.source == "tfds" else None,
+      split_han=bool(d.tokenizer_split_han),
     )
 
   try:

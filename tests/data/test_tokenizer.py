@@ -2,10 +2,13 @@
 
 import os
 import pickle
+import re
 
+import numpy as np
 import pytest
 
 from m6_jax.data import synthetic as S
+from m6_jax.data import tasks
 from m6_jax.data import tokenizer as T
 
 
@@ -39,10 +42,11 @@ def test_round_trips_unseen_captions_and_questions(tokenizer):
       ids = tokenizer.encode(text)
       assert tokenizer.unk_id not in ids
       assert tokenizer.decode(ids) == text
-  # Chinese is segmented into words, not whole clauses (pieces never cross word boundaries)
+  # Chinese is one piece per character; English keeps its words
   pieces = [tokenizer.id_to_piece(i) for i in tokenizer.encode("左上角有一个小的红色圆形。")]
-  assert "红色" in pieces or "▁红色" in pieces
-  assert max(len(p.lstrip("▁")) for p in pieces) <= 3
+  assert "".join(pieces).lstrip("▁") == "左上角有一个小的红色圆形。"
+  assert max(len(p.lstrip("▁")) for p in pieces) == 1
+  assert "▁circle" in [tokenizer.id_to_piece(i) for i in tokenizer.encode("a red circle")]
 
 
 def test_byte_fallback_round_trips_anything(tokenizer):
@@ -106,3 +110,52 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
   missing = str(tmp_path / "nope.model")
   with pytest.raises(FileNotFoundError, match="nope.model"):
     T.get_or_train_tokenizer(str(tmp_path), 1000, 0, 10, model_path=missing)
+
+
+DIGITS_ZH = "零一二三四五六七八九"
+STYLES_ZH = ("手写的", "打印的", "模糊的")
+
+
+def _digit_captions(n):
+  """Templated Chinese captions like a user's handwritten-digit set ("一个手写的数字七")."""
+  return [f"一个{STYLES_ZH[i % 3]}数字{DIGITS_ZH[i % 10]}" for i in range(n)]
+
+
+def _han_pieces(tokenizer, text):
+  han = re.compile(f"[{T.HAN_CHARACTERS}]")
+  return [len(han.findall(tokenizer.id_to_piece(i))) for i in tokenizer.encode(text)]
+
+
+def test_templated_chinese_captions_stay_character_level(tmp_path):
+  captions = _digit_captions(300)
+  tok = T.get_or_train_tokenizer(str(tmp_path / "char"), 512, 0, 0, corpus=iter(captions))
+  for caption in captions[:30] + ["七个打印的数字一"]:  # the last: a new combination of words
+    counts = _han_pieces(tok, caption)
+    assert max(counts) == 1, caption  # no piece spans two Han characters
+    assert sum(counts) == len(re.findall(f"[{T.HAN_CHARACTERS}]", caption))  # none lost
+    assert tok.decode(tok.encode(caption)) == caption
+  # every Han character of the corpus is a piece of its own (none falls back to bytes)
+  for char in set("".join(captions)):
+    assert tok.id_to_piece(tok.encode(char)[-1]) == char
+  # What the fence prevents: the same corpus, pieces allowed across characters, is learned
+  # as whole captions.
+  merged = T.get_or_train_tokenizer(
+    str(tmp_path / "free"), 512, 0, 0, corpus=iter(captions), split_han=False
+  )
+  assert max(_han_pieces(merged, captions[7])) > 4
+
+
+def test_span_corruption_masks_templated_chinese_captions(tmp_path):
+  tok = T.get_or_train_tokenizer(str(tmp_path), 512, 0, 0, corpus=iter(_digit_captions(300)))
+  example = {"image": np.zeros((8, 8, 3), np.uint8), "caption_en": "", "qa": []}
+  example["caption_zh"] = example["caption_en"] = "一个手写的数字七"
+  cfg = tasks.TaskConfig(src_len=16, tgt_len=16, noise_density=0.3)
+  masked = 0
+  for seed in range(8):
+    f = tasks.multimodal_to_text(example, tok, np.random.default_rng(seed), cfg)
+    target = f["tgt_target"][f["tgt_weights"] > 0][:-1]  # the caption, EOS dropped
+    assert tok.decode(target) == "一个手写的数字七"
+    masked += int((f["src_tokens"] == tok.mask_id).sum())
+    corrupted = tasks.text_to_text(example, tok, np.random.default_rng(seed), cfg)
+    assert any(tok.is_sentinel(i) for i in corrupted["src_tokens"])
+  assert masked >= 8  # spans of the caption are masked in every example, not copied
