@@ -29,7 +29,7 @@ from m6_jax.config import default_config
 
 def get_config(arg: str | None = None):
   config = default_config()
-  config.data.length_bucket = 8
+  config.data.length_bucket = 16
   weights = config.data.task_weights
   weights.image_to_text, weights.vqa, weights.text_lm = 1.0, 1.0, 0.5
   weights.text_to_text, weights.multimodal_to_text = 0.25, 0.25

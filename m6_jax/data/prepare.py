@@ -12,33 +12,43 @@ Input formats
     {"image": "cats/001.jpg", "question": "what is on the sofa?", "answer": "a cat"}
 
   ``image`` (required) is a path relative to ``image_dir`` (default: the JSONL's folder)
-  or absolute. ``caption`` (alias ``text``) may be a string or a list of strings (one record
-  per caption); ``question`` + ``answer`` come as a pair; ``id`` is optional.
+  or absolute. ``caption`` (alias ``text``) may be a string or a list of strings;
+  ``question`` comes with ``answer`` (a string or a list of reference answers) or VQA's
+  ``answers`` (a list of strings or of ``{"answer": ...}``); ``id`` is optional. A line with
+  several captions / answers gives one record per caption and per answer (the k-th record
+  holds the k-th of each), so every text is stored once; evaluation groups them again, the
+  captions by image and the answers by image and question, as the references.
 
-``muge_tsv``: MUGE / Chinese-CLIP style; images in a TSV ``<image id>\\t<base64 image>``,
+``muge_tsv``: MUGE / Chinese-CLIP style; images in a TSV ``<image id>\\t<base64 image>``
+(standard or URL-safe base64, as MUGE's ``base64.urlsafe_b64encode``; padding optional),
 texts in a JSONL that names them::
 
     {"image_id": "1006938", "text": ["春秋季新款女装连衣裙", "..."]}      (MUGE captioning)
     {"text_id": 8428, "text": "高级感托特包斜挎", "image_ids": [1076345, 517602]}  (retrieval)
     {"id": "1006938", "caption": "...", "question": "...", "answer": "..."}
 
+  or in a text TSV ``<image id>\\t<text>`` (MUGE text-to-image: ``T2I_train.text.tsv``
+  beside ``T2I_train.img.tsv``; a ``text``/``texts`` part in the name marks a text TSV).
   The image is named by ``image_id``, else ``image_ids`` (a list: one record per image),
   else ``id``. The record id is ``id`` (when not used for the image), ``text_id`` or
   ``query_id``. Texts as for ``image_folder_jsonl``. Ids may be strings or integers.
 
 Every record needs a caption or a question/answer pair. Record ids default to
-``<jsonl file name>:<line>``; a line expanded into several records (a list of captions or
-images) gives ``<id>#<k>``. Ids must be unique across the input (a repeat is rejected).
+``<texts file name>:<line>``; a line expanded into several records (a list of captions,
+answers or images) gives ``<id>#<k>``. Ids must be unique across the input, and a line must
+not repeat an earlier line exactly (``duplicate_id`` / ``duplicate_record``).
 
 ``input_path`` (one of)
   * a JSONL file: everything goes to ``train`` (for ``muge_tsv`` the TSV is the file with the
-    same stem and suffix ``.tsv``, or ``<x>_imgs.tsv`` for ``<x>_texts.jsonl``);
+    same stem and suffix ``.tsv``, or ``<x>_imgs.tsv`` for ``<x>_texts.jsonl``, or
+    ``<x>.img.tsv`` for the text TSV ``<x>.text.tsv``);
   * ``"train=a.jsonl,validation=b.jsonl,test=c.jsonl"`` (or a dict): one file per split;
     ``muge_tsv`` may pair files explicitly, ``"train=texts.jsonl+images.tsv"``;
   * a folder: each ``*.jsonl`` whose name contains a split word (``train``; ``validation``,
     ``valid``, ``val``, ``dev``; ``test``) as a ``_``/``-``/``.``-separated part, e.g.
     ``IC_train.jsonl``, ``valid_texts.jsonl``; a folder with one unlabelled JSONL is train.
-    ``muge_tsv`` pairs each with the one ``*.tsv`` of the same split.
+    ``muge_tsv`` also takes text TSVs, and pairs each texts file with the one image
+    ``*.tsv`` of the same split.
 
 ``validation_fraction`` > 0 (only without a validation input) moves that fraction of the
 train input to ``validation``, decided by a hash of the record's *image* key (path or image
@@ -201,6 +211,7 @@ class _Generator:
     self.masks: dict[str, dict[str, list[bool]]] = {}
     self._logged: collections.Counter = collections.Counter()
     self._seen_ids: set[str] = set()
+    self._seen_records: set[bytes] = set()
     self._tsv: dict[str, TsvImages] = {}
 
   def _reject(self, split: str, bad: BadLine) -> None:
@@ -217,7 +228,7 @@ class _Generator:
 
   def _images(self, inp: Input, split: str):
     if self.input_format == "image_folder_jsonl":
-      return ImageFolder(self.image_dir or os.path.dirname(os.path.abspath(inp.jsonl)))
+      return ImageFolder(self.image_dir or os.path.dirname(os.path.abspath(inp.texts)))
     if inp.tsv not in self._tsv:
       logging.info("Indexing image TSV %s", inp.tsv)
       # TSV lines that are unusable count once, in the split that reads the file first.
@@ -256,7 +267,7 @@ class _Generator:
     with concurrent.futures.ThreadPoolExecutor(self.num_workers) as pool:
       for inp, owner, keep in self.plan[split]:
         images = self._images(inp, split)
-        logging.info("Split %s: reading %s", split, inp.jsonl)
+        logging.info("Split %s: reading %s", split, inp.texts)
         candidates = iter_candidates(inp, self.input_format)
         while chunk := list(itertools.islice(candidates, _CHUNK)):
           items: list[BadLine | tuple[Candidate, dict[str, str]]] = []
@@ -269,12 +280,15 @@ class _Generator:
               continue
             try:
               texts = check_texts(c, self.max_text_chars)
+              if c.content_key in self._seen_records:
+                raise Reject("duplicate_record", "the same line appears earlier in the input")
               if c.record_id in self._seen_ids:
                 raise Reject("duplicate_id", f"record id {c.record_id!r} seen before")
             except Reject as r:
               items.append(BadLine(c.where, c.record_id, r.reason, r.detail))
               continue
             self._seen_ids.add(c.record_id)
+            self._seen_records.add(c.content_key)
             items.append((c, texts))
           keys = [
             k
@@ -474,7 +488,7 @@ def prepare_data(
     for inp, _, keep in entries:
       extra = f" + {inp.tsv}" if inp.tsv else ""
       share = "" if keep is None else " (hash split)"
-      logging.info("Split %s <- %s%s%s", split, inp.jsonl, extra, share)
+      logging.info("Split %s <- %s%s%s", split, inp.texts, extra, share)
   tfds.display_progress_bar(False)  # our own progress lines instead of tqdm bars
   try:
     builder = builder_class(name)(

@@ -16,6 +16,7 @@ import collections
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -32,7 +33,7 @@ SPLITS = ("train", "validation", "test")
 
 
 REASONS = {
-  "malformed_line": "not a JSON object / not id<TAB>base64, wrong field type, no image named",
+  "malformed_line": "not a JSON object / not id<TAB>value, wrong field type, no image named",
   "bad_encoding": "line is not valid UTF-8",
   "missing_image": "image file not found or unreadable; image id not in the TSV",
   "bad_base64": "TSV image is not valid base64",
@@ -40,6 +41,7 @@ REASONS = {
   "empty_text": "empty caption/question/answer, question without answer, or no text at all",
   "text_too_long": "a caption/question/answer longer than max_text_chars characters",
   "duplicate_id": "record id (or TSV image id) seen before",
+  "duplicate_record": "a text line identical to an earlier one (the same record twice)",
 }
 
 
@@ -64,8 +66,20 @@ _STORED_MODES = ("RGB", "RGBA", "L", "LA", "P", "CMYK")
 
 @dataclasses.dataclass(frozen=True)
 class Input:
-  jsonl: str
-  tsv: str | None = None  # muge_tsv only
+  texts: str  # a JSONL file, or (muge_tsv) a text TSV: <image id>\t<text>
+  tsv: str | None = None  # muge_tsv only: the image TSV, <image id>\t<base64 image>
+
+
+def is_text_tsv(path: str) -> bool:
+  """MUGE's text TSVs (``T2I_train.text.tsv``): a ``text`` / ``texts`` part in the name."""
+  if not path.endswith(".tsv"):
+    return False
+  stem = os.path.basename(path)[: -len(".tsv")].lower()
+  return bool({"text", "texts"} & set(re.split(r"[_\-.]", stem)))
+
+
+def _is_texts_file(name: str, input_format: str) -> bool:
+  return name.endswith(".jsonl") or (input_format == "muge_tsv" and is_text_tsv(name))
 
 
 def _split_of(word: str, what: str) -> str:
@@ -88,39 +102,47 @@ def _split_word_in(filename: str) -> str | None:
   return found.pop() if found else None
 
 
-def _sibling_tsv(jsonl: str) -> str:
-  stem = jsonl[: -len(".jsonl")] if jsonl.endswith(".jsonl") else jsonl
-  candidates = [stem + ".tsv"]
-  if stem.endswith("_texts"):
-    candidates.append(stem[: -len("_texts")] + "_imgs.tsv")
+def _sibling_tsv(texts: str) -> str:
+  """The image TSV next to a texts file: ``x.tsv`` for ``x.jsonl``, ``x_imgs.tsv`` for
+  ``x_texts.jsonl`` (Chinese-CLIP), ``x.img.tsv`` for ``x.text.tsv`` (MUGE text-to-image)."""
+  stem, ext = os.path.splitext(texts)
+  candidates = [] if ext == ".tsv" else [stem + ".tsv"]
+  for words, images in (("_texts", "_imgs"), (".text", ".img"), (".texts", ".imgs")):
+    if stem.endswith(words):
+      candidates.append(stem[: -len(words)] + images + ".tsv")
   for c in candidates:
     if os.path.isfile(c):
       return c
   raise DataPreparationError(
-    f"no image TSV for {jsonl!r} (looked for {candidates}); pair them explicitly: "
-    f"input_path='train={jsonl}+images.tsv'"
+    f"no image TSV for {texts!r} (looked for {candidates}); pair them explicitly: "
+    f"input_path='train={texts}+images.tsv'"
   )
 
 
 def _make_input(spec: str, input_format: str) -> Input:
-  jsonl, _, tsv = spec.partition("+")
-  jsonl, tsv = os.path.expanduser(jsonl.strip()), os.path.expanduser(tsv.strip())
+  texts, _, tsv = spec.partition("+")
+  texts, tsv = os.path.expanduser(texts.strip()), os.path.expanduser(tsv.strip())
   if tsv and input_format != "muge_tsv":
     raise DataPreparationError(f"'+{tsv}' pairs an image TSV, only valid for muge_tsv")
-  if not os.path.isfile(jsonl):
-    raise DataPreparationError(f"input file {jsonl!r} does not exist")
+  if not os.path.isfile(texts):
+    raise DataPreparationError(f"input file {texts!r} does not exist")
+  if texts.endswith(".tsv") and input_format != "muge_tsv":
+    raise DataPreparationError(
+      f"{texts!r}: texts in a TSV (<image id>\\t<text>) are read by --input_format=muge_tsv"
+    )
   if input_format == "muge_tsv":
-    tsv = tsv or _sibling_tsv(jsonl)
+    tsv = tsv or _sibling_tsv(texts)
     if not os.path.isfile(tsv):
       raise DataPreparationError(f"image TSV {tsv!r} does not exist")
-  return Input(jsonl, tsv or None)
+  return Input(texts, tsv or None)
 
 
 def _discover(folder: str, input_format: str) -> dict[str, Input]:
   names = sorted(os.listdir(folder))
-  jsonls = [n for n in names if n.endswith(".jsonl")]
+  jsonls = [n for n in names if _is_texts_file(n, input_format)]
   if not jsonls:
-    raise DataPreparationError(f"no *.jsonl file in {folder!r}")
+    what = "*.jsonl or *.text.tsv" if input_format == "muge_tsv" else "*.jsonl"
+    raise DataPreparationError(f"no {what} file in {folder!r}")
   by_split: dict[str, list[str]] = collections.defaultdict(list)
   for n in jsonls:
     by_split[_split_word_in(n) or ("train" if len(jsonls) == 1 else "?")].append(n)
@@ -138,9 +160,10 @@ def _discover(folder: str, input_format: str) -> dict[str, Input]:
     jsonl = os.path.join(folder, files[0])
     tsv = None
     if input_format == "muge_tsv":
-      tsvs = [n for n in names if n.endswith(".tsv") and _split_word_in(n) == split]
+      image_tsvs = [n for n in names if n.endswith(".tsv") and not is_text_tsv(n)]
+      tsvs = [n for n in image_tsvs if _split_word_in(n) == split]
       if len(tsvs) != 1 and len(by_split) == 1:
-        tsvs = [n for n in names if n.endswith(".tsv")]
+        tsvs = image_tsvs
       if len(tsvs) != 1:
         raise DataPreparationError(
           f"expected one {split} image TSV in {folder!r}, found {tsvs or 'none'}; pair "
@@ -204,6 +227,8 @@ class Candidate:
   caption: str | None
   question: str | None
   answer: str | None
+  # The line's bytes (hashed) and the record's place in it: equal for the same record twice.
+  content_key: bytes = b""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,10 +270,25 @@ def _texts(value: Any, field: str) -> list[str]:
   return [_scalar_text(v, field) for v in values]
 
 
+def _answers(obj: dict) -> list[str]:
+  """``answer`` (a string or a list) or VQA's ``answers`` (strings, or {"answer": ...}
+  objects as in the VQA annotation files): every reference answer, repeats kept."""
+  if "answer" in obj:
+    return _texts(obj["answer"], "answer")
+  if "answers" not in obj:
+    return []
+  values = obj["answers"]
+  if not isinstance(values, list):
+    raise Reject("malformed_line", "field 'answers' must be a list")
+  return _texts(
+    [v["answer"] if isinstance(v, dict) and "answer" in v else v for v in values], "answers"
+  )
+
+
 def _parse_line(
   obj: Any, input_format: str, default_id: str
-) -> tuple[str, list[str], list[str | None], str | None, str | None]:
-  """A JSON object -> (base record id, image keys, captions, question, answer)."""
+) -> tuple[str, list[str], list[str | None], str | None, list[str]]:
+  """A JSON object -> (base record id, image keys, captions, question, answers)."""
   if not isinstance(obj, dict):
     raise Reject("malformed_line", f"expected a JSON object, got {type(obj).__name__}")
   record_id = None
@@ -277,34 +317,63 @@ def _parse_line(
   field = "caption" if "caption" in obj else "text" if "text" in obj else None
   captions: list[str | None] = [None] if field is None else _texts(obj[field], field)
   question = _scalar_text(obj["question"], "question") if "question" in obj else None
-  answer = _scalar_text(obj["answer"], "answer") if "answer" in obj else None
-  return record_id or default_id, image_keys, captions, question, answer
+  return record_id or default_id, image_keys, captions, question, _answers(obj)
+
+
+def _parse_text_tsv_line(text: str) -> tuple[str, list[str], list[str | None], None, list[str]]:
+  """``<image id>\t<text>`` (MUGE text-to-image) -> as ``_parse_line``: the text is the
+  caption, the record id the file:line default."""
+  image_id, sep, caption = text.partition("\t")
+  if not sep or not image_id.strip() or "\t" in caption:
+    raise Reject("malformed_line", "expected <image id>\\t<text>")
+  return "", [image_id.strip()], [caption], None, []
+
+
+def _json_error(e: json.JSONDecodeError) -> str:
+  # Some messages end in "at" already ("Unterminated string starting at").
+  return f"invalid JSON: {e.msg}{'' if e.msg.endswith(' at') else ' at'} column {e.colno}"
 
 
 def iter_candidates(inp: Input, input_format: str) -> Iterator[Candidate | BadLine]:
-  name = os.path.basename(inp.jsonl)
-  for line_no, raw in _iter_lines(inp.jsonl):
-    where = f"{inp.jsonl}:{line_no}"
+  """The records of ``inp``'s texts file, in order, or the reason a line is unusable.
+
+  A line gives one record per image it names and per caption / answer it holds: the k-th
+  record has the k-th caption and the k-th answer (with the question), where there is one,
+  so every text is stored once; a record with neither is not made."""
+  name = os.path.basename(inp.texts)
+  text_tsv = inp.texts.endswith(".tsv")
+  for line_no, raw in _iter_lines(inp.texts):
+    where = f"{inp.texts}:{line_no}"
     default_id = f"{name}:{line_no}"
     try:
       try:
         text = raw.decode("utf-8")
       except UnicodeDecodeError as e:
         raise Reject("bad_encoding", f"{e.reason} at byte {e.start}") from None
-      try:
-        obj = json.loads(text)
-      except json.JSONDecodeError as e:
-        raise Reject("malformed_line", f"invalid JSON: {e.msg} at column {e.colno}") from None
-      base_id, image_keys, captions, question, answer = _parse_line(obj, input_format, default_id)
+      if text_tsv:
+        parsed = _parse_text_tsv_line(text)
+      else:
+        try:
+          obj = json.loads(text)
+        except json.JSONDecodeError as e:
+          raise Reject("malformed_line", _json_error(e)) from None
+        parsed = _parse_line(obj, input_format, default_id)
+      base_id, image_keys, captions, question, answers = parsed
     except Reject as r:
       yield BadLine(where, default_id, r.reason, r.detail)
       continue
-    many = len(image_keys) * len(captions) > 1
+    base_id = base_id or default_id
+    line_hash = hashlib.sha256(raw.strip()).digest()
+    rows = list(itertools.zip_longest(captions, answers or [None]))
+    many = len(image_keys) * len(rows) > 1
     k = 0
     for image_key in image_keys:
-      for caption in captions:
+      for caption, answer in rows:
         record_id = f"{base_id}#{k}" if many else base_id
-        yield Candidate(where, record_id, image_key, caption, question, answer)
+        # Records past the last answer (more captions than answers) carry no question.
+        q = question if answer is not None or not answers else None
+        content_key = line_hash + k.to_bytes(4, "big")
+        yield Candidate(where, record_id, image_key, caption, q, answer, content_key)
         k += 1
 
 
@@ -382,6 +451,17 @@ class ImageFolder:
       raise Reject("missing_image", f"cannot read {path!r}: {e.strerror or e}") from None
 
 
+_URLSAFE_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+
+
+def decode_base64(payload: bytes) -> bytes:
+  """Standard or URL-safe base64 (MUGE and Chinese-CLIP write images with
+  ``base64.urlsafe_b64encode``: ``-`` and ``_`` for ``+`` and ``/``), padding optional;
+  anything else in it is an error (``binascii.Error``)."""
+  payload = payload.strip().translate(_URLSAFE_TO_STANDARD)
+  return base64.b64decode(payload + b"=" * (-len(payload) % 4), validate=True)
+
+
 class TsvImages:
   """Image id -> base64 payload of a MUGE TSV, by byte offset (the file is not loaded)."""
 
@@ -420,7 +500,7 @@ class TsvImages:
     start, size = self.offsets[key]
     payload = os.pread(self._fd, size, start)  # positional read: safe from many threads
     try:
-      return base64.b64decode(payload.strip(), validate=True)
+      return decode_base64(payload)
     except (binascii.Error, ValueError) as e:
       raise Reject("bad_base64", f"image {key!r}: {e}") from None
 

@@ -90,6 +90,7 @@ def folder(tmp_path_factory):
     {"image": "img/3.png", "caption": "same id as r3", "id": "r3"},
     {"image": "img/3.png", "question": "a question without answer?", "id": "bad_qa"},
     {"caption": "no image field", "id": "bad_noimage"},
+    lines[2],  # the same line twice
   ]
   write_jsonl(root / "train.jsonl", lines + bad)
   # a separate validation file (relative to the same folder)

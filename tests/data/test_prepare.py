@@ -21,10 +21,10 @@ def test_image_folder_counts_every_kind_of_bad_record(folder):
   assert s.written == {"train": 14, "validation": 4}
   assert s.splits["train"].rejected == collections.Counter(
     corrupt_image=2, missing_image=1, empty_text=2, text_too_long=1, bad_encoding=1,
-    malformed_line=2, duplicate_id=1,
+    malformed_line=2, duplicate_id=1, duplicate_record=1,
   )  # fmt: skip
   assert s.splits["validation"].rejected == collections.Counter(malformed_line=1)
-  assert s.splits["train"].read == 14 + 10 and s.splits["validation"].read == 5
+  assert s.splits["train"].read == 14 + 11 and s.splits["validation"].read == 5
   # Per registered task, the records that have what it needs (13 captions, 1 question).
   assert s.task_records["image_to_text"] == {"train": 13, "validation": 4}
   assert s.task_records["vqa"] == {"train": 1, "validation": 0}
@@ -34,10 +34,33 @@ def test_image_folder_counts_every_kind_of_bad_record(folder):
   assert "tensorflow" not in sys.modules  # prepared (and read below) without TensorFlow
 
 
+def _urlsafe_png(k):
+  """Image k as MUGE stores it: URL-safe base64 ('-', '_'), here without '=' padding."""
+  return base64.urlsafe_b64encode(encode(S.make_example(1, k)["image"], "PNG")).decode().rstrip("=")
+
+
 def _muge(root, image_ids, extra_tsv=()):
-  tsv = [f"{k}\t{base64.b64encode(encode(S.make_example(1, k)['image'], 'PNG')).decode()}"
-         for k in image_ids]  # fmt: skip
+  tsv = [f"{k}\t{_urlsafe_png(k)}" for k in image_ids]
+  assert any("-" in t or "_" in t for t in tsv)  # the URL-safe alphabet is exercised
   (root / "IC_train.tsv").write_text("\n".join(tsv + list(extra_tsv)) + "\n")
+
+
+def test_muge_text_to_image_tsv_pairs(tmp_path):
+  """MUGE's text-to-image layout: T2I_<split>.text.tsv (<image id>\\t<text>) beside
+  T2I_<split>.img.tsv (URL-safe base64), found by split in a folder."""
+  for split, ids in (("train", range(12)), ("val", range(12, 16))):
+    texts = [f"{k:032x}\t男女童纯棉短裤{k}号" for k in ids]  # MUGE ids are hex digests
+    (tmp_path / f"T2I_{split}.img.tsv").write_text(
+      "".join(f"{k:032x}\t{_urlsafe_png(k)}\n" for k in ids)
+    )
+    (tmp_path / f"T2I_{split}.text.tsv").write_text("\n".join(texts) + "\n")
+  out = str(tmp_path / "tfds")
+  summary = PREP.prepare_data("muge_tsv", str(tmp_path), out, "muge_t2i", print_fn=None)
+  assert summary.written == {"train": 12, "validation": 4} and not summary.rejected
+  src = SRC.PreparedSource(out, "muge_t2i", "validation", image_size=48)
+  r = src.raw(1)
+  assert (r["image_key"].decode(), r["caption"].decode()) == (f"{13:032x}", "男女童纯棉短裤13号")
+  np.testing.assert_array_equal(src[1]["image"], S.make_example(1, 13)["image"])
 
 
 def test_muge_tsv_with_hash_split(tmp_path):
@@ -259,3 +282,31 @@ def test_same_dataset_for_any_number_of_workers(folder, tmp_path):
     a = SRC.PreparedSource(folder["out"], "user_caps", split, 48)
     b = SRC.PreparedSource(out, "user_caps", split, 48)
     assert len(a) == len(b) and all(a.raw(i) == b.raw(i) for i in range(len(a)))
+
+
+def test_reference_answers_and_line_errors(tmp_path):
+  """Several answers per question (VQA-style) give one record per answer, sharing the
+  question; a malformed JSON line's reason reads well."""
+  write_jsonl(
+    tmp_path / "train.jsonl",
+    [
+      {"image": "a.png", "question": "color?", "answers": [{"answer": "red"}, {"answer": "red"}]},
+      {"image": "b.png", "caption": ["c1", "c2", "c3"], "question": "shape?", "answer": ["x", "y"]},
+      b'{"image": "c.png", "caption": "unterminated}',
+    ],
+  )
+  out = list(
+    readers.iter_candidates(readers.Input(str(tmp_path / "train.jsonl")), "image_folder_jsonl")
+  )
+  rows = [(c.record_id, c.caption, c.question, c.answer) for c in out[:5]]
+  assert rows == [
+    ("train.jsonl:1#0", None, "color?", "red"),
+    ("train.jsonl:1#1", None, "color?", "red"),
+    ("train.jsonl:2#0", "c1", "shape?", "x"),
+    ("train.jsonl:2#1", "c2", "shape?", "y"),
+    ("train.jsonl:2#2", "c3", None, None),
+  ]
+  assert len({c.content_key for c in out[:5]}) == 5
+  assert out[5].reason == "malformed_line"
+  assert out[5].detail == "invalid JSON: Unterminated string starting at column 31"
+  assert readers.decode_base64(b"-_8") == base64.b64decode(b"+/8=")

@@ -7,7 +7,8 @@ from m6_jax.data import span_corruption
 from m6_jax.data import synthetic as S
 from m6_jax.data import tasks as K
 
-CFG = K.TaskConfig(src_len=32, tgt_len=32, noise_density=0.15, mean_noise_span_length=3.0)
+# The default lengths: every synthetic caption fits whole (Chinese: one piece per character).
+CFG = K.TaskConfig(src_len=48, tgt_len=48, noise_density=0.15, mean_noise_span_length=3.0)
 
 
 def _check_contract(f, cfg, image_shape=(48, 48, 3)):
