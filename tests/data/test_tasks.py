@@ -146,4 +146,4 @@ def test_same_rng_same_features(tokenizer):
 def test_empty_features_have_zero_weight():
   f = K.empty_features((48, 48, 3), CFG)
   assert f["tgt_weights"].sum() == 0 and f["has_image"] == 0
-  assert f["src_tokens"].shape == (32,) and f["image"].shape == (48, 48, 3)
+  assert f["src_tokens"].shape == (48,) and f["image"].shape == (48, 48, 3)
