@@ -74,7 +74,8 @@ from __future__ import annotations
 import base64
 import collections
 import concurrent.futures
-import dataclasses
+import contextlib
+import io
 import itertools
 import os
 import re
@@ -87,18 +88,16 @@ import numpy as np
 from absl import logging
 
 from m6_jax.data import tasks
+from m6_jax.data.image_files import ImageFolder, TsvImages, process_image
+from m6_jax.data.prepare_summary import PrepareSummary, SplitStats, format_summary
 from m6_jax.data.readers import (
-  REASONS,
   SPLITS,
   BadLine,
   Candidate,
-  ImageFolder,
   Input,
   Reject,
-  TsvImages,
   check_texts,
   iter_candidates,
-  process_image,
   resolve_inputs,
   validation_share,
 )
@@ -119,59 +118,6 @@ _CHUNK = 256  # input lines whose images are validated together by the worker th
 # --------------------------------------------------------------------------------------
 # Generation: counts, checks, and the examples handed to TFDS
 # --------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class SplitStats:
-  read: int = 0  # records (or unusable lines) looked at
-  written: int = 0
-  rejected: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-
-
-@dataclasses.dataclass
-class PrepareSummary:
-  """What ``prepare_data`` did; ``format()`` is the table it prints."""
-
-  name: str
-  dataset_dir: str
-  splits: dict[str, SplitStats]
-  seconds: float
-  # {task: {split: records it can use}}: those that have every field the task needs.
-  task_records: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
-
-  @property
-  def written(self) -> dict[str, int]:
-    return {s: st.written for s, st in self.splits.items()}
-
-  @property
-  def rejected(self) -> collections.Counter:
-    return sum((st.rejected for st in self.splits.values()), collections.Counter())
-
-  def format(self) -> str:
-    lines = [_format_summary(self.splits, f"Dataset '{self.name}' in {self.dataset_dir}")]
-    if self.task_records:
-      lines.append("  records each task can use (data.task_weights.<task>):")
-      for task, per_split in self.task_records.items():
-        counts = ", ".join(f"{s} {n}" for s, n in per_split.items())
-        lines.append(f"    {task:<20}{counts}")
-    return "\n".join(lines)
-
-
-def _format_summary(splits: Mapping[str, SplitStats], title: str) -> str:
-  lines = [title, f"  {'split':<12}{'read':>10}{'written':>10}{'rejected':>10}"]
-  for split, st in splits.items():
-    rejected = sum(st.rejected.values())
-    lines.append(f"  {split:<12}{st.read:>10}{st.written:>10}{rejected:>10}")
-  total = sum((st.rejected for st in splits.values()), collections.Counter())
-  if total:
-    lines.append("  rejected by reason:")
-    for reason in REASONS:
-      if total[reason]:
-        per = ", ".join(f"{s} {st.rejected[reason]}" for s, st in splits.items())
-        lines.append(f"    {reason:<15}{total[reason]:>8}  ({per}) - {REASONS[reason]}")
-  else:
-    lines.append("  no records rejected")
-  return "\n".join(lines)
 
 
 class _Generator:
@@ -332,7 +278,7 @@ class _Generator:
   def _check_split(self, split: str) -> None:
     st = self.stats[split]
     rejected = sum(st.rejected.values())
-    table = _format_summary({split: st}, f"Split {split}:")
+    table = format_summary({split: st}, f"Split {split}:")
     if st.written == 0:
       hint = (
         " (raise validation_fraction or give a validation file)"
@@ -494,7 +440,12 @@ def prepare_data(
     builder = builder_class(name)(
       generator=generator, data_dir=output_dir, file_format="array_record"
     )
-    with tempfile.TemporaryDirectory(prefix="m6_prepare_") as download_dir:
+    # TFDS prints "Downloading and preparing dataset Unknown size (download: ...)": nothing
+    # is downloaded here, so its stdout is dropped (the summary says what was written).
+    with (
+      tempfile.TemporaryDirectory(prefix="m6_prepare_") as download_dir,
+      contextlib.redirect_stdout(io.StringIO()),
+    ):
       builder.download_and_prepare(download_dir=download_dir)
   except BaseException:
     if replaced is not None and not os.path.exists(dataset_dir):

@@ -247,6 +247,10 @@ class PreparedSource:
     """The stored record (bytes values), without decoding."""
     return self._data[int(record_key)]
 
+  def field_count(self, field: str) -> int:
+    """How many records have ``field`` (one of ``tasks.FIELDS``)."""
+    return int(self._masks[field].sum())
+
   def task_indices(self, task_name: str) -> np.ndarray:
     """Indices of the records ``task_name`` can use (those with every field it needs)."""
     needs = tasks.get(task_name).needs

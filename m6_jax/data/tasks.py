@@ -35,8 +35,9 @@ LANGUAGES = ("en", "zh")
 # Fields of a record a task may need (prepared user data keeps a mask of each per split).
 FIELDS = ("caption", "qa")
 # Generation metrics evaluation knows (evaluation/evaluate.py): captions scored by BLEU-4 and
-# CIDEr-D against the scene's caption, answers by VQA accuracy.
-EVAL_KINDS = ("caption", "vqa")
+# CIDEr-D against the image's captions, answers by VQA accuracy, text continuations by exact
+# match with the rest of a held-out caption.
+EVAL_KINDS = ("caption", "vqa", "text")
 
 TaskFn = Callable[[dict, Any, np.random.Generator, Any], dict]
 
@@ -245,7 +246,7 @@ register(Task("image_to_text", image_to_text, ("caption",), "caption", default_w
 register(Task("multimodal_to_text", multimodal_to_text, ("caption",), default_weight=1.0))
 # Answers are 1-3 pieces; 8 tokens (EOS included) is plenty.
 register(Task("vqa", vqa, ("qa",), "vqa", default_weight=0.0, decode_len=8))
-register(Task("text_lm", text_lm, ("caption",), default_weight=0.0))
+register(Task("text_lm", text_lm, ("caption",), "text", default_weight=0.0))
 
 
 def random_features_batch(batch_size: int, config, seed: int = 0) -> dict[str, np.ndarray]:

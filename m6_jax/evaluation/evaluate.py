@@ -6,23 +6,23 @@ Two parts:
   (`pipeline.make_dataset(split="validation")`, padded final batch, zero-weight padding),
   with the loss the train step uses (m6_jax/model/loss.py).
 * **Generation metrics** by greedy decoding (KV cache), one group per `eval_kind` of the
-  registered tasks (m6_jax/data/tasks.py). The references are regenerated from the
-  synthetic source by index: scene `i` of the validation split gives one caption input
-  (references: the scene's caption in each language) and one VQA input per question the
-  scene answers (reference: its answer; question type from the world). Reported: BLEU-4 and
-  CIDEr-D per language and their mean (`bleu4`, `cider`), VQA accuracy overall, per
-  question type and per language.
+  registered tasks (m6_jax/data/tasks.py) that the data has inputs for, on the held-out
+  inputs and references of `held_out.py` (the synthetic world's validation scenes, or a
+  prepared dataset's validation split with every caption of an image and every answer to a
+  question as references). Reported: BLEU-4 and CIDEr-D per language and their mean
+  (`bleu4`, `cider`), VQA accuracy overall, per question type and per language, and the
+  exact match of text continuations (`text_exact_match`).
 
 `run_eval` (``--mode=eval``) loads a workdir's checkpoint onto the config's mesh, writes
 `eval_metrics.json` (latest), appends `eval_metrics.jsonl`, and logs `eval/<name>`
 TensorBoard scalars; with `baselines=True` it also scores the untrained model and the
 most-frequent baseline and prints the comparison table. `PeriodicEvaluator` is what the
-train loop calls every `train.eval_every` steps, on the training mesh.
+train loop calls every `train.eval_every` steps, on the training mesh; it checks at
+construction, before training, that `train.eval_metric` can be computed on the data.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -38,6 +38,7 @@ from m6_jax.data import pipeline, synthetic, tasks
 from m6_jax.data import tokenizer as tokenizer_lib
 from m6_jax.errors import EvaluationError
 from m6_jax.evaluation import baselines, metrics
+from m6_jax.evaluation import held_out as held_out_lib
 from m6_jax.infer import generate as gen
 from m6_jax.model import loss as loss_lib
 from m6_jax.model.m6 import M6, M6Config
@@ -45,64 +46,30 @@ from m6_jax.parallel import multihost, partitioning
 
 __all__ = ["EvaluationError", "evaluate", "run_eval", "PeriodicEvaluator"]
 
-LANGS = ("en", "zh")
-
-
-@dataclasses.dataclass
-class HeldOut:
-  """Generation inputs and references regenerated from the synthetic validation split."""
-
-  caption_images: list[np.ndarray]  # uint8
-  caption_refs: list[dict[str, str]]  # {"en": caption, "zh": caption} of the scene
-  vqa_images: list[np.ndarray]
-  vqa_questions: list[str]
-  vqa_answers: list[str]
-  vqa_qtypes: list[str]
-  vqa_langs: list[str]
-
-
-def held_out(config: ml_collections.ConfigDict, num_examples: int) -> HeldOut:
-  if config.data.get("source", "synthetic") != "synthetic":
-    raise EvaluationError(
-      "generation metrics need the synthetic source (references are regenerated from it); "
-      f"data.source={config.data.source!r}."
-    )
-  source = synthetic.SyntheticWorldSource(
-    int(config.seed), "validation", int(num_examples), int(config.data.image_size)
-  )
-  h = HeldOut([], [], [], [], [], [], [])
-  for i in range(len(source)):
-    ex = source[i]
-    h.caption_images.append(ex["image"])
-    h.caption_refs.append({lang: ex[f"caption_{lang}"] for lang in LANGS})
-    for qa in ex["qa"]:
-      h.vqa_images.append(ex["image"])
-      h.vqa_questions.append(qa["question"])
-      h.vqa_answers.append(qa["answer"])
-      h.vqa_qtypes.append(qa["qtype"])
-      h.vqa_langs.append(qa["lang"])
-  return h
-
-
-def caption_language(text: str) -> str:
-  return "zh" if metrics._CJK_RE.search(text) else "en"
+LANGS = held_out_lib.LANGS
+HeldOut = held_out_lib.HeldOut
+held_out = held_out_lib.held_out
+caption_language = held_out_lib.language
 
 
 def caption_scores(h: HeldOut, captions: Sequence[str]) -> dict[str, float]:
   """Caption BLEU-4 / CIDEr-D. A caption is generated from the image alone, so the model
-  chooses its language (it was trained on both): each caption is scored against the scene's
-  caption in the language it is written in (Chinese if it has a Han character).
-  `bleu4_<lang>` / `cider_<lang>` are over the captions of that language; `bleu4` / `cider`
-  their mean weighted by count."""
+  chooses its language: each caption is scored against its image's references in the
+  language it is written in (Chinese if it has a Han character), or, when the image has
+  none in that language, against those it has. `bleu4_<lang>` / `cider_<lang>` are over
+  the captions scored in that language; `bleu4` / `cider` their mean weighted by count."""
   out: dict[str, float] = {}
-  langs = [caption_language(c) for c in captions]
+  langs = []
+  for caption, refs in zip(captions, h.caption_refs):
+    lang = caption_language(caption)
+    langs.append(lang if lang in refs else next(iter(refs)))
   weighted_bleu = weighted_cider = 0.0
   for lang in LANGS:
     rows = [i for i, l in enumerate(langs) if l == lang]
     out[f"captions_{lang}"] = len(rows)
     if not rows:
       continue
-    preds, refs = [captions[i] for i in rows], [[h.caption_refs[i][lang]] for i in rows]
+    preds, refs = [captions[i] for i in rows], [h.caption_refs[i][lang] for i in rows]
     out[f"bleu4_{lang}"] = metrics.bleu4(preds, refs, lang=lang)
     out[f"cider_{lang}"] = metrics.cider(preds, refs, lang=lang)
     weighted_bleu += out[f"bleu4_{lang}"] * len(rows)
@@ -114,9 +81,10 @@ def caption_scores(h: HeldOut, captions: Sequence[str]) -> dict[str, float]:
 
 
 def vqa_scores(h: HeldOut, answers: Sequence[str]) -> dict[str, float]:
-  """VQA accuracy overall, per question type and per language."""
+  """VQA accuracy overall, per question type and per language (several reference answers:
+  the official min(#matching / 3, 1))."""
   out: dict[str, float] = {}
-  vqa = metrics.vqa_accuracy(list(answers), [[a] for a in h.vqa_answers], h.vqa_qtypes)
+  vqa = metrics.vqa_accuracy(list(answers), h.vqa_answers, h.vqa_qtypes)
   out["vqa_accuracy"] = vqa["overall"]
   for qtype, value in sorted(vqa["per_type"].items()):
     out[f"vqa_accuracy_{qtype}"] = value
@@ -124,9 +92,24 @@ def vqa_scores(h: HeldOut, answers: Sequence[str]) -> dict[str, float]:
     rows = [i for i, l in enumerate(h.vqa_langs) if l == lang]
     if rows:
       out[f"vqa_accuracy_{lang}"] = metrics.vqa_accuracy(
-        [answers[i] for i in rows], [[h.vqa_answers[i]] for i in rows]
+        [answers[i] for i in rows], [h.vqa_answers[i] for i in rows]
       )["overall"]
   out["num_vqa_questions"] = len(answers)
+  return out
+
+
+def text_scores(h: HeldOut, continuations: Sequence[str]) -> dict[str, float]:
+  """Exact match (after whitespace stripping) of each continuation with the rest of its
+  caption, overall and per language."""
+  out: dict[str, float] = {}
+  for lang in (None,) + LANGS:
+    rows = [i for i, l in enumerate(h.text_langs) if lang in (None, l)]
+    if rows:
+      name = "text_exact_match" + (f"_{lang}" if lang else "")
+      out[name] = metrics.exact_match(
+        [continuations[i] for i in rows], [h.text_refs[i] for i in rows], normalize=False
+      )
+  out["num_text_prompts"] = len(continuations)
   return out
 
 
@@ -134,6 +117,7 @@ def vqa_scores(h: HeldOut, answers: Sequence[str]) -> dict[str, float]:
 GENERATIONS: dict[str, tuple[Callable, Callable]] = {
   "caption": (lambda h: (h.caption_images, [""] * len(h.caption_images)), caption_scores),
   "vqa": (lambda h: (h.vqa_images, h.vqa_questions), vqa_scores),
+  "text": (lambda h: ([None] * len(h.text_prompts), h.text_prompts), text_scores),
 }
 
 
@@ -148,10 +132,12 @@ def eval_tasks() -> dict[str, tasks.Task]:
 
 
 def generation_metrics(model: gen.LoadedModel, h: HeldOut, batch_size: int = 64) -> dict:
-  """Greedy decoding of the held-out inputs of every eval kind, scored."""
+  """Greedy decoding of the held-out inputs of every eval kind the data has, scored."""
   out: dict[str, float] = {}
   tgt_len = int(model.config.data.tgt_len)
   for kind, task in eval_tasks().items():
+    if not h.size(kind):
+      continue  # e.g. no questions in a captioning dataset
     inputs, score = GENERATIONS[kind]
     images, sources = inputs(h)
     max_len = min(task.decode_len or tgt_len, tgt_len)
@@ -217,6 +203,7 @@ class PeriodicEvaluator:
   parameters as they are sharded for training (`train.eval_examples` scenes decoded)."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    held_out_lib.check_eval_metric(config)  # a ConfigError now, not after training
     self.config, self.workdir = config, workdir
     self.model = M6(M6Config.from_config(config))
     self._tokenizer = None
@@ -234,22 +221,41 @@ class PeriodicEvaluator:
 
 
 def most_frequent_metrics(config: ml_collections.ConfigDict, h: HeldOut) -> dict[str, float]:
-  """Generation metrics of the most-frequent answer / caption baseline, fitted on the
-  texts of the first data.tokenizer_corpus_examples (at least 2000) training scenes."""
-  n = max(int(config.data.get("tokenizer_corpus_examples", 2000)), 2000)
-  seed = int(config.seed)
-  train = (
-    synthetic.scene_texts(synthetic.sample_scene(seed, synthetic.split_index("train", i)))
-    for i in range(n)
-  )
-  answer_table, caption_table = baselines.fit_synthetic(train)
-  # Every image gets the most frequent English training caption.
-  captions = baselines.predict(caption_table, ["en"] * len(h.caption_images))
-  answers = baselines.predict(answer_table, list(zip(h.vqa_langs, h.vqa_qtypes)))
-  return {**caption_scores(h, captions), **vqa_scores(h, answers)}
+  """Generation metrics of the most-frequent answer / caption baseline: fitted on the texts
+  of the first data.tokenizer_corpus_examples (at least 2000) training scenes, or of a
+  prepared dataset's train split (its first 20,000 records). Each image gets the most
+  frequent caption in its references' language; each question the most frequent answer of
+  its (language, question type)."""
+  if config.data.get("source", "synthetic") == "tfds":
+    answer_table, caption_table = held_out_lib.prepared_train_tables(config, 20000)
+  else:
+    n = max(int(config.data.get("tokenizer_corpus_examples", 2000)), 2000)
+    seed = int(config.seed)
+    train = (
+      synthetic.scene_texts(synthetic.sample_scene(seed, synthetic.split_index("train", i)))
+      for i in range(n)
+    )
+    answer_table, caption_table = baselines.fit_synthetic(train)
+  out: dict[str, float] = {}
+  if h.size("caption"):
+    keys = [next(iter(refs)) for refs in h.caption_refs]
+    out.update(caption_scores(h, baselines.predict(caption_table, keys)))
+  if h.size("vqa"):
+    answers = baselines.predict(answer_table, list(zip(h.vqa_langs, h.vqa_qtypes)))
+    out.update(vqa_scores(h, answers))
+  return out
 
 
-TABLE_KEYS = ("vqa_accuracy", "bleu4", "cider", "bleu4_en", "bleu4_zh", "cider_en", "cider_zh")
+TABLE_KEYS = (
+  "vqa_accuracy",
+  "bleu4",
+  "cider",
+  "text_exact_match",
+  "bleu4_en",
+  "bleu4_zh",
+  "cider_en",
+  "cider_zh",
+)
 
 
 def comparison_table(rows: dict[str, dict]) -> str:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from user_data import MAX_CHARS, encode, small_folder, write_jsonl
 
+from m6_jax.data import image_files, readers
 from m6_jax.data import prepare as PREP
-from m6_jax.data import readers
 from m6_jax.data import sources as SRC
 from m6_jax.data import synthetic as S
 
@@ -309,4 +309,4 @@ def test_reference_answers_and_line_errors(tmp_path):
   assert len({c.content_key for c in out[:5]}) == 5
   assert out[5].reason == "malformed_line"
   assert out[5].detail == "invalid JSON: Unterminated string starting at column 31"
-  assert readers.decode_base64(b"-_8") == base64.b64decode(b"+/8=")
+  assert image_files.decode_base64(b"-_8") == base64.b64decode(b"+/8=")
