@@ -43,7 +43,9 @@ def _cells(notebook):
 def test_notebook_pairs_are_in_sync_and_saved_without_outputs(name):
   ipynb = nbformat.read(os.path.join(NOTEBOOKS, f"{name}.ipynb"), as_version=4)
   script = jupytext.read(os.path.join(NOTEBOOKS, f"{name}.py"))
-  assert _cells(ipynb) == _cells(script), f"run: jupytext --sync experiments/notebooks/{name}.py"
+  assert _cells(ipynb) == _cells(script), (
+    f"run: jupytext --to ipynb experiments/notebooks/{name}.py"
+  )
   for cell in ipynb.cells:
     if cell.cell_type == "code":
       assert cell.outputs == [] and cell.execution_count is None, cell.source[:80]
