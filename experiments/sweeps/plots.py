@@ -96,12 +96,13 @@ def _final_metrics(plt, sweep: Sweep, finished: list[dict], sweep_dir: str):
         highs.append(half)
         ax.scatter([x] * len(values), values, s=10, alpha=0.5, color="gray", zorder=3)
       ax.errorbar(xs, means, yerr=[lows, highs], marker="o", capsize=4, label=label)
-    ax.set(title=f"{metric} (mean, 95% interval, seeds as dots)", ylabel=metric)
+    ax.set(title=metric, ylabel=metric)
     ax.set_xlabel(varied[0] if len(varied) in (1, 2) else "configuration")
     ax.grid(alpha=0.3)
     if any(series):
       ax.legend(fontsize=7)
     ax.tick_params(axis="x", labelrotation=20, labelsize=7)
+  fig.suptitle("final metrics: mean over seeds, 95% interval, each seed a dot", fontsize=10)
   return fig
 
 
