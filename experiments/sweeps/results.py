@@ -73,7 +73,11 @@ def final_metrics(run: Run, directory: str) -> dict[str, float]:
       with open(os.path.join(directory, stage.of, "eval_metrics.json")) as f:
         values = json.load(f)["metrics"]
     out.update(
-      {f"{stage.name}/{k}": float(v) for k, v in values.items() if isinstance(v, (int, float))}
+      {
+        f"{stage.name}/{k}": float(v)
+        for k, v in values.items()
+        if isinstance(v, (int, float)) and not k.endswith("_seconds")  # eval_seconds: a timing
+      }
     )
   return out
 
