@@ -1,0 +1,1 @@
+"""Notebooks (notebooks/) and reproducibility sweeps (sweeps/) around m6_jax."""

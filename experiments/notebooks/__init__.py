@@ -1,0 +1,1 @@
+"""Colab notebooks, kept as jupytext pairs (.ipynb without outputs + .py percent twin)."""

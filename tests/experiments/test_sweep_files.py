@@ -1,0 +1,78 @@
+"""Sweep files without training: hyper's product / zip, run ids, the shipped sweeps, the
+statistics, and the runner's user errors (one `error:` line, exit status 2)."""
+
+import math
+
+import pytest
+
+from experiments.sweeps import hyper, results, run, spec
+
+
+def test_product_and_zip_combine_points_like_big_vision():
+  points = hyper.product(
+    [
+      hyper.zip([hyper.sweep("train.lr", [1, 2]), hyper.sweep("train.steps", [10, 20])]),
+      hyper.sweep("seed", [0, 1, 2]),
+    ]
+  )
+  assert len(points) == 6 and points[0] == {"train.lr": 1, "train.steps": 10, "seed": 0}
+  assert [p["seed"] for p in points[:3]] == [0, 1, 2]  # seeds vary fastest
+  with pytest.raises(hyper.SweepError, match="different lengths"):
+    hyper.zip([hyper.sweep("a", [1, 2]), hyper.sweep("b", [1])])
+  with pytest.raises(hyper.SweepError, match="set twice"):
+    hyper.product([hyper.fixed("a", 1), hyper.fixed("a", 2)])
+
+
+def test_run_ids_hash_the_overrides_and_stages():
+  stages = (spec.Train("train", "configs/base.py"),)
+  a = spec.Run({"train.lr": 1e-3, "seed": 0}, stages)
+  assert a.id == spec.Run({"seed": 0, "train.lr": 1e-3}, stages).id  # key order: same run
+  assert a.id != spec.Run({"train.lr": 1e-3, "seed": 1}, stages).id
+  assert a.id != spec.Run(a.overrides, (spec.Train("train", "configs/moe_base.py"),)).id
+  assert a.configuration == spec.Run({"train.lr": 1e-3, "seed": 1}, stages).configuration
+  assert spec.Run.from_dict(a.to_dict()) == a
+
+
+@pytest.mark.parametrize(
+  "name, runs, configurations",
+  [("base_seeds", 3, 1), ("vqa_seeds", 3, 1), ("lr_warmup_grid", 18, 9)],
+)
+def test_shipped_sweeps_load(name, runs, configurations):
+  sweep = spec.load(f"experiments/sweeps/{name}.py")
+  assert len(sweep.runs) == runs
+  assert len({r.configuration for r in sweep.runs}) == configurations
+  assert all(r.seed is not None for r in sweep.runs)
+
+
+def test_summary_statistics():
+  s = results.summarize([1.0, 2.0, 3.0])
+  assert s["n"] == 3 and s["mean"] == 2.0 and s["std"] == 1.0
+  half = 4.302652729749464 / math.sqrt(3)  # Student's t, 2 degrees of freedom, 97.5%
+  assert s["ci95_low"] == pytest.approx(2.0 - half) and s["ci95_high"] == pytest.approx(2.0 + half)
+  assert math.isnan(results.summarize([1.0])["std"])
+
+
+BAD_SWEEP = "def get_hyper(hyper):\n  return hyper.sweep('seed', [0])\n"  # no CONFIG nor STAGES
+
+
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (["missing_sweep.py", "--workdir=W"], "no such sweep file: missing_sweep.py"),
+    (["experiments/sweeps/base_seeds.py"], "the following arguments are required: --workdir"),
+    (["experiments/sweeps/base_seeds.py", "--workdir=W", "--parallel=0"], "--parallel=0"),
+    (["experiments/sweeps/base_seeds.py", "--workdir=W", "--set", "train.lrr=1"], "train.lr'?"),
+    (["experiments/sweeps/base_seeds.py", "--workdir=W", "--set", "train.steps=x"], "bad value"),
+    (["experiments/sweeps/base_seeds.py", "--workdir=W", "--set", "oops"], "KEY=VALUE"),
+    (["BAD", "--workdir=W"], "defines neither STAGES nor CONFIG"),
+  ],
+)
+def test_user_errors_are_one_line_and_exit_2(args, message, tmp_path, capsys, monkeypatch):
+  bad = tmp_path / "bad.py"
+  bad.write_text(BAD_SWEEP)
+  args = [str(bad) if a == "BAD" else a.replace("=W", f"={tmp_path / 'w'}") for a in args]
+  with pytest.raises(SystemExit) as stop:
+    run.main(args)
+  err = capsys.readouterr().err.strip()
+  assert stop.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
+  assert message in err
