@@ -138,15 +138,38 @@ def open_builder(data_dir: str, name: str):
   if version:
     versions = [v for v in versions if v == version]
   if not versions:
-    present = sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else []
+    create = (
+      f"`python -m m6_jax.main --mode=prepare_data --input_format=... --input_path=... "
+      f"--data_dir={data_dir} --name={base}`"
+    )
+    left = sorted(v for v in os.listdir(root) if "incomplete." in v) if os.path.isdir(root) else []
+    if left and not version:
+      raise FileNotFoundError(
+        f"prepared dataset {base!r} in data_dir {data_dir!r} is not complete: a conversion "
+        f"was interrupted ({left[0]} is left in {root}); run it again: {create}."
+      )
+    complete = [d for d in _complete_datasets(data_dir) if d != base or not version]
     raise FileNotFoundError(
-      f"no prepared dataset {name!r} in data_dir {data_dir!r} (datasets there: "
-      f"{present or 'none'}); create it with `python -m m6_jax.main --mode=prepare_data "
-      f"--input_format=... --input_path=... --data_dir={data_dir} --name={base}`, or set "
-      "config.data.data_dir / config.data.tfds_name to an existing one."
+      f"no prepared dataset {name!r} in data_dir {data_dir!r} (complete datasets there: "
+      f"{complete or 'none'}); create it with {create}, or set config.data.data_dir / "
+      "config.data.tfds_name to an existing one."
     )
   latest = max(versions, key=lambda v: tuple(int(x) for x in v.split(".")))
   return tfds.builder_from_directory(os.path.join(root, latest))
+
+
+def _complete_datasets(data_dir: str) -> list[str]:
+  """Names of the datasets in ``data_dir`` with at least one complete version."""
+  out = []
+  for name in sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else []:
+    root = os.path.join(data_dir, name)
+    if os.path.isdir(root) and any(
+      re.fullmatch(r"\d+\.\d+\.\d+", v)
+      and os.path.isfile(os.path.join(root, v, "dataset_info.json"))
+      for v in os.listdir(root)
+    ):
+      out.append(name)
+  return out
 
 
 def _metadata(builder) -> dict[str, Any]:

@@ -182,8 +182,10 @@ def test_interrupted_preparation_leaves_no_complete_dataset(tmp_path, monkeypatc
   stale = os.path.join(out, "interrupted", "incomplete.ABC123_1.0.0")
   os.makedirs(stale)
   open(os.path.join(stale, "dataset_info.json"), "w").close()
-  with pytest.raises(FileNotFoundError):
+  with pytest.raises(FileNotFoundError, match="'interrupted' .* is not complete: a conversion was"):
     SRC.open_builder(out, "interrupted")
+  with pytest.raises(FileNotFoundError, match=r"complete datasets there: none\)"):
+    SRC.open_builder(out, "other")  # the interrupted one is not listed as a dataset
   monkeypatch.setattr(PREP, "process_image", real)
   assert (
     PREP.prepare_data("image_folder_jsonl", path, out, "interrupted", print_fn=None).written[
