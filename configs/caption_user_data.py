@@ -20,8 +20,9 @@ append ``,cpu`` for the CPU-sized recipe below, or ``,runlocal`` for a 20-step s
 Tasks: image-to-text (weight 1) and multimodal-to-text (0.5; image + caption with masked
 spans -> caption); records without a caption are not used. 128 px images (64 patches of
 16 px, linear patch projection), a 6-layer d_model 384 model (about 14M parameters with the 8k
-vocabulary), captions up to 48 tokens. The sentencepiece model is trained on the dataset's
-own texts (``tokenizer_corpus_examples`` of them) unless data.tokenizer_path is set.
+vocabulary), texts up to 48 tokens (the default src_len / tgt_len). The sentencepiece model
+is trained on the dataset's own texts (``tokenizer_corpus_examples`` of them) unless
+data.tokenizer_path is set; Chinese one piece per character (data.tokenizer_split_han).
 Sized for one accelerator; on TPU add --config.model.dtype=bfloat16.
 
 Variant ``,cpu``: learns on 2 CPU cores in about 10 minutes (README, "Your own data: a
@@ -66,8 +67,6 @@ def get_config(arg: str | None = None):
     "vqa": 0.0,
   }
   d.image_size = 128
-  d.src_len = 32
-  d.tgt_len = 48
   d.batch_size = 64
   d.num_eval_examples = 1024
   d.tokenizer_corpus_examples = 20000
@@ -90,7 +89,6 @@ def get_config(arg: str | None = None):
 
   if variant == "cpu":
     d.image_size = 48
-    d.src_len = d.tgt_len = 48
     d.length_bucket = 16
     d.batch_size = 32
     d.num_eval_examples = 300

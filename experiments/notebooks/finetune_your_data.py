@@ -149,37 +149,38 @@ helpers.plot_curves(WORKDIR, ["loss", "image_to_text_loss", "vqa_loss"], title="
 
 # %% [markdown]
 # ## Metrics and predictions on the held-out images
-# Captions scored with BLEU-4 against each image's caption, answers by exact match
-# (after the VQA answer normalisation), next to the last training record.
+# `--mode=eval`'s evaluation, in process: on the dataset's validation split, captions scored
+# by BLEU-4 and CIDEr-D against every caption of an image, answers by VQA accuracy against
+# every answer given to the question; next to the last training record.
 
 # %%
-from m6_jax.evaluation import metrics
+from m6_jax.evaluation import evaluate
 from m6_jax.infer import generate
 
-model = generate.load_model(WORKDIR)
 validation = splits["validation"]
-paths = [os.path.join(DATA, r["image"]) for r in validation]
-captions = [r["output"] for r in generate.generate(model, images=paths)]
-answers = [
-  r["output"]
-  for r in generate.generate(model, images=paths, questions=[r["question"] for r in validation])
-]
-correct = [
-  metrics.normalize_vqa_answer(a) == metrics.normalize_vqa_answer(r["answer"])
-  for a, r in zip(answers, validation)
-]
+m = evaluate.run_eval(WORKDIR, num_examples=len(validation))["metrics"]
 last = helpers.read_metrics(WORKDIR)[-1]
 helpers.markdown_table(
   [
     {
       "step": last["step"],
       "train loss": last["loss"],
-      "caption BLEU-4 (held-out)": metrics.bleu4(captions, [[r["caption"]] for r in validation]),
-      "VQA accuracy (held-out)": 100.0 * sum(correct) / len(correct),
-      "held-out images": len(validation),
+      "caption BLEU-4 (held-out)": m["bleu4"],
+      "caption CIDEr-D (held-out)": m["cider"],
+      "VQA accuracy (held-out)": m["vqa_accuracy"],
+      "held-out images": m["num_caption_inputs"],
     }
   ]
 )
+
+# %%
+model = generate.load_model(WORKDIR)
+paths = [os.path.join(DATA, r["image"]) for r in validation]
+captions = [r["output"] for r in generate.generate(model, images=paths)]
+answers = [
+  r["output"]
+  for r in generate.generate(model, images=paths, questions=[r["question"] for r in validation])
+]
 
 # %%
 shown = range(min(NUM_SHOWN, len(validation)))
