@@ -312,3 +312,23 @@ def test_reference_answers_and_line_errors(tmp_path):
   assert out[5].reason == "malformed_line"
   assert out[5].detail == "invalid JSON: Unterminated string starting at column 31"
   assert image_files.decode_base64(b"-_8") == base64.b64decode(b"+/8=")
+
+
+def test_the_exported_world_converts_whole(tmp_path):
+  """The README's user-data recipe starts from m6_jax.data.export_world's files."""
+  from m6_jax.data import export_world
+
+  paths = export_world.export(str(tmp_path / "files"), 6, 2, image_size=32)
+  assert sorted(paths) == ["train", "validation"]
+  out = str(tmp_path / "tfds")
+  summary = PREP.prepare_data(
+    "image_folder_jsonl", str(tmp_path / "files"), out, "world", print_fn=None
+  )
+  assert summary.written == {"train": 6, "validation": 2} and not summary.rejected
+  record = SRC.PreparedSource(out, "world", "validation", image_size=32).raw(1)
+  ex = S.make_example(0, S.split_index("validation", 1), 32)
+  assert record["caption"].decode() == ex["caption_zh"]
+  zh = {(q["question"], q["answer"]) for q in ex["qa"] if q["lang"] == "zh"}
+  assert (record["question"].decode(), record["answer"].decode()) in zh
+  again = export_world.export(str(tmp_path / "again"), 6, 2, image_size=32)
+  assert open(again["train"]).read() == open(paths["train"]).read()  # deterministic
