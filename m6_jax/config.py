@@ -126,13 +126,16 @@ def default_config() -> ml_collections.ConfigDict:
   # Divergence (m6_jax/train/divergence.py): a step whose loss, gradients, new parameters or
   # optimizer state are not finite is not applied; more than `max_nan_steps` of them in a
   # row, or a loss above `spike_factor` x the median of the last `spike_window` losses (0:
-  # no spike check), rolls back to the newest good checkpoint (one the following steps
+  # no spike check) and more than `spike_min_increase` above it, rolls back to the newest good checkpoint (one the following steps
   # confirmed), skips the next `rollback_skip_batches` batches, multiplies the learning rate
   # by `rollback_lr_factor`, and continues; after `max_rollbacks` rollbacks the run stops.
   c.train.max_nan_steps = 0
   c.train.checkpoint_confirm_steps = 20
   c.train.spike_factor = 10.0
   c.train.spike_window = 50
+  # A per-token loss is a few nats while learning; near zero (a model that knows its
+  # captions by heart) it moves by factors of 10 and more without diverging.
+  c.train.spike_min_increase = 1.0
   c.train.rollback_skip_batches = 20
   c.train.rollback_lr_factor = 1.0
   c.train.max_rollbacks = 3
@@ -285,6 +288,10 @@ def _validate_optimizer_and_divergence(t: ml_collections.ConfigDict) -> None:
     f"train.spike_factor={t.spike_factor} must be 0 (off) or above 1.",
   )
   _require(t.spike_window > 0, f"train.spike_window={t.spike_window} must be positive.")
+  _require(
+    t.spike_min_increase >= 0,
+    f"train.spike_min_increase={t.spike_min_increase} must be >= 0 (nats).",
+  )
   _require(
     0 < t.rollback_lr_factor <= 1,
     f"train.rollback_lr_factor={t.rollback_lr_factor} must be in (0, 1].",

@@ -6,6 +6,8 @@ non-finite array. The loop then watches the per-step losses (`Monitor`):
 
 - more than `train.max_nan_steps` non-finite steps in a row, or
 - a loss above `train.spike_factor` x the median of the last `train.spike_window` losses
+  and above it by more than `train.spike_min_increase` (a near-zero loss, e.g. of a model
+  that has learned its captions by heart, moves by large factors without diverging)
 
 is a divergence. The run rolls back to the newest *good* checkpoint (one that
 `train.checkpoint_confirm_steps` finite steps followed: a checkpoint written while the run
@@ -43,12 +45,18 @@ class Monitor:
   max_nan_steps: int
   spike_factor: float  # 0: no spike check
   spike_window: int
+  spike_min_increase: float = 0.0
   nan_streak: int = 0
   recent: collections.deque = dataclasses.field(default_factory=collections.deque)
 
   @classmethod
   def from_config(cls, train: ml_collections.ConfigDict) -> Monitor:
-    return cls(int(train.max_nan_steps), float(train.spike_factor), int(train.spike_window))
+    return cls(
+      int(train.max_nan_steps),
+      float(train.spike_factor),
+      int(train.spike_window),
+      float(train.spike_min_increase),
+    )
 
   def observe(self, loss: float, finite: bool) -> str | None:
     """The reason this step is a divergence, or None."""
@@ -63,10 +71,11 @@ class Monitor:
     self.nan_streak = 0
     if self.spike_factor and len(self.recent) == self.spike_window:
       median = float(np.median(self.recent))
-      if loss > self.spike_factor * median:
+      if loss > self.spike_factor * median and loss - median > self.spike_min_increase:
         return (
           f"loss spike: {loss:.4g} > train.spike_factor={self.spike_factor:g} x the median "
-          f"{median:.4g} of the last {self.spike_window} steps"
+          f"{median:.4g} of the last {self.spike_window} steps (and more than "
+          f"train.spike_min_increase={self.spike_min_increase:g} above it)"
         )
     self.recent.append(loss)
     if len(self.recent) > self.spike_window:

@@ -33,6 +33,12 @@ def test_monitor_flags_non_finite_streaks_and_spikes():
   assert m.observe(2.9, True) is None  # under 3 x the median 1.0
   assert "loss spike: 3.5 > train.spike_factor=3" in m.observe(3.5, True)
   assert divergence.Monitor(0, 0.0, 2).observe(1e9, True) is None  # spike check off
+  # Near zero, a tenfold rise that stays below spike_min_increase is noise, not a spike.
+  tiny = divergence.Monitor(0, 10.0, 3, spike_min_increase=1.0)
+  for loss in (0.001, 0.001, 0.001):
+    assert tiny.observe(loss, True) is None
+  assert tiny.observe(0.05, True) is None
+  assert "spike_min_increase=1" in tiny.observe(2.0, True)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
