@@ -44,12 +44,15 @@ def pytest_sessionfinish(session):
     shutil.rmtree(_MADE_CACHE, ignore_errors=True)
 
 
-def run_main_cli(*args: str, devices: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
-  """`python -m m6_jax.main ARGS` from the repository root on `devices` CPU devices."""
+def run_main_cli(
+  *args: str, devices: int = 1, timeout: int = 300, platforms: str | None = "cpu"
+) -> subprocess.CompletedProcess:
+  """`python -m m6_jax.main ARGS` from the repository root on `devices` CPU devices
+  (`platforms=None`: JAX_PLATFORMS unset, as a user has it)."""
   return subprocess.run(
     [sys.executable, "-m", "m6_jax.main", *args],
     cwd=REPO,
-    env=cpu_env(devices),
+    env=cpu_env(devices, platforms),
     capture_output=True,
     text=True,
     timeout=timeout,

@@ -1,10 +1,13 @@
-"""User data end to end through the CLI: --mode=prepare_data, then --mode=train on it."""
+"""User data end to end through the CLI: --mode=prepare_data, then --mode=train on it, as a
+user runs it: JAX_PLATFORMS unset on a CPU machine with libtpu installed (the test
+requirements bring it), which must run on the CPU without TPU error lines."""
 
 import json
 import os
 
 from PIL import Image
 
+from m6_jax import platforms
 from m6_jax.data import synthetic
 
 
@@ -33,8 +36,13 @@ def test_prepare_data_then_train(tmp_path, run_main):
     f"--config=configs/caption_user_data.py:{data_dir / 'caps'},runlocal",
     f"--workdir={tmp_path / 'work'}",
     "--config.train.steps=4",
+    "--config.model.num_layers=1",
+    platforms=None if not platforms._has_tpu_chip() else "cpu",
   )
   assert train.returncode == 0, train.stderr
+  assert "JAX platforms: cpu" in train.stderr
+  for noise in ("host bounds", "TPU_WORKER_HOSTNAMES", "E0000", "libtpu_init"):
+    assert noise not in train.stderr, train.stderr[-3000:]
   assert "step 4/4" in train.stderr and "image_to_text loss" in train.stdout
   # The tokenizer was trained on the dataset's own captions.
   assert "on the dataset's texts" in train.stderr
