@@ -1,6 +1,8 @@
 """AOT compilation for a TPU topology on this CPU (libtpu comes with requirements-test.txt)."""
 
-from m6_jax import aot
+import pytest
+
+from m6_jax import aot, hlo_costs
 
 
 def test_count_collectives():
@@ -13,7 +15,7 @@ def test_count_collectives():
       "%a2a = f32[4,2] all-to-all(f32[4,2] %e), dimensions={0}",
     ]
   )
-  assert aot.count_collectives(hlo) == {
+  assert hlo_costs.count_collectives(hlo) == {
     "all-reduce": 1,
     "all-gather": 1,
     "reduce-scatter": 1,
@@ -43,7 +45,7 @@ def test_collective_traffic_counts_loop_bodies_per_iteration():
       "}",
     ]
   )
-  traffic = aot.collective_traffic(hlo, num_devices=8)
+  traffic = hlo_costs.collective_traffic(hlo, num_devices=8)
   assert traffic["all-gather"] == 3 * 1024 * 3 / 4  # 3 iterations, ring: (n-1)/n of the result
   assert traffic["all-reduce"] == 2 * 1024 * 7 / 8  # reduce-scatter + all-gather
   assert traffic["all-to-all"] == 2048 * 1 / 2
@@ -60,5 +62,31 @@ def test_tiny_moe_compiles_for_v5p(tiny_config, tmp_path):
   assert report["flops_per_step"]["compiled_per_chip"] > 0
   assert report["collectives"]["all-to-all"] > 0  # tokens travel to the expert shards
   assert report["collective_bytes_per_chip"]["all-to-all"] > 0
-  assert 0 < report["roofline"]["mfu_estimate"] <= report["roofline"]["mfu_upper_bound"] <= 1
+  rl = report["roofline"]
+  assert 0 < rl["mfu_estimate"] <= rl["mfu_upper_bound"] <= 1
+  assert rl["bound"] in ("compute", "memory", "communication")
+  # The per-step figures count each loop body per iteration: never below XLA's once-counted.
+  f = report["flops_per_step"]
+  assert f["compiled_per_chip"] >= f["compiled_per_chip_loop_bodies_once"] > 0
   assert (tmp_path / "aot.json").exists() and (tmp_path / "aot.hlo.txt").exists()
+
+
+@pytest.mark.parametrize(
+  "terms, bound",
+  [((1e12, 1e12, 1e9, 1e8), "compute"), ((1e9, 1e9, 1e12, 1e8), "memory"),
+   ((1e9, 1e9, 1e9, 1e12), "communication")],
+)  # fmt: skip
+def test_roofline_names_the_largest_term(terms, bound):
+  flops, model_flops, hbm_bytes, sent = terms
+  rl = aot.roofline(flops, model_flops, hbm_bytes, sent, "v5p")
+  assert rl["bound"] == bound
+  assert rl["step_s_lower_bound"] == rl[f"{bound}_step_s"]
+  assert (
+    rl["step_s_no_overlap"]
+    == max(rl["compute_step_s"], rl["memory_step_s"]) + rl["communication_step_s"]
+  )
+  assert rl["mfu_estimate"] <= rl["mfu_upper_bound"] <= 1.0
+  # Remat's recomputation costs time but is no model work: MFU falls with the extra FLOPs.
+  more = aot.roofline(2 * flops, model_flops, hbm_bytes, sent, "v5p")
+  assert more["compute_step_s"] >= rl["compute_step_s"]
+  assert more["mfu_upper_bound"] <= rl["mfu_upper_bound"]
