@@ -15,7 +15,9 @@ accessed under-count a scanned model by nearly the layer count. Here:
   layouts, so the TPU's figures (`compiled.cost_analysis()`) are scaled by the ratio of the
   per-step to the once-counted CPU figures (1.0 for a module without loops).
 - Collectives: each collective instruction is sized from its shapes and replica groups
-  (ring / bucket algorithm costs) and multiplied by the runs of its computation.
+  (ring / bucket algorithm costs) and multiplied by the runs of its computation. libtpu
+  writes a reduce-scatter as an `all-reduce-scatter` fusion (an all-reduce whose result is
+  sliced to this chip's part); it is counted as the reduce-scatter it runs as.
 
 A compile with the loops unrolled (`model.scan_layers=False`) has no loop, so XLA's own
 figures are exact there; `tests/test_hlo_costs.py` checks the two agree.
@@ -187,6 +189,11 @@ def collective_traffic(hlo_text: str, num_devices: int) -> dict[str, float]:
       if m:
         type_text, kind, start = m.group(1), m.group(2), bool(m.group(3))
         n = _group_size(line, num_devices)
+        if kind == "all-reduce" and name.startswith("all-reduce-scatter"):
+          # libtpu writes a reduce-scatter as a fusion of an all-reduce and the dynamic
+          # slice of this chip's part, and runs it as a reduce-scatter: half the bytes.
+          traffic["reduce-scatter"] += runs * _per_chip_traffic(kind, start, type_text, n) / 2
+          continue
         traffic[kind] += runs * _per_chip_traffic(kind, start, type_text, n)
   return traffic
 

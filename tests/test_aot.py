@@ -26,7 +26,8 @@ def test_count_collectives():
 
 def test_collective_traffic_counts_loop_bodies_per_iteration():
   # A scanned body (3 iterations, bound found in its condition) all-gathers 1 KiB from a
-  # 4-way group; the entry all-reduces 1 KiB over all 8 devices and all-to-alls 2 KiB in pairs.
+  # 4-way group; the entry all-reduces 1 KiB over all 8 devices, reduce-scatters 1 KiB over 4
+  # (libtpu's form: an all-reduce-scatter fusion) and all-to-alls 2 KiB in pairs.
   hlo = "\n".join(
     [
       "%cond.1 (p: (s32[], f32[256])) -> pred[] {",
@@ -38,7 +39,12 @@ def test_collective_traffic_counts_loop_bodies_per_iteration():
       "  %ag = (f32[64]{0}, f32[256]{0:T(256)}) all-gather-start(f32[64] %x), "
       "replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, dimensions={0}",
       "}",
+      "%all-reduce-scatter.4 (input: f32[256]) -> f32[64] {",
+      "  %ar.5 = f32[256]{0} all-reduce(%input), replica_groups={{0,1,2,3}}, to_apply=%add",
+      "  ROOT %ds = f32[64]{0} dynamic-slice(%ar.5, %o), dynamic_slice_sizes={64}",
+      "}",
       "ENTRY %main.3 (a: f32[256]) -> f32[256] {",
+      "  %rs = f32[64]{0} fusion(%g), kind=kCustom, calls=%all-reduce-scatter.4",
       "  %w = (s32[], f32[256]) while(%t), condition=%cond.1, body=%body.2",
       "  %ar = f32[256]{0} all-reduce(f32[256] %z), replica_groups={}, to_apply=%add",
       "  ROOT %a2a = bf16[4,256]{1,0} all-to-all(bf16[4,256] %e), replica_groups=[4,2]<=[8]",
@@ -49,7 +55,8 @@ def test_collective_traffic_counts_loop_bodies_per_iteration():
   assert traffic["all-gather"] == 3 * 1024 * 3 / 4  # 3 iterations, ring: (n-1)/n of the result
   assert traffic["all-reduce"] == 2 * 1024 * 7 / 8  # reduce-scatter + all-gather
   assert traffic["all-to-all"] == 2048 * 1 / 2
-  assert traffic["reduce-scatter"] == traffic["collective-permute"] == 0
+  assert traffic["reduce-scatter"] == 1024 * 3 / 4  # libtpu's all-reduce-scatter fusion
+  assert traffic["collective-permute"] == 0
 
 
 def test_tiny_moe_compiles_for_v5p(tiny_config, tmp_path):
