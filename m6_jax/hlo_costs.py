@@ -95,7 +95,9 @@ def _while_trip_count(line: str, condition: list[str]) -> int:
   if known:
     return int(known.group(1))
   if any("direction=LT" in c and "compare(" in c for c in condition):
-    bounds = [int(b) for c in condition for b in re.findall(r"s32\[\][^=]*constant\((\d+)\)", c)]
+    bounds = [
+      int(b) for c in condition for b in re.findall(r"[su](?:32|64)\[\][^=]*constant\((\d+)\)", c)
+    ]
     if len(bounds) == 1:
       return bounds[0]
   return 1

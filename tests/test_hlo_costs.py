@@ -52,3 +52,12 @@ def test_nested_loops_multiply():
   matmul = 2 * 64**3
   assert costs["per_step"]["flops"] == pytest.approx(6 * matmul, rel=0.05)
   assert costs["once"]["flops"] == pytest.approx(matmul, rel=0.05)
+
+
+def test_trip_count_from_an_unsigned_loop_condition():
+  # libtpu's windowed (collective) matmul loops count with u32: `i < 4` runs the body 4 times.
+  condition = [
+    "  %c = u32[]{:T(128)} constant(4)",
+    "  ROOT %lt = pred[]{:T(512)} compare(%i, %c), direction=LT",
+  ]
+  assert hlo_costs._while_trip_count("%w = (u32[]) while(%t)", condition) == 4
