@@ -47,20 +47,20 @@ def compile_config(name: str, out_dir: str) -> dict:
 
 def table(reports: dict[str, dict]) -> str:
   rows = [
-    "| config | params | topology | mesh | memory per chip | step FLOPs (model) | "
-    "compute / HBM / comm. per step | GB sent per chip | MFU estimate (bound) | compile |",
-    "|---|---|---|---|---|---|---|---|---|---|",
+    "| config | params | topology | mesh | tokens per chip | remat | memory per chip | "
+    "compute / HBM / comm. per step | GB sent per chip | bound | MFU estimate (bound) | compile |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for name, r in reports.items():
-    m, rl = r["memory_per_chip_gib"], r["roofline"]
-    mesh = " x ".join(f"{k} {v}" for k, v in r["config"]["mesh"].items() if v > 1) or "1 chip"
+    m, rl, c = r["memory_per_chip_gib"], r["roofline"], r["config"]
+    mesh = " x ".join(f"{k} {v}" for k, v in c["mesh"].items() if v > 1) or "1 chip"
     sent = sum(r["collective_bytes_per_chip"].values()) / 1e9
     fits = "" if m["fits"] else " (DOES NOT FIT)"
     rows.append(
       f"| {name} | {r['params'] / 1e9:,.1f}B | {r['topology']} ({r['chips']} chips) | {mesh} | "
-      f"{m['total']:.1f} of {m['hbm']} GiB{fits} | {r['flops_per_step']['model_analytic_total']:.2e}"
-      f" | {rl['compute_bound_step_s'] * 1e3:.1f} / {rl['memory_bound_step_s'] * 1e3:.1f} / "
-      f"{rl['communication_step_s'] * 1e3:.1f} ms | {sent:.2f} | "
+      f"{c['tokens_per_chip']:,} | {c['remat_policy']} | {m['total']:.1f} of {m['hbm']} GiB{fits}"
+      f" | {rl['compute_step_s'] * 1e3:.1f} / {rl['memory_step_s'] * 1e3:.1f} / "
+      f"{rl['communication_step_s'] * 1e3:.1f} ms | {sent:.2f} | {rl['bound']} | "
       f"{100 * rl['mfu_estimate']:.0f}% ({100 * rl['mfu_upper_bound']:.0f}%) | "
       f"{r['compile_seconds']:.0f} s |"
     )

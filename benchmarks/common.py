@@ -27,6 +27,20 @@ def jax_train_step(config) -> tuple[Callable, Any, Any, Any]:
   return setup.step, state, device_batch, setup.mesh_context()
 
 
+def cpu_model() -> str:
+  """The CPU's 'model name' from /proc/cpuinfo (the platform's processor string elsewhere)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  import platform
+
+  return platform.processor() or platform.machine()
+
+
 def time_calls(fn: Callable[[], Any], reps: int, warmup: int = 2) -> list[float]:
   """Wall seconds of `reps` calls of fn (which must block until its work is done)."""
   for _ in range(warmup):

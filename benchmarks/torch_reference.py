@@ -5,7 +5,9 @@ column embeddings, token + 1-D text position + segment embeddings, pre-LN blocks
 value projections with bias, key without, output projection with bias; GELU (tanh) MLP), a
 final LayerNorm, a tied LM head on the target positions, token cross-entropy weighted by
 `tgt_weights`, global-norm clipping and AdamW. Written the way a PyTorch user would: nn
-modules and `scaled_dot_product_attention` with a boolean prefix-LM mask.
+modules and `scaled_dot_product_attention` with a boolean prefix-LM mask. The benchmark
+turns on `torch.set_flush_denormal(True)` first: XLA:CPU flushes denormals, and without it
+PyTorch's step can slow down several-fold once tiny values appear (CPU-dependent).
 """
 
 from __future__ import annotations

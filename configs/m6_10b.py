@@ -8,8 +8,11 @@ Assumed (the paper's size table could not be read): hidden 4096, 48 layers, 32 h
 FFN 16384 (4x hidden), BERT-Chinese vocabulary (tied embeddings), 196 image patches +
 128 + 128 text tokens. That gives about 9.76B parameters (-2.4% of 10B).
 Training: bf16 compute / float32 params and Adam state, nn.scan over layers, remat keeping
-only the weight matmuls, ZeRO-3 FSDP over the 64 chips of a v5p-128 slice (topology 4x4x4),
-global batch 512.
+only the weight matmuls, on the 64 chips of a v5p-128 slice (topology 4x4x4), global batch
+512 (3,616 tokens per chip): ZeRO-3 FSDP over 16 chips x 4-way data parallelism. With FSDP
+over all 64 chips libtpu lowered every weight gather (and gradient reduction) as an
+all-reduce, twice an all-gather's bytes (115 GB sent per chip per step); over 16 chips it
+emits all-gathers and reduce-scatters (57 GB), at 26 of 95 GiB per chip (docs/performance.md).
 """
 
 from configs.m6_base import paper_common
@@ -24,7 +27,7 @@ def get_config(arg: str | None = None):
   m = config.model
   m.d_model, m.num_layers, m.num_heads, m.head_dim, m.mlp_dim = 4096, 48, 32, 128, 16384
   config.data.batch_size = 512
-  config.mesh.data, config.mesh.fsdp = 1, -1
+  config.mesh.data, config.mesh.fsdp = 4, -1
   if arg:
     raise ValueError(f"Unknown variant '{arg}' of configs/m6_10b.py.")
   return config

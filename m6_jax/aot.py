@@ -8,10 +8,11 @@
 any TPU being present; the train step (built by `train/setup.py`, as the train loop builds
 it: same model, optimizer, shardings and donation) is lowered with abstract inputs and
 compiled by libtpu for that slice. We report per-chip memory (arguments, outputs,
-temporaries, total against the chip's HBM), the compiled FLOPs, the collectives in the
-compiled HLO with the bytes each chip sends in them (loop bodies counted once per
-iteration), and an MFU estimate from the model FLOPs, the HBM traffic and that
-communication; we print them and write them as JSON.
+temporaries, total against the chip's HBM), the compiled FLOPs and HBM bytes, the
+collectives in the compiled HLO with the bytes each chip sends in them (all three with
+every while-loop body counted once per iteration, m6_jax/hlo_costs.py), the step time each
+of them implies, which one bounds the step, and an MFU estimate; we print them and write
+them as JSON.
 
 Environment: JAX_PLATFORMS is forced to cpu (the TPU platform is only used through the
 topology), so that no TPU backend is initialised; TPU_WORKER_HOSTNAMES=localhost quiets
@@ -23,16 +24,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 
 from m6_jax import config as config_lib
+from m6_jax import hlo_costs
 from m6_jax.model import param_count
+from m6_jax.model.m6 import M6Config
 from m6_jax.parallel import partitioning
 from m6_jax.train import setup as setup_lib
 
@@ -44,7 +45,6 @@ CHIPS = {
   "v5p": (95, 459, 2.76, 600),
   "v6e": (32, 918, 1.64, 448),
 }
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
 
 def _prepare_environment() -> None:
@@ -75,148 +75,6 @@ def topology_devices(topology: str) -> list[Any]:
     ) from e
 
 
-_DTYPE_BYTES = {
-  "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
-  "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
-}  # fmt: skip
-_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r"|f8\w*)\[([\d,]*)\]")
-_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
-_COLLECTIVE = re.compile(
-  r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\("
-)
-
-
-def count_collectives(hlo_text: str) -> dict[str, int]:
-  """Instructions of each collective kind in an HLO module's text (async `-start` halves
-  count once; ops inside while-loop bodies, e.g. of the scanned layers, count once)."""
-  counts = dict.fromkeys(COLLECTIVES, 0)
-  for line in hlo_text.splitlines():
-    m = _COLLECTIVE.match(line)
-    if m:
-      counts[m.group(2)] += 1
-  return counts
-
-
-_CALLEE = re.compile(r"\b(body|condition|to_apply|calls)=%?([\w.\-]+)")
-_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
-_TRIP_COUNT = re.compile(r'known_trip_count"?\s*:\s*\{\s*"?n"?\s*:\s*"?(\d+)')
-
-
-def _array_bytes(type_text: str) -> list[int]:
-  sizes = []
-  for dtype, dims in _ARRAY.findall(type_text):
-    n = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
-    sizes.append(n * _DTYPE_BYTES.get(dtype, 1))
-  return sizes
-
-
-def _group_size(line: str, num_devices: int) -> int:
-  mesh = re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", line)
-  if mesh:  # mesh['axis_0'=2,'axis_1'=4] {'axis_1'}: groups along the named mesh axes
-    sizes = {k: int(v) for k, v in re.findall(r"'(\w+)'=(\d+)", mesh.group(1))}
-    return int(np.prod([sizes[a] for a in re.findall(r"'(\w+)'", mesh.group(2))]))
-  iota = re.search(r"replica_groups=\[([\d,]+)\]<=", line)
-  if iota:  # [groups, size] (or [groups, a, b]: size a*b) over an iota of the devices
-    return int(np.prod([int(d) for d in iota.group(1).split(",")[1:]]))
-  explicit = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
-  if explicit:
-    return len(explicit.group(1).split(","))
-  return num_devices  # replica_groups={}: one group of every device
-
-
-def _per_chip_traffic(kind: str, start: bool, type_text: str, n: int) -> float:
-  """Bytes one chip sends for one collective (the usual ring/bucket algorithm costs)."""
-  arrays = _array_bytes(type_text)
-  if start and kind in ("all-gather", "collective-permute") and len(arrays) > 1:
-    arrays = arrays[len(arrays) // 2 :]  # async result tuple: (operands..., outputs...)
-  size = float(sum(arrays))
-  if n <= 1:
-    return 0.0
-  if kind == "all-reduce":
-    return 2.0 * size * (n - 1) / n  # reduce-scatter + all-gather
-  if kind == "reduce-scatter":
-    return size * (n - 1)  # the result is 1/n of the operand
-  if kind == "collective-permute":
-    return size
-  return size * (n - 1) / n  # all-gather (result), all-to-all
-
-
-def _while_trip_count(line: str, condition: list[str]) -> int:
-  """Iterations of a while loop: XLA's known_trip_count when it annotated one, else the
-  bound of the loop condition `counter < constant` (how scan and fori_loop lower, counting
-  from 0 in steps of 1); 1 when neither is found."""
-  known = _TRIP_COUNT.search(line)
-  if known:
-    return int(known.group(1))
-  if any("direction=LT" in c and "compare(" in c for c in condition):
-    bounds = [int(b) for c in condition for b in re.findall(r"s32\[\][^=]*constant\((\d+)\)", c)]
-    if len(bounds) == 1:
-      return bounds[0]
-  return 1
-
-
-def collective_traffic(hlo_text: str, num_devices: int) -> dict[str, float]:
-  """Bytes each chip sends per step, by collective kind, from a compiled HLO module.
-
-  Collectives inside while loops (the scanned layers, gradient accumulation) are multiplied
-  by the loop's known trip count, so a scanned 24-layer model counts its per-layer
-  all-gathers 24 times, unlike `count_collectives`.
-  """
-  computations: dict[str, list[str]] = {}
-  entry, current = None, None
-  for line in hlo_text.splitlines():
-    header = _COMPUTATION.match(line)
-    if header:
-      current = header.group(1)
-      computations[current] = []
-      if line.startswith("ENTRY"):
-        entry = current
-    elif current is not None:
-      computations[current].append(line)
-  if entry is None:
-    return {k: 0.0 for k in COLLECTIVES}
-
-  # How many times each computation runs per step: the call graph is a DAG, walk it in
-  # topological order from the entry computation.
-  callees: dict[str, list[tuple[str, int]]] = {}
-  for name, lines in computations.items():
-    calls = []
-    for line in lines:
-      roles = dict((role, callee) for role, callee in _CALLEE.findall(line))
-      trip = _while_trip_count(line, computations.get(roles.get("condition", ""), []))
-      for role, callee in roles.items():
-        calls.append((callee, trip if role == "body" else 1))
-      for group in _BRANCHES.findall(line):
-        calls += [(b.strip().lstrip("%"), 1) for b in group.split(",") if b.strip()]
-    callees[name] = [(c, k) for c, k in calls if c in computations]
-  order, seen = [], set()
-
-  def visit(name: str) -> None:
-    if name in seen:
-      return
-    seen.add(name)
-    for callee, _ in callees[name]:
-      visit(callee)
-    order.append(name)
-
-  visit(entry)
-  runs = {name: 0 for name in order}
-  runs[entry] = 1
-  for name in reversed(order):  # callers before callees
-    for callee, times in callees[name]:
-      runs[callee] += runs[name] * times
-
-  traffic = {k: 0.0 for k in COLLECTIVES}
-  for name in order:
-    for line in computations[name]:
-      m = _COLLECTIVE.match(line)
-      if m:
-        type_text, kind, start = m.group(1), m.group(2), bool(m.group(3))
-        n = _group_size(line, num_devices)
-        traffic[kind] += runs[name] * _per_chip_traffic(kind, start, type_text, n)
-  return traffic
-
-
 def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any]) -> Any:
   """The train step of `config` (train/setup.py, as the loop builds it) compiled for `devices`."""
   config_lib.validate(config, len(devices))
@@ -228,10 +86,49 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any]) ->
     return setup.step.lower(state, batch).compile()
 
 
+def roofline(
+  flops: float, model_flops: float, hbm_bytes: float, sent_bytes: float, chip: str
+) -> dict[str, Any]:
+  """Step time per chip from three terms, and which one bounds the step.
+
+  compute: the FLOPs XLA compiled (remat's recomputation and MoE dispatch einsums included;
+  never less than the model's) at the chip's peak; memory: the HBM bytes XLA's cost analysis
+  counts, at the HBM bandwidth; communication: the bytes the chip sends in collectives, at
+  its ICI bandwidth. Overlap: compute and HBM traffic overlap (roofline: the larger of the
+  two). Communication is either not overlapped at all (the step estimate) or overlapped
+  fully (the lower bound on the step); XLA's async collectives and the latency-hiding
+  scheduler land in between. MFU counts the model FLOPs only.
+  """
+  _, peak_tflops, hbm_tbps, ici_gbps = CHIPS.get(chip, (float("nan"),) * 4)
+  peak = peak_tflops * 1e12
+  terms = {
+    "compute": max(flops, model_flops) / peak,
+    "memory": hbm_bytes / (hbm_tbps * 1e12),
+    "communication": sent_bytes / (ici_gbps * 1e9),
+  }
+  t_model = model_flops / peak
+  t_step = max(terms.values())
+  t_serial = max(terms["compute"], terms["memory"]) + terms["communication"]
+  return {
+    "peak_tflops_per_chip": peak_tflops,
+    "hbm_tb_per_s": hbm_tbps,
+    "ici_gb_per_s": ici_gbps,
+    "model_flops_step_s": t_model,
+    "compute_step_s": terms["compute"],
+    "memory_step_s": terms["memory"],
+    "communication_step_s": terms["communication"],
+    "bound": max(terms, key=terms.get),
+    "step_s_lower_bound": t_step,
+    "step_s_no_overlap": t_serial,
+    "mfu_upper_bound": t_model / t_step if t_step else float("nan"),
+    "mfu_estimate": t_model / t_serial if t_serial else float("nan"),
+  }
+
+
 def analyse(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
   devices = topology_devices(topology)
   chip = topology.split(":")[0]
-  hbm_gib, peak_tflops, hbm_tbps, ici_gbps = CHIPS.get(chip, (float("nan"),) * 4)
+  hbm_gib = CHIPS.get(chip, (float("nan"),) * 4)[0]
   start = time.perf_counter()
   compiled = compile_train_step(config, devices)
   compile_s = time.perf_counter() - start
@@ -246,29 +143,29 @@ def analyse(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
   total = arguments + outputs - aliased + temps
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  compiled_flops = float(cost.get("flops", float("nan")))
-  bytes_accessed = float(cost.get("bytes accessed", float("nan")))
+  # XLA's figures for this chip count each while-loop body once; scale them by how much the
+  # loop bodies add when counted per iteration (m6_jax/hlo_costs.py).
+  loops = hlo_costs.per_step_costs(hlo)
+  once, per_step = loops["once"], loops["per_step"]
+  flops_once = float(cost.get("flops", 0.0))
+  bytes_once = float(cost.get("bytes accessed", 0.0))
+  flops = flops_once * (per_step["flops"] / once["flops"] if once["flops"] else 1.0)
+  hbm_bytes = bytes_once * (per_step["bytes"] / once["bytes"] if once["bytes"] else 1.0)
 
   counts = param_count.count_params(config)
   chips = len(devices)
   model_flops = param_count.train_flops(config, counts)
-  peak = peak_tflops * 1e12
-  # Step time per chip from three rooflines: the model FLOPs at peak, the HBM traffic XLA
-  # reports, and the bytes each chip sends in collectives over its ICI bandwidth. With
-  # perfect overlap the step takes the largest of them (an upper bound on MFU); with no
-  # overlap of communication and computation, the sum (the MFU estimate we report).
-  t_compute = model_flops / chips / peak
-  t_memory = bytes_accessed / (hbm_tbps * 1e12) if np.isfinite(bytes_accessed) else 0.0
-  traffic = collective_traffic(hlo, chips)
-  t_comm = sum(traffic.values()) / (ici_gbps * 1e9)
-  t_step = max(t_compute, t_memory, t_comm)
-  t_serial = max(t_compute, t_memory) + t_comm
+  traffic = hlo_costs.collective_traffic(hlo, chips)
+  times = roofline(flops, model_flops / chips, hbm_bytes, sum(traffic.values()), chip)
   return {
     "config": {
       "d_model": config.model.d_model,
       "num_layers": config.model.num_layers,
       "moe_num_experts": config.model.moe_num_experts,
       "batch_size": config.data.batch_size,
+      "tokens_per_chip": config.data.batch_size * M6Config.from_config(config).seq_len // chips,
+      "remat_policy": config.model.remat_policy,
+      "moe_capacity_factor": config.model.moe_capacity_factor,
       "mesh": partitioning.make_mesh(config, devices).shape,
     },
     "topology": topology,
@@ -287,24 +184,16 @@ def analyse(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
       "fits": bool(total <= hbm_gib),
     },
     "flops_per_step": {
-      "compiled_per_chip": compiled_flops,
+      "compiled_per_chip": flops,
+      "compiled_per_chip_loop_bodies_once": flops_once,
       "model_analytic_total": model_flops,
       "model_analytic_per_chip": model_flops / chips,
     },
-    "bytes_accessed_per_chip": bytes_accessed,
-    "roofline": {
-      "peak_tflops_per_chip": peak_tflops,
-      "hbm_tb_per_s": hbm_tbps,
-      "compute_bound_step_s": t_compute,
-      "memory_bound_step_s": t_memory,
-      "ici_gb_per_s": ici_gbps,
-      "communication_step_s": t_comm,
-      "step_s_lower_bound": t_step,
-      "step_s_no_overlap": t_serial,
-      "mfu_upper_bound": t_compute / t_step if t_step else float("nan"),
-      "mfu_estimate": t_compute / t_serial if t_serial else float("nan"),
-    },
-    "collectives": count_collectives(hlo),
+    "bytes_accessed_per_chip": hbm_bytes,
+    "bytes_accessed_per_chip_loop_bodies_once": bytes_once,
+    "loop_bodies": loops["loops"],
+    "roofline": times,
+    "collectives": hlo_costs.count_collectives(hlo),
     "collective_bytes_per_chip": traffic,
     "_hlo_text": hlo,
   }
@@ -313,9 +202,11 @@ def analyse(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
 def format_report(r: dict[str, Any]) -> str:
   m, f, rl = r["memory_per_chip_gib"], r["flops_per_step"], r["roofline"]
   comm_gb = sum(r["collective_bytes_per_chip"].values()) / 1e9
+  c = r["config"]
   lines = [
     f"AOT train step on {r['topology']} ({r['chips']} x {r['device_kind']}), mesh "
-    f"{dict(r['config']['mesh'])}, compiled in {r['compile_seconds']:.1f}s",
+    f"{dict(c['mesh'])}, {c['tokens_per_chip']:,} tokens per chip, remat "
+    f"{c['remat_policy']}, compiled in {r['compile_seconds']:.1f}s",
     f"params {r['params']:,} (active per token {r['active_params_per_token']:,})",
     f"memory per chip (GiB): arguments {m['arguments']:.2f}, outputs {m['outputs']:.2f} "
     f"(aliased {m['aliased']:.2f}), temporaries {m['temporaries']:.2f}; total {m['total']:.2f} "
@@ -327,17 +218,17 @@ def format_report(r: dict[str, Any]) -> str:
       "(a bigger topology or mesh.fsdp / mesh.expert), a smaller batch, or more remat."
     )
   lines += [
-    f"FLOPs per step: compiled {f['compiled_per_chip']:.3e} per chip (XLA cost analysis, "
-    "which counts a scanned layer's while-loop body once); "
-    f"model (analytic) {f['model_analytic_total']:.3e} total, "
-    f"{f['model_analytic_per_chip']:.3e} per chip",
-    f"step time per chip: compute {rl['compute_bound_step_s'] * 1e3:.1f} ms (model FLOPs at "
-    f"{rl['peak_tflops_per_chip']} TFLOP/s), HBM {rl['memory_bound_step_s'] * 1e3:.1f} ms, "
-    f"communication {rl['communication_step_s'] * 1e3:.1f} ms ({comm_gb:.2f} GB sent per chip "
-    f"at {rl['ici_gb_per_s']} GB/s ICI)",
-    f"MFU estimate {100 * rl['mfu_estimate']:.1f}% (communication not overlapped, step "
-    f"{rl['step_s_no_overlap'] * 1e3:.1f} ms); upper bound {100 * rl['mfu_upper_bound']:.1f}% "
-    f"(fully overlapped, step {rl['step_s_lower_bound'] * 1e3:.1f} ms)",
+    f"per chip and step (loop bodies counted per iteration): XLA FLOPs "
+    f"{f['compiled_per_chip']:.3e} (model {f['model_analytic_per_chip']:.3e}), HBM bytes "
+    f"{r['bytes_accessed_per_chip'] / 1e9:.2f} GB, sent in collectives {comm_gb:.2f} GB",
+    f"step time per chip: compute {rl['compute_step_s'] * 1e3:.1f} ms (at "
+    f"{rl['peak_tflops_per_chip']} TFLOP/s; model FLOPs alone {rl['model_flops_step_s'] * 1e3:.1f}"
+    f" ms), memory {rl['memory_step_s'] * 1e3:.1f} ms (at {rl['hbm_tb_per_s']} TB/s), "
+    f"communication {rl['communication_step_s'] * 1e3:.1f} ms (at {rl['ici_gb_per_s']} GB/s ICI)",
+    f"bound: {rl['bound']}. MFU estimate {100 * rl['mfu_estimate']:.1f}% (compute and HBM "
+    f"overlapped, communication not: step {rl['step_s_no_overlap'] * 1e3:.1f} ms); upper bound "
+    f"{100 * rl['mfu_upper_bound']:.1f}% (all overlapped: step "
+    f"{rl['step_s_lower_bound'] * 1e3:.1f} ms)",
     "collectives in the compiled HLO (instructions / GB sent per chip per step): "
     + ", ".join(
       f"{k} {v} / {r['collective_bytes_per_chip'][k] / 1e9:.2f}"

@@ -1,6 +1,8 @@
 """AOT compilation for a TPU topology on this CPU (libtpu comes with requirements-test.txt)."""
 
-from m6_jax import aot
+import pytest
+
+from m6_jax import aot, hlo_costs
 
 
 def test_count_collectives():
@@ -13,7 +15,7 @@ def test_count_collectives():
       "%a2a = f32[4,2] all-to-all(f32[4,2] %e), dimensions={0}",
     ]
   )
-  assert aot.count_collectives(hlo) == {
+  assert hlo_costs.count_collectives(hlo) == {
     "all-reduce": 1,
     "all-gather": 1,
     "reduce-scatter": 1,
@@ -24,7 +26,8 @@ def test_count_collectives():
 
 def test_collective_traffic_counts_loop_bodies_per_iteration():
   # A scanned body (3 iterations, bound found in its condition) all-gathers 1 KiB from a
-  # 4-way group; the entry all-reduces 1 KiB over all 8 devices and all-to-alls 2 KiB in pairs.
+  # 4-way group; the entry all-reduces 1 KiB over all 8 devices, reduce-scatters 1 KiB over 4
+  # (libtpu's form: an all-reduce-scatter fusion) and all-to-alls 2 KiB in pairs.
   hlo = "\n".join(
     [
       "%cond.1 (p: (s32[], f32[256])) -> pred[] {",
@@ -36,18 +39,24 @@ def test_collective_traffic_counts_loop_bodies_per_iteration():
       "  %ag = (f32[64]{0}, f32[256]{0:T(256)}) all-gather-start(f32[64] %x), "
       "replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, dimensions={0}",
       "}",
+      "%all-reduce-scatter.4 (input: f32[256]) -> f32[64] {",
+      "  %ar.5 = f32[256]{0} all-reduce(%input), replica_groups={{0,1,2,3}}, to_apply=%add",
+      "  ROOT %ds = f32[64]{0} dynamic-slice(%ar.5, %o), dynamic_slice_sizes={64}",
+      "}",
       "ENTRY %main.3 (a: f32[256]) -> f32[256] {",
+      "  %rs = f32[64]{0} fusion(%g), kind=kCustom, calls=%all-reduce-scatter.4",
       "  %w = (s32[], f32[256]) while(%t), condition=%cond.1, body=%body.2",
       "  %ar = f32[256]{0} all-reduce(f32[256] %z), replica_groups={}, to_apply=%add",
       "  ROOT %a2a = bf16[4,256]{1,0} all-to-all(bf16[4,256] %e), replica_groups=[4,2]<=[8]",
       "}",
     ]
   )
-  traffic = aot.collective_traffic(hlo, num_devices=8)
+  traffic = hlo_costs.collective_traffic(hlo, num_devices=8)
   assert traffic["all-gather"] == 3 * 1024 * 3 / 4  # 3 iterations, ring: (n-1)/n of the result
   assert traffic["all-reduce"] == 2 * 1024 * 7 / 8  # reduce-scatter + all-gather
   assert traffic["all-to-all"] == 2048 * 1 / 2
-  assert traffic["reduce-scatter"] == traffic["collective-permute"] == 0
+  assert traffic["reduce-scatter"] == 1024 * 3 / 4  # libtpu's all-reduce-scatter fusion
+  assert traffic["collective-permute"] == 0
 
 
 def test_tiny_moe_compiles_for_v5p(tiny_config, tmp_path):
@@ -60,5 +69,31 @@ def test_tiny_moe_compiles_for_v5p(tiny_config, tmp_path):
   assert report["flops_per_step"]["compiled_per_chip"] > 0
   assert report["collectives"]["all-to-all"] > 0  # tokens travel to the expert shards
   assert report["collective_bytes_per_chip"]["all-to-all"] > 0
-  assert 0 < report["roofline"]["mfu_estimate"] <= report["roofline"]["mfu_upper_bound"] <= 1
+  rl = report["roofline"]
+  assert 0 < rl["mfu_estimate"] <= rl["mfu_upper_bound"] <= 1
+  assert rl["bound"] in ("compute", "memory", "communication")
+  # The per-step figures count each loop body per iteration: never below XLA's once-counted.
+  f = report["flops_per_step"]
+  assert f["compiled_per_chip"] >= f["compiled_per_chip_loop_bodies_once"] > 0
   assert (tmp_path / "aot.json").exists() and (tmp_path / "aot.hlo.txt").exists()
+
+
+@pytest.mark.parametrize(
+  "terms, bound",
+  [((1e12, 1e12, 1e9, 1e8), "compute"), ((1e9, 1e9, 1e12, 1e8), "memory"),
+   ((1e9, 1e9, 1e9, 1e12), "communication")],
+)  # fmt: skip
+def test_roofline_names_the_largest_term(terms, bound):
+  flops, model_flops, hbm_bytes, sent = terms
+  rl = aot.roofline(flops, model_flops, hbm_bytes, sent, "v5p")
+  assert rl["bound"] == bound
+  assert rl["step_s_lower_bound"] == rl[f"{bound}_step_s"]
+  assert (
+    rl["step_s_no_overlap"]
+    == max(rl["compute_step_s"], rl["memory_step_s"]) + rl["communication_step_s"]
+  )
+  assert rl["mfu_estimate"] <= rl["mfu_upper_bound"] <= 1.0
+  # Remat's recomputation costs time but is no model work: MFU falls with the extra FLOPs.
+  more = aot.roofline(2 * flops, model_flops, hbm_bytes, sent, "v5p")
+  assert more["compute_step_s"] >= rl["compute_step_s"]
+  assert more["mfu_upper_bound"] <= rl["mfu_upper_bound"]
