@@ -169,7 +169,10 @@ def prepared_train_tables(config: ml_collections.ConfigDict, limit: int) -> tupl
   from m6_jax.data import sources
 
   d = config.data
-  source = sources.PreparedSource(d.data_dir, d.tfds_name, "train", int(d.image_size))
+  try:
+    source = sources.PreparedSource(d.data_dir, d.tfds_name, "train", int(d.image_size))
+  except (FileNotFoundError, ValueError) as e:
+    raise EvaluationError(f"the most-frequent baseline is fitted on the train split: {e}") from None
   answers, captions = [], []
   for i in range(min(len(source), int(limit))):
     r = source.raw(i)
