@@ -128,13 +128,7 @@ def open_builder(data_dir: str, name: str):
   data_dir = os.path.expanduser(data_dir) if data_dir else default_data_dir()
   base, _, version = name.replace("/", ":").partition(":")
   root = os.path.join(data_dir, base)
-  versions = []
-  if os.path.isdir(root):
-    for v in os.listdir(root):
-      if re.fullmatch(r"\d+\.\d+\.\d+", v) and os.path.isfile(
-        os.path.join(root, v, "dataset_info.json")
-      ):
-        versions.append(v)
+  versions = _complete_versions(root)
   if version:
     versions = [v for v in versions if v == version]
   if not versions:
@@ -158,18 +152,23 @@ def open_builder(data_dir: str, name: str):
   return tfds.builder_from_directory(os.path.join(root, latest))
 
 
+def _complete_versions(root: str) -> list[str]:
+  """The versions under a dataset folder that a finished preparation wrote (a version
+  folder with its dataset_info.json; interrupted ones are ``incomplete.*``)."""
+  if not os.path.isdir(root):
+    return []
+  return [
+    v
+    for v in os.listdir(root)
+    if re.fullmatch(r"\d+\.\d+\.\d+", v)
+    and os.path.isfile(os.path.join(root, v, "dataset_info.json"))
+  ]
+
+
 def _complete_datasets(data_dir: str) -> list[str]:
   """Names of the datasets in ``data_dir`` with at least one complete version."""
-  out = []
-  for name in sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else []:
-    root = os.path.join(data_dir, name)
-    if os.path.isdir(root) and any(
-      re.fullmatch(r"\d+\.\d+\.\d+", v)
-      and os.path.isfile(os.path.join(root, v, "dataset_info.json"))
-      for v in os.listdir(root)
-    ):
-      out.append(name)
-  return out
+  names = sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else []
+  return [n for n in names if _complete_versions(os.path.join(data_dir, n))]
 
 
 def _metadata(builder) -> dict[str, Any]:
