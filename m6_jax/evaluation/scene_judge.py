@@ -97,7 +97,7 @@ MAX_GAIN = 0.06  # per-channel gain in [1 - g, 1 + g]
 MAX_OFFSET = 0.03  # per-channel offset
 MAX_NOISE = 0.04  # noise sigma (about 10 grey levels)
 _NOISE_BANK_SIZE = 512  # noise images to draw the augmentation's noise from
-_PREDICT_BATCH = 256  # images per jitted call: one compiled shape for any number of images
+_PREDICT_BATCH = 256  # the most images per jitted call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,7 +331,8 @@ class Judge:
     outs = []
     for start in range(0, len(images), _PREDICT_BATCH):
       chunk = images[start : start + _PREDICT_BATCH]
-      padded = np.zeros((_PREDICT_BATCH, s, s, 3), np.uint8)
+      # Padded to a power of two: a few compiled shapes serve any number of images.
+      padded = np.zeros((max(8, 1 << (len(chunk) - 1).bit_length()), s, s, 3), np.uint8)
       padded[: len(chunk)] = chunk
       out = jax.device_get(self._apply(self.params, padded))
       outs.append({k: v[: len(chunk)] for k, v in out.items()})
