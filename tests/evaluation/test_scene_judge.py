@@ -231,7 +231,9 @@ def test_cli_trains_reports_and_rejects_bad_flags(cli_run, cache_dir):
   assert "rendered 1000 train scenes" in out and "step 300/300 | loss" in out and "steps/s" in out
   assert f"saved the scene judge to {cache_dir}" in out
   rows = {l.split("  ")[0]: l.split()[-6:] for l in out.splitlines() if l.endswith("%")}
-  assert set(rows) == {"judge", "chance (other captions)", "chance (analytic)"}
+  assert set(rows) == {
+    "judge", "judge, degraded images", "chance (other captions)", "chance (analytic)"
+  }  # fmt: skip
   judge, analytic = (
     [float(v.rstrip("%")) for v in rows[k]] for k in ("judge", "chance (analytic)")
   )
