@@ -1,18 +1,17 @@
 """The scene judge: a small network that reads the synthetic world's attributes off an image.
 
-Text-to-image is scored by asking whether a generated image shows what its caption says.
 Every synthetic caption (``m6_jax/data/synthetic.py``) states the shape, colour, size and
-cell (of a 3x3 grid) of 1 to 3 objects, so a classifier that reads those attributes back
-from pixels turns "does the picture match the caption" into plain accuracies:
+grid cell (of 3x3) of 1 to 3 objects, so a classifier that reads those attributes back from
+pixels turns "does the generated image show its caption" into plain accuracies:
 
     judge = scene_judge.load_or_train("/tmp/judge")          # ~1 min on 2 CPU cores, cached
     scores = scene_judge.attribute_accuracy(judge, images, scenes)
     chance = scene_judge.chance_accuracy(judge, images, scenes)
     fd = scene_judge.frechet_distance(judge.features(real), judge.features(generated))
 
-or from the command line, which trains the judge (or loads it from the cache) and prints its
-accuracy on rendered validation scenes, on ``degrade``d copies of them (blurred and noisy, as
-a reconstruction is) and the chance levels::
+The scores, chance levels and Fréchet distance live in ``scene_scores`` (re-exported here).
+From the command line, the judge is trained (or loaded from the cache) and its accuracy on
+rendered validation scenes, on ``degrade``d copies of them and the chance levels printed::
 
     python -m m6_jax.evaluation.scene_judge --cache_dir=/tmp/judge
 
@@ -22,40 +21,26 @@ Flags: ``--cache_dir`` (required; one folder per training setting is kept there)
 (validation scenes to report on, default 1000). Bad flags end in one ``error:`` line, exit 2.
 
 **The network** (``JudgeNet``) predicts, for each of the 9 cells, the shape with "empty" as
-a sixth class (so occupancy and shape are one decision), the colour (6) and the size (2);
-colour and size are trained only where a cell is occupied. Each cell's pixels (16x16 at
-48 px, plus a 2 px margin so that a slightly misplaced shape is still seen whole) go
-through one hidden layer to 32 per-cell *features*, and from there to the three heads. All
-cells share the weights, so each object teaches all nine. It is a per-cell MLP rather than
-a CNN because the grid is fixed, and because XLA's convolution gradients are slow on CPU:
-a four-layer CNN of similar size took about ten times longer per training step on 2 cores,
-while the MLP, with shifts in its augmentation, already reads held-out scenes perfectly.
+a sixth class (occupancy and shape are one decision), the colour (6) and the size (2), the
+latter two trained only where a cell is occupied. Each cell's pixels (16x16 at 48 px, plus
+a 2 px margin so that a slightly misplaced shape is still seen whole) go through one hidden
+layer to 32 per-cell *features*, and from there to the three heads; all cells share the
+weights. It is a per-cell MLP rather than a CNN because the grid is fixed and XLA's
+convolution gradients are slow on CPU: a four-layer CNN of similar size took about ten
+times longer per training step on 2 cores, while the MLP reads held-out scenes perfectly.
 
-**Training** draws batches from scenes of the world's train split, rendered once
-(``num_train_scenes`` of them, a few seconds), and augments every batch afresh: a shift of
-up to 2 px, a blur of random strength (up to a Gaussian of about 1.2 px), per-channel gain
-and offset, Gaussian noise. The judge's job is to score VQGAN reconstructions and generated
-images, which are slightly blurry, noisy, off in colour and not pixel-exact; a judge trained
-only on the renderer's clean pixels can be thrown by such small departures and would then
-blame the generator for its own brittleness. The augmentation is kept mild (colours stay
-far from their neighbours in the palette, shapes stay near their cell's centre) so that it
-never changes what the image shows.
-
-**Scoring** (``score_predictions``, ``attribute_accuracy``) is strict: every attribute of
-a stated object is judged at the object's stated cell, so an object drawn in the wrong cell
-counts as wrong position, shape, colour and size alike. The per-object scores are averaged
-over all stated objects, ``count`` and ``all_correct`` over images.
-
-**Fréchet distance** (``frechet_distance``) on the judge's features is this project's own
-distribution metric for the synthetic world: it compares generated and real images in the
-space the judge learned to tell scenes apart in. It is *not* FID as reported on COCO (that
-uses Inception-v3 features on natural images); its values are comparable only with each
-other, at equal sample sizes (the estimate is biased upward for small samples).
+**Training** draws batches from ``num_train_scenes`` scenes of the world's train split,
+rendered once, and augments every batch afresh: a shift of up to 2 px, a blur of random
+strength (up to a Gaussian of about 1.2 px), per-channel gain and offset, Gaussian noise.
+The judge is to score VQGAN reconstructions and generated images, which are slightly
+blurry, noisy, off in colour and not pixel-exact; a judge that only saw the renderer's clean
+pixels can be thrown by such departures and would blame the generator for its own
+brittleness. The augmentation stays mild (colours far from their palette neighbours, shapes
+near their cell's centre) so that it never changes what the image shows.
 
 A trained judge is saved as ``params.msgpack`` (flax serialization) and ``judge.json`` (the
-training settings, their fingerprint and the held-out accuracy); ``load_or_train`` keeps one
-such folder per fingerprint, so changing a setting trains a new judge instead of reusing a
-stale one.
+training settings, their fingerprint, the held-out accuracy); ``load_or_train`` keeps one
+folder per fingerprint, so a changed setting trains a new judge instead of reusing a stale one.
 """
 
 from __future__ import annotations
@@ -64,13 +49,12 @@ import dataclasses
 import functools
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import flax.serialization
@@ -78,18 +62,48 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from PIL import Image
 
 from m6_jax.data import synthetic
 from m6_jax.errors import EvaluationError
+from m6_jax.evaluation.scene_scores import (
+  COLOR_NAMES,
+  EMPTY,
+  NUM_CELLS,
+  analytic_chance,
+  attribute_accuracy,
+  chance_accuracy,
+  degrade,
+  evaluate_on_world,
+  format_table,
+  frechet_distance,
+  render,
+  scene_targets,
+  score_predictions,
+  world_scenes,
+)
+
+# The public API; the scores are re-exported so that one import serves a caller.
+__all__ = [
+  "Judge",
+  "JudgeNet",
+  "TrainSettings",
+  "analytic_chance",
+  "attribute_accuracy",
+  "augment",
+  "chance_accuracy",
+  "degrade",
+  "evaluate_on_world",
+  "frechet_distance",
+  "load_or_train",
+  "render",
+  "scene_targets",
+  "score_predictions",
+  "train_judge",
+  "world_scenes",
+]
 
 # Bump when the network, the augmentation or the labels change: cached judges then retrain.
 FORMAT_VERSION = 1
-NUM_CELLS = 9
-EMPTY = 0  # shape class 0 is an empty cell; class k + 1 is synthetic.SHAPES[k]
-COLOR_NAMES = tuple(synthetic.COLORS)
-OBJECT_SCORES = ("position", "shape", "color", "size")
-IMAGE_SCORES = ("count", "all_correct")
 _PARAMS_FILE = "params.msgpack"
 _META_FILE = "judge.json"
 # The augmentation's strength (images in [0, 1]): shifts, blur, colour, noise.
@@ -164,28 +178,6 @@ class JudgeNet(nn.Module):
 # --------------------------------------------------------------------------------------
 # Labels, images, augmentation
 # --------------------------------------------------------------------------------------
-
-
-def scene_targets(scenes: Sequence[synthetic.Scene]) -> dict[str, np.ndarray]:
-  """The truth per cell, int32 [b, 9] each: ``shape`` (EMPTY or 1 + index in SHAPES),
-  ``color`` (index in COLORS) and ``size`` (index in SIZES); 0 where a cell is empty."""
-  out = {k: np.zeros((len(scenes), NUM_CELLS), np.int32) for k in ("shape", "color", "size")}
-  for i, scene in enumerate(scenes):
-    for o in scene.objects:
-      out["shape"][i, o.cell] = 1 + synthetic.SHAPES.index(o.shape)
-      out["color"][i, o.cell] = COLOR_NAMES.index(o.color)
-      out["size"][i, o.cell] = synthetic.SIZES.index(o.size)
-  return out
-
-
-def world_scenes(seed: int, split: str, num: int) -> list[synthetic.Scene]:
-  """The first ``num`` scenes of a split of the world ``seed``."""
-  return [synthetic.sample_scene(seed, synthetic.split_index(split, i)) for i in range(num)]
-
-
-def render(scenes: Sequence[synthetic.Scene], image_size: int = 48) -> np.ndarray:
-  """uint8 [b, s, s, 3]: the renderer's images of ``scenes``."""
-  return np.stack([synthetic.render_scene(s, image_size) for s in scenes])
 
 
 def _blur(x: jax.Array) -> jax.Array:
@@ -409,7 +401,8 @@ def load_or_train(cache_dir: str, log: Callable[[str], None] | None = None, **se
   tmp = tempfile.mkdtemp(prefix=".judge_", dir=cache_dir)
   try:
     judge = train_judge(**dataclasses.asdict(wanted), log=log)
-    judge.save(tmp, extra={"held_out": evaluate_on_world(judge)})
+    held_out = evaluate_on_world(judge, wanted.seed, image_size=wanted.image_size)
+    judge.save(tmp, extra={"held_out": held_out})
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
   finally:
@@ -422,160 +415,6 @@ def load_or_train(cache_dir: str, log: Callable[[str], None] | None = None, **se
 # --------------------------------------------------------------------------------------
 # Scores
 # --------------------------------------------------------------------------------------
-
-
-class Predictor(Protocol):
-  def predict(self, images: np.ndarray) -> Mapping[str, np.ndarray]: ...
-
-
-def score_predictions(
-  predictions: Mapping[str, np.ndarray], scenes: Sequence[synthetic.Scene]
-) -> dict[str, float]:
-  """How well per-cell predictions (``Judge.predict``'s dict) show the stated scenes.
-
-  Per stated object (averaged over all objects of all scenes), judged at its stated cell c:
-    position: c is predicted occupied (shape != EMPTY);
-    shape:    the predicted shape at c is the stated shape;
-    color:    c is predicted occupied and its predicted colour is the stated one;
-    size:     c is predicted occupied and its predicted size is the stated one.
-  A wrong position is thus also a wrong shape, colour and size (the strict reading: an
-  object is only "red" if it is where the caption says). Per image (averaged over images):
-    count:       the number of predicted occupied cells is the number of stated objects;
-    all_correct: every stated object right in all four and no other cell occupied.
-  Also returns ``num_images`` and ``num_objects``.
-  """
-  shape, color, size = (np.asarray(predictions[k]) for k in ("shape", "color", "size"))
-  if shape.shape != (len(scenes), NUM_CELLS):
-    raise EvaluationError(
-      f"predictions for {shape.shape[0]} images, but {len(scenes)} scenes to judge them by."
-    )
-  truth = scene_targets(scenes)
-  stated = truth["shape"] != EMPTY
-  if not stated.any():
-    raise EvaluationError("no stated objects to judge.")
-  occupied = shape != EMPTY
-  position = occupied
-  right = {
-    "position": position,
-    "shape": shape == truth["shape"],
-    "color": position & (color == truth["color"]),
-    "size": position & (size == truth["size"]),
-  }
-  object_right = right["shape"] & right["color"] & right["size"]
-  scores = {k: float(v[stated].mean()) for k, v in right.items()}
-  scores["count"] = float((occupied.sum(1) == stated.sum(1)).mean())
-  scores["all_correct"] = float(((object_right | ~stated) & (occupied == stated)).all(1).mean())
-  scores["num_images"] = len(scenes)
-  scores["num_objects"] = int(stated.sum())
-  return scores
-
-
-def attribute_accuracy(
-  judge: Predictor, images: np.ndarray, scenes: Sequence[synthetic.Scene]
-) -> dict[str, float]:
-  """``score_predictions`` of the judge's reading of ``images`` against ``scenes`` (image
-  i was made from scene i's caption, or is its rendering)."""
-  if len(images) != len(scenes):
-    raise EvaluationError(f"{len(images)} images but {len(scenes)} scenes; one scene per image.")
-  return score_predictions(judge.predict(images), scenes)
-
-
-def analytic_chance() -> dict[str, float]:
-  """The expected scores of a perfect judge when each image is paired with the caption of
-  another, independent scene of the world: a stated cell is occupied with probability
-  E[#objects] / 9, and then has the stated shape with probability 1/5, colour 1/6, size 1/2
-  (the world draws them uniformly); counts agree with probability sum_n P(n)^2."""
-  counts = range(1, synthetic.MAX_OBJECTS + 1)
-  p_n = 1.0 / len(counts)
-  position = sum(p_n * n for n in counts) / NUM_CELLS
-  per_object = {
-    "shape": 1 / len(synthetic.SHAPES),
-    "color": 1 / len(COLOR_NAMES),
-    "size": 1 / len(synthetic.SIZES),
-  }
-  p_object = math.prod(per_object.values())
-  all_correct = sum(p_n * p_n * p_object**n / math.comb(NUM_CELLS, n) for n in counts)
-  return {
-    "position": position,
-    **{k: position * p for k, p in per_object.items()},
-    "count": p_n,
-    "all_correct": all_correct,
-  }
-
-
-def chance_accuracy(
-  judge: Predictor, images: np.ndarray, scenes: Sequence[synthetic.Scene], seed: int = 0
-) -> dict[str, dict[str, float]]:
-  """Chance levels: ``empirical`` scores ``images`` against the captions of other scenes
-  of the set (a random permutation without fixed points), ``analytic`` is
-  ``analytic_chance()``, what a perfect judge would score that way on average."""
-  if len(scenes) < 2:
-    raise EvaluationError("chance pairing needs at least 2 scenes.")
-  order = np.random.default_rng(seed).permutation(len(scenes))
-  others = np.empty_like(order)
-  others[order] = np.roll(order, 1)  # image order[i] gets scene order[i - 1], never its own
-  paired = [scenes[j] for j in others]
-  return {"empirical": attribute_accuracy(judge, images, paired), "analytic": analytic_chance()}
-
-
-def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
-  """Fréchet distance between Gaussians fit to two feature sets [n, d] (e.g. real and
-  generated images' ``Judge.features``): |mu_a - mu_b|^2 + tr(C_a + C_b - 2 (C_a C_b)^1/2).
-
-  The project's own measure on the judge's features, not COCO FID (see the module doc).
-  tr (C_a C_b)^1/2 is the sum of the square roots of the eigenvalues of the symmetric
-  C_a^1/2 C_b C_a^1/2, computed in float64 with two symmetric eigen-decompositions.
-  """
-  a, b = (np.asarray(f, np.float64) for f in (feats_a, feats_b))
-  if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
-    raise ValueError(
-      f"frechet_distance needs two [n >= 2, d] feature sets of equal d; got "
-      f"{list(a.shape)} and {list(b.shape)}."
-    )
-  cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-  vals, vecs = np.linalg.eigh(cov_a)
-  sqrt_a = (vecs * np.sqrt(np.clip(vals, 0.0, None))) @ vecs.T
-  cross = np.sqrt(np.clip(np.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a), 0.0, None)).sum()
-  diff = a.mean(0) - b.mean(0)
-  return float(max(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2.0 * cross, 0.0))
-
-
-def degrade(images: np.ndarray, seed: int = 0) -> np.ndarray:
-  """A fixed stand-in for a VQGAN reconstruction: each image bilinearly halved and restored
-  (a blur of about a pixel) plus Gaussian noise of 6 grey levels. Reporting the judge on
-  these shows how far it can be trusted on imperfect images; the damage is not one the
-  augmentation draws (that works on the full-resolution image)."""
-  rng = np.random.default_rng(seed)
-  out = []
-  for im in images:
-    s = im.shape[0]
-    small = Image.fromarray(im).resize((s // 2, s // 2), Image.Resampling.BILINEAR)
-    out.append(np.asarray(small.resize((s, s), Image.Resampling.BILINEAR), np.float32))
-  noisy = np.stack(out) + rng.normal(0.0, 6.0, images.shape)
-  return np.clip(np.round(noisy), 0, 255).astype(np.uint8)
-
-
-def evaluate_on_world(judge: Judge, num_scenes: int = 1000) -> dict[str, dict[str, float]]:
-  """The judge on the first ``num_scenes`` validation scenes of its world:
-  ``{"accuracy": on their renders, "degraded": on ``degrade``d renders, "chance":
-  chance_accuracy(...)["empirical"]}``."""
-  scenes = world_scenes(judge.settings.seed, "validation", num_scenes)
-  images = render(scenes, judge.settings.image_size)
-  return {
-    "accuracy": attribute_accuracy(judge, images, scenes),
-    "degraded": attribute_accuracy(judge, degrade(images), scenes),
-    "chance": chance_accuracy(judge, images, scenes)["empirical"],
-  }
-
-
-def format_table(rows: Mapping[str, Mapping[str, float]]) -> str:
-  """{row name: scores} -> a small text table, one column per score (in %)."""
-  names = OBJECT_SCORES + IMAGE_SCORES
-  width = max(len(r) for r in rows) + 2
-  lines = ["".ljust(width) + "".join(n.rjust(12) for n in names)]
-  for row, scores in rows.items():
-    lines.append(row.ljust(width) + "".join(f"{100 * scores[n]:11.2f}%" for n in names))
-  return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------
@@ -629,7 +468,7 @@ def _main(flag_values: dict[str, Any], argv: list[str]) -> None:
     start = time.perf_counter()
     judge = load_or_train(cache_dir, log=lambda line: print(line, flush=True), **values)
     print(f"judge ready in {time.perf_counter() - start:.1f}s")
-    result = evaluate_on_world(judge, num_eval)
+    result = evaluate_on_world(judge, judge.settings.seed, num_eval, judge.settings.image_size)
   except EvaluationError as e:
     _fail(str(e))
   except OSError as e:
