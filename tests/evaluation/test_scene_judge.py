@@ -74,12 +74,14 @@ def test_the_judge_learns_the_attributes_of_unseen_scenes(judge, held_out):
 
 
 def test_features_tell_other_images_from_real_ones(judge):
-  # 300 images a set: with fewer the estimate's own noise (~1/n) hides the differences.
-  images = sj.render(sj.world_scenes(0, "validation", 600))
-  real_a, real_b = judge.features(images[:300]), judge.features(images[300:])
-  assert real_a.shape == (300, sj.NUM_CELLS * sj.JudgeNet.cell_features)
-  recoloured = judge.features(images[300:, :, :, ::-1].copy())  # BGR: colours off the palette
-  single = [s for s in sj.world_scenes(0, "train", 1200) if len(s.objects) == 1][:300]
+  # 256 images a set (one compiled batch): with fewer, the estimate's own noise (~1/n) would
+  # hide the differences.
+  n = 256
+  images = sj.render(sj.world_scenes(0, "validation", 2 * n))
+  real_a, real_b = judge.features(images[:n]), judge.features(images[n:])
+  assert real_a.shape == (n, sj.NUM_CELLS * sj.JudgeNet.cell_features)
+  recoloured = judge.features(images[n:, :, :, ::-1].copy())  # BGR: colours off the palette
+  single = [s for s in sj.world_scenes(0, "train", 4 * n) if len(s.objects) == 1][:n]
   same = sj.frechet_distance(real_a, real_b)
   assert sj.frechet_distance(real_a, recoloured) > 2 * same
   assert sj.frechet_distance(real_a, judge.features(sj.render(single))) > 1.5 * same
