@@ -1,0 +1,45 @@
+"""The VQGAN image tokenizer of text-to-image, on the synthetic world (48 px images).
+
+  python -m m6_jax.main --config=configs/vqgan.py --workdir=/tmp/vqgan
+  python -m m6_jax.main --mode=eval --workdir=/tmp/vqgan
+  python -m m6_jax.main --mode=encode_images --workdir=/tmp/vqgan --codes_dir=/tmp/vqgan_codes
+
+(Figures: to be measured.)
+
+Variant `configs/vqgan.py:runlocal` is a 20-step smoke test. Every `vqgan.*` key is documented
+in m6_jax/config.py `_vqgan_defaults`.
+"""
+
+from m6_jax.config import default_config
+
+
+def get_config(arg: str | None = None):
+  config = default_config()
+  config.model.family = "vqgan"
+  v = config.vqgan
+  v.channels = 8
+  v.channel_multipliers = (1, 2, 4, 8)
+  v.num_res_blocks = 1
+  v.downsample_factor = 8  # 48 px -> 6x6 codes
+  v.codebook_size = 256
+  v.code_dim = 16
+  config.data.batch_size = 32
+  config.train.steps = 600
+  config.train.lr = 2e-3
+  config.train.warmup_steps = 20
+  config.train.b2 = 0.99
+  config.train.weight_decay = 0.0
+  config.train.log_every = 50
+  config.train.checkpoint_every = 200
+  config.train.eval_every = 200
+  config.train.eval_metric = "psnr"
+  if arg == "runlocal":
+    config.train.steps = 20
+    config.train.log_every = 5
+    config.train.checkpoint_every = 10
+    config.train.eval_every = 20
+    config.train.warmup_steps = 5
+    config.data.num_eval_examples = 64
+  elif arg:
+    raise ValueError(f"Unknown variant '{arg}' of configs/vqgan.py; known: runlocal.")
+  return config
