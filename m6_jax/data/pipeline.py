@@ -69,6 +69,9 @@ Sources (``config.data.source``):
   record lists come from the dataset's metadata, so selecting costs no reading); a task
   with a positive weight but no such record is an error. Records keep fixed positions, so
   everything said above about determinism, sharding and iterator state holds unchanged.
+* With ``config.data.image_codes_dir`` (written by ``--mode=encode_images``), every example
+  of either source also carries ``image_codes`` int32 [h, w], its image's VQGAN code grid,
+  by record index (m6_jax/data/image_codes.py checks that the codes fit the source).
 
 Config fields read: ``config.seed`` and ``config.data.{batch_size, src_len, tgt_len,
 image_size, num_train_examples, num_eval_examples, task_weights, noise_density,

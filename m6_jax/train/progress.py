@@ -133,7 +133,9 @@ class Progress:
   losses: list[float] = dataclasses.field(default_factory=list)  # every step booked
 
   def __post_init__(self):
-    self._param_counts = None  # M6's, counted when first needed
+    # M6's parameter counts, for the model FLOPs of its text batches (none for the VQGAN).
+    text_model = self.config.model.get("family", "m6") == "m6"
+    self._param_counts = param_count.count_params(self.config) if text_model else None
     self._flops: dict[tuple[int, int], float] = {}
     self._sums: dict | None = None
     self._steps, self._step_flops = 0, 0.0
@@ -191,8 +193,6 @@ class Progress:
   def step_flops(self, host_batch: dict[str, np.ndarray]) -> float:
     """Model FLOPs of a train step on a batch with these text columns (cached per shape)."""
     shape = (host_batch["src_tokens"].shape[1], host_batch["tgt_input"].shape[1])
-    if self._param_counts is None:
-      self._param_counts = param_count.count_params(self.config)
     if shape not in self._flops:
       self._flops[shape] = param_count.train_flops(self.config, self._param_counts, None, *shape)
     return self._flops[shape]
