@@ -4,7 +4,17 @@
   python -m m6_jax.main --mode=eval --workdir=/tmp/vqgan
   python -m m6_jax.main --mode=encode_images --workdir=/tmp/vqgan --codes_dir=/tmp/vqgan_codes
 
-(Figures: to be measured.)
+Recipe: 48 px -> 12x12 codes (downsample_factor 4) of a 256-code, 16-dim l2-normalised EMA
+codebook; widths 16/32/64, one residual block per level, 409k parameters; L1 + L2
+reconstruction, no GAN (vqgan.disc_weight=0); batch 32, 600 steps at lr 2e-3.
+
+Measured (held-out synthetic validation, 512 images; PSNR over [0, 255] images), on 2 CPU
+cores shared with other jobs (load 6-10, so 0.3-1 steps/s instead of ~1-2):
+  this recipe, factor 4 (12x12):  step 200: PSNR 23.4 dB, codebook usage 69.5%, perplexity 53
+  factor 8 (6x6), widths 8/16/32/64, L1 only:  step 200: PSNR 19.4 dB, usage 87.1%,
+                                                perplexity 71 (train mse still falling)
+The targets (PSNR >= 30 dB, >= 95% of the codebook used) are NOT reached yet by these short
+runs; more steps, wider decoders or a smaller codebook are the levers to try next.
 
 Variant `configs/vqgan.py:runlocal` is a 20-step smoke test. Every `vqgan.*` key is documented
 in m6_jax/config.py `_vqgan_defaults`.
@@ -17,12 +27,13 @@ def get_config(arg: str | None = None):
   config = default_config()
   config.model.family = "vqgan"
   v = config.vqgan
-  v.channels = 8
-  v.channel_multipliers = (1, 2, 4, 8)
+  v.channels = 16
+  v.channel_multipliers = (1, 2, 4)
   v.num_res_blocks = 1
-  v.downsample_factor = 8  # 48 px -> 6x6 codes
+  v.downsample_factor = 4  # 48 px -> 12x12 codes
   v.codebook_size = 256
   v.code_dim = 16
+  v.l2_weight = 1.0
   config.data.batch_size = 32
   config.train.steps = 600
   config.train.lr = 2e-3
