@@ -239,7 +239,7 @@ class Checkpoints:
     extra_meta: dict[str, Any] | None = None,
   ) -> None:
     """Saves `state` (with `data_iter`) or `params`, plus the config, the tokenizer's
-    fingerprint and a checksum of every array, as `step` (once: a step already saved is left
+    fingerprint (none for a model without one, the VQGAN) and a checksum of every array, as `step` (once: a step already saved is left
     as it is). Training checkpoints beyond `keep` are deleted first, except the newest good
     one."""
     if step in self.manager.all_steps():
@@ -247,7 +247,8 @@ class Checkpoints:
     if self._rotating:
       self._rotate(self.keep - 1)
     saved = {"state": state} if state is not None else {"params": params}
-    meta = dict(tokenizer_fingerprint(tokenizer), checksums=checksums(saved), **(extra_meta or {}))
+    fingerprint = tokenizer_fingerprint(tokenizer) if tokenizer is not None else {}
+    meta = dict(fingerprint, checksums=checksums(saved), **(extra_meta or {}))
     items = {
       "config": ocp.args.JsonSave(config.to_dict()),
       "meta": ocp.args.JsonSave(meta),

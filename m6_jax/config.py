@@ -21,6 +21,9 @@ __all__ = ["ConfigError", "default_config", "validate", "moe_layer_indices"]
 
 SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
 IMAGE_STEMS = ("linear", "resnet")
+# Model families the train loop, evaluation and checkpoints serve (m6_jax/train/family.py).
+FAMILIES = ("m6", "vqgan")
+VQGAN_EVAL_METRICS = ("psnr", "codebook_usage", "perplexity")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = (
   "none",
@@ -40,6 +43,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.init_from = ""
 
   c.model = ml_collections.ConfigDict()
+  # "m6": the multimodal Transformer (the keys below); "vqgan": the image tokenizer of
+  # text-to-image (the `vqgan` section; configs/vqgan.py).
+  c.model.family = "m6"
   c.model.vocab_size = 1024  # embedding rows; >= the tokenizer's piece count
   c.model.d_model = 128
   c.model.num_layers = 4
@@ -104,6 +110,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.source = "synthetic"  # "synthetic" (embedded world) or "tfds" (--mode=prepare_data)
   c.data.tfds_name = ""  # source="tfds": the prepared dataset's name (as given to prepare_data)
   c.data.data_dir = ""  # source="tfds": its TFDS data_dir; empty: TFDS default location
+  # Code grids written by --mode=encode_images (m6_jax/data/image_codes.py): every example of
+  # the data source then carries `image_codes` int32 [h, w]. Empty: none.
+  c.data.image_codes_dir = ""
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 600
@@ -151,6 +160,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.eval_metric = "vqa_accuracy"  # e.g. vqa_accuracy, cider, bleu4 (max); *_loss (min)
   c.train.eval_examples = 64  # validation scenes decoded per evaluation (0: num_eval_examples)
 
+  c.vqgan = _vqgan_defaults()
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by the other axes
   c.mesh.fsdp = 1
@@ -158,6 +169,37 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh.expert = 1  # MoE experts are split over this axis; the batch is split over it too
   c.mesh.logical_axis_rules = axes.default_logical_axis_rules()  # m6_jax/parallel/axes.py
   return c
+
+
+def _vqgan_defaults() -> ml_collections.ConfigDict:
+  """The VQGAN image tokenizer (model.family="vqgan"; m6_jax/model/vqgan.py). Images are
+  data.image_size px; compute in model.dtype."""
+  v = ml_collections.ConfigDict()
+  v.channels = 8  # base width of the encoder / decoder convolutions
+  # Width multiplier of each resolution level; a stride-2 convolution (encoder) or an
+  # upsampling (decoder) between levels, so there are log2(downsample_factor) + 1 entries.
+  # Every width must be a multiple of 8 (GroupNorm groups).
+  v.channel_multipliers = (1, 2, 4, 8)
+  v.num_res_blocks = 1  # residual blocks per level (encoder and decoder)
+  # Image side / code grid side: 48 px / 8 -> 6x6 codes per image, / 4 -> 12x12.
+  v.downsample_factor = 8
+  v.codebook_size = 256  # codes; at most 65536 (code grids are stored as uint16)
+  v.code_dim = 16  # dimension of the code vectors the lookup compares
+  v.l2_normalize = True  # ViT-VQGAN lookup: unit-length encoder outputs and codes
+  v.beta = 0.25  # commitment loss weight: mean (z - stop_gradient(code))^2
+  v.ema_decay = 0.99  # the codebook is an exponential moving average of its assigned z
+  # A code whose EMA count falls below this many assignments per step is restarted on a
+  # random encoder output of the batch, with this count (0: never restart).
+  v.dead_code_threshold = 0.25
+  v.l1_weight = 1.0  # reconstruction loss: l1_weight * |x' - x| + l2_weight * (x' - x)^2,
+  v.l2_weight = 0.0  # means over pixels, images in [-1, 1] scale
+  # Patch-GAN discriminator (hinge loss, taming-transformers' adaptive weight on the
+  # decoder's last layer). 0: no discriminator (no parameters, no compute).
+  v.disc_weight = 0.0
+  v.disc_start = 0  # train step from which the GAN terms count (both networks)
+  v.disc_channels = 32  # width of the discriminator's first convolution (a multiple of 8)
+  v.disc_layers = 2  # stride-2 convolutions of the discriminator
+  return v
 
 
 def _flat_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
@@ -322,6 +364,9 @@ def validate(
   _check_known_keys(config)
   m, d, t = config.model, config.data, config.train
 
+  _require(m.family in FAMILIES, f"model.family='{m.family}' is not one of {FAMILIES}.")
+  if m.family == "vqgan":
+    _validate_vqgan(config)
   _require(
     m.image_stem in IMAGE_STEMS, f"model.image_stem='{m.image_stem}' is not one of {IMAGE_STEMS}."
   )
@@ -367,4 +412,62 @@ def validate(
   _require(
     t.log_every > 0 and t.checkpoint_every > 0 and t.keep_checkpoints > 0,
     "train.log_every, train.checkpoint_every and train.keep_checkpoints must be positive.",
+  )
+
+
+def _validate_vqgan(config: ml_collections.ConfigDict) -> None:
+  v, size, t = config.vqgan, config.data.image_size, config.train
+  f = v.downsample_factor
+  _require(
+    f >= 1 and f & (f - 1) == 0,
+    f"vqgan.downsample_factor={f} must be a power of two (1, 2, 4, 8, ...).",
+  )
+  _require(
+    size > 0 and size % f == 0,
+    f"data.image_size={size} is not divisible by vqgan.downsample_factor={f}; pick a "
+    "factor that tiles the image (48 px: 4 -> 12x12 codes, 8 -> 6x6, 16 -> 3x3).",
+  )
+  levels = f.bit_length()  # log2(f) + 1
+  mults = tuple(v.channel_multipliers)
+  _require(
+    len(mults) == levels,
+    f"vqgan.channel_multipliers={mults} needs {levels} entries for "
+    f"vqgan.downsample_factor={f} (one per resolution level, log2(factor) + 1).",
+  )
+  _require(
+    v.channels > 0 and all(m > 0 and v.channels * m % 8 == 0 for m in mults),
+    f"vqgan.channels={v.channels} x vqgan.channel_multipliers={mults} must all be positive "
+    "multiples of 8 (GroupNorm uses 8 groups).",
+  )
+  _require(
+    2 <= v.codebook_size <= 65536,
+    f"vqgan.codebook_size={v.codebook_size} must be in [2, 65536] (codes are stored as uint16).",
+  )
+  _require(v.code_dim >= 1, f"vqgan.code_dim={v.code_dim} must be >= 1.")
+  _require(v.num_res_blocks >= 0, f"vqgan.num_res_blocks={v.num_res_blocks} must be >= 0.")
+  _require(0 <= v.ema_decay < 1, f"vqgan.ema_decay={v.ema_decay} must be in [0, 1).")
+  _require(
+    v.dead_code_threshold >= 0,
+    f"vqgan.dead_code_threshold={v.dead_code_threshold} must be >= 0 (assignments per step).",
+  )
+  _require(
+    min(v.beta, v.l1_weight, v.l2_weight, v.disc_weight) >= 0 and v.l1_weight + v.l2_weight > 0,
+    "vqgan.beta, vqgan.l1_weight, vqgan.l2_weight and vqgan.disc_weight must be >= 0, with "
+    "a positive l1_weight or l2_weight.",
+  )
+  _require(v.disc_start >= 0, f"vqgan.disc_start={v.disc_start} must be >= 0.")
+  _require(
+    v.disc_channels > 0 and v.disc_channels % 8 == 0 and v.disc_layers >= 1,
+    f"vqgan.disc_channels={v.disc_channels} must be a positive multiple of 8 and "
+    f"vqgan.disc_layers={v.disc_layers} >= 1.",
+  )
+  _require(
+    t.grad_accum_steps == 1,
+    f"train.grad_accum_steps={t.grad_accum_steps}: the VQGAN trains without gradient "
+    "accumulation (its codebook follows each batch); use 1 and a smaller data.batch_size.",
+  )
+  _require(
+    t.eval_every == 0 or t.eval_metric in VQGAN_EVAL_METRICS,
+    f"train.eval_metric='{t.eval_metric}' is not a VQGAN eval metric; use one of "
+    f"{VQGAN_EVAL_METRICS} (e.g. --config.train.eval_metric=psnr).",
   )

@@ -15,6 +15,9 @@ Flags:
                eval: loss/accuracy per task and BLEU-4 / CIDEr / VQA accuracy on the
                validation split; writes <workdir>/eval_metrics.json(l) and TensorBoard
                (--baselines adds the untrained and most-frequent baselines).
+               A VQGAN workdir: reconstruction PSNR, codebook usage, code perplexity.
+               encode_images: the VQGAN of --workdir encodes the train and validation images
+               of a data source (--config, default its own) into code grids in --codes_dir.
                export: write the parameters of a checkpoint of --workdir (latest,
                --checkpoint_step or --best) with its config and tokenizer into
                --export_dir, without the optimizer state; generate, eval and
@@ -59,7 +62,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 _MODE = flags.DEFINE_enum(
   "mode",
   "train",
-  ["train", "prepare_data", "generate", "eval", "export", "params", "aot"],
+  ["train", "prepare_data", "generate", "eval", "export", "encode_images", "params", "aot"],
   "What to run.",
 )
 # Multi-host runs: jax.distributed (m6_jax/parallel/multihost.py)
@@ -105,6 +108,9 @@ _CHECKPOINT_STEP = flags.DEFINE_integer(
 )
 _BEST = flags.DEFINE_bool(
   "best", False, "generate/eval/export: load the best checkpoint kept in <workdir>/best instead."
+)
+_CODES_DIR = flags.DEFINE_string(
+  "codes_dir", None, "encode_images: a new directory for the code grids of the data source."
 )
 _EXPORT_DIR = flags.DEFINE_string(
   "export_dir", None, "export: a new directory for the parameters, config and tokenizer."
@@ -280,15 +286,17 @@ def _load_config(required: bool = True, workdir_hint: str | None = None):
 
 
 def run_train() -> None:
-  from m6_jax.evaluation import evaluate
+  from m6_jax.evaluation import evaluate, vqgan_eval
   from m6_jax.train import loop
 
   config = _load_config(workdir_hint="e.g. --workdir=/tmp/m6_base")
-  evaluator = (
-    evaluate.PeriodicEvaluator(config, _WORKDIR.value) if config.train.eval_every else None
-  )
+  evaluator = None
+  if config.train.eval_every:
+    family_eval = vqgan_eval if config.model.family == "vqgan" else evaluate
+    evaluator = family_eval.PeriodicEvaluator(config, _WORKDIR.value)
   result = loop.train(config, _WORKDIR.value, evaluator)
-  first, last, key = result.first_metrics, result.last_metrics, "image_to_text_loss"
+  key = "rec_loss" if config.model.family == "vqgan" else "image_to_text_loss"
+  first, last = result.first_metrics, result.last_metrics
   if key in first and key in last:
     start = (
       "step 0 (initial parameters)"
@@ -297,7 +305,7 @@ def run_train() -> None:
       f"{result.resumed_from})"
     )
     print(
-      f"image_to_text loss: {start}: {first[key]:.4f} -> step {last['step']}: "
+      f"{key.replace('_loss', '')} loss: {start}: {first[key]:.4f} -> step {last['step']}: "
       f"{last[key]:.4f} ({last[key] / first[key]:.2f}x)"
     )
 
@@ -358,16 +366,25 @@ def run_generate() -> None:
 
 
 def run_eval() -> None:
-  from m6_jax.evaluation import evaluate
+  from m6_jax.evaluation import evaluate, vqgan_eval
 
-  evaluate.run_eval(
-    _WORKDIR.value,
-    _CHECKPOINT_STEP.value,
-    config=_load_config(required=False, workdir_hint="a trained workdir"),
-    best=_BEST.value,
-    num_examples=_NUM_EVAL_EXAMPLES.value,
-    with_baselines=_BASELINES.value,
-  )
+  config = _load_config(required=False, workdir_hint="a trained workdir")
+  workdir, step, best = _WORKDIR.value, _CHECKPOINT_STEP.value, _BEST.value
+  if vqgan_eval.is_vqgan_workdir(workdir, best):
+    return vqgan_eval.run_eval(workdir, step, config, best)
+  evaluate.run_eval(workdir, step, config, best, _NUM_EVAL_EXAMPLES.value, _BASELINES.value)
+
+
+def run_encode_images() -> None:
+  from m6_jax.data import image_codes
+  from m6_jax.infer.image_tokenizer import ImageTokenizer
+
+  config = _load_config(required=False, workdir_hint="a trained VQGAN workdir")
+  if not _CODES_DIR.value:
+    _fail("--mode=encode_images needs --codes_dir, a new directory for the code grids.")
+  tokenizer = ImageTokenizer.load(_WORKDIR.value, _CHECKPOINT_STEP.value)
+  info = image_codes.encode_dataset(tokenizer, config or tokenizer.config, _CODES_DIR.value)
+  print(f"wrote the code grids {info['splits']} ({info['grid']} codes each) to {_CODES_DIR.value}")
 
 
 def run_export() -> None:
@@ -435,6 +452,7 @@ MODES = {
   "generate": run_generate,
   "eval": run_eval,
   "export": run_export,
+  "encode_images": run_encode_images,
 }
 
 

@@ -69,6 +69,9 @@ Sources (``config.data.source``):
   record lists come from the dataset's metadata, so selecting costs no reading); a task
   with a positive weight but no such record is an error. Records keep fixed positions, so
   everything said above about determinism, sharding and iterator state holds unchanged.
+* With ``config.data.image_codes_dir`` (written by ``--mode=encode_images``), every example
+  of either source also carries ``image_codes`` int32 [h, w], its image's VQGAN code grid,
+  by record index (m6_jax/data/image_codes.py checks that the codes fit the source).
 
 Config fields read: ``config.seed`` and ``config.data.{batch_size, src_len, tgt_len,
 image_size, num_train_examples, num_eval_examples, task_weights, noise_density,
@@ -86,10 +89,9 @@ from typing import Any, Callable, Mapping
 import grain
 import numpy as np
 
-from m6_jax.data import synthetic, tasks
+from m6_jax.data import image_codes, splits, tasks
 
 SPLITS = ("train", "validation", "test")
-SOURCES = ("synthetic", "tfds")
 
 
 def _get(cfg, name: str, default: Any) -> Any:
@@ -100,7 +102,7 @@ def _get(cfg, name: str, default: Any) -> Any:
     return default
 
 
-def _derive_seed(seed: int, *tags: int) -> int:
+def derive_seed(seed: int, *tags: int) -> int:
   """A 32-bit seed for one pipeline stage, derived from the run seed and stage tags."""
   return int(np.random.SeedSequence([int(seed), *tags]).generate_state(1)[0])
 
@@ -196,31 +198,19 @@ class _EvalRecord:
     return tasks.get(self.task_names[task]).build(example, self.tokenizer, rng, self.cfg)
 
 
-def _open_source(config, split: str, task_names) -> tuple[Any, list[np.ndarray | None]]:
-  """The split's source and, per task, the indices of its usable examples (None: all)."""
+def open_source(config, split: str, task_names) -> tuple[Any, list[np.ndarray | None]]:
+  """The split's source (eval: a prepared dataset's first ``num_eval_examples`` records)
+  with the code grids of ``data.image_codes_dir`` attached when set, and, per task, the
+  indices of its usable examples (None: all)."""
   data = config.data
-  seed, image_size = int(config.seed), int(data.image_size)
-  kind = _get(data, "source", "synthetic")
-  if kind == "synthetic":
-    size = data.num_train_examples if split == "train" else data.num_eval_examples
-    source = synthetic.SyntheticWorldSource(seed, split, int(size), image_size)
-    return source, [None] * len(task_names)
-  if kind != "tfds":
-    raise ValueError(f"config.data.source={kind!r} is not one of {list(SOURCES)}")
-  name = str(_get(data, "tfds_name", ""))
-  if not name:
-    raise ValueError(
-      "config.data.source='tfds' needs config.data.tfds_name (the name given to "
-      "--mode=prepare_data) and config.data.data_dir"
-    )
-  from m6_jax.data import sources  # imports tensorflow_datasets: only when asked for
-
   max_records = None
   if split != "train" and int(data.num_eval_examples) > 0:
     max_records = int(data.num_eval_examples)
-  source = sources.PreparedSource(
-    str(_get(data, "data_dir", "")), name, split, image_size, max_records
-  )
+  source = splits.split_source(config, split, max_records)
+  if _get(data, "image_codes_dir", ""):
+    source = image_codes.with_codes(source, config, split)
+  if _get(data, "source", "synthetic") == "synthetic":
+    return source, [None] * len(task_names)
   indices = []
   for task in task_names:
     idx = source.task_indices(task)
@@ -375,7 +365,7 @@ class WindowSortDataset(grain.MapDataset):
     return self._parent[int(self._order(w)[r])]
 
 
-def _process_index_and_count(process_index, process_count) -> tuple[int, int]:
+def process_index_and_count(process_index, process_count) -> tuple[int, int]:
   if process_index is None or process_count is None:
     import jax  # only when the caller did not say; keeps this module usable without jax
 
@@ -396,7 +386,7 @@ def make_map_dataset(
   """The batched, per-process ``grain.MapDataset`` behind ``make_dataset``."""
   if split not in SPLITS:
     raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
-  process_index, process_count = _process_index_and_count(process_index, process_count)
+  process_index, process_count = process_index_and_count(process_index, process_count)
   data = config.data
   seed = int(config.seed)
   batch = local_batch_size(int(data.batch_size), process_count)
@@ -404,23 +394,23 @@ def make_map_dataset(
   cfg = task_config(data)
 
   task_names = [n for n, _ in enabled]
-  source, task_indices = _open_source(config, split, task_names)
+  source, task_indices = open_source(config, split, task_names)
 
   if split == "train":
     streams = []
     for name, idx in zip(task_names, task_indices):
       t = tasks.task_id(name)  # tag seeds by task id: stable if others change
       task_source = source if idx is None else _Subset(source, idx)
-      ds = grain.MapDataset.source(task_source).shuffle(seed=_derive_seed(seed, 1, t)).repeat()
+      ds = grain.MapDataset.source(task_source).shuffle(seed=derive_seed(seed, 1, t)).repeat()
       streams.append(
-        ds.random_map(_TaskTransform(name, tokenizer, cfg), seed=_derive_seed(seed, 2, t))
+        ds.random_map(_TaskTransform(name, tokenizer, cfg), seed=derive_seed(seed, 2, t))
       )
     ds = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, [w for _, w in enabled])
     bucket = int(_get(data, "length_bucket", 0))
     window = int(_get(data, "bucket_window", 0))
     if bucket > 0 and window > 0:
       # Before the per-process slice, so global batch k is the same records for any count.
-      ds = WindowSortDataset(ds, window, int(data.batch_size), bucket, _derive_seed(seed, 4))
+      ds = WindowSortDataset(ds, window, int(data.batch_size), bucket, derive_seed(seed, 4))
     ds = ds[process_index::process_count]
     ds = ds.batch(batch, drop_remainder=True)
     if bucket > 0:
@@ -431,7 +421,7 @@ def make_map_dataset(
   # Pad the record count so that every process gets the same number of full batches.
   num_batches = math.ceil(record_fn.num_records / (batch * process_count))
   ds = grain.MapDataset.range(num_batches * batch * process_count)
-  ds = ds.random_map(record_fn, seed=_derive_seed(seed, 3))
+  ds = ds.random_map(record_fn, seed=derive_seed(seed, 3))
   ds = ds[process_index::process_count]
   return ds.batch(batch, drop_remainder=True)
 

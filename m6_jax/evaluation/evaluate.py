@@ -268,7 +268,7 @@ def comparison_table(rows: dict[str, dict]) -> str:
   return "\n".join(lines)
 
 
-def _write(workdir: str, result: dict[str, Any]) -> None:
+def write_results(workdir: str, result: dict[str, Any]) -> None:
   """eval_metrics.json(l) and TensorBoard, from process 0 only (the workdir is shared)."""
   if not multihost.is_primary():
     return
@@ -315,7 +315,7 @@ def run_eval(
     )
     result["table"] = table
     print(table)
-  _write(workdir, result)
+  write_results(workdir, result)
   m = result["metrics"]
   summary = ", ".join(f"{k} {m[k]:.2f}" for k in TABLE_KEYS[:3] if k in m)
   print(

@@ -74,7 +74,7 @@ def _merged_with_defaults(saved: dict) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(merge(config_lib.default_config().to_dict(), saved))
 
 
-def _saved_config(ckpts: checkpoints.Checkpoints, step: int, workdir: str) -> dict:
+def saved_config(ckpts: checkpoints.Checkpoints, step: int, workdir: str) -> dict:
   saved = ckpts.saved_json(step, "config")
   if saved is None:
     path = os.path.join(workdir, "config.json")
@@ -137,7 +137,7 @@ def load_model(
   ckpts = checkpoints.open_steps(source)
   step = ckpts.latest_step() if step is None else step
   devices = list(devices if devices is not None else jax.devices())
-  config = inference_config(_saved_config(ckpts, step, workdir), config, len(devices))
+  config = inference_config(saved_config(ckpts, step, workdir), config, len(devices))
   mesh = partitioning.make_mesh(config, devices)
   rules = partitioning.logical_rules(config)
   model = M6(M6Config.from_config(config))

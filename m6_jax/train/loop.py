@@ -29,6 +29,7 @@ from m6_jax.data import tokenizer as tokenizer_lib
 from m6_jax.errors import ConfigError, TrainingError
 from m6_jax.parallel import multihost
 from m6_jax.train import divergence, metrics_writer, preflight, progress
+from m6_jax.train import family as family_lib
 from m6_jax.train import setup as setup_lib
 from m6_jax.train.preemption import PreemptionFlag
 
@@ -70,7 +71,10 @@ def agree_text_lengths(
 
 def _tokenizer(config: ml_collections.ConfigDict, workdir: str):
   """(tokenizer, its path): config.data.tokenizer_path, else the workdir's (copied from
-  init_from, or trained on the data the first time). Process 0 makes it, the others wait."""
+  init_from, or trained on the data the first time). Process 0 makes it, the others wait.
+  (None, "") for a model family without texts (the VQGAN)."""
+  if not family_lib.get(config).needs_tokenizer:
+    return None, ""
   d = config.data
   if config.init_from and not d.tokenizer_path:
     if checkpoints.copy_tokenizer(config.init_from, workdir) is None:
@@ -98,12 +102,11 @@ def _tokenizer(config: ml_collections.ConfigDict, workdir: str):
 def _data_iterator(config: ml_collections.ConfigDict, tokenizer):
   """This process's slice of every global batch, as a checkpointable grain iterator."""
   try:
-    dataset = pipeline.make_dataset(
-      config, tokenizer, "train", jax.process_index(), jax.process_count()
-    )
+    return family_lib.get(config).data_iterator(tokenizer)
+  except ConfigError:
+    raise
   except ValueError as e:  # e.g. a task the prepared dataset has no records for
     raise ConfigError(f"{e} (keys: data.*)") from e
-  return iter(dataset)
 
 
 def _initial_state(setup, ckpts, data_iter, tokenizer, tokenizer_path) -> tuple[Any, dict]:
@@ -258,7 +261,7 @@ def _evaluate(evaluator, step, state, best, writer, config, tokenizer) -> None:
     )
   shown = " | ".join(
     f"{k} {metrics[k]:.3f}"
-    for k in ("loss", "vqa_accuracy", "cider")
+    for k in ("loss", "vqa_accuracy", "cider", "psnr", "codebook_usage", "perplexity")
     if k in metrics and k != metric  # the metric that picks `best` is shown first
   )
   logging.info("eval step %d | %s %.4f | %s", step, metric, metrics[metric], shown)

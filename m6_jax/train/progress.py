@@ -38,6 +38,10 @@ PEAK_FLOPS_BY_KIND = (
 _SUMMED = ("loss_sum", "weight_sum", "correct_sum", "task_loss_sum", "task_weight_sum", "grad_norm")
 # Per-step means reported when the step returns them (MoE aux losses and drop rate).
 _MEANS = ("moe_load_balance_loss", "moe_router_z_loss", "moe_dropped_fraction")
+# A step without token sums (the VQGAN's) returns per-step means: all are averaged over the
+# interval, except these; the progress line shows these means when present.
+_NOT_AVERAGED = ("finite", "learning_rate")
+_IMAGE_LINE = ("rec_loss", "mse", "batch_usage", "codes_restarted", "gan_loss", "disc_loss")
 
 
 def peak_flops(device_kind: str, configured: float) -> float | None:
@@ -67,9 +71,16 @@ def text_counts(host_batch: dict[str, np.ndarray], process_count: int) -> np.nda
   return np.array([real, positions], np.float64) * process_count
 
 
+def _is_text_step(metrics: dict) -> bool:
+  return "loss_sum" in metrics
+
+
 def accumulate(sums: dict | None, metrics: dict, counts: np.ndarray | None = None) -> dict:
   """Adds one step's metrics (and its `text_counts`, when given) to the interval's sums."""
-  keys = _SUMMED + tuple(k for k in _MEANS if k in metrics)
+  if _is_text_step(metrics):
+    keys = _SUMMED + tuple(k for k in _MEANS if k in metrics)
+  else:
+    keys = tuple(k for k in metrics if k not in _NOT_AVERAGED)
   if sums is None:
     sums = {k: np.zeros_like(np.asarray(metrics[k], np.float64)) for k in keys}
     sums["steps"] = 0
@@ -84,6 +95,10 @@ def accumulate(sums: dict | None, metrics: dict, counts: np.ndarray | None = Non
 
 def summarize(sums: dict[str, Any]) -> dict[str, float]:
   """Turns metric sums accumulated over some steps into the averages we report."""
+  if not _is_text_step(sums):  # per-step means: their mean over the interval's steps
+    steps = max(sums["steps"], 1)
+    out = {k: float(v / steps) for k, v in sums.items() if k not in ("steps", "learning_rate")}
+    return dict(out, learning_rate=float(sums["learning_rate"]))
   out = {
     "loss": float(sums["loss_sum"] / max(sums["weight_sum"], 1.0)),
     "accuracy": float(sums["correct_sum"] / max(sums["weight_sum"], 1.0)),
@@ -118,7 +133,9 @@ class Progress:
   losses: list[float] = dataclasses.field(default_factory=list)  # every step booked
 
   def __post_init__(self):
-    self._param_counts = param_count.count_params(self.config)
+    # M6's parameter counts, for the model FLOPs of its text batches (none for the VQGAN).
+    text_model = self.config.model.get("family", "m6") == "m6"
+    self._param_counts = param_count.count_params(self.config) if text_model else None
     self._flops: dict[tuple[int, int], float] = {}
     self._sums: dict | None = None
     self._steps, self._step_flops = 0, 0.0
@@ -130,8 +147,11 @@ class Progress:
   def dispatched(self, step: int, metrics: dict, host_batch: dict[str, np.ndarray]) -> None:
     """Step `step` (on `host_batch`) is queued on the device with these metrics."""
     self.flush()
-    counts = text_counts(host_batch, jax.process_count())
-    self._pending = (step, metrics, counts, self.step_flops(host_batch))
+    counts, flops = None, 0.0
+    if "src_tokens" in host_batch:  # text: count its tokens and the model FLOPs
+      counts = text_counts(host_batch, jax.process_count())
+      flops = self.step_flops(host_batch)
+    self._pending = (step, metrics, counts, flops)
 
   def flush(self) -> None:
     """Books the pending step: fetches its metrics and raises divergence.Diverged if the
@@ -199,9 +219,9 @@ class Progress:
     summary = summarize(self._sums)
     summary["steps_per_sec"] = self._steps / elapsed
     summary["examples_per_sec"] = summary["steps_per_sec"] * self.config.data.batch_size
-    # Real (non-pad) text tokens, so that the gain of length bucketing shows.
-    summary["tokens_per_sec"] = float(self._sums["text_counts"][0]) / elapsed
-    if self.mesh_peak_flops:
+    if "text_counts" in self._sums:  # real (non-pad) text tokens: the gain of bucketing shows
+      summary["tokens_per_sec"] = float(self._sums["text_counts"][0]) / elapsed
+    if self.mesh_peak_flops and self._step_flops:
       summary["mfu"] = self._step_flops / elapsed / self.mesh_peak_flops
     summary["steps_averaged"] = self._steps  # finite steps; with the non-finite ones below,
     if self._nonfinite:  # every step since the previous record
@@ -220,15 +240,23 @@ class Progress:
     else:
       eta = (t.steps - step) / max(s["steps_per_sec"], 1e-9)
       mfu = f"MFU {s['mfu']:.1%} | " if "mfu" in s else ""
+      tokens = (
+        f"{s['tokens_per_sec']:,.0f} real tok/s (fill {s['text_fill']:.0%}) | "
+        if "tokens_per_sec" in s
+        else ""
+      )
       speed = (
-        f"{s['steps_per_sec']:.2f} steps/s | {s['examples_per_sec']:,.0f} ex/s | "
-        f"{s['tokens_per_sec']:,.0f} real tok/s (fill {s['text_fill']:.0%}) | {mfu}"
+        f"{s['steps_per_sec']:.2f} steps/s | {s['examples_per_sec']:,.0f} ex/s | {tokens}{mfu}"
         f"ETA {format_duration(eta)}"
       )
-    i2t = s.get("image_to_text_loss")
-    i2t = f"image_to_text {i2t:.4f} | " if i2t is not None else ""
+    if "accuracy" in s:
+      i2t = s.get("image_to_text_loss")
+      i2t = f"image_to_text {i2t:.4f} | " if i2t is not None else ""
+      terms = f"{i2t}acc {s['accuracy']:.3f}"
+    else:
+      terms = " | ".join(f"{k} {s[k]:.4g}" for k in _IMAGE_LINE if k in s)
     return (
-      f"step {step}/{t.steps} | loss {s['loss']:.4f} | {i2t}acc {s['accuracy']:.3f} | "
+      f"step {step}/{t.steps} | loss {s['loss']:.4f} | {terms} | "
       f"grad_norm {s['grad_norm']:.3f} | lr {s['learning_rate']:.2e} | {speed}"
     )
 

@@ -1,4 +1,5 @@
-"""The training set-up in one place: mesh, model, optimizer, shardings and the jitted step.
+"""The training set-up in one place: mesh, model, optimizer, shardings and the jitted step,
+for the config's model family (m6_jax/train/family.py).
 
 The train loop, the AOT report (on a TPU topology's devices) and the benchmarks all build
 their program here, so they compile the same step:
@@ -22,10 +23,8 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from m6_jax.data import tasks
-from m6_jax.model import features
-from m6_jax.model.m6 import M6, M6Config
 from m6_jax.parallel import partitioning
+from m6_jax.train import family as family_lib
 from m6_jax.train import optim
 from m6_jax.train import state as state_lib
 from m6_jax.train import step as step_lib
@@ -37,7 +36,7 @@ class TrainSetup:
   config: ml_collections.ConfigDict
   mesh: Mesh
   rules: tuple[tuple[str, Any], ...]
-  model: M6
+  family: family_lib.Family  # config.model.family: the module, its step and its data
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   state_shardings: Any  # a TrainState of NamedShardings
@@ -51,19 +50,25 @@ class TrainSetup:
   def init_state(self, seed: int | None = None) -> TrainState:
     """A fresh state, initialised under jit straight into its shardings."""
     seed = int(self.config.seed) if seed is None else seed
-    state, _ = state_lib.create_sharded_state(self.model, self.tx, self.mesh, self.rules, seed)
+    state, _ = state_lib.create_sharded_state(
+      self.family.init_params, self.tx, self.mesh, self.rules, seed
+    )
     return state
+
+  @property
+  def model(self) -> Any:
+    return self.family.model
 
   def abstract_state(self) -> TrainState:
     """ShapeDtypeStructs with shardings: the restore target, and the AOT compile input."""
-    return state_lib.abstract_state(self.model, self.tx, self.state_shardings)
+    return state_lib.abstract_state(self.family.init_params, self.tx, self.state_shardings)
 
   def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
     """The global train batch at the config's lengths, with its shardings."""
     b = int(self.config.data.batch_size)
     return {
       k: jax.ShapeDtypeStruct((b,) + shape, dtype, sharding=self.batch_shardings[k])
-      for k, (shape, dtype) in features.config_shapes(self.config.data).items()
+      for k, (shape, dtype) in self.family.batch_shapes().items()
     }
 
   def put_batch(self, host_batch: dict) -> dict[str, jax.Array]:
@@ -77,18 +82,20 @@ def build(
   """The set-up for `config` on `devices` (default: all). The config must be validated."""
   mesh = partitioning.make_mesh(config, devices)
   rules = partitioning.logical_rules(config)
-  model = M6(M6Config.from_config(config))
-  tx = optim.make_optimizer(config.train)
+  family = family_lib.get(config)
+  tx = family.make_optimizer()
   schedule = optim.learning_rate_schedule(config.train)
-  state_shardings = state_lib.state_shardings(model, tx, mesh, rules)
+  state_shardings = state_lib.state_shardings(family.init_params, tx, mesh, rules)
   batch_shardings = {
     k: partitioning.batch_sharding(mesh, rules, 1 + len(shape))
-    for k, (shape, _) in features.config_shapes(config.data).items()
+    for k, (shape, _) in family.batch_shapes().items()
   }
-  train_step = step_lib.make_train_step(model, tx, schedule, config.train, len(tasks.names()))
   step = step_lib.jit_train_step(
-    train_step, state_shardings, batch_shardings, partitioning.replicated(mesh)
+    family.make_train_step(tx, schedule),
+    state_shardings,
+    batch_shardings,
+    partitioning.replicated(mesh),
   )
   return TrainSetup(
-    config, mesh, rules, model, tx, schedule, state_shardings, batch_shardings, step
+    config, mesh, rules, family, tx, schedule, state_shardings, batch_shardings, step
   )

@@ -16,8 +16,11 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from m6_jax.model.m6 import M6, dummy_batch
 from m6_jax.parallel import partitioning
+
+# (params rng, dropout rng) -> the model's parameters, still in their logical-axis boxes
+# (m6_jax/train/family.py: each model family's initialiser).
+InitParams = Callable[[jax.Array, jax.Array], Any]
 
 
 @flax.struct.dataclass
@@ -28,15 +31,14 @@ class TrainState:
   rng: jax.Array  # the run's key; each step folds in its step number
 
 
-def make_init_fn(model: M6, tx: optax.GradientTransformation) -> Callable[[jax.Array], TrainState]:
+def make_init_fn(
+  init_params: InitParams, tx: optax.GradientTransformation
+) -> Callable[[jax.Array], TrainState]:
   """rng -> TrainState whose parameters are still wrapped in their logical-axis boxes."""
 
   def init(rng: jax.Array) -> TrainState:
     params_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
-    variables = model.init(
-      {"params": params_rng, "dropout": dropout_rng}, dummy_batch(model.config), deterministic=True
-    )
-    params = variables["params"]
+    params = init_params(params_rng, dropout_rng)
     return TrainState(
       step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng
     )
@@ -44,26 +46,30 @@ def make_init_fn(model: M6, tx: optax.GradientTransformation) -> Callable[[jax.A
   return init
 
 
-def state_shardings(model: M6, tx: optax.GradientTransformation, mesh: Mesh, rules) -> Any:
+def state_shardings(
+  init_params: InitParams, tx: optax.GradientTransformation, mesh: Mesh, rules
+) -> Any:
   """NamedShardings of the (unboxed) train state, without allocating it."""
-  abstract = jax.eval_shape(make_init_fn(model, tx), jax.random.PRNGKey(0))
+  abstract = jax.eval_shape(make_init_fn(init_params, tx), jax.random.PRNGKey(0))
   return partitioning.logical_to_shardings(abstract, mesh, rules)
 
 
-def abstract_state(model: M6, tx: optax.GradientTransformation, shardings: Any) -> TrainState:
+def abstract_state(
+  init_params: InitParams, tx: optax.GradientTransformation, shardings: Any
+) -> TrainState:
   """ShapeDtypeStructs carrying shardings: the restore target for checkpoints."""
-  abstract = nn.unbox(jax.eval_shape(make_init_fn(model, tx), jax.random.PRNGKey(0)))
+  abstract = nn.unbox(jax.eval_shape(make_init_fn(init_params, tx), jax.random.PRNGKey(0)))
   return jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
   )
 
 
 def create_sharded_state(
-  model: M6, tx: optax.GradientTransformation, mesh: Mesh, rules, seed: int
+  init_params: InitParams, tx: optax.GradientTransformation, mesh: Mesh, rules, seed: int
 ) -> tuple[TrainState, Any]:
   """Initialises the state directly into its shardings; returns (state, shardings)."""
-  shardings = state_shardings(model, tx, mesh, rules)
-  init = make_init_fn(model, tx)
+  shardings = state_shardings(init_params, tx, mesh, rules)
+  init = make_init_fn(init_params, tx)
   with partitioning.mesh_context(mesh, rules):
     state = jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=shardings)(
       jax.random.PRNGKey(seed)

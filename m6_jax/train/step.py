@@ -97,25 +97,7 @@ def make_train_step(
         accumulate, zeros, (micro_batches, jnp.arange(num_micro))
       )
 
-    grad_norm = optax.tree.norm(grads)
-    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    # The update is applied only when the loss, the gradients and the new parameters and
-    # optimizer state are all finite (Adam with a zero gradient and eps=0 computes 0/0 from
-    # finite gradients; a huge learning rate overflows the parameters): otherwise the state
-    # stays as it was, so no checkpoint can hold a non-finite array.
-    finite = (
-      jnp.isfinite(loss)
-      & jnp.isfinite(grad_norm)
-      & _all_finite(new_params)
-      & _all_finite(new_opt_state)
-    )
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = state.replace(
-      step=state.step + 1,
-      params=keep(new_params, state.params),
-      opt_state=keep(new_opt_state, state.opt_state),
-    )
+    new_state, grad_norm, finite = apply_if_finite(state, grads, loss, tx)
     # `loss` is the objective; report the cross-entropy part (comparable with dense models).
     ce_loss = sums["loss_sum"] / total_weight
     metrics = dict(
@@ -124,6 +106,41 @@ def make_train_step(
     return new_state, metrics
 
   return train_step
+
+
+def apply_if_finite(
+  state: TrainState,
+  grads: Any,
+  loss: jax.Array,
+  tx: optax.GradientTransformation,
+  overwrite: Callable[[Any], Any] | None = None,
+) -> tuple[TrainState, jax.Array, jax.Array]:
+  """(the next state, the gradient norm, whether the update was applied).
+
+  The update is applied only when the loss, the gradients and the new parameters and
+  optimizer state are all finite (Adam with a zero gradient and eps=0 computes 0/0 from
+  finite gradients; a huge learning rate overflows the parameters): otherwise the state
+  stays as it was, so no checkpoint can hold a non-finite array. `overwrite(new_params)`
+  sets parameters the optimizer does not train (the VQGAN's EMA codebook) before the check.
+  """
+  grad_norm = optax.tree.norm(grads)
+  updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  if overwrite is not None:
+    new_params = overwrite(new_params)
+  finite = (
+    jnp.isfinite(loss)
+    & jnp.isfinite(grad_norm)
+    & _all_finite(new_params)
+    & _all_finite(new_opt_state)
+  )
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = state.replace(
+    step=state.step + 1,
+    params=keep(new_params, state.params),
+    opt_state=keep(new_opt_state, state.opt_state),
+  )
+  return new_state, grad_norm, finite
 
 
 def jit_train_step(

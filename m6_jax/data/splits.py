@@ -1,0 +1,62 @@
+"""The examples of one split of the configured data source, and its images in order: what
+M6's pipeline (m6_jax/data/pipeline.py), the VQGAN's (image_batches.py) and the encoding of
+code grids (image_codes.py) all read.
+
+Sources (``config.data.source``): ``"synthetic"`` (the embedded world, m6_jax/data/synthetic.py)
+or ``"tfds"`` (a dataset made by ``--mode=prepare_data``, m6_jax/data/sources.py).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import grain
+import numpy as np
+
+from m6_jax.data import synthetic
+
+SOURCES = ("synthetic", "tfds")
+
+
+def split_source(config, split: str, max_records: int | None = None):
+  """The examples of one split of ``config.data.source`` as a grain random-access source:
+  the synthetic world (``num_train_examples`` / ``num_eval_examples``) or a prepared
+  dataset (its first ``max_records`` records; None: all)."""
+  data = config.data
+  seed, image_size = int(config.seed), int(data.image_size)
+  kind = data.get("source", "synthetic")
+  if kind == "synthetic":
+    size = data.num_train_examples if split == "train" else data.num_eval_examples
+    return synthetic.SyntheticWorldSource(seed, split, int(size), image_size)
+  if kind != "tfds":
+    raise ValueError(f"config.data.source={kind!r} is not one of {list(SOURCES)}")
+  name = str(data.get("tfds_name", ""))
+  if not name:
+    raise ValueError(
+      "config.data.source='tfds' needs config.data.tfds_name (the name given to "
+      "--mode=prepare_data) and config.data.data_dir"
+    )
+  from m6_jax.data import sources  # imports tensorflow_datasets: only when asked for
+
+  return sources.PreparedSource(str(data.get("data_dir", "")), name, split, image_size, max_records)
+
+
+class _Image:
+  """example -> its uint8 image (picklable, for grain)."""
+
+  def __call__(self, example):
+    return example["image"]
+
+
+def read_options(config) -> grain.ReadOptions:
+  """``data.read_threads`` threads, ``data.prefetch_batches`` batches read ahead."""
+  return grain.ReadOptions(
+    num_threads=int(config.data.get("read_threads", 2)),
+    prefetch_buffer_size=int(config.data.get("prefetch_batches", 4)),
+  )
+
+
+def iter_images(source, batch_size: int, config) -> Iterator[np.ndarray]:
+  """The images of every record of `source`, in order: uint8 [<= batch_size, H, W, 3]."""
+  ds = grain.MapDataset.source(source).map(_Image()).batch(batch_size)
+  yield from ds.to_iter_dataset(read_options(config))
