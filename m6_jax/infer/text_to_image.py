@@ -68,7 +68,7 @@ DRAWING_FLAGS = ("num_images", "output_dir", "guidance_scale", "rerank", "vqgan_
 class ImageRequest:
   """What to generate and how (the CLI's flags)."""
 
-  prompt: str
+  prompt: str = ""
   num_images: int = 4
   output_dir: str = ""
   guidance_scale: float = 3.0
@@ -477,4 +477,9 @@ def run_from_flags(flag_values: Any, config: ml_collections.ConfigDict | None) -
     f"wrote {len(index['files'])} image(s) for {req.prompt!r}, the grid {index['grid']} and "
     f"{image_outputs.slug(req.prompt)}.json to {req.output_dir}"
   )
+  if not index["prompt_drawn_on_grid"]:
+    lines.append(
+      "no installed font has the prompt's glyphs, so the grid does not show it; it is in the "
+      "JSON and in every PNG's text metadata."
+    )
   return "\n".join(lines)

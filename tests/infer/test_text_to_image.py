@@ -4,6 +4,7 @@ CLI's errors, and a tiny end-to-end run (train, generate, PNGs)."""
 
 import dataclasses
 import functools
+import importlib.util
 import json
 import os
 
@@ -24,6 +25,7 @@ from m6_jax.infer import text_to_image as t2i
 from m6_jax.model.m6 import M6, M6Config, dummy_batch
 from m6_jax.parallel import partitioning
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 K, GRID = 16, (3, 3)
 PROMPTS = ["a small red circle", "一个红色的圆", "a large blue square", "a green cross"]
 
@@ -35,6 +37,7 @@ def _code_config(config):
   config.model.code_vocab_size = K
   config.model.code_grid = GRID
   config.data.tgt_len = 10  # 9 codes + EOS
+  config.data.image_size = 48  # the stand-in VQGAN's (3 x 3 cells of 16 pixels)
   return config
 
 
@@ -152,6 +155,25 @@ def test_config_checks_for_text_to_image(code_config, tmp_path):
   config_lib.validate(config_lib.default_config(), 8)
 
 
+def _config_file(name, arg=None):
+  spec = importlib.util.spec_from_file_location("config_file", f"{REPO}/configs/{name}")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_the_text_to_image_config(tmp_path):
+  assert _config_file("base.py").data.task_weights.text_to_image == 0.0
+  config = _config_file("finetune_text_to_image.py")
+  assert "text_to_image needs data.image_codes_dir" in _validate_error(config)
+  for arg, grid in ((None, (6, 6)), ("grid12", (12, 12))):
+    config = _config_file("finetune_text_to_image.py", arg)
+    vqgan = StandInImageTokenizer(256, grid)
+    config.data.image_codes_dir = write_codes_dir(str(tmp_path / str(arg)), vqgan, "")
+    config_lib.validate(config, 8)
+    assert config.data.task_weights.image_to_text > 0  # to rerank with
+
+
 # --------------------------------------------------------------------------------------
 # Sampling
 # --------------------------------------------------------------------------------------
@@ -194,7 +216,7 @@ def test_guidance_scale_one_is_conditional_and_zero_unconditional(code_config, t
   # Conditional sampling written out with decoding.py's pieces: the same keys and mask.
   d = model.config.data
   rows = [
-    tasks.prefix_features(None, (32, 32, 3), model.tokenizer.encode(p)[: d.src_len], d.src_len)
+    tasks.prefix_features(None, (48, 48, 3), model.tokenizer.encode(p)[: d.src_len], d.src_len)
     for p in PROMPTS
   ]
   batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in decoding.PREFIX_KEYS}
@@ -220,7 +242,7 @@ def test_guidance_scale_one_is_conditional_and_zero_unconditional(code_config, t
 
 def test_reranking_keeps_the_best_scored_candidates(code_config, tokenizer_path, tmp_path):
   model = _model(code_config, tokenizer_path)
-  vqgan = StandInImageTokenizer(K, GRID, image_size=48)  # the model's images are 32 px
+  vqgan = StandInImageTokenizer(K, GRID, image_size=96)  # decoded larger than the model's 48
   base = dict(prompt="a small red circle", output_dir=str(tmp_path), seed=3, batch_size=4)
   every = t2i.generate_images(model, vqgan, t2i.ImageRequest(num_images=6, **base))
   scores = [3.0, 9.0, 1.0, 9.0, 5.0, 0.0]
@@ -298,7 +320,6 @@ def test_train_and_generate_pngs(code_config, tokenizer_path, tmp_path, monkeypa
   vqgan_dir = vqgan.save(str(tmp_path / "vqgan"))
   attach_codes(monkeypatch, vqgan)
   c = code_config
-  c.data.image_size = 48
   c.data.image_codes_dir = write_codes_dir(str(tmp_path / "codes"), vqgan, vqgan_dir)
   c.data.tokenizer_path = tokenizer_path
   c.data.batch_size, c.data.num_train_examples, c.data.num_eval_examples = 8, 32, 4
