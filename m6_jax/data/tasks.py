@@ -18,10 +18,10 @@ A task function is ``fn(example, tokenizer, rng, cfg) -> features``. All randomn
 (language, noise spans, question choice) comes from ``rng``, so a seeded generator makes it
 reproducible. ``cfg`` is any attribute object (``TaskConfig``, an ml_collections ConfigDict,
 ...) with ``src_len``, ``tgt_len`` and optionally ``noise_density`` (0.15) and
-``mean_noise_span_length`` (3.0), and for text-to-image ``code_offset`` (the model's text
-vocabulary size: code c is token id code_offset + c) and ``guidance_drop_rate``. Over-long texts are truncated so that the source fits
-``src_len`` and the target fits ``tgt_len`` with room for BOS (in tgt_input) and EOS (in
-tgt_target).
+``mean_noise_span_length`` (3.0); text-to-image also reads ``code_offset`` (the model's text
+vocabulary size: code c is token id code_offset + c) and ``guidance_drop_rate`` (0.1).
+Over-long texts are truncated so that the source fits ``src_len`` and the target fits
+``tgt_len`` with room for BOS (in tgt_input) and EOS (in tgt_target).
 """
 
 from __future__ import annotations
@@ -258,11 +258,14 @@ def text_to_image(example, tokenizer, rng: np.random.Generator, cfg) -> dict[str
   guidance needs, learned by the same weights."""
   if "image_codes" not in example:
     raise ValueError(
-      "text_to_image needs the image codes of its examples: set data.image_codes_dir to a "
-      "directory of VQGAN codes of the images"
+      f"example {example.get('index')} has no image codes; text_to_image needs "
+      "data.image_codes_dir, a directory of VQGAN codes of the images"
     )
+  offset = int(getattr(cfg, "code_offset", 0))
+  if offset <= 0:  # codes at ids 0.. would be read as text pieces
+    raise ValueError("text_to_image needs cfg.code_offset = model.vocab_size > 0")
   codes = np.asarray(example["image_codes"]).reshape(-1)
-  target = (int(cfg.code_offset) + codes.astype(np.int64)).tolist()
+  target = (offset + codes.astype(np.int64)).tolist()
   if len(target) + 1 > int(cfg.tgt_len):
     raise ValueError(
       f"text_to_image targets {len(target)} codes and EOS, more than data.tgt_len={cfg.tgt_len}"
