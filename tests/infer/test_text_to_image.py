@@ -307,6 +307,25 @@ def test_cli_errors_are_one_line(code_config, tmp_path, run_main):
     assert "Traceback" not in proc.stderr
 
 
+class _Flag:
+  def __init__(self, value=None, present=False):
+    self.value, self.present = value, present
+
+
+def test_a_prompt_alone_draws_only_on_a_model_with_codes(code_config):
+  names = t2i.DRAWING_FLAGS + ("prompt", "image", "question", "checkpoint_step", "best", "workdir")
+  flag_values = {name: _Flag() for name in names}
+  flag_values["prompt"] = _Flag("a red circle", True)
+  assert t2i.draws_images(flag_values, code_config)
+  text_only = code_config.copy_and_resolve_references()
+  text_only.model.code_vocab_size = 0
+  assert not t2i.draws_images(flag_values, text_only)  # a text continuation, as before
+  flag_values["image"] = _Flag(["scene.png"], True)
+  assert not t2i.draws_images(flag_values, code_config)  # --image asks for a caption
+  flag_values["num_images"] = _Flag(2, True)
+  assert t2i.draws_images(flag_values, text_only)  # and then fails: no image codes
+
+
 # --------------------------------------------------------------------------------------
 # End to end: train on text_to_image with stand-in codes, generate PNGs
 # --------------------------------------------------------------------------------------
