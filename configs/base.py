@@ -36,6 +36,9 @@ def get_config(arg: str | None = None):
   weights = config.data.task_weights
   weights.image_to_text, weights.vqa, weights.text_lm = 1.0, 1.0, 0.5
   weights.text_to_text, weights.multimodal_to_text = 0.25, 0.25
+  # Text-to-image (caption -> VQGAN codes) is in the mixture at weight 0: it needs
+  # model.code_vocab_size / code_grid and data.image_codes_dir (configs/finetune_text_to_image.py).
+  weights.text_to_image = 0.0
   config.train.steps = 800
   config.train.lr = 2e-3
   if arg == "runlocal":

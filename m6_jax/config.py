@@ -9,6 +9,8 @@ twenty seconds into a run.
 from __future__ import annotations
 
 import difflib
+import json
+import os
 from typing import Any
 
 import ml_collections
@@ -17,7 +19,7 @@ from m6_jax.data import tasks
 from m6_jax.errors import ConfigError
 from m6_jax.parallel import axes
 
-__all__ = ["ConfigError", "default_config", "validate", "moe_layer_indices"]
+__all__ = ["ConfigError", "default_config", "validate", "moe_layer_indices", "read_codes_info"]
 
 SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
 IMAGE_STEMS = ("linear", "resnet")
@@ -73,6 +75,11 @@ def default_config() -> ml_collections.ConfigDict:
   # dots_with_no_batch_dims_saveable (save weight matmuls only).
   c.model.scan_layers = False
   c.model.remat_policy = "none"
+  # Text-to-image: K discrete image codes (a VQGAN's codebook) appended to the vocabulary
+  # (code c is token id vocab_size + c; see m6_jax/model/m6.py), generated as a grid of
+  # h x w codes with learned row / column embeddings. 0: a text-only model.
+  c.model.code_vocab_size = 0
+  c.model.code_grid = (0, 0)  # (h, w) of the code grid; (0, 0) when code_vocab_size is 0
 
   c.data = ml_collections.ConfigDict()
   c.data.batch_size = 32  # global batch, split over processes and the (data, fsdp) axes
@@ -110,9 +117,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.source = "synthetic"  # "synthetic" (embedded world) or "tfds" (--mode=prepare_data)
   c.data.tfds_name = ""  # source="tfds": the prepared dataset's name (as given to prepare_data)
   c.data.data_dir = ""  # source="tfds": its TFDS data_dir; empty: TFDS default location
-  # Code grids written by --mode=encode_images (m6_jax/data/image_codes.py): every example of
-  # the data source then carries `image_codes` int32 [h, w]. Empty: none.
+  # Code grids written by --mode=encode_images (m6_jax/data/image_codes.py; codes_info.json:
+  # codebook_size, grid, image_size, vqgan_workdir, vqgan_step): every example of the data
+  # source then carries `image_codes` int32 [h, w]. Needed by the tasks that generate codes
+  # (text_to_image). Empty: none.
   c.data.image_codes_dir = ""
+  # Classifier-free guidance training: the share of text_to_image examples whose caption is
+  # dropped (empty source), so that one model also learns the unconditional code
+  # distribution that guided sampling (infer/text_to_image.py) extrapolates away from.
+  c.data.guidance_drop_rate = 0.1
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 600
@@ -304,6 +317,86 @@ def _validate_bucketing(d: ml_collections.ConfigDict) -> None:
     )
 
 
+CODES_INFO_FILE = "codes_info.json"
+
+
+def read_codes_info(codes_dir: str) -> dict[str, Any]:
+  """The codes_info.json of an image-codes directory (codebook_size, grid, image_size,
+  vqgan_workdir, vqgan_step); ConfigError when it is missing or unreadable."""
+  path = os.path.join(str(codes_dir), CODES_INFO_FILE)
+  try:
+    with open(path) as f:
+      info = json.load(f)
+    info["grid"] = tuple(int(x) for x in info["grid"])
+    info["codebook_size"] = int(info["codebook_size"])
+  except FileNotFoundError:
+    raise ConfigError(
+      f"data.image_codes_dir={codes_dir!r} has no {CODES_INFO_FILE}; write the codes with "
+      "python -m m6_jax.main --mode=encode_images --workdir=<vqgan workdir> "
+      f"--codes_dir={codes_dir}."
+    ) from None
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ConfigError(f"{path} is not a valid codes description ({e!r}).") from None
+  return info
+
+
+def codes_mismatch(codebook_size: int, grid: Any, model: ml_collections.ConfigDict) -> str:
+  """'' when a codebook of `codebook_size` codes in a `grid` fits the model, else why not."""
+  grid, model_grid = tuple(int(x) for x in grid), tuple(int(x) for x in model.code_grid)
+  if int(codebook_size) != int(model.code_vocab_size):
+    return (
+      f"codebook_size={codebook_size} but the model has model.code_vocab_size="
+      f"{model.code_vocab_size}"
+    )
+  if grid != model_grid:
+    return f"grid={grid} but the model has model.code_grid={model_grid}"
+  return ""
+
+
+def _validate_image_codes(config: ml_collections.ConfigDict, training: bool) -> None:
+  """model.code_* and the tasks that generate image codes (registry flag `needs_codes`)."""
+  m, d = config.model, config.data
+  k, grid = m.code_vocab_size, tuple(m.code_grid)
+  _require(k >= 0, f"model.code_vocab_size={k} must be >= 0 (0 = no image codes).")
+  _require(
+    k == 0 or (len(grid) == 2 and min(grid) > 0),
+    f"model.code_grid={grid} must be (h, w) with h, w > 0 when model.code_vocab_size={k}, "
+    "e.g. --config.model.code_grid='(6, 6)'.",
+  )
+  _require(
+    0.0 <= d.guidance_drop_rate < 1.0,
+    f"data.guidance_drop_rate={d.guidance_drop_rate} must be in [0, 1).",
+  )
+  weights = dict(d.task_weights)
+  code_tasks = [n for n in tasks.names() if tasks.get(n).needs_codes and weights.get(n, 0) > 0]
+  if not code_tasks:
+    return
+  name = code_tasks[0]
+  _require(
+    k > 0,
+    f"{name} generates image codes and needs model.code_vocab_size > 0 (the VQGAN's codebook "
+    f"size) and model.code_grid; or set data.task_weights.{name}=0.",
+  )
+  _require(
+    d.tgt_len >= grid[0] * grid[1] + 1,
+    f"data.tgt_len={d.tgt_len} must be >= {grid[0] * grid[1] + 1}: {name} targets are the "
+    f"{grid[0]}x{grid[1]} codes of model.code_grid and EOS.",
+  )
+  _require(
+    bool(d.image_codes_dir),
+    f"{name} needs data.image_codes_dir (the VQGAN codes of the images), e.g. "
+    "--config.data.image_codes_dir=/tmp/codes.",
+  )
+  if training:
+    info = read_codes_info(d.image_codes_dir)
+    mismatch = codes_mismatch(info["codebook_size"], info["grid"], m)
+    _require(
+      not mismatch,
+      f"the image codes in data.image_codes_dir={d.image_codes_dir!r} do not fit the model: "
+      f"{mismatch}.",
+    )
+
+
 def parse_positions(text: str) -> tuple[int, ...]:
   """'30,31' -> (30, 31) (train.debug_nonfinite_batches)."""
   return tuple(int(x) for x in str(text).replace(" ", "").split(",") if x)
@@ -392,6 +485,7 @@ def validate(
     "pick a patch size that tiles the image.",
   )
   _validate_moe_and_stack(config)
+  _validate_image_codes(config, training)
   axes.check_model_fits_mesh(config, num_devices)
   if training:
     _validate_bucketing(d)

@@ -12,6 +12,8 @@ Flags:
                generate: caption --image(s), answer --question about them, or continue a
                --prompt, from the latest (or --checkpoint_step, or --best) checkpoint of
                --workdir; greedy, beam or sampling (--decoding); prints and appends JSONL.
+               A text-to-image model draws a --prompt: --num_images PNGs, a grid and an
+               index JSON in --output_dir (see m6_jax/infer/text_to_image.py).
                eval: loss/accuracy per task and BLEU-4 / CIDEr / VQA accuracy on the
                validation split; writes <workdir>/eval_metrics.json(l) and TensorBoard
                (--baselines adds the untrained and most-frequent baselines).
@@ -136,6 +138,12 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "generate: --decoding=samp
 _TOP_K = flags.DEFINE_integer("top_k", 0, "generate: --decoding=sample top-k (0: off).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "generate: --decoding=sample nucleus top-p (1: off).")
 _SEED = flags.DEFINE_integer("seed", 0, "generate: --decoding=sample PRNG seed.")
+# --mode=generate on a text-to-image model (also reads --temperature/--top_k/--top_p/--seed)
+flags.DEFINE_integer("num_images", 4, "generate: images to draw from --prompt.")
+flags.DEFINE_string("output_dir", None, "generate: directory for the drawn PNGs and index.")
+flags.DEFINE_float("guidance_scale", 3.0, "generate: classifier-free guidance (1: none).")
+flags.DEFINE_integer("rerank", 0, "generate: keep the best --num_images of N candidates.")
+flags.DEFINE_string("vqgan_workdir", None, "generate: the VQGAN (default: the model's).")
 _OUTPUT = flags.DEFINE_string(
   "output",
   None,
@@ -331,13 +339,16 @@ def run_prepare_data() -> None:
 
 def run_generate() -> None:
   from m6_jax.data import images
-  from m6_jax.infer import generate
+  from m6_jax.infer import generate, text_to_image
   from m6_jax.parallel import multihost
 
   config = _load_config(required=False, workdir_hint="a trained workdir")
   prompt = _PROMPT.value if _PROMPT.present else None
   if prompt is not None and not prompt.strip():
     _fail("the prompt is empty; pass some text with --prompt.")
+  if text_to_image.draws_images(flags.FLAGS, config):
+    print(text_to_image.run_from_flags(flags.FLAGS, config))
+    return
   for path in _IMAGE.value:  # a bad image fails before the checkpoint is read
     images.load_image_file(path, 8)
   model = generate.load_model(_WORKDIR.value, _CHECKPOINT_STEP.value, config, best=_BEST.value)

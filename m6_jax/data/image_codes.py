@@ -30,11 +30,12 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from m6_jax import config as config_lib
 from m6_jax.data import splits
 from m6_jax.errors import ConfigError
 
 FORMAT_VERSION = 1
-INFO_FILE = "codes_info.json"
+INFO_FILE = config_lib.CODES_INFO_FILE
 SPLITS = ("train", "validation")
 
 
@@ -67,24 +68,12 @@ def _mismatch(saved: dict, mine: dict, split: str) -> str | None:
   for key in sorted(set(saved) | set(mine)):
     if key != "splits" and saved.get(key) != mine.get(key):
       return f"{key} {saved.get(key)!r} (codes) != {mine.get(key)!r} (data)"
-  have, need = saved["splits"].get(split), mine["splits"].get(split)
+  have, need = saved.get("splits", {}).get(split), mine["splits"].get(split)
   if have is None or need is None:
     return f"no {split!r} split in the codes" if have is None else None
   if (have < need) if mine["kind"] == "synthetic" else (have != need):
     return f"the {split!r} split has {have} coded examples but the data has {need}"
   return None
-
-
-def read_info(codes_dir: str) -> dict[str, Any]:
-  path = os.path.join(codes_dir, INFO_FILE)
-  if not os.path.isfile(path):
-    raise ConfigError(
-      f"data.image_codes_dir={codes_dir} holds no {INFO_FILE}; write the codes with "
-      "python -m m6_jax.main --mode=encode_images --workdir=<vqgan workdir> "
-      f"--codes_dir={codes_dir}."
-    )
-  with open(path) as f:
-    return json.load(f)
 
 
 class _WithCodes:
@@ -112,8 +101,8 @@ class _WithCodes:
 def with_codes(source, config, split: str):
   """`source` with the codes of `data.image_codes_dir` attached (ConfigError: see above)."""
   codes_dir = str(config.data.image_codes_dir)
-  info = read_info(codes_dir)
-  problem = _mismatch(info["source"], fingerprint(config), split)
+  info = config_lib.read_codes_info(codes_dir)
+  problem = _mismatch(info.get("source", {}), fingerprint(config), split)
   if problem:
     raise ConfigError(
       f"data.image_codes_dir={codes_dir} was encoded from another data source ({problem}); "

@@ -73,10 +73,11 @@ Sources (``config.data.source``):
   of either source also carries ``image_codes`` int32 [h, w], its image's VQGAN code grid,
   by record index (m6_jax/data/image_codes.py checks that the codes fit the source).
 
-Config fields read: ``config.seed`` and ``config.data.{batch_size, src_len, tgt_len,
-image_size, num_train_examples, num_eval_examples, task_weights, noise_density,
-mean_noise_span_length}``; optional ``config.data.{read_threads (2), prefetch_batches (4),
-source ("synthetic"), tfds_name, data_dir, length_bucket (0), bucket_window (0)}``.
+Config fields read: ``config.seed``, ``config.model.vocab_size`` (where image code ids
+start) and ``config.data.{batch_size, src_len, tgt_len, image_size, num_train_examples,
+num_eval_examples, task_weights, noise_density, mean_noise_span_length}``; optional
+``config.data.{read_threads (2), prefetch_batches (4), source ("synthetic"), tfds_name,
+data_dir, length_bucket (0), bucket_window (0), guidance_drop_rate (0.1)}``.
 """
 
 from __future__ import annotations
@@ -129,12 +130,16 @@ def task_weights(weights: Mapping[str, float]) -> list[tuple[str, float]]:
   return enabled
 
 
-def task_config(data_cfg) -> tasks.TaskConfig:
+def task_config(data_cfg, vocab_size: int = 0) -> tasks.TaskConfig:
+  """The task settings of a config's `data` section; `vocab_size` (model.vocab_size) is
+  where the image codes' token ids start."""
   return tasks.TaskConfig(
     src_len=int(data_cfg.src_len),
     tgt_len=int(data_cfg.tgt_len),
     noise_density=float(data_cfg.noise_density),
     mean_noise_span_length=float(data_cfg.mean_noise_span_length),
+    code_offset=int(vocab_size),
+    guidance_drop_rate=float(_get(data_cfg, "guidance_drop_rate", tasks.GUIDANCE_DROP_RATE)),
   )
 
 
@@ -391,7 +396,7 @@ def make_map_dataset(
   seed = int(config.seed)
   batch = local_batch_size(int(data.batch_size), process_count)
   enabled = task_weights(data.task_weights)
-  cfg = task_config(data)
+  cfg = task_config(data, int(_get(_get(config, "model", None), "vocab_size", 0)))
 
   task_names = [n for n, _ in enabled]
   source, task_indices = open_source(config, split, task_names)

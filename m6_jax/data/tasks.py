@@ -10,15 +10,18 @@ its ``Task`` entry, so adding one is a ``register(Task(...))`` call beside its f
   * user data: the records a task can use, from the fields it ``needs`` (``sources.py``),
     and the per-task record counts ``prepare_data`` prints;
   * evaluation: the generation metrics of its ``eval_kind`` (``evaluation/evaluate.py``) and
-    the most tokens to decode for it (``decode_len``).
+    the most tokens to decode for it (``decode_len``);
+  * image codes: a task that ``needs_codes`` reads ``example["image_codes"]`` (attached when
+    ``data.image_codes_dir`` is set), and config validation says so when it is not.
 
 A task function is ``fn(example, tokenizer, rng, cfg) -> features``. All randomness
 (language, noise spans, question choice) comes from ``rng``, so a seeded generator makes it
 reproducible. ``cfg`` is any attribute object (``TaskConfig``, an ml_collections ConfigDict,
 ...) with ``src_len``, ``tgt_len`` and optionally ``noise_density`` (0.15) and
-``mean_noise_span_length`` (3.0). Over-long texts are truncated so that the source fits
-``src_len`` and the target fits ``tgt_len`` with room for BOS (in tgt_input) and EOS (in
-tgt_target).
+``mean_noise_span_length`` (3.0); text-to-image also reads ``code_offset`` (the model's text
+vocabulary size: code c is token id code_offset + c) and ``guidance_drop_rate`` (0.1).
+Over-long texts are truncated so that the source fits ``src_len`` and the target fits
+``tgt_len`` with room for BOS (in tgt_input) and EOS (in tgt_target).
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ FIELDS = ("caption", "qa")
 # match with the rest of a held-out caption.
 EVAL_KINDS = ("caption", "vqa", "text")
 
+# Classifier-free guidance training: the share of text-to-image captions dropped.
+GUIDANCE_DROP_RATE = 0.1
+
 TaskFn = Callable[[dict, Any, np.random.Generator, Any], dict]
 
 
@@ -50,12 +56,15 @@ class TaskConfig:
   tgt_len: int = 32
   noise_density: float = span_corruption.NOISE_DENSITY
   mean_noise_span_length: float = span_corruption.MEAN_NOISE_SPAN_LENGTH
+  code_offset: int = 0  # model.vocab_size: image code c is token id code_offset + c
+  guidance_drop_rate: float = GUIDANCE_DROP_RATE
 
 
 @dataclasses.dataclass(frozen=True)
 class Task:
   """One task: its name (the key of ``data.task_weights``), its example function, the record
-  fields it needs, how evaluation scores its generations, and its default mixture weight."""
+  fields it needs (and whether it needs the images' codes), how evaluation scores its
+  generations, and its default mixture weight."""
 
   name: str
   build: TaskFn
@@ -63,6 +72,7 @@ class Task:
   eval_kind: str | None = None
   default_weight: float = 0.0
   decode_len: int = 0  # most tokens to generate for it, EOS included (0: data.tgt_len)
+  needs_codes: bool = False  # reads example["image_codes"] (data.image_codes_dir)
 
 
 _REGISTRY: dict[str, Task] = {}
@@ -241,12 +251,41 @@ def text_lm(example, tokenizer, rng: np.random.Generator, cfg) -> dict[str, np.n
   return make_features(None, example["image"].shape, source, target, "text_lm", tokenizer, cfg)
 
 
+def text_to_image(example, tokenizer, rng: np.random.Generator, cfg) -> dict[str, np.ndarray]:
+  """Text-to-image: caption -> the h x w image codes, row-major, as token ids
+  ``code_offset + code`` (no image in the prefix). With probability ``guidance_drop_rate``
+  the caption is dropped (empty source): the unconditional model that classifier-free
+  guidance needs, learned by the same weights."""
+  if "image_codes" not in example:
+    raise ValueError(
+      f"example {example.get('index')} has no image codes; text_to_image needs "
+      "data.image_codes_dir, a directory of VQGAN codes of the images"
+    )
+  offset = int(getattr(cfg, "code_offset", 0))
+  if offset <= 0:  # codes at ids 0.. would be read as text pieces
+    raise ValueError("text_to_image needs cfg.code_offset = model.vocab_size > 0")
+  codes = np.asarray(example["image_codes"]).reshape(-1)
+  target = (offset + codes.astype(np.int64)).tolist()
+  if len(target) + 1 > int(cfg.tgt_len):
+    raise ValueError(
+      f"text_to_image targets {len(target)} codes and EOS, more than data.tgt_len={cfg.tgt_len}"
+    )
+  caption = _caption_ids(example, tokenizer, rng)[: int(cfg.src_len)]
+  drop_rate = float(getattr(cfg, "guidance_drop_rate", GUIDANCE_DROP_RATE))
+  source = [] if rng.random() < drop_rate else caption
+  image_shape = example["image"].shape
+  return make_features(None, image_shape, source, target, "text_to_image", tokenizer, cfg)
+
+
 register(Task("text_to_text", text_to_text, needs=("caption",), default_weight=1.0))
 register(Task("image_to_text", image_to_text, ("caption",), "caption", default_weight=1.0))
 register(Task("multimodal_to_text", multimodal_to_text, ("caption",), default_weight=1.0))
 # Answers are 1-3 pieces; 8 tokens (EOS included) is plenty.
 register(Task("vqa", vqa, ("qa",), "vqa", default_weight=0.0, decode_len=8))
 register(Task("text_lm", text_lm, ("caption",), "text", default_weight=0.0))
+# No generation metric here: the images are judged elsewhere; its teacher-forced loss and
+# accuracy are evaluated like every task's.
+register(Task("text_to_image", text_to_image, ("caption",), needs_codes=True, default_weight=0.0))
 
 
 def random_features_batch(batch_size: int, config, seed: int = 0) -> dict[str, np.ndarray]:

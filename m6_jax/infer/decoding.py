@@ -139,7 +139,12 @@ def generic_sample(
   top_k: int = 0,
   top_p: float = 1.0,
 ) -> jax.Array:
-  """Ancestral sampling, key `jax.random.fold_in(rng, t)` at step t; temperature 0 = greedy."""
+  """Ancestral sampling; temperature 0 = greedy.
+
+  `rng` is one key (uint32 [2]): step t draws the whole batch with `fold_in(rng, t)`; or
+  one key per row ([batch_size, 2]): row i draws with `fold_in(rng[i], t)`, so its tokens
+  depend on its own key and inputs only, not on the batch it is decoded in.
+  """
   if temperature == 0:
     return generic_greedy(
       step_fn, state, batch_size=batch_size, max_len=max_len, bos_id=bos_id, eos_id=eos_id
@@ -148,10 +153,18 @@ def generic_sample(
     raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
 
   def choose(logits, t):
-    filtered = filter_logits(logits, temperature, top_k, top_p)
-    return jax.random.categorical(jax.random.fold_in(rng, t), filtered, axis=-1)
+    return categorical(rng, t, filter_logits(logits, temperature, top_k, top_p))
 
   return _token_loop(step_fn, state, batch_size, max_len, bos_id, eos_id, choose)
+
+
+def categorical(rng: jax.Array, t: jax.Array, logits: jax.Array) -> jax.Array:
+  """One token per row of logits [B, V] at step t: with one key (uint32 [2]) drawn with
+  `fold_in(rng, t)`; with one key per row ([B, 2]), row i with `fold_in(rng[i], t)`."""
+  if rng.ndim == 1:
+    return jax.random.categorical(jax.random.fold_in(rng, t), logits, axis=-1)
+  keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(rng, t)
+  return jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, logits)
 
 
 def length_penalty_factor(length: jax.Array, alpha: float) -> jax.Array:
@@ -283,6 +296,23 @@ def m6_step_fn(
   return step
 
 
+def m6_uncached_step_fn(
+  model: M6, params: Any, batch: Mapping[str, jax.Array], allowed: jax.Array | None = None
+) -> tuple[StepFn, jax.Array]:
+  """(step function, its initial state) of the reference decoder that reruns the full
+  `M6.__call__` (teacher forcing on the tokens fed so far) at every step, without a cache;
+  its state is tgt_input [b, tgt_len]. For tests of the cached decoders."""
+
+  def step(token, position, tgt_input):
+    tgt_input = jax.lax.dynamic_update_slice_in_dim(tgt_input, token[:, None], position, axis=1)
+    logits = model.apply({"params": params}, dict(batch, tgt_input=tgt_input))
+    logits = jax.lax.dynamic_index_in_dim(logits, position, axis=1, keepdims=False)
+    return allow_only(logits, allowed), tgt_input
+
+  b = batch["src_tokens"].shape[0]
+  return step, jnp.zeros((b, model.config.tgt_len), jnp.int32)
+
+
 def allow_only(logits: jax.Array, allowed: jax.Array | None) -> jax.Array:
   """Logits [B, vocab] with the tokens not `allowed` (bool [vocab]) at -inf."""
   if allowed is None:
@@ -295,12 +325,13 @@ def encode_prefix(model: M6, params: Any, batch: Mapping[str, jax.Array]) -> Dec
 
 
 def _allowed(model: M6, allowed: Any) -> jax.Array:
-  """The decodable tokens as bool [vocab] (None: all of them)."""
+  """The decodable tokens as bool [vocab] (None: all of them; vocab: text and image codes)."""
+  vocab = model.config.total_vocab_size
   if allowed is None:
-    return jnp.ones((model.config.vocab_size,), bool)
+    return jnp.ones((vocab,), bool)
   allowed = jnp.asarray(allowed, bool)
-  if allowed.shape != (model.config.vocab_size,):
-    raise ValueError(f"allowed has shape {allowed.shape}; want ({model.config.vocab_size},)")
+  if allowed.shape != (vocab,):
+    raise ValueError(f"allowed has shape {allowed.shape}; want ({vocab},)")
   return allowed
 
 
@@ -342,18 +373,11 @@ def greedy_decode(
 
 @functools.partial(jax.jit, static_argnames=("model", "max_len"))
 def _greedy_uncached_jit(model, params, batch, max_len, bos_id, eos_id, allowed):
-  b, tgt_len = batch["src_tokens"].shape[0], model.config.tgt_len
-
-  def step(token, position, tgt_input):
-    tgt_input = jax.lax.dynamic_update_slice_in_dim(tgt_input, token[:, None], position, axis=1)
-    logits = model.apply({"params": params}, dict(batch, tgt_input=tgt_input))
-    logits = jax.lax.dynamic_index_in_dim(logits, position, axis=1, keepdims=False)
-    return allow_only(logits, allowed), tgt_input
-
+  step, state = m6_uncached_step_fn(model, params, batch, allowed)
   return generic_greedy(
     step,
-    jnp.zeros((b, tgt_len), jnp.int32),
-    batch_size=b,
+    state,
+    batch_size=batch["src_tokens"].shape[0],
     max_len=max_len,
     bos_id=bos_id,
     eos_id=eos_id,

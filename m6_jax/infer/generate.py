@@ -85,6 +85,14 @@ def saved_config(ckpts: checkpoints.Checkpoints, step: int, workdir: str) -> dic
   return saved
 
 
+def workdir_config(workdir: str, step: int | None = None, best: bool = False):
+  """The config a checkpoint of `workdir` was trained with (keys added since at their
+  defaults), read without loading any parameters: what a caller checks before long work."""
+  ckpts = checkpoints.open_steps(checkpoints.best_dir(workdir) if best else workdir)
+  step = ckpts.latest_step() if step is None else step
+  return _merged_with_defaults(_saved_config(ckpts, step, workdir))
+
+
 def inference_config(
   saved: dict, config: ml_collections.ConfigDict | None, num_devices: int
 ) -> ml_collections.ConfigDict:
@@ -204,7 +212,8 @@ def decode(
   removed). Every process passes the whole batch and gets every text."""
   max_len = int(max_len) or int(model.config.data.tgt_len)
   tok = model.tokenizer
-  allowed = tok.text_token_mask(model.model.config.vocab_size)  # never a special token
+  # Never a special token, nor an image code.
+  allowed = tok.text_token_mask(model.model.config.total_vocab_size)
   with model.mesh_context():
     inputs, rows = partitioning.put_full_batch(batch, model.mesh, model.rules)
     args = (model.model, model.params, inputs)

@@ -1,4 +1,5 @@
-"""Input embeddings: image patches (+2-D positions), text tokens (+1-D positions), segments."""
+"""Input embeddings: image patches (+2-D positions), text tokens (+1-D positions), segments,
+and the 2-D grid positions of generated image codes."""
 
 from __future__ import annotations
 
@@ -191,3 +192,39 @@ class PositionEmbedding(nn.Module):
       jnp.float32,
     )
     return jnp.take(table, ids, axis=0).astype(self.dtype)
+
+
+class CodeGridPosition(nn.Module):
+  """Learned row and column embeddings of the image codes in a target (text-to-image).
+
+  A text-to-image target is BOS followed by the h x w codes of the grid in row-major order,
+  so target position j >= 1 holds code j - 1, at row (j - 1) // w and column (j - 1) % w.
+  Only positions whose token is a code get the embedding (text targets are unchanged); it
+  depends on the token and its position alone, so teacher forcing and one-token decoding
+  steps add the same vectors.
+  """
+
+  grid: tuple[int, int]
+  d_model: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, is_code: jax.Array, positions: jax.Array) -> jax.Array:
+    """is_code bool [b, l] at target positions [l] (0 = BOS) -> [b, l, d_model]."""
+    h, w = self.grid
+    # The grid cells are image positions like the patches: the same ("patch", "embed") axes.
+    row = self.param(
+      "row_embedding",
+      nn.with_logical_partitioning(embed_init, ("patch", "embed")),
+      (h, self.d_model),
+      jnp.float32,
+    )
+    col = self.param(
+      "col_embedding",
+      nn.with_logical_partitioning(embed_init, ("patch", "embed")),
+      (w, self.d_model),
+      jnp.float32,
+    )
+    cell = jnp.clip(positions - 1, 0, h * w - 1)  # BOS / positions past the grid hold no code
+    pos = (jnp.take(row, cell // w, axis=0) + jnp.take(col, cell % w, axis=0)).astype(self.dtype)
+    return jnp.where(is_code[..., None], pos[None], jnp.zeros((), self.dtype))

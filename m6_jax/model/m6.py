@@ -17,6 +17,12 @@ The config lengths are the maxima and size the position table. One exception: a 
 expert capacity is computed from the sequence length (m6_jax/model/moe.py), so a trimmed
 batch can drop different tokens than the padded one unless the capacity never binds.
 
+Image codes (text-to-image, `code_vocab_size` K > 0) are token ids vocab_size + c, rows of
+the one token embedding after the text: one softmax, one (tied) LM head, one loss, and the
+KV cache and searches of decoding.py unchanged. Target positions holding a code also get
+row / column embeddings of its `code_grid` cell (`CodeGridPosition`), in `__call__` and
+`decode_step` alike. With K = 0 the model is exactly the text-only one.
+
 Incremental decoding (used by m6_jax/infer/decoding.py): `encode_prefix` runs the prefix
 through the stack once and returns a DecodeCache; `decode_step` then embeds one target token
 at a time, attends to the cached prefix and to the target positions decoded so far, and
@@ -35,7 +41,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import struct
 
-from m6_jax.model import features
+from m6_jax.model import embeddings, features
 from m6_jax.model.embeddings import ImageEmbedding, PositionEmbedding, embed_init
 from m6_jax.model.layers import (
   AttentionMask,
@@ -82,6 +88,13 @@ class M6Config:
   moe_z_loss_weight: float = 0.001
   scan_layers: bool = False
   remat_policy: str = "none"
+  code_vocab_size: int = 0  # image codes after the text vocabulary (module docstring)
+  code_grid: tuple[int, int] = (0, 0)  # (h, w) of a code target's grid
+
+  @property
+  def total_vocab_size(self) -> int:
+    """Embedding rows and logits: the text vocabulary, then the image codes."""
+    return self.vocab_size + self.code_vocab_size
 
   def is_moe_layer(self, index: int) -> bool:
     return self.moe_num_experts > 0 and (index + 1) % self.moe_every == 0
@@ -148,6 +161,8 @@ class M6Config:
       moe_z_loss_weight=m.moe_z_loss_weight,
       scan_layers=m.scan_layers,
       remat_policy=m.remat_policy,
+      code_vocab_size=m.code_vocab_size,
+      code_grid=tuple(int(x) for x in m.code_grid),
     )
 
 
@@ -310,7 +325,7 @@ class M6(nn.Module):
     c = self.config
     dtype = jnp.dtype(c.dtype)
     self.token_embedding = nn.Embed(
-      c.vocab_size,
+      c.total_vocab_size,
       c.d_model,
       dtype=dtype,
       param_dtype=jnp.float32,
@@ -321,6 +336,8 @@ class M6(nn.Module):
     )
     self.text_position = PositionEmbedding(c.src_len + c.tgt_len, c.d_model, "length", dtype)
     self.segment_embedding = PositionEmbedding(3, c.d_model, "segment", dtype)
+    if c.code_vocab_size > 0:
+      self.code_position = embeddings.CodeGridPosition(c.code_grid, c.d_model, dtype)
     if c.scan_layers:
       self.layers = scanned_stack(c)
     else:
@@ -329,7 +346,7 @@ class M6(nn.Module):
     self.embedding_dropout = nn.Dropout(c.dropout_rate)
     if not c.tie_embeddings:
       self.lm_head = nn.Dense(
-        c.vocab_size,
+        c.total_vocab_size,
         dtype=dtype,
         use_bias=False,
         kernel_init=nn.with_logical_partitioning(default_kernel_init, ("embed", "vocab")),
@@ -353,6 +370,8 @@ class M6(nn.Module):
     c = self.config
     x = self.token_embedding(tokens) + self.text_position(c.src_len + positions)
     x = x + self.segment_embedding(SEGMENT_TARGET)
+    if c.code_vocab_size > 0:
+      x = x + self.code_position(tokens >= c.vocab_size, positions)
     return constrain(x, ("batch", "length", "embed"))
 
   def embed_inputs(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:

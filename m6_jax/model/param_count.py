@@ -5,8 +5,8 @@
 `train_flops` turns the counts into the analytic model FLOPs of a train step (the MFU of the
 progress line and of the AOT report).
 
-Components: embeddings (token, text position, segment, 2-D image positions, an untied LM
-head), image stem, attention, FFN dense, experts, router, norms. A config file may define
+Components: embeddings (token, text position, segment, 2-D image and code-grid positions,
+an untied LM head), image stem, attention, FFN dense, experts, router, norms. A config file may define
 `PUBLISHED_PARAMS` (the paper's total); the report then prints ours against it.
 """
 
@@ -87,7 +87,7 @@ def train_flops(
   b = batch_size or d.batch_size
   dense_params = counts["active per token"] - counts["embeddings"]
   flops = 6.0 * dense_params * b * c.seq_len
-  flops += 6.0 * m.vocab_size * m.d_model * b * c.tgt_len
+  flops += 6.0 * c.total_vocab_size * m.d_model * b * c.tgt_len
   flops += 12.0 * m.num_layers * c.attention_pairs * m.num_heads * m.head_dim * b
   return flops
 

@@ -109,6 +109,12 @@ def check_model_fits_mesh(config: Any, num_devices: int) -> dict[str, int]:
       f"model.{key}={m[key]} is not divisible by mesh.tensor={tensor}; choose a tensor "
       f"parallel size that divides it (e.g. --config.mesh.tensor=1).",
     )
+  codes = m.get("code_vocab_size", 0)  # image codes are embedding rows after the text vocabulary
+  _require(
+    codes % tensor == 0,
+    f"model.code_vocab_size={codes} is not divisible by mesh.tensor={tensor}; the embedding "
+    "rows (vocab_size + code_vocab_size) are split over it.",
+  )
   _require(
     m.d_model % sizes["fsdp"] == 0,
     f"model.d_model={m.d_model} is not divisible by mesh.fsdp={sizes['fsdp']}.",

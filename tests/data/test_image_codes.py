@@ -109,7 +109,7 @@ def test_codes_round_trip_through_the_dataset_and_check_their_source(vqgan, tmp_
   with pytest.raises(ConfigError, match="has 24 coded examples but the data has 30"):
     pipeline.open_source(other, "train", [])
   other.data.image_codes_dir = str(tmp_path / "missing")
-  with pytest.raises(ConfigError, match="holds no codes_info.json"):
+  with pytest.raises(ConfigError, match="has no codes_info.json"):
     pipeline.open_source(other, "train", [])
   with pytest.raises(ConfigError, match="not empty"):
     image_codes.encode_dataset(tokenizer, config, codes_dir)

@@ -2,13 +2,24 @@
 
 import ml_collections
 import numpy as np
+import pytest
 
 from m6_jax.data import span_corruption
 from m6_jax.data import synthetic as S
 from m6_jax.data import tasks as K
 
+VOCAB = 1000  # the data tests' model vocabulary: image code c is token id VOCAB + c
+CODE_GRID = (3, 4)
 # The default lengths: every synthetic caption fits whole (Chinese: one piece per character).
-CFG = K.TaskConfig(src_len=48, tgt_len=48, noise_density=0.15, mean_noise_span_length=3.0)
+CFG = K.TaskConfig(
+  src_len=48, tgt_len=48, noise_density=0.15, mean_noise_span_length=3.0, code_offset=VOCAB
+)
+
+
+def with_codes(example, seed=0):
+  """The example with stand-in image codes (a VQGAN's would come from its pixels)."""
+  rng = np.random.default_rng([seed, int(example["index"])])
+  return dict(example, image_codes=rng.integers(0, 16, CODE_GRID).astype(np.int32))
 
 
 def _check_contract(f, cfg, image_shape=(48, 48, 3)):
@@ -126,9 +137,17 @@ def test_text_lm_continues_a_caption(tokenizer):
 
 def test_tasks_accept_config_dict_and_truncate(tokenizer):
   cfg = ml_collections.ConfigDict(
-    dict(src_len=6, tgt_len=4, noise_density=0.15, mean_noise_span_length=3.0, unrelated=1)
+    dict(
+      src_len=6,
+      tgt_len=4,
+      noise_density=0.15,
+      mean_noise_span_length=3.0,
+      code_offset=VOCAB,
+      unrelated=1,
+    )
   )
   ex = S.make_example(0, 0, image_size=30)
+  ex["image_codes"] = np.array([[5, 0, 7]], np.int32)  # 3 codes + EOS fill tgt_len=4
   for name in K.names():
     f = K.get(name).build(ex, tokenizer, np.random.default_rng(0), cfg)
     _check_contract(f, cfg, image_shape=(30, 30, 3))
@@ -136,7 +155,7 @@ def test_tasks_accept_config_dict_and_truncate(tokenizer):
 
 
 def test_same_rng_same_features(tokenizer):
-  ex = S.make_example(0, 9)
+  ex = with_codes(S.make_example(0, 9))
   for name in K.names():
     a = K.get(name).build(ex, tokenizer, np.random.default_rng(42), CFG)
     b = K.get(name).build(ex, tokenizer, np.random.default_rng(42), CFG)
@@ -147,3 +166,40 @@ def test_empty_features_have_zero_weight():
   f = K.empty_features((48, 48, 3), CFG)
   assert f["tgt_weights"].sum() == 0 and f["has_image"] == 0
   assert f["src_tokens"].shape == (48,) and f["image"].shape == (48, 48, 3)
+
+
+def test_text_to_image_features(tokenizer):
+  cfg = K.TaskConfig(src_len=48, tgt_len=16, code_offset=VOCAB, guidance_drop_rate=0.0)
+  languages = set()
+  for i in range(30):
+    ex = with_codes(S.make_example(0, i))
+    f = K.text_to_image(ex, tokenizer, np.random.default_rng(i), cfg)
+    n, m = _check_contract(f, cfg)
+    assert f["has_image"] == 0 and f["task_id"] == K.task_id("text_to_image")
+    codes = ex["image_codes"].reshape(-1)
+    assert n == codes.size == 12  # the whole grid, row-major, then EOS
+    assert np.array_equal(f["tgt_target"][:n], VOCAB + codes)
+    assert np.array_equal(f["tgt_input"][1 : n + 1], VOCAB + codes)
+    assert f["tgt_weights"].sum() == n + 1
+    captions = _caption_ids(tokenizer, ex)
+    assert f["src_tokens"][:m].tolist() in captions
+    languages.add(captions.index(f["src_tokens"][:m].tolist()))
+  assert languages == {0, 1}  # English and Chinese captions, picked like the other tasks
+
+
+def test_text_to_image_drops_captions_at_the_configured_rate(tokenizer):
+  ex = with_codes(S.make_example(0, 3))
+  for rate in (0.0, 0.1, 0.3):
+    cfg = K.TaskConfig(src_len=48, tgt_len=16, code_offset=VOCAB, guidance_drop_rate=rate)
+    feats = [K.text_to_image(ex, tokenizer, np.random.default_rng(s), cfg) for s in range(2000)]
+    dropped = np.mean([not f["src_tokens"].any() for f in feats])
+    assert abs(dropped - rate) < 0.03, (rate, dropped)  # 3 binomial std at 0.3 is 0.031
+    # A dropped caption changes the source only: the target is the same codes.
+    assert all(np.array_equal(f["tgt_target"], feats[0]["tgt_target"]) for f in feats)
+
+
+def test_text_to_image_needs_codes(tokenizer):
+  assert K.get("text_to_image").needs_codes and K.get("text_to_image").default_weight == 0
+  assert not any(K.get(n).needs_codes for n in K.names() if n != "text_to_image")
+  with pytest.raises(ValueError, match="data.image_codes_dir"):
+    K.text_to_image(S.make_example(0, 0), tokenizer, np.random.default_rng(0), CFG)

@@ -1,0 +1,129 @@
+"""The files text-to-image writes: one PNG per image and a grid PNG, each with the prompt in
+its text metadata (the grid also shows it, drawn with a system font that has its glyphs, when
+one exists), and an index JSON with the prompt, seed, settings and files.
+
+    OUT/<slug>_<i>.png   OUT/<slug>_grid.png   OUT/<slug>.json
+
+The slug is the prompt's ASCII words ('image' for a prompt without any, e.g. a Chinese one).
+Fonts come from fontconfig (`fc-list :charset=...`): a Chinese prompt is drawn only where a
+CJK font is installed; `prompt_drawn_on_grid` in the JSON says whether it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
+
+from m6_jax.errors import GenerationError
+
+GRID_CELL = 192  # grid cells are upscaled (nearest) to this many pixels: 48 px is tiny to look at
+
+
+def slug(prompt: str) -> str:
+  """A file-name stem from the prompt's ASCII letters and digits ('image' when none)."""
+  words = re.findall(r"[a-z0-9]+", prompt.lower())
+  return "-".join(words)[:48].strip("-") or "image"
+
+
+def _fc_list_font(text: str) -> str | None:
+  """A font file fontconfig says covers every character of `text`, regular styles first."""
+  if not shutil.which("fc-list"):
+    return None
+  charset = " ".join(f"{ord(ch):x}" for ch in sorted(set(text)) if not ch.isspace())
+  try:
+    out = subprocess.run(
+      ["fc-list", "--format=%{file}\\n", f":charset={charset}"],
+      capture_output=True,
+      text=True,
+      timeout=20,
+    ).stdout
+  except (OSError, subprocess.SubprocessError):
+    return None
+  files = sorted({f for f in out.splitlines() if f.endswith((".ttf", ".otf", ".ttc"))})
+  styled = lambda f: any(s in os.path.basename(f) for s in ("Bold", "Italic", "Oblique", "Light"))
+  files.sort(key=styled)
+  return files[0] if files else None
+
+
+def prompt_font(text: str, size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont | None:
+  """A font that draws every character of `text` (CJK needs a system font with its glyphs),
+  or None when there is none."""
+  path = _fc_list_font(text)
+  if path:
+    try:
+      return ImageFont.truetype(path, size)
+    except OSError:
+      pass
+  if text.isascii():
+    return ImageFont.load_default(size)
+  return None
+
+
+def grid_image(images: np.ndarray, prompt: str) -> tuple[Image.Image, bool]:
+  """(the images in a near-square grid, cells upscaled to GRID_CELL px, under a band with the
+  prompt; whether the prompt could be drawn)."""
+  n = len(images)
+  cols = int(np.ceil(np.sqrt(n)))
+  rows = -(-n // cols)
+  cell, pad = GRID_CELL, 4
+  font = prompt_font(prompt, 20)
+  band = 36 if font is not None else 0
+  width = cols * (cell + pad) + pad
+  grid = Image.new("RGB", (width, band + rows * (cell + pad) + pad), (255, 255, 255))
+  if font is not None:
+    ImageDraw.Draw(grid).text((pad + 2, 6), prompt, fill=(0, 0, 0), font=font)
+  for i, image in enumerate(images):
+    tile = Image.fromarray(image).resize((cell, cell), Image.Resampling.NEAREST)
+    r, c = divmod(i, cols)
+    grid.paste(tile, (pad + c * (cell + pad), band + pad + r * (cell + pad)))
+  return grid, font is not None
+
+
+def _png_info(fields: dict[str, Any]) -> PngImagePlugin.PngInfo:
+  info = PngImagePlugin.PngInfo()
+  for key, value in fields.items():
+    info.add_itxt(key, str(value))  # iTXt: UTF-8, so a Chinese prompt survives
+  return info
+
+
+def write_outputs(result: Any, req: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Writes `result` (text_to_image.GeneratedImages) for `req` (its ImageRequest) and returns
+  the index: prompt, seed, settings, files, the candidates kept and their reranking scores. The prompt is also in every PNG's
+  text metadata, and drawn above the grid when a font has its glyphs."""
+  out, stem = req.output_dir, slug(req.prompt)
+  try:
+    os.makedirs(out, exist_ok=True)
+    files = []
+    for i, image in enumerate(result.images):
+      name = f"{stem}_{i}.png"
+      meta = {"prompt": req.prompt, "seed": req.seed, "candidate": int(result.candidates[i])}
+      Image.fromarray(image).save(os.path.join(out, name), pnginfo=_png_info(meta))
+      files.append(name)
+    grid, drawn = grid_image(result.images, req.prompt)
+    grid_name = f"{stem}_grid.png"
+    grid.save(os.path.join(out, grid_name), pnginfo=_png_info({"prompt": req.prompt}))
+    index = {
+      "prompt": req.prompt,
+      "seed": req.seed,
+      "settings": req.settings(),
+      "files": files,
+      "grid": grid_name,
+      "prompt_drawn_on_grid": drawn,
+      "candidates": [int(c) for c in result.candidates],
+      "num_candidates": result.num_candidates,
+      **(extra or {}),
+    }
+    if result.scores is not None:
+      index["scores"] = [float(s) for s in result.scores]
+    with open(os.path.join(out, f"{stem}.json"), "w", encoding="utf-8") as f:
+      json.dump(index, f, ensure_ascii=False, indent=2)
+  except OSError as e:
+    raise GenerationError(f"cannot write to --output_dir={out}: {e}") from None
+  return index
