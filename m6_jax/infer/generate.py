@@ -90,7 +90,7 @@ def workdir_config(workdir: str, step: int | None = None, best: bool = False):
   defaults), read without loading any parameters: what a caller checks before long work."""
   ckpts = checkpoints.open_steps(checkpoints.best_dir(workdir) if best else workdir)
   step = ckpts.latest_step() if step is None else step
-  return _merged_with_defaults(_saved_config(ckpts, step, workdir))
+  return _merged_with_defaults(saved_config(ckpts, step, workdir))
 
 
 def inference_config(
