@@ -31,11 +31,11 @@ from m6_jax.config import default_config
 def get_config(arg: str | None = None):
   config = default_config()
   config.model.code_vocab_size = 256
-  config.model.code_grid = (6, 6)
+  config.model.code_grid = (12, 12)  # configs/vqgan.py: 48 px downsampled 4x
   weights = config.data.task_weights
   weights.text_to_text, weights.multimodal_to_text, weights.vqa, weights.text_lm = 0, 0, 0, 0
   weights.text_to_image, weights.image_to_text = 1.0, 0.5
-  config.data.tgt_len = 48  # 36 codes + EOS, and the longest caption (42 pieces) + EOS
+  config.data.tgt_len = 152  # 144 codes + EOS, a multiple of the length bucket
   config.data.length_bucket = 8
   config.data.image_codes_dir = ""  # required: --config.data.image_codes_dir=/tmp/codes
   config.train.steps = 1500
@@ -46,9 +46,9 @@ def get_config(arg: str | None = None):
   config.train.eval_every = 750
   config.train.eval_metric = "text_to_image_loss"
   config.train.eval_examples = 32
-  if arg == "grid12":
-    config.model.code_grid = (12, 12)
-    config.data.tgt_len = 152  # 144 codes + EOS, a multiple of the length bucket
+  if arg == "grid6":  # a VQGAN with vqgan.downsample_factor=8
+    config.model.code_grid = (6, 6)
+    config.data.tgt_len = 48  # 36 codes + EOS, and the longest caption (42 pieces) + EOS
   elif arg == "runlocal":
     config.train.steps = 20
     config.train.log_every = 5
@@ -57,6 +57,6 @@ def get_config(arg: str | None = None):
     config.train.warmup_steps = 5
   elif arg:
     raise ValueError(
-      f"Unknown variant '{arg}' of configs/finetune_text_to_image.py; known: grid12, runlocal."
+      f"Unknown variant '{arg}' of configs/finetune_text_to_image.py; known: grid6, runlocal."
     )
   return config

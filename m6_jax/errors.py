@@ -51,3 +51,22 @@ class DistributedError(UserError, ValueError):
 
 class ImageError(UserError, ValueError):
   """An image file that is missing or cannot be decoded."""
+
+
+def exit_with(message: str) -> None:
+  """The end of a command-line program on a user's mistake: one `error:` line, status 2."""
+  import sys
+
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing for a program's `app.run(..., flags_parser=parse_flags)`: a bad or
+  missing flag is one `error:` line and status 2 instead of absl's usage dump."""
+  from absl import flags
+
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    exit_with(f"{e}. Pass --helpshort to see the flags.")

@@ -51,7 +51,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from typing import Any, Callable, Mapping
@@ -64,7 +63,7 @@ import numpy as np
 import optax
 
 from m6_jax.data import synthetic
-from m6_jax.errors import EvaluationError
+from m6_jax.errors import EvaluationError, exit_with, parse_flags
 from m6_jax.evaluation.scene_scores import (
   COLOR_NAMES,
   EMPTY,
@@ -443,38 +442,24 @@ def _define_flags() -> dict[str, Any]:
   }
 
 
-def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  from absl import flags
-
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    _fail(f"{e}. Pass --helpshort to see the flags.")
-
-
 def _main(flag_values: dict[str, Any], argv: list[str]) -> None:
   if len(argv) > 1:
-    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    exit_with(f"unexpected arguments: {' '.join(argv[1:])}")
   values = {k: f.value for k, f in flag_values.items()}
   cache_dir, num_eval = values.pop("cache_dir"), values.pop("num_eval")
   if not cache_dir:
-    _fail("--cache_dir is required, e.g. --cache_dir=/tmp/judge")
+    exit_with("--cache_dir is required, e.g. --cache_dir=/tmp/judge")
   if num_eval < 2:
-    _fail(f"--num_eval must be >= 2, got {num_eval}")
+    exit_with(f"--num_eval must be >= 2, got {num_eval}")
   try:
     start = time.perf_counter()
     judge = load_or_train(cache_dir, log=lambda line: print(line, flush=True), **values)
     print(f"judge ready in {time.perf_counter() - start:.1f}s")
     result = evaluate_on_world(judge, judge.settings.seed, num_eval, judge.settings.image_size)
   except EvaluationError as e:
-    _fail(str(e))
+    exit_with(str(e))
   except OSError as e:
-    _fail(f"cannot use --cache_dir={cache_dir!r}: {e.strerror or e}")
+    exit_with(f"cannot use --cache_dir={cache_dir!r}: {e.strerror or e}")
   print(
     f"held-out accuracy on {num_eval} rendered validation scenes (world {judge.settings.seed}):"
   )
@@ -490,4 +475,4 @@ def _main(flag_values: dict[str, Any], argv: list[str]) -> None:
 if __name__ == "__main__":
   from absl import app
 
-  app.run(functools.partial(_main, _define_flags()), flags_parser=_parse_flags)
+  app.run(functools.partial(_main, _define_flags()), flags_parser=parse_flags)

@@ -166,7 +166,7 @@ def test_the_text_to_image_config(tmp_path):
   assert _config_file("base.py").data.task_weights.text_to_image == 0.0
   config = _config_file("finetune_text_to_image.py")
   assert "text_to_image needs data.image_codes_dir" in _validate_error(config)
-  for arg, grid in ((None, (6, 6)), ("grid12", (12, 12))):
+  for arg, grid in ((None, (12, 12)), ("grid6", (6, 6))):
     config = _config_file("finetune_text_to_image.py", arg)
     vqgan = StandInImageTokenizer(256, grid)
     config.data.image_codes_dir = write_codes_dir(str(tmp_path / str(arg)), vqgan, "")

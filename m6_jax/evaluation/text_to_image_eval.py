@@ -1,0 +1,215 @@
+"""Text-to-image judged against the scene's truth, on held-out captions of the synthetic world.
+
+    python -m m6_jax.evaluation.text_to_image_eval --workdir=/tmp/m6_t2i --judge_dir=/tmp/judge
+
+Every caption of the world states its objects' shape, colour, size and cell, so a generated
+image can be checked against the scene it was asked for. The judge is the attribute
+classifier of m6_jax/evaluation/scene_judge.py (trained on rendered scenes, or loaded from
+--judge_dir); the scores are scene_scores.py's strict ones (an object counts as right in
+shape or colour only in its stated cell). For the first --num_prompts scenes of the
+validation split (captions alternate Chinese and English), the table shows:
+
+  * real images: the judge on the renders themselves, the ceiling;
+  * VQGAN reconstructions: encode -> decode of the renders, the ceiling of anything decoded
+    from codes;
+  * generated, for each --guidance_scales value, without and with --rerank N candidates
+    (the best by the model's own image-to-text likelihood of the prompt);
+  * chance: the renders judged against the captions of other scenes.
+
+Each row also has a Fréchet distance between the judge's features of its images and those
+of the real images of other held-out scenes (our own domain metric on the judge's 288
+features, not COCO FID; its floor, real vs real, is the first row's). The table is printed
+and written, with the settings and timings, to <workdir>/text_to_image_eval.json.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from m6_jax.data import synthetic
+from m6_jax.errors import UserError, exit_with, parse_flags
+from m6_jax.evaluation import scene_judge, scene_scores
+from m6_jax.infer import text_to_image as t2i
+
+RESULTS_FILE = "text_to_image_eval.json"
+SCORES = ("position", "shape", "color", "size", "count", "all_correct")
+
+
+def held_out(seed: int, num: int, image_size: int) -> tuple[list[synthetic.Scene], list[str]]:
+  """The first `num` validation scenes and their captions (even: Chinese, odd: English)."""
+  scenes = scene_scores.world_scenes(seed, "validation", num)
+  captions = [
+    synthetic.caption_zh(s) if i % 2 == 0 else synthetic.caption_en(s) for i, s in enumerate(scenes)
+  ]
+  return scenes, captions
+
+
+def generate(
+  model, vqgan, captions: Sequence[str], guidance: float, rerank: int, seed: int, batch: int
+) -> np.ndarray:
+  """One image per caption: sampled with the key of its index (rerank 0), or the best of
+  `rerank` candidates by the model's likelihood of the caption."""
+  candidates = max(rerank, 1)
+  rows = [(i, c) for i in range(len(captions)) for c in range(candidates)]
+  codes = []
+  for start in range(0, len(rows), batch):
+    chunk = rows[start : start + batch]
+    chunk += [chunk[0]] * (batch - len(chunk))  # one shape, one compilation
+    prompts = [captions[i] for i, _ in chunk]
+    keys = [i * candidates + c for i, c in chunk]  # a distinct key per candidate
+    codes.append(t2i.sample_codes(model, prompts, keys, seed, guidance)[: len(rows) - start])
+  images = np.asarray(vqgan.decode(np.concatenate(codes)), np.uint8)
+  images = images.reshape((len(captions), candidates) + images.shape[1:])
+  if rerank <= 0:
+    return images[:, 0]
+  best = [
+    t2i.prompt_log_likelihood(model, images[i], captions[i], batch).argmax()
+    for i in range(len(captions))
+  ]
+  return images[np.arange(len(captions)), best]
+
+
+def _row(judge, images: np.ndarray, scenes, reference: np.ndarray, seconds: float) -> dict:
+  row = scene_scores.attribute_accuracy(judge, images, scenes)
+  row["frechet"] = scene_scores.frechet_distance(judge.features(images), reference)
+  row["seconds"] = seconds
+  return row
+
+
+def evaluate(
+  workdir: str,
+  judge,
+  num_prompts: int,
+  guidance_scales: Sequence[float],
+  rerank: int,
+  seed: int = 0,
+  batch_size: int = 8,
+  vqgan_workdir: str = "",
+  log=print,
+) -> dict[str, Any]:
+  """{row name: scores} for the model of `workdir` (see the module docstring)."""
+  from m6_jax.infer import generate as gen
+
+  model = gen.load_model(workdir)
+  vqgan = t2i.load_image_tokenizer(*t2i.vqgan_location(model.config, vqgan_workdir))
+  t2i.check_image_tokenizer(vqgan, model.config.model, vqgan_workdir or "the model's codes")
+  world_seed, size = int(model.config.seed), int(model.config.data.image_size)
+  scenes, captions = held_out(world_seed, num_prompts, size)
+  real = scene_scores.render(scenes, size)
+  # The Fréchet reference: real images of the next num_prompts held-out scenes.
+  others = scene_scores.world_scenes(world_seed, "validation", 2 * num_prompts)[num_prompts:]
+  reference = judge.features(scene_scores.render(others, size))
+  rows: dict[str, dict] = {}
+  rows["real images (ceiling)"] = _row(judge, real, scenes, reference, 0.0)
+  start = time.perf_counter()
+  recon = np.asarray(vqgan.decode(vqgan.encode(real)), np.uint8)
+  rows["VQGAN reconstructions"] = _row(judge, recon, scenes, reference, time.perf_counter() - start)
+  for scale in guidance_scales:
+    for n in (0, rerank) if rerank > 1 else (0,):
+      name = f"generated, guidance {scale:g}" + (f", best of {n}" if n else "")
+      log(f"{name}: {num_prompts} prompts ...")
+      start = time.perf_counter()
+      images = generate(model, vqgan, captions, scale, n, seed, batch_size)
+      rows[name] = _row(judge, images, scenes, reference, time.perf_counter() - start)
+      log(f"{name}: {_format_row(rows[name])}")
+  chance = scene_scores.chance_accuracy(judge, real, scenes, seed)
+  rows["chance (other captions)"] = dict(chance["empirical"], frechet=float("nan"), seconds=0.0)
+  return {
+    "workdir": os.path.abspath(workdir),
+    "step": model.step,
+    "num_prompts": num_prompts,
+    "guidance_scales": list(guidance_scales),
+    "rerank": rerank,
+    "seed": seed,
+    "rows": rows,
+  }
+
+
+def _format_row(row: dict) -> str:
+  return " | ".join(f"{k} {row[k]:.1%}" for k in SCORES) + f" | FD {row['frechet']:.1f}"
+
+
+def format_table(rows: dict[str, dict]) -> str:
+  header = ["images"] + list(SCORES) + ["Fréchet (judge features)"]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for name, row in rows.items():
+    fd = "" if np.isnan(row["frechet"]) else f"{row['frechet']:.1f}"
+    cells = [name] + [f"{100 * row[k]:.1f}%" for k in SCORES] + [fd]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def _main(flag_values: dict[str, Any], argv: list[str]) -> None:
+  if len(argv) > 1:
+    exit_with(f"unexpected arguments: {' '.join(argv[1:])}")
+  v = {k: f.value for k, f in flag_values.items()}
+  if not v["workdir"]:
+    exit_with("--workdir is required: a text-to-image workdir (configs/finetune_text_to_image.py).")
+  try:
+    guidance = [float(x) for x in v["guidance_scales"].split(",") if x.strip()]
+  except ValueError:
+    guidance = []
+  if not guidance or min(guidance) < 0:
+    exit_with(f"--guidance_scales={v['guidance_scales']!r} must list scales >= 0, e.g. 1,3,10.")
+  if v["num_prompts"] < 2:
+    exit_with(f"--num_prompts={v['num_prompts']} must be at least 2 (chance pairs captions).")
+  if v["rerank"] < 0 or v["batch_size"] < 1:
+    exit_with("--rerank must be >= 0 (0: no reranking) and --batch_size >= 1.")
+  if not os.path.isdir(v["workdir"]):
+    exit_with(f"--workdir={v['workdir']} does not exist; train a text-to-image model there first.")
+  try:
+    judge = scene_judge.load_or_train(v["judge_dir"], log=lambda line: print(line, flush=True))
+    results = evaluate(
+      v["workdir"],
+      judge,
+      v["num_prompts"],
+      guidance,
+      v["rerank"],
+      v["seed"],
+      v["batch_size"],
+      v["vqgan_workdir"],
+      log=lambda line: print(line, flush=True),
+    )
+  except UserError as e:
+    exit_with(str(e))
+  print(format_table(results["rows"]))
+  path = os.path.join(v["workdir"], RESULTS_FILE)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(results, f, indent=2, ensure_ascii=False)
+  print(f"wrote {path}")
+
+
+def _define_flags() -> dict[str, Any]:
+  """The program's flags (defined only when run as a program)."""
+  from absl import flags
+
+  return {
+    "workdir": flags.DEFINE_string("workdir", None, "A text-to-image workdir (required)."),
+    "judge_dir": flags.DEFINE_string(
+      "judge_dir", "/tmp/m6_scene_judge", "Where the judge is cached (trained once, ~1 min)."
+    ),
+    "num_prompts": flags.DEFINE_integer("num_prompts", 100, "Held-out captions to draw (>= 2)."),
+    "guidance_scales": flags.DEFINE_string(
+      "guidance_scales", "1,3,10", "Classifier-free guidance scales to compare."
+    ),
+    "rerank": flags.DEFINE_integer(
+      "rerank", 8, "Also keep the best of N candidates per caption (0: no reranking rows)."
+    ),
+    "seed": flags.DEFINE_integer("seed", 0, "Sampling seed (one key per caption and candidate)."),
+    "batch_size": flags.DEFINE_integer("batch_size", 8, "Images sampled per call."),
+    "vqgan_workdir": flags.DEFINE_string(
+      "vqgan_workdir", "", "The VQGAN (default: the one the model's codes came from)."
+    ),
+  }
+
+
+if __name__ == "__main__":
+  from absl import app
+
+  app.run(functools.partial(_main, _define_flags()), flags_parser=parse_flags)
