@@ -157,8 +157,9 @@ class MultiHeadAttention(nn.Module):
     Cross-attention: `context` [b, S, d] gives the keys and values and `mask` is [b, L, S];
     with `x` None only the LayerKV of `context` [b, S, heads, kv] is returned (the cache a
     decoding step reads as `step.prefix`). A query that may see no key at all (an example
-    with neither image nor source text) gets zeros from a cross-attention, not an average
-    of padding, so that the output does not depend on how much padding the batch has.
+    with neither image nor source text) mixes no values in a cross-attention (its output is
+    the output bias) rather than an average of padding, which would depend on how much
+    padding the batch has.
     """
     source = x if context is None else context
     d_model = source.shape[-1]
@@ -253,7 +254,7 @@ def _cached_attention(
   q [B, 1, h, kv] (already scaled) -> [B, 1, h, kv]. The prefix logits are computed per
   group of rows sharing one prefix row (see StepCache), then joined to the target logits in
   the full mode's key order so that one softmax runs over all keys. Without a target part
-  (cross-attention) a row whose prefix has no real position gets zeros, as in full mode.
+  (cross-attention) a row whose prefix has no real position mixes no values, as in full mode.
   """
   bq, _, h, d = q.shape
   logits = []
