@@ -161,6 +161,8 @@ def analyse(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
     "config": {
       "d_model": config.model.d_model,
       "num_layers": config.model.num_layers,
+      "architecture": config.model.architecture,
+      "stack_layers": config_lib.stack_depths(config.model),
       "moe_num_experts": config.model.moe_num_experts,
       "batch_size": config.data.batch_size,
       "tokens_per_chip": config.data.batch_size * M6Config.from_config(config).seq_len // chips,

@@ -27,6 +27,7 @@ IMAGE_STEMS = ("linear", "resnet")
 FAMILIES = ("m6", "vqgan")
 VQGAN_EVAL_METRICS = ("psnr", "codebook_usage", "perplexity")
 DTYPES = ("float32", "bfloat16")
+ARCHITECTURES = ("unified", "encoder_decoder")
 REMAT_POLICIES = (
   "none",
   "full",
@@ -80,6 +81,16 @@ def default_config() -> ml_collections.ConfigDict:
   # h x w codes with learned row / column embeddings. 0: a text-only model.
   c.model.code_vocab_size = 0
   c.model.code_grid = (0, 0)  # (h, w) of the code grid; (0, 0) when code_vocab_size is 0
+  # "unified": M6's one Transformer stack over [image ; source ; target] with the prefix-LM
+  # mask (num_layers layers). "encoder_decoder" (OFA / OFA-CN style): an encoder stack
+  # (bidirectional over [image ; source]) and a decoder stack (causal over the target, with
+  # cross-attention to the encoder output in every layer); same embeddings, batch, logits,
+  # loss and decoding. num_encoder_layers / num_decoder_layers are their depths, 0 meaning
+  # model.num_layers; they must stay 0 with "unified". MoE, scan_layers and remat_policy
+  # apply to each stack (MoE layers: every moe_every-th layer of each stack).
+  c.model.architecture = "unified"
+  c.model.num_encoder_layers = 0
+  c.model.num_decoder_layers = 0
 
   c.data = ml_collections.ConfigDict()
   c.data.batch_size = 32  # global batch, split over processes and the (data, fsdp) axes
@@ -252,8 +263,41 @@ def moe_layer_indices(model: ml_collections.ConfigDict) -> list[int]:
   return [i for i in range(model.num_layers) if (i + 1) % model.moe_every == 0]
 
 
+def stack_depths(model: ml_collections.ConfigDict) -> dict[str, int]:
+  """{stack: layers}: {"unified": num_layers}, or the encoder's and the decoder's."""
+  if model.architecture != "encoder_decoder":
+    return {"unified": model.num_layers}
+  return {
+    "encoder": model.num_encoder_layers or model.num_layers,
+    "decoder": model.num_decoder_layers or model.num_layers,
+  }
+
+
+def _depth_text(stack: str, depth: int) -> str:
+  """How a message names a stack's depth."""
+  if stack == "unified":
+    return f"model.num_layers={depth}"
+  return f"the {stack}'s depth {depth} (model.num_{stack}_layers; 0: model.num_layers)"
+
+
+def _validate_architecture(m: ml_collections.ConfigDict) -> None:
+  _require(
+    m.architecture in ARCHITECTURES,
+    f"model.architecture='{m.architecture}' is not one of {ARCHITECTURES}.",
+  )
+  for key in ("num_encoder_layers", "num_decoder_layers"):
+    _require(m[key] >= 0, f"model.{key}={m[key]} must be >= 0 (0: model.num_layers).")
+    _require(
+      m[key] == 0 or m.architecture == "encoder_decoder",
+      f"model.{key}={m[key]} sizes a stack of model.architecture='encoder_decoder'; the "
+      f"'{m.architecture}' model has model.num_layers layers (set {key}=0 or change the "
+      "architecture).",
+    )
+
+
 def _validate_moe_and_stack(config: ml_collections.ConfigDict) -> None:
   m = config.model
+  _validate_architecture(m)
   _require(
     m.remat_policy in REMAT_POLICIES,
     f"model.remat_policy='{m.remat_policy}' is not one of {REMAT_POLICIES}.",
@@ -281,20 +325,23 @@ def _validate_moe_and_stack(config: ml_collections.ConfigDict) -> None:
     f"model.moe_capacity_factor={m.moe_capacity_factor} and model.moe_eval_capacity_factor="
     f"{m.moe_eval_capacity_factor} must be positive.",
   )
-  _require(
-    1 <= m.moe_every <= m.num_layers,
-    f"model.moe_every={m.moe_every} must be in [1, model.num_layers={m.num_layers}].",
-  )
+  depths = stack_depths(m)
+  for stack, depth in depths.items():
+    _require(
+      1 <= m.moe_every <= depth,
+      f"model.moe_every={m.moe_every} must be in [1, {_depth_text(stack, depth)}].",
+    )
   _require(
     m.moe_aux_loss_weight >= 0 and m.moe_z_loss_weight >= 0,
     "model.moe_aux_loss_weight and model.moe_z_loss_weight must be >= 0.",
   )
   if m.scan_layers:
-    _require(
-      m.num_layers % m.moe_every == 0,
-      f"model.scan_layers scans groups of model.moe_every={m.moe_every} layers (the last one "
-      f"MoE), so model.num_layers={m.num_layers} must be a multiple of it.",
-    )
+    for stack, depth in depths.items():
+      _require(
+        depth % m.moe_every == 0,
+        f"model.scan_layers scans groups of model.moe_every={m.moe_every} layers (the last "
+        f"one MoE), so {_depth_text(stack, depth)} must be a multiple of it.",
+      )
 
 
 def _validate_bucketing(d: ml_collections.ConfigDict) -> None:

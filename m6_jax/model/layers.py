@@ -10,6 +10,11 @@ Incremental decoding: attention and the block run in one of three modes, all wit
 parameters. The default maps a whole sequence to a sequence; `return_kv=True` also returns
 the layer's keys and values (to fill a prefix cache); `step=StepCache(...)` runs one new
 target position against cached keys/values and returns the updated target cache.
+
+Cross-attention (the decoder of the encoder-decoder architecture, m6_jax/model/m6.py) is
+the same attention with its keys and values projected from another sequence, the encoder
+output; a block built with `cross_attention=True` runs it between its self-attention and
+its feed-forward (`CrossInput` says what it reads in each mode).
 """
 
 from __future__ import annotations
@@ -67,18 +72,35 @@ class LayerKV:
 
 @struct.dataclass
 class StepCache:
-  """What one attention layer reads and writes at one decoding step.
+  """What one attention layer reads and writes at one decoding step: read-only `prefix`
+  keys/values and the `target` keys/values, where the new position's key/value is written.
 
   The prefix may be shared by groups of consecutive rows of the query batch: with a prefix
   batch bp and a query batch B = g * bp, rows i*g .. i*g+g-1 all read prefix row i (the
   beams of one example in beam search), so the prefix is never copied per beam.
+
+  Either part may be None: the unified model's self-attention reads both (one softmax over
+  [prefix ; target]); an encoder-decoder's self-attention reads the target only and its
+  cross-attention only the prefix, which then holds the encoder's keys/values.
   """
 
-  prefix: LayerKV  # [bp, S, heads, kv], read only
-  prefix_valid: jax.Array  # [bp, S] bool: real prefix positions
-  target: LayerKV  # [B, Lt, heads, kv]; the new key/value is written at `position`
-  target_valid: jax.Array  # [B, Lt] bool: target keys the new query may see (itself included)
-  position: jax.Array  # int32 scalar: the target position being decoded
+  prefix: LayerKV | None  # [bp, S, heads, kv], read only
+  prefix_valid: jax.Array | None  # [bp, S] bool: real prefix positions
+  target: LayerKV | None = None  # [B, Lt, heads, kv]; the new key/value is written at `position`
+  target_valid: jax.Array | None = None  # [B, Lt] bool: keys the query may see (itself included)
+  position: jax.Array | None = None  # int32 scalar: the target position being decoded
+
+
+@struct.dataclass
+class CrossInput:
+  """What a cross-attention block reads from the encoder, by mode: the encoder output
+  `encoded` [b, S, d] and `mask` [b, Lq, S] (full mode, and `encoded` alone to compute the
+  decoding cache), or at a decoding step `step`, a StepCache whose prefix is this layer's
+  cached encoder keys/values."""
+
+  encoded: jax.Array | None = None
+  mask: jax.Array | None = None
+  step: StepCache | None = None
 
 
 class LayerNorm(nn.Module):
@@ -106,7 +128,8 @@ class LayerNorm(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-  """Self-attention with an explicit boolean mask [batch, q, k], or one cached decoding step."""
+  """Self- or cross-attention with an explicit boolean mask [batch, q, k], or one cached
+  decoding step."""
 
   num_heads: int
   head_dim: int
@@ -116,38 +139,48 @@ class MultiHeadAttention(nn.Module):
   @nn.compact
   def __call__(
     self,
-    x: jax.Array,
+    x: jax.Array | None,
     mask: jax.Array | AttentionMask | None,
     deterministic: bool,
     *,
     return_kv: bool = False,
     step: StepCache | None = None,
+    context: jax.Array | None = None,
   ) -> Any:
     """Full mode (`step` None): x [b, L, d], mask [b, L, L] or an AttentionMask -> out
     [b, L, d], plus this layer's LayerKV [b, L, heads, kv] when `return_kv`.
 
     Step mode: x [B, 1, d] is the new target position; `mask` is unused (the masks are in
-    `step`). Returns (out [B, 1, d], the target LayerKV with the new key/value written).
+    `step`). Returns (out [B, 1, d], the target LayerKV with the new key/value written, or
+    None when `step` has no target part).
+
+    Cross-attention: `context` [b, S, d] gives the keys and values and `mask` is [b, L, S];
+    with `x` None only the LayerKV of `context` [b, S, heads, kv] is returned (the cache a
+    decoding step reads as `step.prefix`). A query that may see no key at all (an example
+    with neither image nor source text) mixes no values in a cross-attention (its output is
+    the output bias) rather than an average of padding, which would depend on how much
+    padding the batch has.
     """
-    d_model = x.shape[-1]
+    source = x if context is None else context
+    d_model = source.shape[-1]
     # Full mode works head-major ([b, heads, L, kv]): every attention matmul then runs over
     # contiguous [L, kv] blocks per (batch, head), which on CPU measured 2-5x faster for the
     # score and mixing matmuls and their gradients than the [b, L, heads, kv] layout, whose
     # per-head slices are strided. Step mode and the KV cache stay [b, L, heads, kv].
-    head_major = step is None
+    head_major = step is None and x is not None
     layout = "bhlk" if head_major else "blhk"
     axes = HEAD_MAJOR_AXES if head_major else KV_AXES
 
     # Projections as explicit einsums over [embed, heads, kv] kernels: nn.DenseGeneral
     # initialises a flattened 2-D kernel, which cannot carry 3-D logical axis names.
-    def proj(name, use_bias=True):
+    def proj(name, inputs, use_bias=True):
       kernel = self.param(
         name,
         nn.with_logical_partitioning(default_kernel_init, ("embed", "heads", "kv")),
         (d_model, self.num_heads, self.head_dim),
         jnp.float32,
       )
-      y = jnp.einsum(f"bld,dhk->{layout}", x, kernel.astype(self.dtype))
+      y = jnp.einsum(f"bld,dhk->{layout}", inputs, kernel.astype(self.dtype))
       if use_bias:
         bias = self.param(
           name + "_bias",
@@ -160,9 +193,13 @@ class MultiHeadAttention(nn.Module):
 
     # No key bias: it adds the same q.b to every key's logit, which softmax cancels, so its
     # gradient is pure rounding noise that Adam would amplify into random updates.
-    q, k, v = proj("query"), proj("key", use_bias=False), proj("value")
-
-    q = q * jnp.asarray(self.head_dim**-0.5, self.dtype)
+    if x is not None:
+      q = proj("query", x) * jnp.asarray(self.head_dim**-0.5, self.dtype)
+    if step is None or step.target is not None:  # a cross-attention step reads cached keys
+      k, v = proj("key", source, use_bias=False), proj("value", source)
+      if x is None:
+        return LayerKV(k, v).constrain()
+    target = None
     if step is None:
       dropout = None
       if not deterministic and self.dropout_rate > 0:
@@ -170,8 +207,11 @@ class MultiHeadAttention(nn.Module):
       if not isinstance(mask, AttentionMask):
         mask = AttentionMask(mask)
       out = attention_core(q, k, v, mask.allowed, self.dtype, dropout, mask.prefix_len)
+      if context is not None:
+        out = out * jnp.any(mask.allowed, axis=-1)[:, None, :, None].astype(out.dtype)
     else:
-      target = _write_kv(step.target, k, v, step.position)
+      if step.target is not None:
+        target = _write_kv(step.target, k, v, step.position)
       out = _cached_attention(q, step, target, self.dtype)
     out = constrain(out, axes)
     out_kernel = self.param(
@@ -206,28 +246,41 @@ def _write_kv(cache: LayerKV, k: jax.Array, v: jax.Array, position: jax.Array) -
   return LayerKV(write(cache.key, k), write(cache.value, v)).constrain()
 
 
-def _cached_attention(q: jax.Array, step: StepCache, target: LayerKV, dtype: Dtype) -> jax.Array:
+def _cached_attention(
+  q: jax.Array, step: StepCache, target: LayerKV | None, dtype: Dtype
+) -> jax.Array:
   """One query per row against [prefix ; target] keys; the same softmax as the full mode.
 
   q [B, 1, h, kv] (already scaled) -> [B, 1, h, kv]. The prefix logits are computed per
   group of rows sharing one prefix row (see StepCache), then joined to the target logits in
-  the full mode's key order so that one softmax runs over all keys.
+  the full mode's key order so that one softmax runs over all keys. Without a target part
+  (cross-attention) a row whose prefix has no real position mixes no values, as in full mode.
   """
   bq, _, h, d = q.shape
-  bp, s = step.prefix_valid.shape
-  if bq % bp:
-    raise ValueError(f"query batch {bq} is not a multiple of the prefix cache batch {bp}")
-  g = bq // bp
-  qg = q.reshape(bp, g, h, d)
-  prefix_logits = jnp.einsum("bghd,bkhd->bghk", qg, step.prefix.key).astype(jnp.float32)
-  prefix_logits = jnp.where(step.prefix_valid[:, None, None, :], prefix_logits, MASK_BIAS)
-  target_logits = jnp.einsum("bhd,bkhd->bhk", q[:, 0], target.key).astype(jnp.float32)
-  target_logits = jnp.where(step.target_valid[:, None, :], target_logits, MASK_BIAS)
-  logits = jnp.concatenate([prefix_logits.reshape(bq, h, s), target_logits], axis=-1)
-  probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-  prefix_probs = probs[..., :s].reshape(bp, g, h, s)
-  out = jnp.einsum("bghk,bkhd->bghd", prefix_probs, step.prefix.value).reshape(bq, h, d)
-  out = out + jnp.einsum("bhk,bkhd->bhd", probs[..., s:], target.value)
+  logits = []
+  if step.prefix is not None:
+    bp, s = step.prefix_valid.shape
+    if bq % bp:
+      raise ValueError(f"query batch {bq} is not a multiple of the prefix cache batch {bp}")
+    g = bq // bp
+    qg = q.reshape(bp, g, h, d)
+    prefix_logits = jnp.einsum("bghd,bkhd->bghk", qg, step.prefix.key).astype(jnp.float32)
+    prefix_logits = jnp.where(step.prefix_valid[:, None, None, :], prefix_logits, MASK_BIAS)
+    logits.append(prefix_logits.reshape(bq, h, s))
+  if target is not None:
+    target_logits = jnp.einsum("bhd,bkhd->bhk", q[:, 0], target.key).astype(jnp.float32)
+    logits.append(jnp.where(step.target_valid[:, None, :], target_logits, MASK_BIAS))
+  probs = jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1).astype(dtype)
+  out = jnp.zeros((bq, h, d), dtype)
+  if step.prefix is not None:
+    prefix_probs = probs[..., :s].reshape(bp, g, h, s)
+    out = jnp.einsum("bghk,bkhd->bghd", prefix_probs, step.prefix.value).reshape(bq, h, d)
+    if target is None:
+      seen = jnp.repeat(jnp.any(step.prefix_valid, axis=-1), g)
+      out = out * seen[:, None, None].astype(out.dtype)
+  if target is not None:
+    offset = 0 if step.prefix is None else s
+    out = out + jnp.einsum("bhk,bkhd->bhd", probs[..., offset:], target.value)
   return out[:, None]
 
 
@@ -274,10 +327,12 @@ class Dense(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-  """Pre-LN block: x + Attn(LN(x)); x + MLP(LN(x)).
+  """Pre-LN block: x + Attn(LN(x)); [x + CrossAttn(LN(x), encoded);] x + MLP(LN(x)).
 
-  With `moe` (a `moe.MoeOptions`) the feed-forward is a `moe.MoeMlp` (same name, "mlp"),
-  which routes only the positions where `token_mask` is true.
+  With `cross_attention` (a decoder block of the encoder-decoder architecture) the
+  cross-attention sub-layer reads the encoder through `cross` (a CrossInput). With `moe` (a
+  `moe.MoeOptions`) the feed-forward is a `moe.MoeMlp` (same name, "mlp"), which routes only
+  the positions where `token_mask` is true.
   """
 
   num_heads: int
@@ -287,21 +342,27 @@ class TransformerBlock(nn.Module):
   layer_norm_epsilon: float = 1e-6
   dtype: Dtype = jnp.float32
   moe: Any = None
+  cross_attention: bool = False
 
   @nn.compact
   def __call__(
     self,
-    x: jax.Array,
+    x: jax.Array | None,
     mask: jax.Array | AttentionMask | None,
     deterministic: bool,
     *,
     return_kv: bool = False,
     step: StepCache | None = None,
     token_mask: jax.Array | None = None,
+    cross: CrossInput | None = None,
   ) -> Any:
     """x -> x in full mode; (x, LayerKV) with `return_kv` or in step mode (see attention).
 
-    `token_mask` [b, L] (real positions) is used by a MoE feed-forward only."""
+    `token_mask` [b, L] (real positions) is used by a MoE feed-forward only. With `x` None
+    (cross-attention blocks only) nothing runs but the cross-attention's key and value
+    projections of `cross.encoded`: returns that LayerKV, the decoding cache of this block."""
+    if x is None:
+      return self._cross_attention()(None, None, True, context=cross.encoded)
     h = LayerNorm(self.layer_norm_epsilon, self.dtype, name="pre_attention_norm")(x)
     h = MultiHeadAttention(
       self.num_heads, self.head_dim, self.dropout_rate, self.dtype, name="attention"
@@ -310,6 +371,13 @@ class TransformerBlock(nn.Module):
     if return_kv or step is not None:
       h, kv = h
     x = x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+    if self.cross_attention:
+      h = LayerNorm(self.layer_norm_epsilon, self.dtype, name="pre_cross_attention_norm")(x)
+      if cross.step is None:
+        h = self._cross_attention()(h, cross.mask, deterministic, context=cross.encoded)
+      else:
+        h, _ = self._cross_attention()(h, None, True, step=cross.step)
+      x = x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
     h = LayerNorm(self.layer_norm_epsilon, self.dtype, name="pre_mlp_norm")(x)
     if self.moe is None:
       h = Mlp(self.mlp_dim, self.dropout_rate, self.dtype, name="mlp")(h, deterministic)
@@ -324,3 +392,10 @@ class TransformerBlock(nn.Module):
     x = x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
     x = constrain(x, ("batch", "length", "embed"))
     return x if kv is None else (x, kv)
+
+  def _cross_attention(self) -> MultiHeadAttention:
+    if not self.cross_attention:
+      raise ValueError("this block has no cross-attention (built with cross_attention=False)")
+    return MultiHeadAttention(
+      self.num_heads, self.head_dim, self.dropout_rate, self.dtype, name="cross_attention"
+    )

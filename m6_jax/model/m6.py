@@ -5,6 +5,17 @@ prefix and causally to itself, so one stack is encoder and decoder at once (pref
 LM head runs on the target positions only: the prefix has no loss, so computing its logits
 would be wasted vocabulary-sized matmuls.
 
+Architectures (model.architecture): "unified" is the above, M6's own. "encoder_decoder"
+(the form of M6's successors OFA / OFA-CN) runs the prefix through an encoder stack
+(bidirectional self-attention, then a final layer norm) and the target through a decoder
+stack (causal self-attention, cross-attention to the encoder output, feed-forward), each
+with its own depth (model.num_encoder_layers / num_decoder_layers). Both share the
+embeddings (the prefix embedded by `embed_prefix`, the target by `embed_target`, at the
+same positions), the blocks (m6_jax/model/layers.py, the decoder's with cross-attention),
+the stack machinery (m6_jax/model/stack.py: scan, remat, MoE every `moe_every`-th layer of
+each stack), the final norm and the LM head; the batch features, the logits and the cache
+interface below are the same.
+
 Batch features (see m6_jax/model/features.py): image [b, h, w, 3] float in [0, 1],
 has_image [b], src_tokens [b, Ls], tgt_input [b, Lt]; token id 0 is padding.
 
@@ -27,7 +38,10 @@ Incremental decoding (used by m6_jax/infer/decoding.py): `encode_prefix` runs th
 through the stack once and returns a DecodeCache; `decode_step` then embeds one target token
 at a time, attends to the cached prefix and to the target positions decoded so far, and
 returns that position's logits and the updated cache. Both give the logits of `__call__`
-(teacher forcing) up to float rounding.
+(teacher forcing) up to float rounding. For encoder_decoder, `encode_prefix` runs the
+encoder once and caches each decoder layer's cross-attention keys/values of its output in
+the prefix part of the cache (computed once, shared by the beams of an example like the
+unified prefix), and `decode_step` runs the decoder on one token.
 """
 
 from __future__ import annotations
@@ -43,19 +57,19 @@ from flax import struct
 
 from m6_jax.model import embeddings, features
 from m6_jax.model.embeddings import ImageEmbedding, PositionEmbedding, embed_init
-from m6_jax.model.layers import (
-  AttentionMask,
-  LayerKV,
-  LayerNorm,
-  StepCache,
-  TransformerBlock,
-  default_kernel_init,
+from m6_jax.model.layers import AttentionMask, LayerKV, LayerNorm, default_kernel_init
+from m6_jax.model.moe import MoeOptions
+from m6_jax.model.ops import constrain
+from m6_jax.model.stack import (
+  REMAT_POLICIES,  # noqa: F401 (the model's policies, by name)
+  StackMode,
+  layer_stack,
+  run_stack,
 )
-from m6_jax.model.moe import AUX_LOSS_COLLECTION, METRICS_COLLECTION, MoeOptions
-from m6_jax.model.ops import ATTENTION_OUT, ATTENTION_PROBS, constrain
 
 PAD_ID = features.PAD_ID
 SEGMENT_IMAGE, SEGMENT_SOURCE, SEGMENT_TARGET = 0, 1, 2
+ARCHITECTURES = ("unified", "encoder_decoder")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +110,24 @@ class M6Config:
     """Embedding rows and logits: the text vocabulary, then the image codes."""
     return self.vocab_size + self.code_vocab_size
 
+  architecture: str = "unified"  # or "encoder_decoder" (see the module docstring)
+  num_encoder_layers: int = 0  # encoder_decoder: the encoder's depth; 0: num_layers
+  num_decoder_layers: int = 0  # encoder_decoder: the decoder's depth; 0: num_layers
+
+  @property
+  def is_encoder_decoder(self) -> bool:
+    return self.architecture == "encoder_decoder"
+
+  def stack_layers(self, stack: str) -> int:
+    """Blocks in the stack "unified", "encoder" or "decoder" (m6_jax/model/stack.py)."""
+    depth = {"encoder": self.num_encoder_layers, "decoder": self.num_decoder_layers}
+    return depth.get(stack, 0) or self.num_layers
+
+  @property
+  def target_stack(self) -> str:
+    """The stack the target runs through: its layers hold the target keys/values."""
+    return "decoder" if self.is_encoder_decoder else "unified"
+
   def is_moe_layer(self, index: int) -> bool:
     return self.moe_num_experts > 0 and (index + 1) % self.moe_every == 0
 
@@ -105,6 +137,7 @@ class M6Config:
     return self.moe_every if self.moe_num_experts > 0 else 1
 
   def moe_options(self, index: int) -> MoeOptions | None:
+    """MoE options of layer `index` of a stack (each stack counts its layers from 0)."""
     if not self.is_moe_layer(index):
       return None
     return MoeOptions(
@@ -130,6 +163,17 @@ class M6Config:
     ops.attention_core skips that block (the model-FLOP counts use this)."""
     prefix = self.seq_len - self.tgt_len
     return prefix * prefix + self.tgt_len * self.seq_len
+
+  @property
+  def total_attention_pairs(self) -> int:
+    """(query, key) pairs all attention layers score per sequence: `attention_pairs` per
+    unified layer; prefix x prefix per encoder layer, target x target (self-attention) plus
+    target x prefix (cross-attention) per decoder layer."""
+    if not self.is_encoder_decoder:
+      return self.num_layers * self.attention_pairs
+    prefix, tgt = self.seq_len - self.tgt_len, self.tgt_len
+    encoder = self.stack_layers("encoder") * prefix * prefix
+    return encoder + self.stack_layers("decoder") * tgt * (tgt + prefix)
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "M6Config":
@@ -163,6 +207,9 @@ class M6Config:
       remat_policy=m.remat_policy,
       code_vocab_size=m.code_vocab_size,
       code_grid=tuple(int(x) for x in m.code_grid),
+      architecture=m.architecture,
+      num_encoder_layers=m.num_encoder_layers,
+      num_decoder_layers=m.num_decoder_layers,
     )
 
 
@@ -194,6 +241,12 @@ def _check_text_lengths(c: M6Config, batch: Mapping[str, jax.Array]) -> None:
       )
 
 
+def cross_attention_mask(prefix_valid: jax.Array, target_len: int) -> jax.Array:
+  """Boolean mask [b, Lt, P] of the decoder's cross-attention: every real encoder position."""
+  b, p = prefix_valid.shape
+  return jnp.broadcast_to(prefix_valid.astype(bool)[:, None, :], (b, target_len, p))
+
+
 @struct.dataclass
 class KVCache:
   """Keys/values of every layer ([batch, length, heads, kv] each) and which positions are real."""
@@ -212,7 +265,8 @@ class DecodeCache:
   """The cache for incremental decoding, in two parts.
 
   prefix: image + source keys/values [bp, P+Ls, heads, kv], written once by `encode_prefix`
-    and only read afterwards.
+    and only read afterwards (encoder_decoder: each decoder layer's cross-attention
+    keys/values of the encoder output, and `valid` the real encoder positions).
   target: target keys/values [B, Lt, heads, kv] (zeros until written), written one position
     per `decode_step`; `valid` marks the real (non-padding) tokens decoded so far.
 
@@ -228,94 +282,9 @@ def empty_target_cache(config: M6Config, batch_size: int, dtype: Any = None) -> 
   """A zero target cache for `batch_size` rows and config.tgt_len positions."""
   dtype = jnp.dtype(config.dtype if dtype is None else dtype)
   shape = (batch_size, config.tgt_len, config.num_heads, config.head_dim)
-  layers = tuple(
-    LayerKV(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)
-  )
+  depth = config.stack_layers(config.target_stack)
+  layers = tuple(LayerKV(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(depth))
   return KVCache(layers, jnp.zeros((batch_size, config.tgt_len), bool)).constrain()
-
-
-REMAT_POLICIES = {
-  "full": None,  # jax.checkpoint's default: save nothing, recompute the whole layer
-  "dots_saveable": jax.checkpoint_policies.dots_saveable,
-  "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-  # The weight matmuls' outputs plus the attention probabilities and output: the backward
-  # pass then recomputes only norms and activations. Costs b*h*L*L floats per layer.
-  "dots_and_attention_saveable": jax.checkpoint_policies.save_from_both_policies(
-    jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    jax.checkpoint_policies.save_only_these_names(ATTENTION_PROBS, ATTENTION_OUT),
-  ),
-}
-
-
-def _block(c: M6Config, index: int, name: str) -> TransformerBlock:
-  return TransformerBlock(
-    c.num_heads,
-    c.head_dim,
-    c.mlp_dim,
-    c.dropout_rate,
-    c.layer_norm_epsilon,
-    jnp.dtype(c.dtype),
-    moe=c.moe_options(index),
-    name=name,
-  )
-
-
-@jax.tree_util.register_static
-@dataclasses.dataclass(frozen=True)
-class StackMode:
-  """How the scanned stack runs (static: a pytree without leaves, so scan/remat keep it)."""
-
-  kind: str  # "full" (training / scoring), "prefix" (fill the cache), "step" (one position)
-  deterministic: bool = True
-
-
-class LayerGroup(nn.Module):
-  """`config.layers_per_group` consecutive blocks: the body of the scanned layer stack.
-
-  Called as (x, shared, per_layer) -> (x, per-layer outputs): `shared` holds the mode and
-  the inputs every layer sees, `per_layer` the cache slices of this group (step mode).
-  """
-
-  config: M6Config
-
-  @nn.compact
-  def __call__(self, x: jax.Array, shared: dict, per_layer: Any) -> tuple[jax.Array, Any]:
-    mode: StackMode = shared["mode"]
-    kvs = []
-    for j in range(self.config.layers_per_group):
-      block = _block(self.config, j, name=f"layer_{j}")
-      if mode.kind == "step":
-        step = StepCache(
-          per_layer["prefix"][j],
-          shared["prefix_valid"],
-          per_layer["target"][j],
-          shared["visible"],
-          shared["position"],
-        )
-        x, kv = block(x, None, True, step=step, token_mask=shared["token_mask"])
-        kvs.append(kv)
-      elif mode.kind == "prefix":
-        x, kv = block(x, shared["mask"], True, return_kv=True, token_mask=shared["token_mask"])
-        kvs.append(kv)
-      else:
-        x = block(x, shared["mask"], mode.deterministic, token_mask=shared["token_mask"])
-    return x, (tuple(kvs) if kvs else None)
-
-
-def scanned_stack(c: M6Config) -> nn.Module:
-  """nn.scan of (optionally rematerialised) LayerGroups; params get a leading `layers` axis."""
-  group = LayerGroup
-  if c.remat_policy != "none":
-    group = nn.remat(group, policy=REMAT_POLICIES[c.remat_policy], prevent_cse=False)
-  scanned = nn.scan(
-    group,
-    variable_axes={"params": 0, AUX_LOSS_COLLECTION: 0, METRICS_COLLECTION: 0},
-    split_rngs={"params": True, "dropout": True},
-    in_axes=(nn.broadcast, 0),
-    length=c.num_layers // c.layers_per_group,
-    metadata_params={nn.PARTITION_NAME: "layers"},
-  )
-  return scanned(c, name="layers")
 
 
 class M6(nn.Module):
@@ -338,10 +307,15 @@ class M6(nn.Module):
     self.segment_embedding = PositionEmbedding(3, c.d_model, "segment", dtype)
     if c.code_vocab_size > 0:
       self.code_position = embeddings.CodeGridPosition(c.code_grid, c.d_model, dtype)
-    if c.scan_layers:
-      self.layers = scanned_stack(c)
+    if c.architecture not in ARCHITECTURES:
+      raise ValueError(f"Unknown architecture '{c.architecture}'; use one of {ARCHITECTURES}.")
+    # Each stack is the attribute of its name (m6_jax/model/stack.py run_stack reads it).
+    if c.is_encoder_decoder:
+      self.encoder = layer_stack(c, "encoder")
+      self.encoder_norm = LayerNorm(c.layer_norm_epsilon, dtype)
+      self.decoder = layer_stack(c, "decoder")
     else:
-      self.blocks = [_block(c, i, name=f"layer_{i}") for i in range(c.num_layers)]
+      self.unified = layer_stack(c, "unified")
     self.final_norm = LayerNorm(c.layer_norm_epsilon, dtype)
     self.embedding_dropout = nn.Dropout(c.dropout_rate)
     if not c.tie_embeddings:
@@ -391,49 +365,69 @@ class M6(nn.Module):
     logits = constrain(logits, ("batch", "length", "vocab"))
     return logits.astype(jnp.float32)
 
+  def encode(
+    self, batch: Mapping[str, jax.Array], deterministic: bool = True
+  ) -> tuple[jax.Array, jax.Array]:
+    """encoder_decoder: [image ; source] through the encoder and its final norm -> (the
+    encoder output [b, P+Ls, d], which of its positions are real [b, P+Ls])."""
+    x, prefix_valid = self.embed_prefix(batch)
+    x = self.embedding_dropout(x, deterministic=deterministic)
+    shared = {
+      "mode": StackMode("full", deterministic),
+      "mask": prefix_lm_mask(prefix_valid, prefix_valid[:, :0]),  # the real positions
+      "token_mask": prefix_valid,
+    }
+    x, _ = run_stack(self, "encoder", x, shared)
+    return self.encoder_norm(x), prefix_valid
+
   def __call__(self, batch: Mapping[str, jax.Array], deterministic: bool = True) -> jax.Array:
     """Logits [b, Lt, vocab] (float32) for the target positions (Lt: tgt_input's length)."""
     c = self.config
     _check_text_lengths(c, batch)
+    tokens = batch["tgt_input"]
+    target_valid = tokens != PAD_ID
+    mode = StackMode("full", deterministic)
+    if c.is_encoder_decoder:
+      encoded, prefix_valid = self.encode(batch, deterministic)
+      x = self.embed_target(tokens, jnp.arange(tokens.shape[1]))
+      x = self.embedding_dropout(x, deterministic=deterministic)
+      shared = {
+        "mode": mode,
+        "mask": prefix_lm_mask(prefix_valid[:, :0], target_valid),  # causal, real targets
+        "token_mask": target_valid,
+        "encoded": encoded,
+        "cross_mask": cross_attention_mask(prefix_valid, tokens.shape[1]),
+      }
+      x, _ = run_stack(self, "decoder", x, shared)
+      return self.logits(x)
     x, prefix_valid = self.embed_inputs(batch)
-    target_valid = batch["tgt_input"] != PAD_ID
     mask = AttentionMask(prefix_lm_mask(prefix_valid, target_valid), prefix_valid.shape[1])
     token_mask = jnp.concatenate([prefix_valid, target_valid], axis=1)
     x = self.embedding_dropout(x, deterministic=deterministic)
-    if c.scan_layers:
-      shared = {"mode": StackMode("full", deterministic), "mask": mask, "token_mask": token_mask}
-      x, _ = self.layers(x, shared, None)
-    else:
-      for i in range(c.num_layers):
-        if c.remat_policy == "none":
-          x = self.blocks[i](x, mask, deterministic, token_mask=token_mask)
-        else:
-          layer = lambda mdl, x, mask, tm, i=i: mdl.blocks[i](x, mask, deterministic, token_mask=tm)
-          remat = nn.remat(layer, policy=REMAT_POLICIES[c.remat_policy])
-          x = remat(self, x, mask, token_mask)
-    return self.logits(x[:, -batch["tgt_input"].shape[1] :, :])
+    x, _ = run_stack(self, "unified", x, {"mode": mode, "mask": mask, "token_mask": token_mask})
+    return self.logits(x[:, -tokens.shape[1] :, :])
 
   def encode_prefix(self, batch: Mapping[str, jax.Array]) -> DecodeCache:
     """Runs image + source through the stack once (no dropout) and returns the DecodeCache:
-    the prefix keys/values of every layer and an empty target cache of the batch's size.
+    the prefix keys/values of every layer (encoder_decoder: the encoder, then each decoder
+    layer's cross-attention keys/values of its output) and an empty target cache of the
+    batch's size.
 
     Reads image, has_image and src_tokens only (tgt_input is not needed); src_tokens may be
     shorter than src_len. The target cache always has tgt_len positions.
     """
     _check_text_lengths(self.config, {"src_tokens": batch["src_tokens"]})
-    x, prefix_valid = self.embed_prefix(batch)
-    # The prefix rows of the full prefix-LM mask: prefix queries see exactly the real
-    # prefix keys, never the target, so the prefix can be computed before any target.
-    mask = prefix_lm_mask(prefix_valid, prefix_valid[:, :0])
-    if self.config.scan_layers:
-      shared = {"mode": StackMode("prefix"), "mask": mask, "token_mask": prefix_valid}
-      x, stacked = self.layers(x, shared, None)
-      layers = self._unstack(stacked)
+    if self.config.is_encoder_decoder:
+      encoded, prefix_valid = self.encode(batch)
+      shared = {"mode": StackMode("cross_kv"), "encoded": encoded}
+      x, layers = run_stack(self, "decoder", encoded, shared)
     else:
-      layers = []
-      for block in self.blocks:
-        x, kv = block(x, mask, True, return_kv=True, token_mask=prefix_valid)
-        layers.append(kv)
+      x, prefix_valid = self.embed_prefix(batch)
+      # The prefix rows of the full prefix-LM mask: prefix queries see exactly the real
+      # prefix keys, never the target, so the prefix can be computed before any target.
+      mask = prefix_lm_mask(prefix_valid, prefix_valid[:, :0])
+      shared = {"mode": StackMode("prefix"), "mask": mask, "token_mask": prefix_valid}
+      x, layers = run_stack(self, "unified", x, shared)
     prefix = KVCache(tuple(layers), prefix_valid).constrain()
     target = empty_target_cache(self.config, x.shape[0], x.dtype)
     return DecodeCache(prefix, target)
@@ -455,39 +449,17 @@ class M6(nn.Module):
       cache.target.valid, (token != PAD_ID)[:, None], position, axis=1
     )
     visible = target_valid & (jnp.arange(c.tgt_len) <= position)[None]
-    token_mask = (token != PAD_ID)[:, None]  # a MoE layer does not route a padding token
-    if c.scan_layers:
-      shared = {
-        "mode": StackMode("step"),
-        "prefix_valid": cache.prefix.valid,
-        "visible": visible,
-        "position": position,
-        "token_mask": token_mask,
-      }
-      per_layer = {
-        "prefix": self._stack(cache.prefix.layers),
-        "target": self._stack(cache.target.layers),
-      }
-      x, stacked = self.layers(x, shared, per_layer)
-      layers = self._unstack(stacked)
-    else:
-      layers = []
-      for block, prefix_kv, target_kv in zip(self.blocks, cache.prefix.layers, cache.target.layers):
-        step = StepCache(prefix_kv, cache.prefix.valid, target_kv, visible, position)
-        x, kv = block(x, None, True, step=step, token_mask=token_mask)
-        layers.append(kv)
+    shared = {
+      "mode": StackMode("step"),
+      "prefix_valid": cache.prefix.valid,
+      "visible": visible,
+      "position": position,
+      "token_mask": (token != PAD_ID)[:, None],  # a MoE layer does not route a padding token
+    }
+    caches = (cache.prefix.layers, cache.target.layers)
+    x, layers = run_stack(self, c.target_stack, x, shared, caches)
     target = KVCache(tuple(layers), target_valid).constrain()
     return self.logits(x)[:, 0], DecodeCache(cache.prefix, target)
-
-  def _stack(self, layers: tuple[LayerKV, ...]) -> tuple[LayerKV, ...]:
-    """Per-layer caches -> one stack per position in the scanned group ([groups, ...])."""
-    k = self.config.layers_per_group
-    return tuple(jax.tree.map(lambda *xs: jnp.stack(xs), *layers[j::k]) for j in range(k))
-
-  def _unstack(self, stacked: tuple[LayerKV, ...]) -> list[LayerKV]:
-    """The inverse of `_stack`: layer g * layers_per_group + j is stacked[j][g]."""
-    groups = self.config.num_layers // self.config.layers_per_group
-    return [jax.tree.map(lambda x, g=g: x[g], kv) for g in range(groups) for kv in stacked]
 
 
 def dummy_batch(config: M6Config, batch_size: int = 1) -> dict[str, Any]:

@@ -33,7 +33,7 @@ def component(path: tuple[str, ...]) -> str:
     return "experts"
   if "router" in path:
     return "router"
-  if "attention" in path:
+  if "attention" in path or "cross_attention" in path:
     return "attention"
   if "mlp" in path:
     return "FFN dense"
@@ -52,18 +52,34 @@ def abstract_params(config: ml_collections.ConfigDict) -> Any:
 
 def count_params(config: ml_collections.ConfigDict) -> dict[str, int]:
   """{component: number of parameters} plus "total" and "active per token" (MoE: the
-  experts a token is routed to, num_groups * top_k of num_experts, instead of all)."""
+  experts a token is routed to, num_groups * top_k of num_experts, instead of all).
+
+  An encoder-decoder model also gets "encoder active per token" and "decoder active per
+  token": the active parameters of each layer stack (a prefix token passes through the
+  encoder's, a target token through the decoder's)."""
   counts = dict.fromkeys(COMPONENTS, 0)
+  stacks = {"encoder": [0, 0], "decoder": [0, 0]}  # [all, experts]
   for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params(config))[0]:
     names = tuple(str(p.key) for p in path if isinstance(p, jax.tree_util.DictKey))
-    counts[component(names)] += math.prod(leaf.shape)
+    part = component(names)
+    counts[part] += math.prod(leaf.shape)
+    stack = names[0].split("_")[0]
+    if stack in stacks and "layer" in names[0]:
+      stacks[stack][0] += math.prod(leaf.shape)
+      stacks[stack][1] += math.prod(leaf.shape) if part == "experts" else 0
   counts["total"] = sum(counts[c] for c in COMPONENTS)
-  m = config.model
-  active = counts["total"]
-  if m.moe_num_experts > 0:
-    active -= counts["experts"] * (1 - m.moe_num_groups * m.moe_top_k / m.moe_num_experts)
-  counts["active per token"] = int(active)
+  counts["active per token"] = _active(config.model, counts["total"], counts["experts"])
+  if config.model.architecture == "encoder_decoder":
+    for stack, (total, experts) in stacks.items():
+      counts[f"{stack} active per token"] = _active(config.model, total, experts)
   return counts
+
+
+def _active(m: ml_collections.ConfigDict, total: int, experts: int) -> int:
+  """Of `total` parameters with `experts` in MoE experts, those one token uses."""
+  if m.moe_num_experts <= 0:
+    return total
+  return int(total - experts * (1 - m.moe_num_groups * m.moe_top_k / m.moe_num_experts))
 
 
 def train_flops(
@@ -75,9 +91,10 @@ def train_flops(
 ) -> float:
   """Analytic model FLOPs of one train step (forward + backward = 3x forward, no remat).
 
-  6 * (active non-embedding params) per token over the whole sequence, + the LM head on the
-  target positions, + attention scores and mixing (12 * layers * heads * head_dim per
-  (query, key) pair the prefix-LM mask allows blockwise, M6Config.attention_pairs, fwd+bwd).
+  6 * (active non-embedding params) per token over the whole sequence (encoder-decoder:
+  the encoder's per prefix token, the decoder's per target token, the rest per token), + the
+  LM head on the target positions, + attention scores and mixing (12 * heads * head_dim per
+  (query, key) pair a layer scores blockwise, M6Config.total_attention_pairs, fwd+bwd).
   `counts` is `count_params(config)`; the batch size and text lengths default to the
   config's (a length-bucketed batch passes its own).
   """
@@ -86,9 +103,15 @@ def train_flops(
   c = dataclasses.replace(c, src_len=src_len or c.src_len, tgt_len=tgt_len or c.tgt_len)
   b = batch_size or d.batch_size
   dense_params = counts["active per token"] - counts["embeddings"]
-  flops = 6.0 * dense_params * b * c.seq_len
+  if c.is_encoder_decoder:
+    encoder, decoder = counts["encoder active per token"], counts["decoder active per token"]
+    prefix_tokens = c.seq_len - c.tgt_len
+    flops = 6.0 * (dense_params - encoder - decoder) * b * c.seq_len
+    flops += 6.0 * (encoder * prefix_tokens + decoder * c.tgt_len) * b
+  else:
+    flops = 6.0 * dense_params * b * c.seq_len
   flops += 6.0 * c.total_vocab_size * m.d_model * b * c.tgt_len
-  flops += 12.0 * m.num_layers * c.attention_pairs * m.num_heads * m.head_dim * b
+  flops += 12.0 * c.total_attention_pairs * m.num_heads * m.head_dim * b
   return flops
 
 
@@ -106,9 +129,13 @@ def report(
   counts = count_params(config)
   total = counts["total"]
   lines = [f"{'component':<18}{'parameters':>20}{'share':>9}"]
-  for name in COMPONENTS + ("total", "active per token"):
+  stacks = tuple(k for k in ("encoder active per token", "decoder active per token") if k in counts)
+  for name in COMPONENTS + ("total", "active per token") + stacks:
     share = f"{100 * counts[name] / total:.1f}%" if name in COMPONENTS else ""
-    lines.append(f"{name:<18}{counts[name]:>20,}{share:>9}  ({_human(counts[name])})")
+    width = max(18, len(name) + 1)  # the numbers stay right-aligned at column 38
+    lines.append(
+      f"{name:<{width}}{counts[name]:>{38 - width},}{share:>9}  ({_human(counts[name])})"
+    )
   out: dict[str, Any] = dict(counts)
   if published:
     diff = 100.0 * (total - published) / published

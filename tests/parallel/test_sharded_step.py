@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 from jax.sharding import PartitionSpec
 
 from m6_jax import config as config_lib
@@ -36,10 +37,14 @@ def _assert_trees_close(a, b, atol):
     )
 
 
-def test_2x2x2_mesh_matches_single_device(tiny_config, random_batch):
-  # The ResNet stem: the linear one (the default) runs on 2x2x2 meshes in the loop and
-  # checkpoint tests.
-  tiny_config.model.image_stem = "resnet"
+@pytest.mark.parametrize("architecture", ["unified", "encoder_decoder"])
+def test_2x2x2_mesh_matches_single_device(tiny_config, random_batch, architecture):
+  # The unified model with the ResNet stem: the linear one (the default) runs on 2x2x2
+  # meshes in the loop and checkpoint tests. The encoder-decoder with the linear stem (the
+  # stems are shared; a cheaper compilation).
+  tiny_config.model.image_stem = "resnet" if architecture == "unified" else "linear"
+  tiny_config.model.architecture = architecture
+  layer = "layer_0" if architecture == "unified" else "decoder_layer_0"
   # Near-zero gradient components (conv kernels, a few MLP kernel entries): see the note on
   # eps in the accumulation test below.
   tiny_config.train.eps = 1e-3
@@ -55,10 +60,10 @@ def test_2x2x2_mesh_matches_single_device(tiny_config, random_batch):
   params["image_embedding"] = {k: v for k, v in params["image_embedding"].items() if k != "stem"}
   split, total = partitioning.count_sharded_params(params)
   assert split == total, f"only {split} of {total} parameter arrays are sharded"
-  kernel = sharded.params["layer_0"]["mlp"]["wi"]["kernel"]
+  kernel = sharded.params[layer]["mlp"]["wi"]["kernel"]
   assert kernel.sharding.spec == PartitionSpec("fsdp", "tensor")
   assert kernel.addressable_shards[0].data.shape == (32, 64)  # (64/2, 128/2)
-  mu = sharded.opt_state[1][0].mu["layer_0"]["mlp"]["wi"]["kernel"]
+  mu = sharded.opt_state[1][0].mu[layer]["mlp"]["wi"]["kernel"]
   assert mu.sharding.spec == PartitionSpec(
     "fsdp", "tensor"
   )  # optimizer state sharded like its param
