@@ -53,6 +53,12 @@ class ImageError(UserError, ValueError):
   """An image file that is missing or cannot be decoded."""
 
 
+def require(condition: bool, message: str) -> None:
+  """ConfigError(message) unless `condition` (the config checks read as a list of rules)."""
+  if not condition:
+    raise ConfigError(message)
+
+
 def exit_with(message: str) -> None:
   """The end of a command-line program on a user's mistake: one `error:` line, status 2."""
   import sys

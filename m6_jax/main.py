@@ -12,14 +12,12 @@ Flags:
                generate: caption --image(s), answer --question about them, or continue a
                --prompt, from the latest (or --checkpoint_step, or --best) checkpoint of
                --workdir; greedy, beam or sampling (--decoding); prints and appends JSONL.
-               A text-to-image model draws a --prompt: --num_images PNGs, a grid and an
-               index JSON in --output_dir (see m6_jax/infer/text_to_image.py).
-               eval: loss/accuracy per task and BLEU-4 / CIDEr / VQA accuracy on the
-               validation split; writes <workdir>/eval_metrics.json(l) and TensorBoard
-               (--baselines adds the untrained and most-frequent baselines).
-               A VQGAN workdir: reconstruction PSNR, codebook usage, code perplexity.
-               encode_images: the VQGAN of --workdir encodes the train and validation images
-               of a data source (--config, default its own) into code grids in --codes_dir.
+               A text-to-image model draws a --prompt into --output_dir (infer/text_to_image.py).
+               eval: loss/accuracy per task and BLEU-4 / CIDEr / VQA accuracy (a VQGAN: PSNR,
+               codebook usage, perplexity) on the validation split; writes
+               <workdir>/eval_metrics.json(l) and TensorBoard (--baselines adds baselines).
+               encode_images: the VQGAN of --workdir encodes a data source's images (--config,
+               default its own) into code grids in --codes_dir, once.
                export: write the parameters of a checkpoint of --workdir (latest,
                --checkpoint_step or --best) with its config and tokenizer into
                --export_dir, without the optimizer state; generate, eval and
@@ -53,6 +51,8 @@ import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from m6_jax.errors import exit_with
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
@@ -153,10 +153,7 @@ _NUM_EVAL_EXAMPLES = flags.DEFINE_integer(
   "num_eval_examples", 0, "eval: validation scenes to decode (0: the config's num_eval_examples)."
 )
 _BASELINES = flags.DEFINE_bool(
-  "baselines",
-  False,
-  "eval: also score the untrained model and the most-frequent answer / caption baseline and "
-  "print the comparison table.",
+  "baselines", False, "eval: also score the untrained model and the most-frequent baseline."
 )
 
 # --mode=prepare_data
@@ -186,9 +183,7 @@ _VALIDATION_FRACTION = flags.DEFINE_float(
   "prepare_data: share of images (by hash of the image) held out as the validation split "
   "when no validation file is given.",
 )
-_MAX_TEXT_CHARS = flags.DEFINE_integer(
-  "max_text_chars", 1000, "prepare_data: longer texts are rejected as text_too_long."
-)
+_MAX_TEXT_CHARS = flags.DEFINE_integer("max_text_chars", 1000, "prepare_data: longest text.")
 _MAX_IMAGE_SIZE = flags.DEFINE_integer(
   "max_image_size", 512, "prepare_data: images are re-encoded with their long side at most this."
 )
@@ -197,18 +192,12 @@ _MAX_REJECTED_FRACTION = flags.DEFINE_float(
   0.1,
   "prepare_data: stop with an error when a split rejects more than this share of records.",
 )
-_OVERWRITE = flags.DEFINE_bool(
-  "overwrite", False, "prepare_data: replace an existing dataset of the same name."
-)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "prepare_data: replace a same-named dataset.")
 
 # What config_flags raises for an unknown `--config.x.y` key, a value of the wrong type, a
 # missing config file, or a config file whose get_config() fails.
 _CONFIG_ERRORS = (AttributeError, KeyError, ValueError, TypeError, OSError)
-
-
-def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
+_fail = exit_with  # one `error:` line, exit status 2
 
 
 def _one_line(error: BaseException) -> str:
