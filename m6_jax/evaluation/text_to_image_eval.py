@@ -92,12 +92,17 @@ def evaluate(
   batch_size: int = 8,
   vqgan_workdir: str = "",
   log=print,
+  image_tokenizer=None,
 ) -> dict[str, Any]:
-  """{row name: scores} for the model of `workdir` (see the module docstring)."""
+  """{row name: scores} for the model of `workdir` (see the module docstring); the VQGAN is
+  `image_tokenizer` when given, else loaded from `vqgan_workdir` or the model's codes."""
   from m6_jax.infer import generate as gen
 
+  log = log or (lambda line: None)
   model = gen.load_model(workdir)
-  vqgan = t2i.load_image_tokenizer(*t2i.vqgan_location(model.config, vqgan_workdir))
+  vqgan = image_tokenizer or t2i.load_image_tokenizer(
+    *t2i.vqgan_location(model.config, vqgan_workdir)
+  )
   t2i.check_image_tokenizer(vqgan, model.config.model, vqgan_workdir or "the model's codes")
   world_seed, size = int(model.config.seed), int(model.config.data.image_size)
   scenes, captions = held_out(world_seed, num_prompts, size)

@@ -17,7 +17,7 @@ from image_codes_stand_in import StandInImageTokenizer, write_codes_dir
 from PIL import Image
 
 from m6_jax import config as config_lib
-from m6_jax.data import tasks
+from m6_jax.data import synthetic, tasks
 from m6_jax.data import tokenizer as tokenizer_lib
 from m6_jax.errors import ConfigError, GenerationError
 from m6_jax.infer import decoding, generate, image_outputs
@@ -374,3 +374,51 @@ def test_train_and_generate_pngs(code_config, tokenizer_path, tmp_path):
   assert index["prompt_drawn_on_grid"] == (
     image_outputs.prompt_font("一个红色的圆", 20) is not None
   )
+  _judged_against_the_scenes(workdir, vqgan)
+
+
+class _ColourJudge:
+  """A judge for the evaluation's mechanics: a cell is occupied (as a circle) when its mean
+  is far from the light background, in the world colour nearest its saturated pixels."""
+
+  def predict(self, images):
+    cells = np.asarray(images, np.float32).reshape(len(images), 3, 16, 3, 16, 3)
+    cells = cells.transpose(0, 1, 3, 2, 4, 5).reshape(len(images), 9, 256, 3)
+    saturated = cells.max(-1) - cells.min(-1) > 80
+    occupied = saturated.mean(-1) > 0.05
+    mean = (cells * saturated[..., None]).sum(2) / np.maximum(saturated.sum(2), 1)[..., None]
+    palette = np.array(list(synthetic.COLORS.values()), np.float32)
+    colour = ((mean[:, :, None] - palette) ** 2).sum(-1).argmin(-1)
+    zeros = np.zeros_like(colour)
+    return {"shape": occupied.astype(np.int32), "color": colour, "size": zeros}
+
+  def features(self, images):
+    cells = np.asarray(images, np.float32).reshape(len(images), 4, 12, 4, 12, 3).mean((2, 4))
+    return cells.reshape(len(images), -1)
+
+
+def _judged_against_the_scenes(workdir, vqgan):
+  from m6_jax.evaluation import text_to_image_eval
+
+  results = text_to_image_eval.evaluate(
+    workdir, _ColourJudge(), 4, [1.0, 3.0], 2, batch_size=4, image_tokenizer=vqgan, log=None
+  )
+  rows = results["rows"]
+  assert list(rows) == [
+    "real images (ceiling)",
+    "VQGAN reconstructions",
+    "generated, guidance 1",
+    "generated, guidance 1, best of 2",
+    "generated, guidance 3",
+    "generated, guidance 3, best of 2",
+    "chance (other captions)",
+  ]
+  real = rows["real images (ceiling)"]
+  assert real["position"] == 1.0 and real["color"] == 1.0 and real["count"] == 1.0
+  assert rows["chance (other captions)"]["position"] < 1.0
+  for name, row in rows.items():
+    assert all(0.0 <= row[k] <= 1.0 for k in text_to_image_eval.SCORES), name
+    assert row["num_images"] == 4
+  assert all(np.isfinite(rows[n]["frechet"]) for n in list(rows)[:-1])
+  table = text_to_image_eval.format_table(rows)
+  assert table.count("\n") == len(rows) + 1 and "generated, guidance 3, best of 2" in table
