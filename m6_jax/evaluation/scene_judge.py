@@ -475,4 +475,8 @@ def _main(flag_values: dict[str, Any], argv: list[str]) -> None:
 if __name__ == "__main__":
   from absl import app
 
+  from m6_jax import platforms
+
+  platforms.choose()  # the CPU where libtpu is installed but there is no TPU, before JAX starts
+
   app.run(functools.partial(_main, _define_flags()), flags_parser=parse_flags)

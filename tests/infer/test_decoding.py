@@ -2,29 +2,16 @@
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from model_utils import model_and_batch
 
 from m6_jax.infer import decoding
-from m6_jax.model.m6 import M6, M6Config, dummy_batch
+from m6_jax.model.m6 import M6, dummy_batch
 from m6_jax.parallel import partitioning
 
 BOS, EOS = 2, 1
-
-
-@functools.lru_cache(maxsize=None)
-def _init(cfg: M6Config):
-  model = M6(cfg)
-  params = jax.jit(model.init)(jax.random.PRNGKey(0), dummy_batch(cfg))["params"]
-  return model, nn.unbox(params)
-
-
-def _setup(tiny_config, random_batch, batch_size=4, seed=0):
-  model, params = _init(M6Config.from_config(tiny_config))
-  batch = jax.tree.map(jnp.asarray, random_batch(batch_size, tiny_config, seed=seed))
-  return model, params, batch
 
 
 def _pick_eos(model, params, batch, max_len):
@@ -48,7 +35,7 @@ def _step_ends(tokens, eos_id):
 
 
 def test_decode_step_matches_teacher_forcing_at_every_position(tiny_config, random_batch):
-  model, params, batch = _setup(tiny_config, random_batch)
+  model, params, batch = model_and_batch(tiny_config, random_batch)
   full = np.asarray(jax.jit(model.apply)({"params": params}, batch))
   cache = jax.jit(functools.partial(model.apply, method=M6.encode_prefix))(
     {"params": params}, batch
@@ -78,7 +65,7 @@ def test_decode_step_matches_teacher_forcing_at_every_position(tiny_config, rand
 
 
 def test_greedy_cached_equals_uncached_and_pads_after_eos(tiny_config, random_batch):
-  model, params, batch = _setup(tiny_config, random_batch)
+  model, params, batch = model_and_batch(tiny_config, random_batch)
   max_len = model.config.tgt_len
   eos, free = _pick_eos(model, params, batch, max_len)
   cached = np.asarray(decoding.greedy_decode(model, params, batch, max_len, BOS, eos))
@@ -94,7 +81,7 @@ def test_greedy_cached_equals_uncached_and_pads_after_eos(tiny_config, random_ba
 
 
 def test_max_len_longer_than_the_target_is_refused(tiny_config, random_batch):
-  model, params, batch = _setup(tiny_config, random_batch)
+  model, params, batch = model_and_batch(tiny_config, random_batch)
   try:
     decoding.greedy_decode(model, params, batch, model.config.tgt_len + 1, BOS, EOS)
   except ValueError as e:
@@ -109,7 +96,7 @@ def test_max_len_longer_than_the_target_is_refused(tiny_config, random_batch):
 
 
 def test_beam_size_one_is_greedy(tiny_config, random_batch):
-  model, params, batch = _setup(tiny_config, random_batch)
+  model, params, batch = model_and_batch(tiny_config, random_batch)
   max_len = model.config.tgt_len
   eos, _ = _pick_eos(model, params, batch, max_len)
   greedy = np.asarray(decoding.greedy_decode(model, params, batch, max_len, BOS, eos))
@@ -119,7 +106,7 @@ def test_beam_size_one_is_greedy(tiny_config, random_batch):
 
 
 def test_beam_scores_are_sorted_and_match_teacher_forcing(tiny_config, random_batch):
-  model, params, batch = _setup(tiny_config, random_batch)
+  model, params, batch = model_and_batch(tiny_config, random_batch)
   max_len, k, alpha = model.config.tgt_len, 3, 0.6
   eos, _ = _pick_eos(model, params, batch, max_len)
   seqs, scores = decoding.beam_search(model, params, batch, k, max_len, BOS, eos, alpha)
@@ -228,7 +215,7 @@ def test_unfinished_beams_are_returned_at_max_len():
 
 
 def test_sampling_is_reproducible_and_top_k_one_is_greedy(tiny_config, random_batch):
-  model, params, batch = _setup(tiny_config, random_batch)
+  model, params, batch = model_and_batch(tiny_config, random_batch)
   max_len = model.config.tgt_len
   eos, _ = _pick_eos(model, params, batch, max_len)
   key = jax.random.PRNGKey(42)
@@ -287,7 +274,7 @@ def test_sampling_follows_the_filtered_distribution():
 
 
 def test_decoding_on_a_2x2x2_mesh_matches_one_device(tiny_config, random_batch):
-  model, params, batch = _setup(tiny_config, random_batch, batch_size=8)
+  model, params, batch = model_and_batch(tiny_config, random_batch, batch_size=8)
   max_len = model.config.tgt_len
   eos, _ = _pick_eos(model, params, batch, max_len)
   greedy = np.asarray(decoding.greedy_decode(model, params, batch, max_len, BOS, eos))

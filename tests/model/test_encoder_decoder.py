@@ -13,13 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from model_utils import init_model, model_and_batch, moe_objective
 
 from m6_jax import config as config_lib
 from m6_jax.config import ConfigError, validate
 from m6_jax.infer import decoding
 from m6_jax.model import param_count
 from m6_jax.model.m6 import M6, M6Config, dummy_batch
-from m6_jax.model.moe import AUX_LOSS_COLLECTION, METRICS_COLLECTION, moe_terms
+from m6_jax.model.moe import AUX_LOSS_COLLECTION, METRICS_COLLECTION
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -30,18 +31,6 @@ def _encdec(config, encoder=2, decoder=2):
   config.model.architecture = "encoder_decoder"
   config.model.num_encoder_layers, config.model.num_decoder_layers = encoder, decoder
   return config
-
-
-@functools.lru_cache(maxsize=None)
-def _init(cfg: M6Config):
-  model = M6(cfg)
-  params = jax.jit(model.init)(jax.random.PRNGKey(0), dummy_batch(cfg))["params"]
-  return model, nn.unbox(params)
-
-
-def _setup(config, random_batch, batch_size=4, seed=0):
-  model, params = _init(M6Config.from_config(config))
-  return model, params, jax.tree.map(jnp.asarray, random_batch(batch_size, config, seed=seed))
 
 
 def _no_prefix_row(batch):
@@ -73,7 +62,7 @@ def test_cached_decoding_matches_teacher_forcing(tiny_config, random_batch):
   query rows per example share one cross-attention cache row (as beams do). With scanned
   stacks (the unrolled ones: the trimmed-batch test below)."""
   tiny_config.model.scan_layers = True
-  model, params, batch = _setup(_encdec(tiny_config), random_batch)
+  model, params, batch = model_and_batch(_encdec(tiny_config), random_batch)
   batch = _no_prefix_row(batch)
   variables = {"params": params}
   full = np.asarray(jax.jit(model.apply)(variables, batch))
@@ -92,7 +81,7 @@ def test_cached_decoding_matches_teacher_forcing(tiny_config, random_batch):
 
 
 def test_decoder_is_causal_and_the_encoder_never_sees_the_target(tiny_config, random_batch):
-  model, params, batch = _setup(_encdec(tiny_config), random_batch)
+  model, params, batch = model_and_batch(_encdec(tiny_config), random_batch)
   tokens = np.random.default_rng(1).integers(4, 500, batch["tgt_input"].shape)
   batch = dict(batch, tgt_input=jnp.asarray(tokens, jnp.int32))
   apply = jax.jit(model.apply)
@@ -117,7 +106,7 @@ def test_decoder_is_causal_and_the_encoder_never_sees_the_target(tiny_config, ra
 
 
 def test_trimmed_batch_gives_the_padded_logits_and_cached_decoding(tiny_config, random_batch):
-  model, params, batch = _setup(_encdec(tiny_config), random_batch, seed=1)
+  model, params, batch = model_and_batch(_encdec(tiny_config), random_batch, seed=1)
   src_cut, tgt_cut = 5, 4
   padded = jax.tree.map(np.array, _no_prefix_row(batch))
   padded["src_tokens"][:, src_cut:] = 0
@@ -139,7 +128,7 @@ def test_trimmed_batch_gives_the_padded_logits_and_cached_decoding(tiny_config, 
 
 
 def test_greedy_beam_and_sampling_run_on_the_cached_decoder(tiny_config, random_batch):
-  model, params, batch = _setup(_encdec(tiny_config), random_batch)
+  model, params, batch = model_and_batch(_encdec(tiny_config), random_batch)
   max_len = model.config.tgt_len
   # An EOS the model emits: row 0's fourth greedy token when nothing stops it.
   eos = int(np.asarray(decoding.greedy_decode(model, params, batch, max_len, BOS, -1))[0, 3])
@@ -183,18 +172,6 @@ def _stack_layers(params, config):
   return out
 
 
-def _objective(model, params, batch):
-  logits, state = model.apply(
-    {"params": params},
-    batch,
-    deterministic=False,
-    mutable=[AUX_LOSS_COLLECTION, METRICS_COLLECTION],
-  )
-  terms = moe_terms(state)
-  aux = terms.get("load_balance_loss", 0.0) + terms.get("router_z_loss", 0.0)
-  return jnp.mean(jax.nn.log_softmax(logits)[..., 3]) + 0.1 * aux, terms
-
-
 def _scanned(c, params):
   """The model with scan_layers (and c's remat_policy) and the unrolled params mapped to it."""
   c.model.scan_layers = True
@@ -208,10 +185,10 @@ def _scanned(c, params):
 def test_scan_and_remat_match_the_unrolled_stacks(tiny_config, random_batch):
   c = _encdec(tiny_config)
   batch = jax.tree.map(jnp.asarray, random_batch(4, c))
-  plain, params = _init(M6Config.from_config(c))
+  plain, params = init_model(M6Config.from_config(c))
   c.model.remat_policy = "full"
   other, other_params = _scanned(c, params)
-  grad = jax.jit(jax.value_and_grad(_objective, argnums=1, has_aux=True), static_argnums=0)
+  grad = jax.jit(jax.value_and_grad(moe_objective, argnums=1, has_aux=True), static_argnums=0)
   (want, _), want_grads = grad(plain, params, batch)
   (got, _), got_grads = grad(other, other_params, batch)
   assert float(got) == pytest.approx(float(want), abs=1e-5)
@@ -227,12 +204,12 @@ def test_moe_layers_in_both_stacks(tiny_config, random_batch):
   c = _encdec(tiny_config)
   c.model.moe_num_experts, c.model.moe_num_groups, c.model.moe_every = 4, 2, 2
   batch = jax.tree.map(jnp.asarray, random_batch(4, c))
-  plain, params = _init(M6Config.from_config(c))
+  plain, params = init_model(M6Config.from_config(c))
   for stack in ("encoder", "decoder"):
     assert {"experts", "router"} <= set(params[f"{stack}_layer_1"]["mlp"])
     assert "wi" in params[f"{stack}_layer_0"]["mlp"]
   other, other_params = _scanned(c, params)
-  run = jax.jit(_objective, static_argnums=0)
+  run = jax.jit(moe_objective, static_argnums=0)
   (want, want_terms), (got, got_terms) = run(plain, params, batch), run(other, other_params, batch)
   assert (
     set(want_terms) == set(got_terms) == {"load_balance_loss", "router_z_loss", "dropped_fraction"}

@@ -7,28 +7,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from model_utils import moe_objective
 
 from m6_jax.config import ConfigError, validate
 from m6_jax.model.m6 import M6, M6Config, dummy_batch
-from m6_jax.model.moe import AUX_LOSS_COLLECTION, METRICS_COLLECTION, moe_terms
 
 
 def _moe(c, every=2):
   c.model.num_layers = 4
   c.model.moe_num_experts, c.model.moe_num_groups, c.model.moe_every = 4, 2, every
   return c
-
-
-def _objective(model, params, batch):
-  logits, state = model.apply(
-    {"params": params},
-    batch,
-    deterministic=False,
-    mutable=[AUX_LOSS_COLLECTION, METRICS_COLLECTION],
-  )
-  terms = moe_terms(state)
-  aux = terms.get("load_balance_loss", 0.0) + terms.get("router_z_loss", 0.0)
-  return jnp.mean(jax.nn.log_softmax(logits)[..., 3]) + 0.1 * aux, terms
 
 
 def stack_layers(params, config):
@@ -67,7 +55,7 @@ def test_scan_and_remat_match_unrolled(tiny_config, random_batch, moe, scan, rem
   shapes = jax.eval_shape(other.init, jax.random.PRNGKey(0), dummy_batch(other.config))
   assert jax.tree.structure(nn.unbox(shapes["params"])) == jax.tree.structure(other_params)
 
-  grad = jax.jit(jax.value_and_grad(_objective, argnums=1, has_aux=True), static_argnums=0)
+  grad = jax.jit(jax.value_and_grad(moe_objective, argnums=1, has_aux=True), static_argnums=0)
   (want, want_terms), want_grads = grad(plain, params, batch)
   (got, got_terms), got_grads = grad(other, other_params, batch)
   assert float(got) == pytest.approx(float(want), abs=1e-5)
