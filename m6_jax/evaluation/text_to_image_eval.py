@@ -51,7 +51,14 @@ def held_out(seed: int, num: int, image_size: int) -> tuple[list[synthetic.Scene
 
 
 def generate(
-  model, vqgan, captions: Sequence[str], guidance: float, rerank: int, seed: int, batch: int
+  model,
+  vqgan,
+  captions: Sequence[str],
+  guidance: float,
+  rerank: int,
+  seed: int,
+  batch: int,
+  sampling: dict | None = None,
 ) -> np.ndarray:
   """One image per caption: sampled with the key of its index (rerank 0), or the best of
   `rerank` candidates by the model's likelihood of the caption."""
@@ -63,7 +70,8 @@ def generate(
     chunk += [chunk[0]] * (batch - len(chunk))  # one shape, one compilation
     prompts = [captions[i] for i, _ in chunk]
     keys = [i * candidates + c for i, c in chunk]  # a distinct key per candidate
-    codes.append(t2i.sample_codes(model, prompts, keys, seed, guidance)[: len(rows) - start])
+    drawn = t2i.sample_codes(model, prompts, keys, seed, guidance, **(sampling or {}))
+    codes.append(drawn[: len(rows) - start])
   images = np.asarray(vqgan.decode(np.concatenate(codes)), np.uint8)
   images = images.reshape((len(captions), candidates) + images.shape[1:])
   if rerank <= 0:
@@ -93,9 +101,11 @@ def evaluate(
   vqgan_workdir: str = "",
   log=print,
   image_tokenizer=None,
+  sampling: dict | None = None,
 ) -> dict[str, Any]:
   """{row name: scores} for the model of `workdir` (see the module docstring); the VQGAN is
-  `image_tokenizer` when given, else loaded from `vqgan_workdir` or the model's codes."""
+  `image_tokenizer` when given, else loaded from `vqgan_workdir` or the model's codes;
+  `sampling` holds temperature / top_k / top_p for `text_to_image.sample_codes`."""
   from m6_jax.infer import generate as gen
 
   log = log or (lambda line: None)
@@ -120,7 +130,7 @@ def evaluate(
       name = f"generated, guidance {scale:g}" + (f", best of {n}" if n else "")
       log(f"{name}: {num_prompts} prompts ...")
       start = time.perf_counter()
-      images = generate(model, vqgan, captions, scale, n, seed, batch_size)
+      images = generate(model, vqgan, captions, scale, n, seed, batch_size, sampling)
       rows[name] = _row(judge, images, scenes, reference, time.perf_counter() - start)
       log(f"{name}: {_format_row(rows[name])}")
   chance = scene_scores.chance_accuracy(judge, real, scenes, seed)
@@ -132,6 +142,7 @@ def evaluate(
     "guidance_scales": list(guidance_scales),
     "rerank": rerank,
     "seed": seed,
+    "sampling": dict(sampling or {}),
     "rows": rows,
   }
 
@@ -166,6 +177,9 @@ def _main(flag_values: dict[str, Any], argv: list[str]) -> None:
     exit_with(f"--num_prompts={v['num_prompts']} must be at least 2 (chance pairs captions).")
   if v["rerank"] < 0 or v["batch_size"] < 1:
     exit_with("--rerank must be >= 0 (0: no reranking) and --batch_size >= 1.")
+  if v["temperature"] <= 0 or v["top_k"] < 0 or not 0 < v["top_p"] <= 1:
+    exit_with("--temperature must be > 0, --top_k >= 0 (0: off) and --top_p in (0, 1].")
+  sampling = {k: v[k] for k in ("temperature", "top_k", "top_p")}
   if not os.path.isdir(v["workdir"]):
     exit_with(f"--workdir={v['workdir']} does not exist; train a text-to-image model there first.")
   try:
@@ -180,6 +194,7 @@ def _main(flag_values: dict[str, Any], argv: list[str]) -> None:
       v["batch_size"],
       v["vqgan_workdir"],
       log=lambda line: print(line, flush=True),
+      sampling=sampling,
     )
   except UserError as e:
     exit_with(str(e))
@@ -208,6 +223,9 @@ def _define_flags() -> dict[str, Any]:
     ),
     "seed": flags.DEFINE_integer("seed", 0, "Sampling seed (one key per caption and candidate)."),
     "batch_size": flags.DEFINE_integer("batch_size", 8, "Images sampled per call."),
+    "temperature": flags.DEFINE_float("temperature", 1.0, "Sampling temperature."),
+    "top_k": flags.DEFINE_integer("top_k", 0, "Sample from the k likeliest codes (0: all)."),
+    "top_p": flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: off)."),
     "vqgan_workdir": flags.DEFINE_string(
       "vqgan_workdir", "", "The VQGAN (default: the one the model's codes came from)."
     ),
