@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import sys
 
 _GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips are Google PCI devices
 _NVIDIA_DEVICES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg")
@@ -40,4 +41,6 @@ def choose() -> str | None:
   if _has_tpu_chip() or any(os.path.exists(d) for d in _NVIDIA_DEVICES):
     return None
   os.environ["JAX_PLATFORMS"] = "cpu"
+  if "jax" in sys.modules:  # imported already: it read the variable then, so tell its config
+    sys.modules["jax"].config.update("jax_platforms", "cpu")
   return "JAX platforms: cpu (libtpu is installed, but this machine has no TPU chip)."
