@@ -169,10 +169,8 @@ def load_image_tokenizer(workdir: str, step: int | None = None):
   """The VQGAN of `workdir` (m6_jax/infer/image_tokenizer.py's ImageTokenizer)."""
   if not os.path.isdir(workdir):
     raise GenerationError(f"no VQGAN workdir at {workdir}; pass --vqgan_workdir.")
-  try:
-    from m6_jax.infer import image_tokenizer
-  except ImportError as e:
-    raise GenerationError(f"cannot load the VQGAN image tokenizer: {e}.") from None
+  from m6_jax.infer import image_tokenizer
+
   return image_tokenizer.ImageTokenizer.load(workdir, checkpoint_step=step)
 
 
