@@ -63,16 +63,11 @@ def generate(
   """One image per caption: sampled with the key of its index (rerank 0), or the best of
   `rerank` candidates by the model's likelihood of the caption."""
   candidates = max(rerank, 1)
-  rows = [(i, c) for i in range(len(captions)) for c in range(candidates)]
-  codes = []
-  for start in range(0, len(rows), batch):
-    chunk = rows[start : start + batch]
-    chunk += [chunk[0]] * (batch - len(chunk))  # one shape, one compilation
-    prompts = [captions[i] for i, _ in chunk]
-    keys = [i * candidates + c for i, c in chunk]  # a distinct key per candidate
-    drawn = t2i.sample_codes(model, prompts, keys, seed, guidance, **(sampling or {}))
-    codes.append(drawn[: len(rows) - start])
-  images = np.asarray(vqgan.decode(np.concatenate(codes)), np.uint8)
+  prompts = [caption for caption in captions for _ in range(candidates)]
+  # Row r (caption r // candidates) samples with key r: a distinct key per candidate.
+  _, images = t2i.draw_images(
+    model, vqgan, prompts, range(len(prompts)), seed, guidance, batch, **(sampling or {})
+  )
   images = images.reshape((len(captions), candidates) + images.shape[1:])
   if rerank <= 0:
     return images[:, 0]

@@ -378,6 +378,32 @@ def best_candidates(scores: Sequence[float], keep: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 
 
+def draw_images(
+  model: gen.LoadedModel,
+  vqgan: Any,
+  prompts: Sequence[str],
+  indices: Sequence[int],
+  seed: int,
+  guidance_scale: float,
+  batch_size: int,
+  **sampling: Any,
+) -> tuple[np.ndarray, np.ndarray]:
+  """(codes int32 [n, h, w], uint8 images [n, H, W, 3]) for prompts[i] sampled with the key
+  of image indices[i] (`sample_codes`; `sampling`: temperature, top_k, top_p, cached),
+  batch_size at a time, the last batch padded so that every call has one shape."""
+  prompts, indices = list(prompts), list(indices)
+  codes, images = [], []
+  for start in range(0, len(prompts), batch_size):
+    rows, keys = prompts[start : start + batch_size], indices[start : start + batch_size]
+    real = len(rows)
+    rows += [rows[0]] * (batch_size - real)
+    keys += [keys[0]] * (batch_size - real)
+    chunk = sample_codes(model, rows, keys, seed, guidance_scale, **sampling)[:real]
+    codes.append(chunk)
+    images.append(np.asarray(vqgan.decode(chunk), np.uint8))
+  return np.concatenate(codes), np.concatenate(images)
+
+
 def generate_images(
   model: gen.LoadedModel,
   vqgan: Any,
@@ -389,26 +415,12 @@ def generate_images(
   the last batch padded so every call has one shape) and decoded; with rerank, the
   num_images best by `scorer(images) -> scores` (default: `prompt_log_likelihood`)."""
   check_request(req)
-  n, b = req.rerank or req.num_images, min(req.batch_size, req.rerank or req.num_images)
-  codes, images = [], []
-  for start in range(0, n, b):
-    indices = list(range(start, min(start + b, n)))
-    real = len(indices)
-    indices += [indices[0]] * (b - real)
-    chunk = sample_codes(
-      model,
-      [req.prompt] * b,
-      indices,
-      req.seed,
-      req.guidance_scale,
-      req.temperature,
-      req.top_k,
-      req.top_p,
-      cached,
-    )[:real]
-    codes.append(chunk)
-    images.append(np.asarray(vqgan.decode(chunk), np.uint8))
-  codes_all, images_all = np.concatenate(codes), np.concatenate(images)
+  n = req.rerank or req.num_images
+  b = min(req.batch_size, n)
+  sampling = dict(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, cached=cached)
+  codes_all, images_all = draw_images(
+    model, vqgan, [req.prompt] * n, range(n), req.seed, req.guidance_scale, b, **sampling
+  )
   if not req.rerank:
     return GeneratedImages(images_all, codes_all, np.arange(n), None, n)
   if scorer is None:
