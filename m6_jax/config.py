@@ -9,6 +9,7 @@ twenty seconds into a run.
 from __future__ import annotations
 
 import difflib
+import math
 from typing import Any
 
 import ml_collections
@@ -446,3 +447,9 @@ def validate(
     t.log_every > 0 and t.checkpoint_every > 0 and t.keep_checkpoints > 0,
     "train.log_every, train.checkpoint_every and train.keep_checkpoints must be positive.",
   )
+
+
+def validate_for_counting(config: ml_collections.ConfigDict) -> None:
+  """validate() for work that needs no devices (--mode=params): as if the mesh's fixed axes
+  had exactly the devices they name (an axis of -1 gets one)."""
+  validate(config, math.prod(max(int(config.mesh[a]), 1) for a in axes.MESH_AXES), training=False)

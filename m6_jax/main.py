@@ -1,8 +1,8 @@
 """Entry point: `python -m m6_jax.main --config=configs/base.py --workdir=/tmp/m6`.
 
 Flags:
-  --config     a config file (`configs/<name>.py`, optionally `:variant`); override any value
-               with `--config.<key>=<value>`, e.g. `--config.train.steps=50`.
+  --config     a config file (`configs/<name>.py`, optionally `:variant`); override any value:
+               `--config.<key>=<value>`, e.g. `--config.train.steps=50`. params: count them.
   --workdir    where checkpoints, metrics.jsonl, TensorBoard events, the tokenizer and
                config.json go. A workdir holding a checkpoint resumes from it.
   --mode       train: train or resume in --workdir (needs --config, --workdir).
@@ -34,10 +34,9 @@ Multi-host (one process per host, every process running the same command; see RE
 jax.distributed is started before anything else touches JAX, for every mode.
 
 Host memory:
-  --huge_pages  (default true) on Linux with glibc >= 2.35, restart the process once with
-                GLIBC_TUNABLES=glibc.malloc.hugetlb=1 so that XLA's large per-step host
-                buffers use transparent huge pages (m6_jax/host_memory.py; 25% faster base
-                steps on CPU). --nohuge_pages keeps the process as started.
+  --huge_pages  (default true; --nohuge_pages: off) on Linux with glibc >= 2.35, restart once
+                with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (m6_jax/host_memory.py; base steps
+                25% faster on CPU: XLA's large per-step host buffers on transparent huge pages).
 
 Every user mistake (bad flag, unknown config key, impossible mesh, missing file) ends with one
 `error: ...` line on stderr and exit status 2, not a traceback.
@@ -194,8 +193,7 @@ _MAX_REJECTED_FRACTION = flags.DEFINE_float(
 )
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "prepare_data: replace a same-named dataset.")
 
-# What config_flags raises for an unknown `--config.x.y` key, a value of the wrong type, a
-# missing config file, or a config file whose get_config() fails.
+# What config_flags raises: an unknown `--config.x.y` key, a wrong type, a failing config file.
 _CONFIG_ERRORS = (AttributeError, KeyError, ValueError, TypeError, OSError)
 _fail = exit_with  # one `error:` line, exit status 2
 
@@ -423,9 +421,11 @@ def _config_module():
 
 
 def run_params() -> None:
+  from m6_jax import config as config_lib
   from m6_jax.model import param_count
 
   config = _load_config()
+  config_lib.validate_for_counting(config)
   published = getattr(_config_module(), "PUBLISHED_PARAMS", None)
   text, _ = param_count.report(config, published)
   print(text)

@@ -47,3 +47,16 @@ def test_params_mode_cli(run_main):
   assert out.returncode == 0, out.stderr
   assert "published total: 10.000T; ours 10.056T (+0.56%)" in out.stdout
   assert "experts" in out.stdout and "router" in out.stdout
+
+
+def test_params_mode_checks_the_config_without_devices():
+  """--mode=params counts without devices, but a config that could not run is still an error."""
+  from m6_jax.config import validate_for_counting
+  from m6_jax.errors import ConfigError
+
+  for name in PAPER_CONFIGS:  # meshes of up to thousands of chips pass on this machine
+    validate_for_counting(importlib.import_module(f"configs.{name}").get_config())
+  config = importlib.import_module("configs.base").get_config()
+  config.model.num_heads, config.mesh.tensor = 6, 4
+  with pytest.raises(ConfigError, match="num_heads=6 is not divisible by mesh.tensor=4"):
+    validate_for_counting(config)
