@@ -115,7 +115,12 @@ def inference_config(
 
 
 def tokenizer_path(workdir: str, config: ml_collections.ConfigDict) -> str:
-  return config.data.get("tokenizer_path", "") or os.path.join(workdir, checkpoints.TOKENIZER_FILE)
+  """The tokenizer a workdir's model uses: its config's, or the one saved with it."""
+  if config.data.get("tokenizer_path", ""):
+    return config.data.tokenizer_path
+  if config.data.get("tokenizer_kind", "sentencepiece") == "wordpiece":
+    return os.path.join(workdir, checkpoints.WORDPIECE_FILE)
+  return os.path.join(workdir, checkpoints.TOKENIZER_FILE)
 
 
 def abstract_params(model: M6, mesh: Mesh, rules) -> Any:
@@ -154,7 +159,7 @@ def load_model(
     raise CheckpointError(
       f"no tokenizer at {path}: the workdir must hold the tokenizer its model was trained with."
     )
-  tokenizer = tokenizer_lib.Tokenizer.from_file(path)
+  tokenizer = tokenizer_lib.load_tokenizer(path)
   target = abstract_params(model, mesh, rules)
   loaded = checkpoints.load_params(source, target, step, tokenizer, path)
   return LoadedModel(
@@ -189,7 +194,7 @@ def make_inputs(
   shape, src_len = (int(d.image_size), int(d.image_size), 3), int(d.src_len)
   rows = []
   for image, text in zip(images, sources):
-    ids = model.tokenizer.encode(text)[:src_len] if text else []
+    ids = model.tokenizer.encode_source(text)[:src_len] if text else []
     if image is None and not ids:
       raise GenerationError("a row has neither an image nor source text; nothing to condition on.")
     rows.append(tasks.prefix_features(image, shape, ids, src_len))
@@ -291,7 +296,8 @@ def generate(
     sources = questions * len(pixels) if len(questions) == 1 else questions
     task, key = "vqa", "question"
   else:
-    sources, task, key = [""] * len(pixels), "caption", None
+    prompt = model.config.data.get("caption_prompt", "")  # OFA prompts its captions
+    sources, task, key = [prompt] * len(pixels), "caption", None
   outputs = decode(model, make_inputs(model, pixels, sources), **decode_kwargs)
   rows = []
   for name, src, out in zip(names, sources, outputs):
