@@ -4,16 +4,14 @@ gives the same logits (1e-4, float32, teacher forcing, with padding in the sourc
 target) and the same 10 greedy tokens through m6-jax's KV-cached decoder as OFA's own
 decoder recomputing every step, which is how its sequence generator decodes."""
 
+import jax.numpy as jnp
 import numpy as np
+import ofa_utils
 import pytest
+import torch  # requirements-ofa.txt (in requirements-test.txt): never skipped
 
-torch = pytest.importorskip("torch")  # requirements-ofa.txt, installed by requirements-test.txt
-
-import jax.numpy as jnp  # noqa: E402
-import ofa_utils  # noqa: E402
-
-from m6_jax.infer import decoding, ofa_convert  # noqa: E402
-from m6_jax.model.m6 import M6, M6Config  # noqa: E402
+from m6_jax.infer import decoding, ofa_convert
+from m6_jax.model.m6 import M6, M6Config
 
 IMAGE_SIZE = 64  # a 4 x 4 patch grid
 
