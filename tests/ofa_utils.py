@@ -116,6 +116,6 @@ def write_checkpoint(model, config: dict, directory: str, vocab: list[str]) -> s
 def tiny_vocab(rows: int = TINY_CONFIG["vocab_size"]) -> list[str]:
   """An OFA-CN-shaped vocab.txt: OFA's special pieces, then Chinese characters and words."""
   words = ["一", "只", "猫", "狗", "在", "草", "地", "上", "图", "片", "描", "述", "了", "什", "么"]
-  words += ["内", "容", "?", "red", "cat", "##s"]
+  words += ["内", "容", "?", "red", "cat", "##s", "cafe", "u", "##mlaut", ",", "!"]
   pieces = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"] + words
   return pieces + [f"[unused{i}]" for i in range(rows - len(pieces))]

@@ -64,10 +64,16 @@ def _ofa_greedy_caption(model, out_dir, image_path) -> str:
   return tok.decode(np.argsort(perm)[tokens[0, 1:].numpy()])
 
 
-def test_convert_then_caption_like_ofa(ofa_dir, tmp_path, run_main):
-  model, directory, image = ofa_dir
-  out = str(tmp_path / "converted")
-  summary = ofa_convert.convert(directory, out)
+@pytest.fixture(scope="module")
+def converted(ofa_dir, tmp_path_factory):
+  """The converted folder (in-process `--mode=convert`) and the conversion's summary."""
+  out = str(tmp_path_factory.mktemp("converted") / "ofa_m6")
+  return out, ofa_convert.convert(ofa_dir[1], out)
+
+
+def test_convert_then_caption_like_ofa(ofa_dir, converted, tmp_path, run_main):
+  model, _, image = ofa_dir
+  out, summary = converted
   assert summary["config"].model.position_bias == "ofa"
   assert os.path.isfile(os.path.join(out, checkpoints.WORDPIECE_FILE))
   jsonl = tmp_path / "captions.jsonl"
@@ -122,3 +128,68 @@ def test_bad_inputs_are_one_error_line(ofa_dir, tmp_path, capsys):
   assert "mlp" in err and "(64,)" in err and "config.json gives (48,)" in err
   assert "--input" in _convert_cli([out], capsys)  # no --input at all
   assert not os.path.exists(tmp_path / "out")
+
+
+def test_init_from_and_captioning_task_read_the_converted_model(ofa_dir, converted, tmp_path):
+  """configs/finetune_ofa.py on the converted folder: its parameters load as init_from loads
+  them (shapes and the tokenizer's fingerprint checked) and the captioning task feeds the
+  prompt as OFA does (<s> prompt </s>)."""
+  import importlib.util
+
+  import flax.linen as nn
+  import jax
+
+  from m6_jax import config as config_lib
+  from m6_jax.data import pipeline, synthetic, tasks
+  from m6_jax.data import tokenizer as tokenizer_lib
+  from m6_jax.model.m6 import M6, M6Config, dummy_batch
+
+  out, _ = converted
+  path = os.path.join(os.path.dirname(__file__), "..", "configs", "finetune_ofa.py")
+  spec = importlib.util.spec_from_file_location("finetune_ofa", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(f"{out},runlocal")
+  config_lib.validate(config, 1)
+  tok = tokenizer_lib.get_or_train_tokenizer(
+    str(tmp_path), config.model.vocab_size, 0, 1, model_path=config.data.tokenizer_path
+  )
+  model = M6(M6Config.from_config(config))
+  target = nn.unbox(
+    jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy_batch(model.config)))
+  )["params"]
+  loaded = checkpoints.load_params(config.init_from, target, None, tok, config.data.tokenizer_path)
+  perm = ofa_convert.special_order(ofa_utils.TINY_CONFIG, ofa_utils.tiny_vocab())
+  expected = ofa_dir[0].state_dict()["encoder.embed_tokens.weight"].numpy()[perm]
+  np.testing.assert_array_equal(np.asarray(loaded.params["token_embedding"]["embedding"]), expected)
+  example = synthetic.make_example(0, 0, config.data.image_size)
+  features = tasks.image_to_text(
+    example, tok, np.random.default_rng(0), pipeline.task_config(config.data)
+  )
+  prompt = [tok.bos_id, *tok.encode(PROMPT), tok.eos_id]
+  assert features["src_tokens"][: len(prompt)].tolist() == prompt
+  assert tok.decode(tok.encode(PROMPT)) == PROMPT
+
+
+def test_wordpiece_tokenizes_as_ofa_cn(ofa_dir, converted):
+  """The converted vocabulary through HF `tokenizers` gives OFA-CN's tokenizer's pieces
+  (ModelScope's OFATokenizerZH on the original vocab.txt), ids mapped by the permutation."""
+  import importlib
+
+  ofa_utils.load_modules()
+  tokenization = importlib.import_module(f"{ofa_utils.PACKAGE}.tokenization_ofa")
+  theirs = tokenization.OFATokenizerZH(os.path.join(ofa_dir[1], "vocab.txt"))
+  ours = wordpiece.WordPieceTokenizer.from_file(
+    os.path.join(converted[0], checkpoints.WORDPIECE_FILE)
+  )
+  perm = np.asarray(ofa_convert.special_order(ofa_utils.TINY_CONFIG, ofa_utils.tiny_vocab()))
+  for text in [
+    PROMPT,
+    "A Red cat, cats! 猫在草地上",
+    "Café ümlaut 狗",
+    "  多  空格 ",
+    "x<mask>y 你",
+  ]:
+    expected = theirs(text, add_special_tokens=False)["input_ids"]
+    assert perm[ours.encode(text)].tolist() == expected, text
+  assert ours.decode(ours.encode("一只猫在草地上")) == "一只猫在草地上"

@@ -281,7 +281,7 @@ def get_or_train_tokenizer(
   """
   if model_path is not None:
     tok = load_tokenizer(model_path)
-    logging.info("Loaded sentencepiece model %s (%d pieces).", model_path, tok.vocab_size)
+    logging.info("Loaded the tokenizer %s (%d pieces).", model_path, tok.vocab_size)
   else:
     path = os.path.join(workdir, "tokenizer", "spm.model")
     if os.path.exists(path):

@@ -189,11 +189,14 @@ def make_inputs(
   model: LoadedModel, images: Sequence[np.ndarray | None], sources: Sequence[str]
 ) -> dict[str, np.ndarray]:
   """The decoding prefix features for rows (uint8 image or None, source text), built as
-  the tasks build them in training."""
+  the tasks build them in training: an image without text is captioned, from the source
+  data.caption_prompt (empty but for converted OFA models, which are prompted)."""
   d = model.config.data
   shape, src_len = (int(d.image_size), int(d.image_size), 3), int(d.src_len)
   rows = []
   for image, text in zip(images, sources):
+    if not text and image is not None:
+      text = d.get("caption_prompt", "")
     ids = model.tokenizer.encode_source(text)[:src_len] if text else []
     if image is None and not ids:
       raise GenerationError("a row has neither an image nor source text; nothing to condition on.")
@@ -296,8 +299,7 @@ def generate(
     sources = questions * len(pixels) if len(questions) == 1 else questions
     task, key = "vqa", "question"
   else:
-    prompt = model.config.data.get("caption_prompt", "")  # OFA prompts its captions
-    sources, task, key = [prompt] * len(pixels), "caption", None
+    sources, task, key = [""] * len(pixels), "caption", None
   outputs = decode(model, make_inputs(model, pixels, sources), **decode_kwargs)
   rows = []
   for name, src, out in zip(names, sources, outputs):
