@@ -1,6 +1,8 @@
 """A small randomly initialised OFA built with ModelScope's PyTorch code (the reference the
 converted model is checked against), and its checkpoint directory as OFA ships one.
 
+  python tests/ofa_utils.py /tmp/ofa_tiny   # writes that folder and /tmp/ofa_tiny.png
+
 ModelScope's `modelscope.models.multi_modal.ofa` package cannot be imported as a package: its
 __init__ also imports the speech model (modeling_mmspeech.py), which needs fairseq, and
 modeling_ofa.py imports vit.py (OFA-Sys's ViT backbones), which needs fairseq too. So the
@@ -119,3 +121,29 @@ def tiny_vocab(rows: int = TINY_CONFIG["vocab_size"]) -> list[str]:
   words += ["内", "容", "?", "red", "cat", "##s", "cafe", "u", "##mlaut", ",", "!"]
   pieces = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"] + words
   return pieces + [f"[unused{i}]" for i in range(rows - len(pieces))]
+
+
+IMAGE_SIZE = 64  # the tiny model's images: a 4 x 4 patch grid
+PROMPT = "图片描述了什么内容?"  # OFA-CN's captioning prompt
+
+
+def write_tiny_checkpoint(directory: str, seed: int = 0):
+  """The tiny OFA (`tiny_ofa(seed)`) as a checkpoint folder, with ModelScope's
+  configuration.json (image size, prompt); returns (model, directory)."""
+  model, cfg = tiny_ofa(seed)
+  write_checkpoint(model, cfg, directory, tiny_vocab())
+  pipeline = {"model": {"patch_image_size": IMAGE_SIZE, "prompt": PROMPT, "language": "zh"}}
+  with open(os.path.join(directory, "configuration.json"), "w", encoding="utf-8") as f:
+    json.dump(pipeline, f, ensure_ascii=False)
+  return model, directory
+
+
+if __name__ == "__main__":
+  import numpy as np
+  from PIL import Image
+
+  target = os.path.abspath(sys.argv[1])
+  write_tiny_checkpoint(target)
+  pixels = np.random.RandomState(1).randint(0, 256, (80, 96, 3), np.uint8)
+  Image.fromarray(pixels).save(target + ".png")
+  print(f"wrote a random OFA-CN-shaped checkpoint to {target} and an image {target}.png")

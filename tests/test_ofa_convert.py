@@ -16,8 +16,8 @@ from m6_jax.data import images as images_lib
 from m6_jax.data import wordpiece
 from m6_jax.infer import ofa_convert
 
-IMAGE_SIZE = 64
-PROMPT = "图片描述了什么内容?"  # OFA-CN's captioning prompt
+IMAGE_SIZE, PROMPT = ofa_utils.IMAGE_SIZE, ofa_utils.PROMPT
+MAX_LEN = 12  # tokens generated (a random model seldom ends its caption)
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +26,7 @@ def ofa_dir(tmp_path_factory):
   from PIL import Image
 
   root = tmp_path_factory.mktemp("ofa")
-  model, cfg = ofa_utils.tiny_ofa()
-  directory = ofa_utils.write_checkpoint(model, cfg, str(root / "ofa"), ofa_utils.tiny_vocab())
-  with open(os.path.join(directory, "configuration.json"), "w", encoding="utf-8") as f:
-    json.dump({"model": {"patch_image_size": IMAGE_SIZE, "prompt": PROMPT, "language": "zh"}}, f)
+  model, directory = ofa_utils.write_tiny_checkpoint(str(root / "ofa"))
   image = root / "photo.png"
   pixels = np.random.RandomState(1).randint(0, 256, (80, 96, 3), np.uint8)
   Image.fromarray(pixels).save(image)
@@ -49,7 +46,7 @@ def _ofa_greedy_caption(model, out_dir, image_path) -> str:
   src = torch.tensor(perm[tok.encode_source(PROMPT)])[None]
   tokens = torch.zeros((1, 1), dtype=torch.long)  # OFA's <s>
   with torch.no_grad():
-    for _ in range(32):  # the converted config's tgt_len
+    for _ in range(MAX_LEN):
       out = model(
         input_ids=src,
         patch_images=image,
@@ -77,7 +74,13 @@ def test_convert_then_caption_like_ofa(ofa_dir, converted, tmp_path, run_main):
   assert summary["config"].model.position_bias == "ofa"
   assert os.path.isfile(os.path.join(out, checkpoints.WORDPIECE_FILE))
   jsonl = tmp_path / "captions.jsonl"
-  proc = run_main("--mode=generate", f"--workdir={out}", f"--image={image}", f"--output={jsonl}")
+  proc = run_main(
+    "--mode=generate",
+    f"--workdir={out}",
+    f"--image={image}",
+    f"--output={jsonl}",
+    f"--max_len={MAX_LEN}",
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   row = json.loads(jsonl.read_text(encoding="utf-8").splitlines()[-1])
   assert row["task"] == "caption" and row["output"]

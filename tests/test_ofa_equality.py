@@ -46,9 +46,26 @@ def _ofa_logits(model, image, src, tgt):
   return out.logits.numpy()
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_teacher_forced_logits_match_ofa(tied):
-  model, cfg = ofa_utils.tiny_ofa(share_decoder_input_output_embed=tied)
+# OFA-CN's form with an untied head, with a tied head, and the other options' other values.
+VARIANTS = {
+  "untied": {},
+  "tied": {"share_decoder_input_output_embed": True},
+  "post_norm_relu": {
+    "encoder_normalize_before": False,
+    "decoder_normalize_before": False,
+    "normformer": False,
+    "layernorm_embedding": False,
+    "patch_layernorm_embedding": False,
+    "scale_embedding": False,
+    "activation_function": "relu",
+    "attn_scale_factor": 1.0,
+  },
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_teacher_forced_logits_match_ofa(variant):
+  model, cfg = ofa_utils.tiny_ofa(**VARIANTS[variant])
   m6, params, ours = _convert(model, cfg)
   image, src, tgt = _inputs()
   perm = np.argsort(ours)
