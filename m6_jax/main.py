@@ -57,6 +57,7 @@ from ml_collections import config_flags
 from m6_jax import convert_cli
 from m6_jax.errors import exit_with, one_line
 
+flags.adopt_module_key_flags(convert_cli)  # --from, --input: listed by --helpshort too
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
   None,

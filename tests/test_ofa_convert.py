@@ -196,3 +196,6 @@ def test_wordpiece_tokenizes_as_ofa_cn(ofa_dir, converted):
     expected = theirs(text, add_special_tokens=False)["input_ids"]
     assert perm[ours.encode(text)].tolist() == expected, text
   assert ours.decode(ours.encode("一只猫在草地上")) == "一只猫在草地上"
+  # Lines split as a text-mode file splits them (transformers' load_vocab), not at U+2028.
+  assert wordpiece.read_vocab(os.path.join(ofa_dir[1], "vocab.txt")) == ofa_utils.tiny_vocab()
+  assert wordpiece._pieces("a\r\nb\rc\u2028d\n".encode()) == ["a", "b", "c\u2028d"]

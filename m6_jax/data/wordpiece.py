@@ -1,12 +1,13 @@
 """The BERT-style WordPiece tokenizer of OFA-CN checkpoints (data.tokenizer_kind="wordpiece").
 
-The vocabulary is a `vocab.txt`, one piece per line, id = line number, read by Hugging Face
-`tokenizers` (WordPiece with BERT's normalizer and pre-tokenizer: lower case, accents kept as
-OFA-CN keeps them, every Han character a word of its own). It has the special ids of
+The vocabulary is a `vocab.txt`, one piece per line, id = line number (lines split as
+transformers' BERT tokenizer splits them), read by Hugging Face `tokenizers`: WordPiece with
+BERT's normalizer and pre-tokenizer as OFA-CN's tokenizer runs them (lower case, accents
+stripped, every Han character a word of its own; tests/test_ofa_convert.py compares them). It has the special ids of
 m6_jax/data/tokenizer.py (0 <pad>, 1 </s>, 2 <s>, 3 <unk>): `--mode=convert --from=ofa`
 writes OFA's vocabulary in that order (OFA's own is <s>, <pad>, </s>, <unk>) and permutes
 the embedding rows to match. Pieces after the text vocabulary (OFA's <code_i> image codes
-and <bin_i> location bins) are pieces too, but never generated as text.
+and <bin_i> location bins; <extra_i>: rows no piece names) are never generated as text.
 
 Decoding joins pieces as BERT does and then removes the spaces next to Han characters, as
 OFA-CN's Chinese detokenizer does (一 只 猫 -> 一只猫).
@@ -14,7 +15,7 @@ OFA-CN's Chinese detokenizer does (一 只 猫 -> 一只猫).
 
 from __future__ import annotations
 
-import hashlib
+import io
 import re
 from typing import Sequence
 
@@ -27,14 +28,21 @@ PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 HAN_CHARACTERS = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
 SPECIAL_PIECES = ("<pad>", "</s>", "<s>", "<unk>")  # at ids 0..3
 MASK_PIECE = "<mask>"
-_NOT_TEXT = re.compile(r"^<(code|bin)_\d+>$")
+_NOT_TEXT = re.compile(r"^<(code|bin|extra)_\d+>$")
 _HAN_SPACE = re.compile(f"(?<=[{HAN_CHARACTERS}]) | (?=[{HAN_CHARACTERS}])")
 
 
 def read_vocab(path: str) -> list[str]:
-  """The pieces of a vocab.txt in id order (trailing newline and \\r stripped)."""
-  with open(path, encoding="utf-8") as f:
-    return [line.rstrip("\r\n") for line in f]
+  """The pieces of a vocab.txt in id order."""
+  with open(path, "rb") as f:
+    return _pieces(f.read())
+
+
+def _pieces(data: bytes) -> list[str]:
+  """Lines as a text-mode file reads them (universal newlines: \\n, \\r, \\r\\n), as
+  transformers' load_vocab reads a vocab.txt; str.splitlines would also split at \\x1c,
+  \\x85, \\u2028 and others, which would shift every later id."""
+  return [line.rstrip("\n") for line in io.StringIO(data.decode("utf-8"), newline=None)]
 
 
 class WordPieceTokenizer:
@@ -50,7 +58,7 @@ class WordPieceTokenizer:
 
   def _load(self, vocab_bytes: bytes) -> None:
     self._bytes = bytes(vocab_bytes)
-    pieces = self._bytes.decode("utf-8").splitlines()
+    pieces = _pieces(self._bytes)
     if tuple(pieces[:4]) != SPECIAL_PIECES:
       raise ValueError(
         f"a wordpiece vocabulary must start with {', '.join(SPECIAL_PIECES)} (ids 0-3), not "
@@ -79,10 +87,6 @@ class WordPieceTokenizer:
   def model_proto(self) -> bytes:
     """The vocabulary file's bytes: what a checkpoint's tokenizer fingerprint hashes."""
     return self._bytes
-
-  @property
-  def sha256(self) -> str:
-    return hashlib.sha256(self._bytes).hexdigest()
 
   def encode(self, text: str) -> list[int]:
     return list(self._hf.encode(text, add_special_tokens=False).ids)

@@ -153,7 +153,7 @@ def full_vocab(vocab: list[str], rows: int) -> list[str]:
     _fail(f"vocab.txt has {len(vocab)} pieces but the checkpoint has {rows} embedding rows.")
   if extra == 9192:
     return vocab + [f"<code_{i}>" for i in range(8192)] + [f"<bin_{i}>" for i in range(1000)]
-  return vocab + [f"<bin_{i}>" for i in range(extra)]  # rows no text piece names
+  return vocab + [f"<extra_{i}>" for i in range(extra)]  # rows no piece names
 
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
