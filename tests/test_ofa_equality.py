@@ -11,6 +11,7 @@ import pytest
 import torch  # requirements-ofa.txt (in requirements-test.txt): never skipped
 
 from m6_jax.infer import decoding, ofa_convert
+from m6_jax.model import ofa
 from m6_jax.model.m6 import M6, M6Config
 
 IMAGE_SIZE = 64  # a 4 x 4 patch grid
@@ -100,3 +101,18 @@ def test_greedy_tokens_match_ofa():
   got = np.asarray(decoding.greedy_decode(m6, params, batch, 10, 2, -1, None))
   assert len(set(expected.ravel().tolist())) > 2  # a sequence that tests something
   np.testing.assert_array_equal(got, expected)
+
+
+def test_position_buckets_are_ofas():
+  """The relative buckets beyond the tiny model's lengths: OFA-CN's sizes (256 text buckets,
+  log-spaced past 128 positions; 42 image buckets), against modeling_ofa.py's tables."""
+  modeling, _ = ofa_utils.load_modules()
+  text = modeling.make_token_bucket_position(256).numpy()
+  np.testing.assert_array_equal(ofa.token_buckets(256, 1024), text)
+  np.testing.assert_array_equal(
+    ofa.token_buckets(16, 40), modeling.make_token_bucket_position(16)[:40, :40].numpy()
+  )
+  b = 42
+  table = modeling.make_image_bucket_position(b, ofa.num_image_buckets(b)).numpy()
+  ids = ofa.image_position_ids(b, (24, 30))
+  np.testing.assert_array_equal(ofa.image_buckets(b, (24, 30)), table[ids][:, ids])

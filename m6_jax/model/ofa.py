@@ -170,9 +170,10 @@ def num_image_buckets(bucket_size: int) -> int:
 
 @struct.dataclass
 class PositionBias:
-  """What one attention adds to its logits [b or 1, heads, q, k]: `absolute`, plus in
-  self-attention each layer's relative tables looked up at `token_buckets` where
-  `token_region` ([q, k] each) and at `image_buckets` where `image_region`."""
+  """What one attention adds to its logits: `absolute` [1, heads, q, k] (the same for every
+  row of the batch, which the decoding step relies on), plus in self-attention each layer's
+  relative tables looked up at `token_buckets` where `token_region` ([q, k] each) and at
+  `image_buckets` where `image_region`."""
 
   absolute: jax.Array
   token_buckets: jax.Array | None = None
