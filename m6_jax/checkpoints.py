@@ -54,6 +54,7 @@ from m6_jax.parallel import multihost
 __all__ = ["CheckpointError", "Checkpoints", "DamagedCheckpoint", "load_params"]
 
 TOKENIZER_FILE = os.path.join("tokenizer", "spm.model")
+WORDPIECE_FILE = os.path.join("tokenizer", "vocab.txt")  # data.tokenizer_kind="wordpiece"
 GOOD_STEPS_FILE = "good_steps.json"
 
 

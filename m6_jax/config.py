@@ -19,6 +19,7 @@ from m6_jax.config_images import CODES_INFO_FILE, codes_mismatch, read_codes_inf
 from m6_jax.data import tasks
 from m6_jax.errors import ConfigError
 from m6_jax.errors import require as _require
+from m6_jax.model import ofa
 from m6_jax.parallel import axes
 
 __all__ = [
@@ -32,7 +33,8 @@ __all__ = [
 ]
 
 SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
-IMAGE_STEMS = ("linear", "resnet")
+IMAGE_STEMS = ("linear", "resnet", "ofa_resnet")
+TOKENIZER_KINDS = ("sentencepiece", "wordpiece")
 # Model families the train loop, evaluation and checkpoints serve (m6_jax/train/family.py).
 FAMILIES = ("m6", "vqgan")
 DTYPES = ("float32", "bfloat16")
@@ -100,6 +102,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.architecture = "unified"
   c.model.num_encoder_layers = 0
   c.model.num_decoder_layers = 0
+  # OFA's architecture (position biases, embedding scale and norms, NormFormer, post-norm,
+  # head scales, activation, its ResNet stem's depth): options of the encoder_decoder model,
+  # off by default; each key is described in m6_jax/model/ofa.py. `--mode=convert
+  # --from=ofa` sets them from an OFA checkpoint's config.json.
+  c.model.update(ofa.MODEL_DEFAULTS)
 
   c.data = ml_collections.ConfigDict()
   c.data.batch_size = 32  # global batch, split over processes and the (data, fsdp) axes
@@ -128,6 +135,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.noise_density = 0.15
   c.data.mean_noise_span_length = 3.0
   c.data.tokenizer_path = ""  # a sentencepiece .model; empty: train one in the workdir
+  # "sentencepiece" (tokenizer/spm.model) or "wordpiece": a BERT-style vocab.txt
+  # (tokenizer/vocab.txt; OFA-CN's, m6_jax/data/wordpiece.py), never trained here.
+  c.data.tokenizer_kind = "sentencepiece"
+  # The source text of captioning in --mode=generate and evaluation ("": none; a converted
+  # OFA-CN model is prompted as OFA prompts it).
+  c.data.caption_prompt = ""
   c.data.tokenizer_corpus_examples = 2000
   # Every Han character of the corpus is a piece of its own and no piece spans two (M6's
   # character-level Chinese); False lets sentencepiece learn multi-character Chinese pieces.
@@ -425,6 +438,11 @@ def validate(
     "pick a patch size that tiles the image.",
   )
   _validate_moe_and_stack(config)
+  ofa.validate(config, _require)
+  _require(
+    d.tokenizer_kind in TOKENIZER_KINDS,
+    f"data.tokenizer_kind='{d.tokenizer_kind}' is not one of {TOKENIZER_KINDS}.",
+  )
   config_images.validate_image_codes(config, training)
   axes.check_model_fits_mesh(config, num_devices)
   if training:

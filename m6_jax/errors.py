@@ -76,3 +76,17 @@ def parse_flags(argv: list[str]) -> list[str]:
     return flags.FLAGS(argv)
   except flags.Error as e:
     exit_with(f"{e}. Pass --helpshort to see the flags.")
+
+
+def one_line(error: BaseException) -> str:
+  """An error's text on one line; for text that embeds a traceback, its last line."""
+  text = str(error).replace("\\n", "\n").replace("\\'", "'")
+  lines = [l.strip() for l in text.splitlines() if l.strip()]
+  if any(l.startswith("Traceback") for l in lines):
+    lines = lines[-1:]
+  if isinstance(error, (KeyError, AttributeError)) and lines:
+    # ml_collections words an unknown key as "'lrr'\nDid you mean "lr" instead of "lrr"?".
+    lines = [f"unknown key '{lines[0].strip(chr(39) + chr(34))}'."] + [
+      l.strip("'") for l in lines[1:]
+    ]
+  return " ".join(lines) or type(error).__name__

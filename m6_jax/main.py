@@ -22,6 +22,8 @@ Flags:
                --checkpoint_step or --best) with its config and tokenizer into
                --export_dir, without the optimizer state; generate, eval and
                config.init_from read an export like a workdir.
+               convert: --from=ofa --input=<OFA-CN PyTorch checkpoint folder>
+               --output=<new folder>: an m6-jax checkpoint of it (m6_jax/convert_cli.py).
                generate, eval and export use the checkpoint's config unless --config is
                given; they run on the config's mesh (--config.mesh.*), so a model sharded
                for training is sharded for inference too.
@@ -51,8 +53,10 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from m6_jax.errors import exit_with
+from m6_jax import convert_cli
+from m6_jax.errors import exit_with, one_line
 
+flags.adopt_module_key_flags(convert_cli)  # --from, --input: listed by --helpshort too
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
   None,
@@ -63,7 +67,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 _MODE = flags.DEFINE_enum(
   "mode",
   "train",
-  ["train", "prepare_data", "generate", "eval", "export", "encode_images", "params", "aot"],
+  "train prepare_data generate eval export convert encode_images params aot".split(),
   "What to run.",
 )
 # Multi-host runs: jax.distributed (m6_jax/parallel/multihost.py)
@@ -146,7 +150,8 @@ flags.DEFINE_string("vqgan_workdir", None, "generate: the VQGAN (default: the mo
 _OUTPUT = flags.DEFINE_string(
   "output",
   None,
-  "generate: JSONL file the outputs are appended to (default: <workdir>/generate.jsonl).",
+  "generate: JSONL the outputs are appended to (default: <workdir>/generate.jsonl); "
+  "convert: the new folder.",
 )
 _NUM_EVAL_EXAMPLES = flags.DEFINE_integer(
   "num_eval_examples", 0, "eval: validation scenes to decode (0: the config's num_eval_examples)."
@@ -198,20 +203,6 @@ _CONFIG_ERRORS = (AttributeError, KeyError, ValueError, TypeError, OSError)
 _fail = exit_with  # one `error:` line, exit status 2
 
 
-def _one_line(error: BaseException) -> str:
-  """An error's text on one line; for text that embeds a traceback, its last line."""
-  text = str(error).replace("\\n", "\n").replace("\\'", "'")
-  lines = [l.strip() for l in text.splitlines() if l.strip()]
-  if any(l.startswith("Traceback") for l in lines):
-    lines = lines[-1:]
-  if isinstance(error, (KeyError, AttributeError)) and lines:
-    # ml_collections words an unknown key as "'lrr'\nDid you mean "lr" instead of "lrr"?".
-    lines = [f"unknown key '{lines[0].strip(chr(39) + chr(34))}'."] + [
-      l.strip("'") for l in lines[1:]
-    ]
-  return " ".join(lines) or type(error).__name__
-
-
 def _config_args(argv: list[str]) -> str:
   return " ".join(a for a in argv[1:] if a.startswith("--config"))
 
@@ -249,7 +240,7 @@ def _fail_config(argv: list[str], error: BaseException) -> None:
       f"no such config file: {path}"
       + (f"; the shipped ones are configs/{{{','.join(shipped)}}}" if shipped else "")
     )
-  _fail(f"bad config ({_config_args(argv)}): {_one_line(error)}")
+  _fail(f"bad config ({_config_args(argv)}): {one_line(error)}")
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -257,7 +248,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     return flags.FLAGS(argv)
   except flags.Error as e:
     _fail(
-      f"{_one_line(e)} (flags: {_config_args(argv) or ' '.join(argv[1:])}). "
+      f"{one_line(e)} (flags: {_config_args(argv) or ' '.join(argv[1:])}). "
       "Pass --helpshort to see the flags."
     )
   except _CONFIG_ERRORS as e:
@@ -452,6 +443,7 @@ MODES = {
   "generate": run_generate,
   "eval": run_eval,
   "export": run_export,
+  "convert": lambda: convert_cli.run(_OUTPUT.value),
   "encode_images": run_encode_images,
 }
 

@@ -140,6 +140,7 @@ def task_config(data_cfg, vocab_size: int = 0) -> tasks.TaskConfig:
     mean_noise_span_length=float(data_cfg.mean_noise_span_length),
     code_offset=int(vocab_size),
     guidance_drop_rate=float(_get(data_cfg, "guidance_drop_rate", tasks.GUIDANCE_DROP_RATE)),
+    caption_prompt=str(_get(data_cfg, "caption_prompt", "")),
   )
 
 

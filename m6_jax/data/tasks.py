@@ -58,6 +58,7 @@ class TaskConfig:
   mean_noise_span_length: float = span_corruption.MEAN_NOISE_SPAN_LENGTH
   code_offset: int = 0  # model.vocab_size: image code c is token id code_offset + c
   guidance_drop_rate: float = GUIDANCE_DROP_RATE
+  caption_prompt: str = ""  # captioning's source text (a converted OFA model's prompt)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,10 +205,12 @@ def text_to_text(example, tokenizer, rng: np.random.Generator, cfg) -> dict[str,
 
 
 def image_to_text(example, tokenizer, rng: np.random.Generator, cfg) -> dict[str, np.ndarray]:
-  """Captioning: image -> caption (no source text)."""
+  """Captioning: image -> caption (source text: data.caption_prompt, usually none)."""
   ids = _caption_ids(example, tokenizer, rng)[: int(cfg.tgt_len) - 1]
+  prompt = getattr(cfg, "caption_prompt", "")
+  src = tokenizer.encode_source(prompt)[: int(cfg.src_len)] if prompt else []
   return make_features(
-    example["image"], example["image"].shape, [], ids, "image_to_text", tokenizer, cfg
+    example["image"], example["image"].shape, src, ids, "image_to_text", tokenizer, cfg
   )
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import sentencepiece as spm
 from absl import logging
 
-from m6_jax.data import synthetic
+from m6_jax.data import synthetic, wordpiece
 
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 MASK_PIECE = "<mask>"
@@ -195,6 +195,10 @@ class Tokenizer:
   def encode(self, text: str) -> list[int]:
     return list(self._sp.encode(text))
 
+  def encode_source(self, text: str) -> list[int]:
+    """A source text's ids (M6 feeds the pieces alone; wordpiece.py's OFA-CN wraps them)."""
+    return self.encode(text)
+
   def decode(self, ids: Sequence[int]) -> str:
     out = []
     for i in ids:
@@ -246,6 +250,16 @@ class Tokenizer:
     return self._sentinel_ids.index(int(i))
 
 
+def load_tokenizer(path: str) -> "Tokenizer | wordpiece.WordPieceTokenizer":
+  """The tokenizer saved at `path`: a WordPiece vocab.txt (data.tokenizer_kind="wordpiece")
+  or a sentencepiece model."""
+  if path.endswith(".txt"):
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"wordpiece vocabulary not found at {path!r}.")
+    return wordpiece.WordPieceTokenizer.from_file(path)
+  return Tokenizer.from_file(path)
+
+
 def get_or_train_tokenizer(
   workdir: str,
   vocab_size: int,
@@ -266,8 +280,8 @@ def get_or_train_tokenizer(
   than ``vocab_size`` (the model's embedding table).
   """
   if model_path is not None:
-    tok = Tokenizer.from_file(model_path)
-    logging.info("Loaded sentencepiece model %s (%d pieces).", model_path, tok.vocab_size)
+    tok = load_tokenizer(model_path)
+    logging.info("Loaded the tokenizer %s (%d pieces).", model_path, tok.vocab_size)
   else:
     path = os.path.join(workdir, "tokenizer", "spm.model")
     if os.path.exists(path):

@@ -211,7 +211,7 @@ class PeriodicEvaluator:
   def __call__(self, step: int, params: Any) -> dict[str, float]:
     if self._tokenizer is None:  # the loop has made the workdir's tokenizer by now
       path = gen.tokenizer_path(self.workdir, self.config)
-      self._tokenizer = tokenizer_lib.Tokenizer.from_file(path)
+      self._tokenizer = tokenizer_lib.load_tokenizer(path)
     mesh = jax.tree.leaves(params)[0].sharding.mesh
     rules = partitioning.logical_rules(self.config)
     model = gen.LoadedModel(

@@ -115,7 +115,12 @@ def inference_config(
 
 
 def tokenizer_path(workdir: str, config: ml_collections.ConfigDict) -> str:
-  return config.data.get("tokenizer_path", "") or os.path.join(workdir, checkpoints.TOKENIZER_FILE)
+  """The tokenizer a workdir's model uses: its config's, or the one saved with it."""
+  if config.data.get("tokenizer_path", ""):
+    return config.data.tokenizer_path
+  if config.data.get("tokenizer_kind", "sentencepiece") == "wordpiece":
+    return os.path.join(workdir, checkpoints.WORDPIECE_FILE)
+  return os.path.join(workdir, checkpoints.TOKENIZER_FILE)
 
 
 def abstract_params(model: M6, mesh: Mesh, rules) -> Any:
@@ -154,7 +159,7 @@ def load_model(
     raise CheckpointError(
       f"no tokenizer at {path}: the workdir must hold the tokenizer its model was trained with."
     )
-  tokenizer = tokenizer_lib.Tokenizer.from_file(path)
+  tokenizer = tokenizer_lib.load_tokenizer(path)
   target = abstract_params(model, mesh, rules)
   loaded = checkpoints.load_params(source, target, step, tokenizer, path)
   return LoadedModel(
@@ -184,12 +189,15 @@ def make_inputs(
   model: LoadedModel, images: Sequence[np.ndarray | None], sources: Sequence[str]
 ) -> dict[str, np.ndarray]:
   """The decoding prefix features for rows (uint8 image or None, source text), built as
-  the tasks build them in training."""
+  the tasks build them in training: an image without text is captioned, from the source
+  data.caption_prompt (empty but for converted OFA models, which are prompted)."""
   d = model.config.data
   shape, src_len = (int(d.image_size), int(d.image_size), 3), int(d.src_len)
   rows = []
   for image, text in zip(images, sources):
-    ids = model.tokenizer.encode(text)[:src_len] if text else []
+    if not text and image is not None:
+      text = d.get("caption_prompt", "")
+    ids = model.tokenizer.encode_source(text)[:src_len] if text else []
     if image is None and not ids:
       raise GenerationError("a row has neither an image nor source text; nothing to condition on.")
     rows.append(tasks.prefix_features(image, shape, ids, src_len))

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from m6_jax.model.layers import default_kernel_init
 from m6_jax.model.ops import constrain
+from m6_jax.model.resnet import OfaResNetStem
 
 Dtype = Any
 
@@ -132,13 +133,16 @@ class ResNetPatchStem(nn.Module):
 
 
 class ImageEmbedding(nn.Module):
-  """Patch features plus learned row and column embeddings (2-D positions)."""
+  """Patch features plus learned row and column embeddings (2-D positions; none with
+  `positions` False, when positions enter as attention biases, m6_jax/model/ofa.py)."""
 
   d_model: int
   patch_size: int
   stem: str = "linear"
   stem_channels: int = 32
   dtype: Dtype = jnp.float32
+  positions: bool = True
+  resnet_layers: tuple[int, ...] = (3, 4, 23)
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -156,8 +160,12 @@ class ImageEmbedding(nn.Module):
       x = ResNetPatchStem(
         self.d_model, self.patch_size, self.stem_channels, self.dtype, name="stem"
       )(images)
+    elif self.stem == "ofa_resnet":
+      x = OfaResNetStem(self.d_model, self.resnet_layers, self.dtype, name="stem")(images)
     else:
-      raise ValueError(f"Unknown image stem '{self.stem}'; use 'linear' or 'resnet'.")
+      raise ValueError(f"Unknown image stem '{self.stem}'; use 'linear', 'resnet' or 'ofa_resnet'.")
+    if not self.positions:
+      return constrain(x, ("batch", "length", "embed"))
     row = self.param(
       "row_embedding",
       nn.with_logical_partitioning(embed_init, ("patch", "embed")),

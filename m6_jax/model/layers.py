@@ -28,12 +28,14 @@ from flax import struct
 
 from m6_jax.model import moe as moe_lib
 from m6_jax.model.ops import (
+  ACTIVATIONS,
   MASK_BIAS,
   attention_core,
+  biased_attention,
   constrain,
   dense,
-  gelu,
   layer_norm,
+  relative_bias,
 )
 
 Dtype = Any
@@ -101,6 +103,7 @@ class CrossInput:
   encoded: jax.Array | None = None
   mask: jax.Array | None = None
   step: StepCache | None = None
+  bias: jax.Array | None = None  # [1, heads, Lq, S]: OFA's position bias (model/ofa.py)
 
 
 class LayerNorm(nn.Module):
@@ -108,19 +111,20 @@ class LayerNorm(nn.Module):
 
   epsilon: float = 1e-6
   dtype: Dtype = jnp.float32
+  axis: str = "embed"  # the logical name of the normalised axis
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     features = x.shape[-1]
     scale = self.param(
       "scale",
-      nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+      nn.with_logical_partitioning(nn.initializers.ones, (self.axis,)),
       (features,),
       jnp.float32,
     )
     bias = self.param(
       "bias",
-      nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+      nn.with_logical_partitioning(nn.initializers.zeros, (self.axis,)),
       (features,),
       jnp.float32,
     )
@@ -135,6 +139,8 @@ class MultiHeadAttention(nn.Module):
   head_dim: int
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
+  scale_factor: float = 1.0  # queries times (head_dim * scale_factor) ** -0.5
+  head_scale: bool = False  # a learned scale per head on the output (OFA's c_attn)
 
   @nn.compact
   def __call__(
@@ -146,6 +152,7 @@ class MultiHeadAttention(nn.Module):
     return_kv: bool = False,
     step: StepCache | None = None,
     context: jax.Array | None = None,
+    bias: jax.Array | None = None,
   ) -> Any:
     """Full mode (`step` None): x [b, L, d], mask [b, L, L] or an AttentionMask -> out
     [b, L, d], plus this layer's LayerKV [b, L, heads, kv] when `return_kv`.
@@ -160,6 +167,8 @@ class MultiHeadAttention(nn.Module):
     with neither image nor source text) mixes no values in a cross-attention (its output is
     the output bias) rather than an average of padding, which would depend on how much
     padding the batch has.
+
+    `bias` [1, heads, q, k] (k: all cached keys in step mode) is added to the logits.
     """
     source = x if context is None else context
     d_model = source.shape[-1]
@@ -194,7 +203,9 @@ class MultiHeadAttention(nn.Module):
     # No key bias: it adds the same q.b to every key's logit, which softmax cancels, so its
     # gradient is pure rounding noise that Adam would amplify into random updates.
     if x is not None:
-      q = proj("query", x) * jnp.asarray(self.head_dim**-0.5, self.dtype)
+      scaling = self.head_dim**-0.5 if self.scale_factor == 1.0 else None
+      scaling = scaling or float(self.head_dim * self.scale_factor) ** -0.5
+      q = proj("query", x) * jnp.asarray(scaling, self.dtype)
     if step is None or step.target is not None:  # a cross-attention step reads cached keys
       k, v = proj("key", source, use_bias=False), proj("value", source)
       if x is None:
@@ -206,14 +217,25 @@ class MultiHeadAttention(nn.Module):
         dropout = nn.Dropout(self.dropout_rate, deterministic=False)
       if not isinstance(mask, AttentionMask):
         mask = AttentionMask(mask)
-      out = attention_core(q, k, v, mask.allowed, self.dtype, dropout, mask.prefix_len)
+      if bias is None:
+        out = attention_core(q, k, v, mask.allowed, self.dtype, dropout, mask.prefix_len)
+      else:
+        out = biased_attention(q, k, v, mask.allowed, bias, self.dtype, dropout)
       if context is not None:
         out = out * jnp.any(mask.allowed, axis=-1)[:, None, :, None].astype(out.dtype)
     else:
       if step.target is not None:
         target = _write_kv(step.target, k, v, step.position)
-      out = _cached_attention(q, step, target, self.dtype)
+      out = _cached_attention(q, step, target, self.dtype, bias)
     out = constrain(out, axes)
+    if self.head_scale:
+      scale = self.param(
+        "head_scale",
+        nn.with_logical_partitioning(nn.initializers.ones, ("heads",)),
+        (self.num_heads,),
+        jnp.float32,
+      )
+      out = out * (scale[:, None, None] if head_major else scale[:, None]).astype(out.dtype)
     out_kernel = self.param(
       "out",
       nn.with_logical_partitioning(default_kernel_init, ("heads", "kv", "embed")),
@@ -247,7 +269,7 @@ def _write_kv(cache: LayerKV, k: jax.Array, v: jax.Array, position: jax.Array) -
 
 
 def _cached_attention(
-  q: jax.Array, step: StepCache, target: LayerKV | None, dtype: Dtype
+  q: jax.Array, step: StepCache, target: LayerKV | None, dtype: Dtype, bias: Any = None
 ) -> jax.Array:
   """One query per row against [prefix ; target] keys; the same softmax as the full mode.
 
@@ -255,7 +277,9 @@ def _cached_attention(
   group of rows sharing one prefix row (see StepCache), then joined to the target logits in
   the full mode's key order so that one softmax runs over all keys. Without a target part
   (cross-attention) a row whose prefix has no real position mixes no values, as in full mode.
+  `bias` [1, h, 1, keys] is added to the logits of the one part present (the decoder's).
   """
+  bias = None if bias is None else bias[:, :, 0, :].astype(jnp.float32)  # [1, h, keys]
   bq, _, h, d = q.shape
   logits = []
   if step.prefix is not None:
@@ -265,10 +289,14 @@ def _cached_attention(
     g = bq // bp
     qg = q.reshape(bp, g, h, d)
     prefix_logits = jnp.einsum("bghd,bkhd->bghk", qg, step.prefix.key).astype(jnp.float32)
+    if bias is not None:
+      prefix_logits = prefix_logits + bias[:, None]
     prefix_logits = jnp.where(step.prefix_valid[:, None, None, :], prefix_logits, MASK_BIAS)
     logits.append(prefix_logits.reshape(bq, h, s))
   if target is not None:
     target_logits = jnp.einsum("bhd,bkhd->bhk", q[:, 0], target.key).astype(jnp.float32)
+    if bias is not None:
+      target_logits = target_logits + bias
     logits.append(jnp.where(step.target_valid[:, None, :], target_logits, MASK_BIAS))
   probs = jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1).astype(dtype)
   out = jnp.zeros((bq, h, d), dtype)
@@ -285,18 +313,24 @@ def _cached_attention(
 
 
 class Mlp(nn.Module):
-  """Position-wise feed-forward: Dense -> GELU -> Dense."""
+  """Position-wise feed-forward: Dense -> GELU -> Dense (`activation`; with `normformer` a
+  layer norm after the activation)."""
 
   mlp_dim: int
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
+  activation: str = "gelu_tanh"
+  normformer: bool = False
+  layer_norm_epsilon: float = 1e-6
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
     d_model = x.shape[-1]
     h = Dense(self.mlp_dim, ("embed", "mlp"), self.dtype, name="wi")(x)
-    h = constrain(gelu(h), ("batch", "length", "mlp"))
+    h = constrain(ACTIVATIONS[self.activation](h), ("batch", "length", "mlp"))
     h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+    if self.normformer:
+      h = LayerNorm(self.layer_norm_epsilon, self.dtype, "mlp", name="mid_norm")(h)
     out = Dense(d_model, ("mlp", "embed"), self.dtype, name="wo")(h)
     return constrain(out, ("batch", "length", "embed"))
 
@@ -333,6 +367,12 @@ class TransformerBlock(nn.Module):
   cross-attention sub-layer reads the encoder through `cross` (a CrossInput). With `moe` (a
   `moe.MoeOptions`) the feed-forward is a `moe.MoeMlp` (same name, "mlp"), which routes only
   the positions where `token_mask` is true.
+
+  `ofa` (an ofa.OfaOptions, m6_jax/model/ofa.py) switches on OFA's variants: post-norm
+  (x = LN(x + Attn(x)), the same norms), NormFormer's norms after each attention, per-head
+  output scales, the query scale factor, the activation; `relative` (token buckets, image
+  buckets) sizes this layer's relative position tables (0: none), looked up at the buckets
+  of `position_bias` (an ofa.PositionBias) and added to its absolute bias.
   """
 
   num_heads: int
@@ -343,6 +383,8 @@ class TransformerBlock(nn.Module):
   dtype: Dtype = jnp.float32
   moe: Any = None
   cross_attention: bool = False
+  ofa: Any = None
+  relative: tuple[int, int] = (0, 0)
 
   @nn.compact
   def __call__(
@@ -355,6 +397,7 @@ class TransformerBlock(nn.Module):
     step: StepCache | None = None,
     token_mask: jax.Array | None = None,
     cross: CrossInput | None = None,
+    position_bias: Any = None,
   ) -> Any:
     """x -> x in full mode; (x, LayerKV) with `return_kv` or in step mode (see attention).
 
@@ -363,39 +406,90 @@ class TransformerBlock(nn.Module):
     projections of `cross.encoded`: returns that LayerKV, the decoding cache of this block."""
     if x is None:
       return self._cross_attention()(None, None, True, context=cross.encoded)
-    h = LayerNorm(self.layer_norm_epsilon, self.dtype, name="pre_attention_norm")(x)
-    h = MultiHeadAttention(
-      self.num_heads, self.head_dim, self.dropout_rate, self.dtype, name="attention"
-    )(h, mask, deterministic, return_kv=return_kv, step=step)
-    kv = None
-    if return_kv or step is not None:
-      h, kv = h
-    x = x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
-    if self.cross_attention:
-      h = LayerNorm(self.layer_norm_epsilon, self.dtype, name="pre_cross_attention_norm")(x)
-      if cross.step is None:
-        h = self._cross_attention()(h, cross.mask, deterministic, context=cross.encoded)
-      else:
-        h, _ = self._cross_attention()(h, None, True, step=cross.step)
+    pre = self.ofa is None or self.ofa.normalize_before
+    normformer = self.ofa is not None and self.ofa.normformer
+
+    def sublayer(x, name, run):
+      """x + run(LN(x)) (pre-norm) or LN(x + run(x)) (post-norm), NormFormer's mid norm."""
+      norm = LayerNorm(self.layer_norm_epsilon, self.dtype, name=f"pre_{name}_norm")
+      h, extra = run(norm(x) if pre else x)
+      if normformer and name != "mlp":
+        h = LayerNorm(self.layer_norm_epsilon, self.dtype, name=f"{name}_mid_norm")(h)
       x = x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
-    h = LayerNorm(self.layer_norm_epsilon, self.dtype, name="pre_mlp_norm")(x)
-    if self.moe is None:
-      h = Mlp(self.mlp_dim, self.dropout_rate, self.dtype, name="mlp")(h, deterministic)
-    else:
-      h = moe_lib.MoeMlp(
+      return (x if pre else norm(x)), extra
+
+    def attention(h):
+      out = self._attention("attention")(
+        h, mask, deterministic, return_kv=return_kv, step=step, bias=self._self_bias(position_bias)
+      )
+      return out if (return_kv or step is not None) else (out, None)
+
+    x, kv = sublayer(x, "attention", attention)
+    if self.cross_attention:
+
+      def cross_attention(h):
+        if cross.step is None:
+          out = self._cross_attention()(
+            h, cross.mask, deterministic, context=cross.encoded, bias=cross.bias
+          )
+        else:
+          out, _ = self._cross_attention()(h, None, True, step=cross.step, bias=cross.bias)
+        return out, None
+
+      x, _ = sublayer(x, "cross_attention", cross_attention)
+    x, _ = sublayer(x, "mlp", lambda h: (self._mlp(h, deterministic, token_mask), None))
+    x = constrain(x, ("batch", "length", "embed"))
+    return x if kv is None else (x, kv)
+
+  def _mlp(self, h: jax.Array, deterministic: bool, token_mask: Any) -> jax.Array:
+    if self.moe is not None:
+      return moe_lib.MoeMlp(
         **self.moe.kwargs(),
         mlp_dim=self.mlp_dim,
         dropout_rate=self.dropout_rate,
         dtype=self.dtype,
         name="mlp",
       )(h, deterministic, token_mask=token_mask)
-    x = x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
-    x = constrain(x, ("batch", "length", "embed"))
-    return x if kv is None else (x, kv)
+    options = {}
+    if self.ofa is not None:
+      options = {"activation": self.ofa.activation, "normformer": self.ofa.normformer}
+    return Mlp(
+      self.mlp_dim,
+      self.dropout_rate,
+      self.dtype,
+      layer_norm_epsilon=self.layer_norm_epsilon,
+      name="mlp",
+      **options,
+    )(h, deterministic)
+
+  def _self_bias(self, position_bias: Any) -> jax.Array | None:
+    """This layer's self-attention bias: the absolute one plus its relative tables."""
+    if position_bias is None:
+      return None
+    bias = position_bias.absolute
+    for name, size, buckets, region in (
+      ("token", self.relative[0], position_bias.token_buckets, position_bias.token_region),
+      ("image", self.relative[1], position_bias.image_buckets, position_bias.image_region),
+    ):
+      if size and buckets is not None:
+        table = self.param(
+          f"{name}_position_bias",
+          nn.with_logical_partitioning(nn.initializers.zeros, (None, "heads")),
+          (size, self.num_heads),
+          jnp.float32,
+        )
+        bias = bias + relative_bias(table, buckets, region)
+    return bias
+
+  def _attention(self, name: str) -> MultiHeadAttention:
+    options = {}
+    if self.ofa is not None:
+      options = {"scale_factor": self.ofa.attn_scale_factor, "head_scale": self.ofa.head_scale}
+    return MultiHeadAttention(
+      self.num_heads, self.head_dim, self.dropout_rate, self.dtype, name=name, **options
+    )
 
   def _cross_attention(self) -> MultiHeadAttention:
     if not self.cross_attention:
       raise ValueError("this block has no cross-attention (built with cross_attention=False)")
-    return MultiHeadAttention(
-      self.num_heads, self.head_dim, self.dropout_rate, self.dtype, name="cross_attention"
-    )
+    return self._attention("cross_attention")

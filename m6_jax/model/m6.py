@@ -7,14 +7,13 @@ would be wasted vocabulary-sized matmuls.
 
 Architectures (model.architecture): "unified" is the above, M6's own. "encoder_decoder"
 (the form of M6's successors OFA / OFA-CN) runs the prefix through an encoder stack
-(bidirectional self-attention, then a final layer norm) and the target through a decoder
-stack (causal self-attention, cross-attention to the encoder output, feed-forward), each
-with its own depth (model.num_encoder_layers / num_decoder_layers). Both share the
-embeddings (the prefix embedded by `embed_prefix`, the target by `embed_target`, at the
-same positions), the blocks (m6_jax/model/layers.py, the decoder's with cross-attention),
-the stack machinery (m6_jax/model/stack.py: scan, remat, MoE every `moe_every`-th layer of
-each stack), the final norm and the LM head; the batch features, the logits and the cache
-interface below are the same.
+(bidirectional, then a final layer norm) and the target through a decoder stack (causal
+self-attention, cross-attention to the encoder output, feed-forward), each with its own
+depth (model.num_encoder_layers / num_decoder_layers). Both share the embeddings
+(`embed_prefix`, `embed_target`), the blocks (m6_jax/model/layers.py), the stack machinery
+(m6_jax/model/stack.py: scan, remat, MoE), the final norm and the LM head; the batch
+features, the logits and the cache interface below are the same. OFA's own inputs,
+position biases and block variants are options of it (m6_jax/model/ofa.py).
 
 Batch features (see m6_jax/model/features.py): image [b, h, w, 3] float in [0, 1],
 has_image [b], src_tokens [b, Ls], tgt_input [b, Lt]; token id 0 is padding.
@@ -47,6 +46,7 @@ unified prefix), and `decode_step` runs the decoder on one token.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -55,17 +55,13 @@ import jax.numpy as jnp
 import ml_collections
 from flax import struct
 
-from m6_jax.model import embeddings, features
+from m6_jax.model import embeddings, features, ofa
 from m6_jax.model.embeddings import ImageEmbedding, PositionEmbedding, embed_init
 from m6_jax.model.layers import AttentionMask, LayerKV, LayerNorm, default_kernel_init
 from m6_jax.model.moe import MoeOptions
+from m6_jax.model.ofa import OfaOptions
 from m6_jax.model.ops import constrain
-from m6_jax.model.stack import (
-  REMAT_POLICIES,  # noqa: F401 (the model's policies, by name)
-  StackMode,
-  layer_stack,
-  run_stack,
-)
+from m6_jax.model.stack import REMAT_POLICIES, StackMode, layer_stack, run_stack  # noqa: F401
 
 PAD_ID = features.PAD_ID
 SEGMENT_IMAGE, SEGMENT_SOURCE, SEGMENT_TARGET = 0, 1, 2
@@ -113,6 +109,7 @@ class M6Config:
   architecture: str = "unified"  # or "encoder_decoder" (see the module docstring)
   num_encoder_layers: int = 0  # encoder_decoder: the encoder's depth; 0: num_layers
   num_decoder_layers: int = 0  # encoder_decoder: the decoder's depth; 0: num_layers
+  ofa: OfaOptions = OfaOptions()  # OFA's architecture options (m6_jax/model/ofa.py)
 
   @property
   def is_encoder_decoder(self) -> bool:
@@ -210,6 +207,7 @@ class M6Config:
       architecture=m.architecture,
       num_encoder_layers=m.num_encoder_layers,
       num_decoder_layers=m.num_decoder_layers,
+      ofa=OfaOptions.from_model_config(m),
     )
 
 
@@ -300,10 +298,14 @@ class M6(nn.Module):
       param_dtype=jnp.float32,
       embedding_init=nn.with_logical_partitioning(embed_init, ("vocab", "embed")),
     )
+    o = c.ofa
     self.image_embedding = ImageEmbedding(
-      c.d_model, c.patch_size, c.image_stem, c.stem_channels, dtype
+      c.d_model, c.patch_size, c.image_stem, c.stem_channels, dtype, not o.biased, o.resnet_layers
     )
-    self.text_position = PositionEmbedding(c.src_len + c.tgt_len, c.d_model, "length", dtype)
+    if o.biased or o.layernorm_embedding:
+      self.ofa_inputs = ofa.OfaInputs(c)
+    if not o.biased:  # OFA's positions are attention biases instead
+      self.text_position = PositionEmbedding(c.src_len + c.tgt_len, c.d_model, "length", dtype)
     self.segment_embedding = PositionEmbedding(3, c.d_model, "segment", dtype)
     if c.code_vocab_size > 0:
       self.code_position = embeddings.CodeGridPosition(c.code_grid, c.d_model, dtype)
@@ -312,11 +314,13 @@ class M6(nn.Module):
     # Each stack is the attribute of its name (m6_jax/model/stack.py run_stack reads it).
     if c.is_encoder_decoder:
       self.encoder = layer_stack(c, "encoder")
-      self.encoder_norm = LayerNorm(c.layer_norm_epsilon, dtype)
+      if o.normalize_before:  # a post-norm stack ends normed
+        self.encoder_norm = LayerNorm(c.layer_norm_epsilon, dtype)
       self.decoder = layer_stack(c, "decoder")
     else:
       self.unified = layer_stack(c, "unified")
-    self.final_norm = LayerNorm(c.layer_norm_epsilon, dtype)
+    if o.normalize_before:
+      self.final_norm = LayerNorm(c.layer_norm_epsilon, dtype)
     self.embedding_dropout = nn.Dropout(c.dropout_rate)
     if not c.tie_embeddings:
       self.lm_head = nn.Dense(
@@ -331,10 +335,12 @@ class M6(nn.Module):
     c = self.config
     images, src = batch["image"], batch["src_tokens"]
     b = images.shape[0]
-    image_x = self.image_embedding(images) + self.segment_embedding(SEGMENT_IMAGE)
-    src_x = self.token_embedding(src) + self.text_position(jnp.arange(src.shape[1]))
-    src_x = src_x + self.segment_embedding(SEGMENT_SOURCE)
-    x = jnp.concatenate([image_x, src_x], axis=1)
+    image_x = self._scaled(self.image_embedding(images)) + self.segment_embedding(SEGMENT_IMAGE)
+    src_x = self._scaled(self.token_embedding(src))
+    if not c.ofa.biased:
+      src_x = src_x + self.text_position(jnp.arange(src.shape[1]))
+    src_x = self._norm("source", src_x + self.segment_embedding(SEGMENT_SOURCE))
+    x = jnp.concatenate([self._norm("image", image_x), src_x], axis=1)
     image_valid = jnp.broadcast_to(batch["has_image"].astype(bool)[:, None], (b, c.num_patches))
     prefix_valid = jnp.concatenate([image_valid, src != PAD_ID], axis=1)
     return constrain(x, ("batch", "length", "embed")), prefix_valid
@@ -342,11 +348,29 @@ class M6(nn.Module):
   def embed_target(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
     """Target tokens [b, l] at target positions [l] (0 = the BOS slot) -> [b, l, d]."""
     c = self.config
-    x = self.token_embedding(tokens) + self.text_position(c.src_len + positions)
+    x = self._scaled(self.token_embedding(tokens))
+    if not c.ofa.biased:
+      x = x + self.text_position(c.src_len + positions)
     x = x + self.segment_embedding(SEGMENT_TARGET)
     if c.code_vocab_size > 0:
       x = x + self.code_position(tokens >= c.vocab_size, positions)
-    return constrain(x, ("batch", "length", "embed"))
+    return constrain(self._norm("target", x), ("batch", "length", "embed"))
+
+  def _scaled(self, x: jax.Array) -> jax.Array:  # OFA's scale_embedding
+    return x * math.sqrt(self.config.d_model) if self.config.ofa.scale_embedding else x
+
+  def _norm(self, name: str, x: jax.Array) -> jax.Array:  # OFA's layernorm_embedding
+    return self.ofa_inputs.embedding_norm(name, x) if self.config.ofa.layernorm_embedding else x
+
+  def _ofa_biases(self, prefix_len: int, positions: Any = None, step: bool = False) -> dict:
+    """OFA's position biases (ofa.py) for the encoder (`positions` None) or the decoder."""
+    if not self.config.ofa.biased:
+      return {}
+    p = self.config.num_patches
+    if positions is None:
+      return {"position_bias": self.ofa_inputs.encoder_bias(p, prefix_len - p)}
+    own, cross = self.ofa_inputs.decoder_biases(positions, p, prefix_len - p, step)
+    return {"position_bias": own, "cross_bias": cross.absolute}
 
   def embed_inputs(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     """Returns the embedded sequence [b, L, d] and which prefix positions are real [b, P+Ls]."""
@@ -356,8 +380,8 @@ class M6(nn.Module):
     return constrain(x, ("batch", "length", "embed")), prefix_valid
 
   def logits(self, x: jax.Array) -> jax.Array:
-    """Final norm and LM head: [b, l, d] -> [b, l, vocab] float32."""
-    x = self.final_norm(x)
+    """Final norm (pre-norm stacks) and LM head: [b, l, d] -> [b, l, vocab] float32."""
+    x = self.final_norm(x) if self.config.ofa.normalize_before else x
     if self.config.tie_embeddings:
       logits = self.token_embedding.attend(x)
     else:
@@ -376,9 +400,10 @@ class M6(nn.Module):
       "mode": StackMode("full", deterministic),
       "mask": prefix_lm_mask(prefix_valid, prefix_valid[:, :0]),  # the real positions
       "token_mask": prefix_valid,
+      **self._ofa_biases(x.shape[1]),
     }
     x, _ = run_stack(self, "encoder", x, shared)
-    return self.encoder_norm(x), prefix_valid
+    return (self.encoder_norm(x) if self.config.ofa.normalize_before else x), prefix_valid
 
   def __call__(self, batch: Mapping[str, jax.Array], deterministic: bool = True) -> jax.Array:
     """Logits [b, Lt, vocab] (float32) for the target positions (Lt: tgt_input's length)."""
@@ -397,6 +422,7 @@ class M6(nn.Module):
         "token_mask": target_valid,
         "encoded": encoded,
         "cross_mask": cross_attention_mask(prefix_valid, tokens.shape[1]),
+        **self._ofa_biases(encoded.shape[1], jnp.arange(tokens.shape[1])),
       }
       x, _ = run_stack(self, "decoder", x, shared)
       return self.logits(x)
@@ -455,6 +481,7 @@ class M6(nn.Module):
       "visible": visible,
       "position": position,
       "token_mask": (token != PAD_ID)[:, None],  # a MoE layer does not route a padding token
+      **self._ofa_biases(cache.prefix.valid.shape[1], position[None], step=True),
     }
     caches = (cache.prefix.layers, cache.target.layers)
     x, layers = run_stack(self, c.target_stack, x, shared, caches)

@@ -217,3 +217,38 @@ def _gelu_bwd(x, d_y):
 
 
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+def biased_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  mask: jax.Array,
+  bias: jax.Array,
+  dtype: Dtype,
+  dropout: Any = None,
+) -> jax.Array:
+  """softmax(q k^T + bias, masked) v over head-major [b, h, L, kv]; bias [b or 1, h, q, k].
+
+  The attention of OFA's position biases (m6_jax/model/ofa.py), differentiated by JAX."""
+  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+  logits = jnp.where(mask[:, None, :, :], logits + bias.astype(jnp.float32), MASK_BIAS)
+  probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+  if dropout is not None:
+    probs = dropout(probs)
+  return jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+
+
+def relative_bias(table: jax.Array, buckets: jax.Array, region: jax.Array) -> jax.Array:
+  """A relative-position table [buckets, heads] at `buckets` [q, k] inside `region` [q, k],
+  zero elsewhere -> [1, heads, q, k] (OFA's relative position biases)."""
+  values = jnp.take(table, buckets, axis=0).transpose(2, 0, 1)
+  return jnp.where(region[None], values, 0.0)[None]
+
+
+# The feed-forward activations (model.activation): M6's tanh GELU, OFA's exact one, ReLU.
+ACTIVATIONS = {
+  "gelu_tanh": gelu,
+  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+  "relu": jax.nn.relu,
+}

@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from m6_jax.model import ofa
 from m6_jax.model.layers import CrossInput, LayerKV, StepCache, TransformerBlock
 from m6_jax.model.moe import AUX_LOSS_COLLECTION, METRICS_COLLECTION
 from m6_jax.model.ops import ATTENTION_OUT, ATTENTION_PROBS
@@ -61,7 +62,11 @@ class StackMode:
 
 
 def make_block(c: M6Config, index: int, name: str, cross_attention: bool) -> TransformerBlock:
-  """Block `index` of a stack (MoE when `c.is_moe_layer(index)`)."""
+  """Block `index` of a stack (MoE when `c.is_moe_layer(index)`; OFA's options, ofa.py)."""
+  relative = (0, 0)
+  if c.ofa.biased:  # encoder blocks: text and image tables; decoder blocks: text
+    images = 0 if cross_attention else ofa.num_image_buckets(c.ofa.image_bucket_size)
+    relative = (2 * c.ofa.token_bucket_size - 1, images)
   return TransformerBlock(
     c.num_heads,
     c.head_dim,
@@ -71,6 +76,8 @@ def make_block(c: M6Config, index: int, name: str, cross_attention: bool) -> Tra
     jnp.dtype(c.dtype),
     moe=c.moe_options(index),
     cross_attention=cross_attention,
+    ofa=None if c.ofa == ofa.OfaOptions() else c.ofa,
+    relative=relative,
     name=name,
   )
 
@@ -85,25 +92,25 @@ def run_block(
   self-attention reads the target only, its cross-attention the prefix only.
   """
   mode: StackMode = shared["mode"]
-  cross = None
+  cross, bias, cross_bias = None, shared.get("position_bias"), shared.get("cross_bias")
   if mode.kind == "cross_kv":
     return x, block(None, None, True, cross=CrossInput(encoded=shared["encoded"]))
   if mode.kind == "step":
     target = (cache["target"], shared["visible"], shared["position"])
     if block.cross_attention:
       step = StepCache(None, None, *target)
-      cross = CrossInput(step=StepCache(cache["prefix"], shared["prefix_valid"]))
+      cross = CrossInput(step=StepCache(cache["prefix"], shared["prefix_valid"]), bias=cross_bias)
     else:
       step = StepCache(cache["prefix"], shared["prefix_valid"], *target)
-    return block(x, None, True, step=step, token_mask=shared["token_mask"], cross=cross)
-  if block.cross_attention:
-    cross = CrossInput(shared["encoded"], shared["cross_mask"])
-  if mode.kind == "prefix":
     return block(
-      x, shared["mask"], True, return_kv=True, token_mask=shared["token_mask"], cross=cross
+      x, None, True, step=step, token_mask=shared["token_mask"], cross=cross, position_bias=bias
     )
-  x = block(x, shared["mask"], mode.deterministic, token_mask=shared["token_mask"], cross=cross)
-  return x, None
+  if block.cross_attention:
+    cross = CrossInput(shared["encoded"], shared["cross_mask"], bias=cross_bias)
+  options = {"token_mask": shared["token_mask"], "cross": cross, "position_bias": bias}
+  if mode.kind == "prefix":
+    return block(x, shared["mask"], True, return_kv=True, **options)
+  return block(x, shared["mask"], mode.deterministic, **options), None
 
 
 class LayerGroup(nn.Module):

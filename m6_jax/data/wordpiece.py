@@ -1,0 +1,133 @@
+"""The BERT-style WordPiece tokenizer of OFA-CN checkpoints (data.tokenizer_kind="wordpiece").
+
+The vocabulary is a `vocab.txt`, one piece per line, id = line number (lines split as
+transformers' BERT tokenizer splits them), read by Hugging Face `tokenizers`: WordPiece with
+BERT's normalizer and pre-tokenizer as OFA-CN's tokenizer runs them (lower case, accents
+stripped, every Han character a word of its own; tests/test_ofa_convert.py compares them). It has the special ids of
+m6_jax/data/tokenizer.py (0 <pad>, 1 </s>, 2 <s>, 3 <unk>): `--mode=convert --from=ofa`
+writes OFA's vocabulary in that order (OFA's own is <s>, <pad>, </s>, <unk>) and permutes
+the embedding rows to match. Pieces after the text vocabulary (OFA's <code_i> image codes
+and <bin_i> location bins; <extra_i>: rows no piece names) are never generated as text.
+
+Decoding joins pieces as BERT does and then removes the spaces next to Han characters, as
+OFA-CN's Chinese detokenizer does (一 只 猫 -> 一只猫).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from typing import Sequence
+
+import numpy as np
+from tokenizers import Tokenizer as HfTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers
+
+# The special ids of m6_jax/data/tokenizer.py (which loads this module, hence repeated).
+PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
+HAN_CHARACTERS = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
+SPECIAL_PIECES = ("<pad>", "</s>", "<s>", "<unk>")  # at ids 0..3
+MASK_PIECE = "<mask>"
+_NOT_TEXT = re.compile(r"^<(code|bin|extra)_\d+>$")
+_HAN_SPACE = re.compile(f"(?<=[{HAN_CHARACTERS}]) | (?=[{HAN_CHARACTERS}])")
+
+
+def read_vocab(path: str) -> list[str]:
+  """The pieces of a vocab.txt in id order."""
+  with open(path, "rb") as f:
+    return _pieces(f.read())
+
+
+def _pieces(data: bytes) -> list[str]:
+  """Lines as a text-mode file reads them (universal newlines: \\n, \\r, \\r\\n), as
+  transformers' load_vocab reads a vocab.txt; str.splitlines would also split at \\x1c,
+  \\x85, \\u2028 and others, which would shift every later id."""
+  return [line.rstrip("\n") for line in io.StringIO(data.decode("utf-8"), newline=None)]
+
+
+class WordPieceTokenizer:
+  """The interface of m6_jax.data.tokenizer.Tokenizer over a WordPiece vocabulary."""
+
+  def __init__(self, vocab_bytes: bytes):
+    self._load(vocab_bytes)
+
+  @classmethod
+  def from_file(cls, path: str) -> "WordPieceTokenizer":
+    with open(path, "rb") as f:
+      return cls(f.read())
+
+  def _load(self, vocab_bytes: bytes) -> None:
+    self._bytes = bytes(vocab_bytes)
+    pieces = _pieces(self._bytes)
+    if tuple(pieces[:4]) != SPECIAL_PIECES:
+      raise ValueError(
+        f"a wordpiece vocabulary must start with {', '.join(SPECIAL_PIECES)} (ids 0-3), not "
+        f"{', '.join(pieces[:4])}; convert OFA checkpoints with --mode=convert --from=ofa."
+      )
+    vocab = {p: i for i, p in reversed(list(enumerate(pieces)))}  # first id of a duplicate
+    self._pieces = pieces
+    self._hf = HfTokenizer(models.WordPiece(vocab, unk_token="<unk>", max_input_chars_per_word=100))
+    self._hf.normalizer = normalizers.BertNormalizer(
+      clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True
+    )
+    self._hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    self._hf.decoder = decoders.WordPiece(prefix="##")
+    specials = [p for p in pieces if p in SPECIAL_PIECES + (MASK_PIECE,) or _NOT_TEXT.match(p)]
+    self._hf.add_special_tokens(specials)  # whole pieces, never split
+    self._not_text = {i for i, p in enumerate(pieces) if _NOT_TEXT.match(p) or p == MASK_PIECE}
+    self._mask_id = vocab.get(MASK_PIECE, UNK_ID)
+
+  def __getstate__(self) -> dict:
+    return {"vocab_bytes": self._bytes}
+
+  def __setstate__(self, state: dict) -> None:
+    self._load(state["vocab_bytes"])
+
+  @property
+  def model_proto(self) -> bytes:
+    """The vocabulary file's bytes: what a checkpoint's tokenizer fingerprint hashes."""
+    return self._bytes
+
+  def encode(self, text: str) -> list[int]:
+    return list(self._hf.encode(text, add_special_tokens=False).ids)
+
+  def encode_source(self, text: str) -> list[int]:
+    """A source text as OFA feeds its encoder: <s> pieces </s>."""
+    return [BOS_ID, *self.encode(text), EOS_ID]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    out = []
+    for i in ids:
+      i = int(i)
+      if i == EOS_ID:
+        break
+      if i not in (PAD_ID, BOS_ID) and i < len(self._pieces):
+        out.append(i)
+    text = self._hf.decode(out, skip_special_tokens=False)
+    return _HAN_SPACE.sub("", text).strip()
+
+  def id_to_piece(self, i: int) -> str:
+    return self._pieces[int(i)]
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self._pieces)
+
+  pad_id = property(lambda self: PAD_ID)
+  eos_id = property(lambda self: EOS_ID)
+  bos_id = property(lambda self: BOS_ID)
+  unk_id = property(lambda self: UNK_ID)
+  mask_id = property(lambda self: self._mask_id)
+  num_sentinels = property(lambda self: 0)
+
+  def is_sentinel(self, i: int) -> bool:
+    return False
+
+  def text_token_mask(self, vocab_size: int) -> np.ndarray:
+    """bool [vocab_size]: the ids generated text may hold (the text pieces and EOS)."""
+    mask = np.zeros(vocab_size, bool)
+    mask[: min(self.vocab_size, vocab_size)] = True
+    for i in (PAD_ID, BOS_ID, UNK_ID, *self._not_text):
+      if i < vocab_size:
+        mask[i] = False
+    return mask

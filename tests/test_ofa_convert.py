@@ -1,0 +1,201 @@
+"""`--mode=convert --from=ofa`: a tiny random OFA-CN checkpoint folder (written with
+ModelScope's code, tests/ofa_utils.py) converted and captioning an image through
+`--mode=generate`, as OFA itself captions it; bad input folders end in one `error:` line."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import ofa_utils
+import pytest
+import torch
+
+from m6_jax import checkpoints
+from m6_jax.data import images as images_lib
+from m6_jax.data import wordpiece
+from m6_jax.infer import ofa_convert
+
+IMAGE_SIZE, PROMPT = ofa_utils.IMAGE_SIZE, ofa_utils.PROMPT
+MAX_LEN = 12  # tokens generated (a random model seldom ends its caption)
+
+
+@pytest.fixture(scope="module")
+def ofa_dir(tmp_path_factory):
+  """(the OFA model, its checkpoint folder, an image file)."""
+  from PIL import Image
+
+  root = tmp_path_factory.mktemp("ofa")
+  model, directory = ofa_utils.write_tiny_checkpoint(str(root / "ofa"))
+  image = root / "photo.png"
+  pixels = np.random.RandomState(1).randint(0, 256, (80, 96, 3), np.uint8)
+  Image.fromarray(pixels).save(image)
+  return model, directory, str(image)
+
+
+def _ofa_greedy_caption(model, out_dir, image_path) -> str:
+  """What OFA's own model generates greedily for the image and the prompt, decoded by the
+  converted tokenizer: the tokens m6-jax may generate (no special or unused rows) only."""
+  tok = wordpiece.WordPieceTokenizer.from_file(os.path.join(out_dir, checkpoints.WORDPIECE_FILE))
+  vocab = ofa_utils.tiny_vocab()
+  perm = np.asarray(ofa_convert.special_order(ofa_utils.TINY_CONFIG, vocab))  # ours -> OFA id
+  allowed = np.zeros(len(perm), bool)
+  allowed[perm[tok.text_token_mask(len(perm))]] = True
+  pixels = images_lib.load_image_file(image_path, IMAGE_SIZE).astype(np.float32) / 255.0
+  image = torch.tensor(pixels * 2 - 1).permute(2, 0, 1)[None]
+  src = torch.tensor(perm[tok.encode_source(PROMPT)])[None]
+  tokens = torch.zeros((1, 1), dtype=torch.long)  # OFA's <s>
+  with torch.no_grad():
+    for _ in range(MAX_LEN):
+      out = model(
+        input_ids=src,
+        patch_images=image,
+        patch_masks=torch.tensor([True]),
+        decoder_input_ids=tokens,
+      )
+      logits = out.logits[0, -1].numpy()
+      nxt = int(np.where(allowed, logits, -np.inf).argmax())
+      tokens = torch.cat([tokens, torch.tensor([[nxt]])], 1)
+      if nxt == 2:  # OFA's </s>
+        break
+  return tok.decode(np.argsort(perm)[tokens[0, 1:].numpy()])
+
+
+@pytest.fixture(scope="module")
+def converted(ofa_dir, tmp_path_factory):
+  """The converted folder (in-process `--mode=convert`) and the conversion's summary."""
+  out = str(tmp_path_factory.mktemp("converted") / "ofa_m6")
+  return out, ofa_convert.convert(ofa_dir[1], out)
+
+
+def test_convert_then_caption_like_ofa(ofa_dir, converted, tmp_path, run_main):
+  model, _, image = ofa_dir
+  out, summary = converted
+  assert summary["config"].model.position_bias == "ofa"
+  assert os.path.isfile(os.path.join(out, checkpoints.WORDPIECE_FILE))
+  jsonl = tmp_path / "captions.jsonl"
+  proc = run_main(
+    "--mode=generate",
+    f"--workdir={out}",
+    f"--image={image}",
+    f"--output={jsonl}",
+    f"--max_len={MAX_LEN}",
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  row = json.loads(jsonl.read_text(encoding="utf-8").splitlines()[-1])
+  assert row["task"] == "caption" and row["output"]
+  assert row["output"] == _ofa_greedy_caption(model, out, image)
+
+
+def _convert_cli(args, capsys) -> str:
+  """`python -m m6_jax.main --mode=convert ARGS` in this process: its one stderr line."""
+  from absl import flags
+
+  from m6_jax import main as main_lib
+
+  flags.FLAGS(["m6_jax.main", "--nohuge_pages", "--mode=convert", "--from=ofa", *args])
+  try:
+    with pytest.raises(SystemExit) as stop:
+      main_lib.main(["m6_jax.main"])
+  finally:
+    flags.FLAGS.unparse_flags()
+  err = capsys.readouterr().err.strip()
+  assert stop.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
+  return err
+
+
+def _copy(directory, target, skip=()):
+  """A copy of the checkpoint folder (the weights linked, not copied) without `skip`."""
+  os.makedirs(target)
+  for name in os.listdir(directory):
+    if name not in skip:
+      src, dst = os.path.join(directory, name), os.path.join(target, name)
+      os.symlink(src, dst) if name.endswith(".bin") else shutil.copyfile(src, dst)
+  return str(target)
+
+
+def test_bad_inputs_are_one_error_line(ofa_dir, tmp_path, capsys):
+  _, directory, image = ofa_dir
+  out = f"--output={tmp_path / 'out'}"
+  err = _convert_cli([f"--input={os.path.dirname(image)}", out], capsys)
+  assert "is not an OFA checkpoint" in err and "pytorch_model.bin" in err
+  no_vocab = _copy(directory, tmp_path / "no_vocab", skip=("vocab.txt",))
+  assert "has no vocab.txt" in _convert_cli([f"--input={no_vocab}", out], capsys)
+  wrong = _copy(directory, tmp_path / "wrong_shapes", skip=("config.json",))
+  with open(os.path.join(directory, "config.json")) as f:
+    cfg = json.load(f)
+  cfg["encoder_ffn_dim"] = cfg["decoder_ffn_dim"] = 48  # the weights have 64
+  with open(os.path.join(wrong, "config.json"), "w") as f:
+    json.dump(cfg, f)
+  err = _convert_cli([f"--input={wrong}", out], capsys)
+  assert "mlp" in err and "(64,)" in err and "config.json gives (48,)" in err
+  assert "--input" in _convert_cli([out], capsys)  # no --input at all
+  assert not os.path.exists(tmp_path / "out")
+
+
+def test_init_from_and_captioning_task_read_the_converted_model(ofa_dir, converted, tmp_path):
+  """configs/finetune_ofa.py on the converted folder: its parameters load as init_from loads
+  them (shapes and the tokenizer's fingerprint checked) and the captioning task feeds the
+  prompt as OFA does (<s> prompt </s>)."""
+  import importlib.util
+
+  import flax.linen as nn
+  import jax
+
+  from m6_jax import config as config_lib
+  from m6_jax.data import pipeline, synthetic, tasks
+  from m6_jax.data import tokenizer as tokenizer_lib
+  from m6_jax.model.m6 import M6, M6Config, dummy_batch
+
+  out, _ = converted
+  path = os.path.join(os.path.dirname(__file__), "..", "configs", "finetune_ofa.py")
+  spec = importlib.util.spec_from_file_location("finetune_ofa", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(f"{out},runlocal")
+  config_lib.validate(config, 1)
+  tok = tokenizer_lib.get_or_train_tokenizer(
+    str(tmp_path), config.model.vocab_size, 0, 1, model_path=config.data.tokenizer_path
+  )
+  model = M6(M6Config.from_config(config))
+  target = nn.unbox(
+    jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy_batch(model.config)))
+  )["params"]
+  loaded = checkpoints.load_params(config.init_from, target, None, tok, config.data.tokenizer_path)
+  perm = ofa_convert.special_order(ofa_utils.TINY_CONFIG, ofa_utils.tiny_vocab())
+  expected = ofa_dir[0].state_dict()["encoder.embed_tokens.weight"].numpy()[perm]
+  np.testing.assert_array_equal(np.asarray(loaded.params["token_embedding"]["embedding"]), expected)
+  example = synthetic.make_example(0, 0, config.data.image_size)
+  features = tasks.image_to_text(
+    example, tok, np.random.default_rng(0), pipeline.task_config(config.data)
+  )
+  prompt = [tok.bos_id, *tok.encode(PROMPT), tok.eos_id]
+  assert features["src_tokens"][: len(prompt)].tolist() == prompt
+  assert tok.decode(tok.encode(PROMPT)) == PROMPT
+
+
+def test_wordpiece_tokenizes_as_ofa_cn(ofa_dir, converted):
+  """The converted vocabulary through HF `tokenizers` gives OFA-CN's tokenizer's pieces
+  (ModelScope's OFATokenizerZH on the original vocab.txt), ids mapped by the permutation."""
+  import importlib
+
+  ofa_utils.load_modules()
+  tokenization = importlib.import_module(f"{ofa_utils.PACKAGE}.tokenization_ofa")
+  theirs = tokenization.OFATokenizerZH(os.path.join(ofa_dir[1], "vocab.txt"))
+  ours = wordpiece.WordPieceTokenizer.from_file(
+    os.path.join(converted[0], checkpoints.WORDPIECE_FILE)
+  )
+  perm = np.asarray(ofa_convert.special_order(ofa_utils.TINY_CONFIG, ofa_utils.tiny_vocab()))
+  for text in [
+    PROMPT,
+    "A Red cat, cats! 猫在草地上",
+    "Café ümlaut 狗",
+    "  多  空格 ",
+    "x<mask>y 你",
+  ]:
+    expected = theirs(text, add_special_tokens=False)["input_ids"]
+    assert perm[ours.encode(text)].tolist() == expected, text
+  assert ours.decode(ours.encode("一只猫在草地上")) == "一只猫在草地上"
+  # Lines split as a text-mode file splits them (transformers' load_vocab), not at U+2028.
+  assert wordpiece.read_vocab(os.path.join(ofa_dir[1], "vocab.txt")) == ofa_utils.tiny_vocab()
+  assert wordpiece._pieces("a\r\nb\rc\u2028d\n".encode()) == ["a", "b", "c\u2028d"]
