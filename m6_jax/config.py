@@ -19,7 +19,7 @@ from m6_jax.config_images import CODES_INFO_FILE, codes_mismatch, read_codes_inf
 from m6_jax.data import tasks
 from m6_jax.errors import ConfigError
 from m6_jax.errors import require as _require
-from m6_jax.model import ofa
+from m6_jax.model import ofa_options as ofa
 from m6_jax.parallel import axes
 
 __all__ = [

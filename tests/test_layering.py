@@ -82,3 +82,20 @@ def test_no_module_over_500_lines_and_a_short_loop():
   sizes = {m: len(p.read_text().splitlines()) for m, p in MODULES.items()}
   assert max(sizes.values()) <= 500, max(sizes.items(), key=lambda kv: kv[1])
   assert sizes["m6_jax.train.loop"] < 300
+
+
+def test_loading_a_config_starts_no_jax():
+  """`python -m m6_jax.main` loads the config while parsing flags, before the host-memory
+  restart: `--help`, flag errors and that restart must not pay for importing JAX and Flax."""
+  import subprocess
+  import sys
+
+  code = (
+    "import sys; from configs import base, finetune_text_to_image; from m6_jax import config; "
+    "config.validate_for_counting(base.get_config()); finetune_text_to_image.get_config(); "
+    "print(sorted(m for m in ('jax', 'flax', 'optax', 'orbax') if m in sys.modules))"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT.parent, capture_output=True, text=True, check=True
+  )
+  assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -368,7 +368,7 @@ class TransformerBlock(nn.Module):
   `moe.MoeOptions`) the feed-forward is a `moe.MoeMlp` (same name, "mlp"), which routes only
   the positions where `token_mask` is true.
 
-  `ofa` (an ofa.OfaOptions, m6_jax/model/ofa.py) switches on OFA's variants: post-norm
+  `ofa` (an OfaOptions, m6_jax/model/ofa_options.py) switches on OFA's variants: post-norm
   (x = LN(x + Attn(x)), the same norms), NormFormer's norms after each attention, per-head
   output scales, the query scale factor, the activation; `relative` (token buckets, image
   buckets) sizes this layer's relative position tables (0: none), looked up at the buckets

@@ -59,7 +59,7 @@ from m6_jax.model import embeddings, features, ofa
 from m6_jax.model.embeddings import ImageEmbedding, PositionEmbedding, embed_init
 from m6_jax.model.layers import AttentionMask, LayerKV, LayerNorm, default_kernel_init
 from m6_jax.model.moe import MoeOptions
-from m6_jax.model.ofa import OfaOptions
+from m6_jax.model.ofa_options import OfaOptions
 from m6_jax.model.ops import constrain
 from m6_jax.model.stack import REMAT_POLICIES, StackMode, layer_stack, run_stack  # noqa: F401
 

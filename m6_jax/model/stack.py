@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from m6_jax.model import ofa
+from m6_jax.model import ofa, ofa_options
 from m6_jax.model.layers import CrossInput, LayerKV, StepCache, TransformerBlock
 from m6_jax.model.moe import AUX_LOSS_COLLECTION, METRICS_COLLECTION
 from m6_jax.model.ops import ATTENTION_OUT, ATTENTION_PROBS
@@ -76,7 +76,7 @@ def make_block(c: M6Config, index: int, name: str, cross_attention: bool) -> Tra
     jnp.dtype(c.dtype),
     moe=c.moe_options(index),
     cross_attention=cross_attention,
-    ofa=None if c.ofa == ofa.OfaOptions() else c.ofa,
+    ofa=None if c.ofa == ofa_options.OfaOptions() else c.ofa,
     relative=relative,
     name=name,
   )
