@@ -43,6 +43,7 @@ REMAT_POLICIES = (
   "dots_with_no_batch_dims_saveable",
   "dots_and_attention_saveable",
 )
+MOE_DISPATCH_MODES = ("einsum", "sorted")  # m6_jax/model/moe_dispatch.py (no jax import here)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -76,6 +77,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.moe_top_k = 1  # experts per token within each prototype
   c.model.moe_capacity_factor = 1.25  # expert capacity slack in training
   c.model.moe_eval_capacity_factor = 2.0  # ... when deterministic (eval, decoding)
+  # How tokens reach the experts: "einsum" (GShard one-hot dispatch / combine matmuls) or
+  # "sorted" (a sort by expert id and gathers; same routing, dropping and results, no
+  # [tokens, experts, capacity] tensors); see m6_jax/model/moe_dispatch.py.
+  c.model.moe_dispatch = "einsum"
   c.model.moe_every = 1  # layers i with (i + 1) % moe_every == 0 are MoE (1: all of them)
   c.model.moe_aux_loss_weight = 0.01  # load-balance loss weight in the objective
   c.model.moe_z_loss_weight = 0.001  # router z-loss weight in the objective
@@ -296,6 +301,10 @@ def _validate_moe_and_stack(config: ml_collections.ConfigDict) -> None:
     m.moe_capacity_factor > 0 and m.moe_eval_capacity_factor > 0,
     f"model.moe_capacity_factor={m.moe_capacity_factor} and model.moe_eval_capacity_factor="
     f"{m.moe_eval_capacity_factor} must be positive.",
+  )
+  _require(
+    m.moe_dispatch in MOE_DISPATCH_MODES,
+    f"model.moe_dispatch='{m.moe_dispatch}' is not one of {MOE_DISPATCH_MODES}.",
   )
   depths = stack_depths(m)
   for stack, depth in depths.items():

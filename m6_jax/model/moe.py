@@ -74,6 +74,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from m6_jax.model import moe_dispatch
 from m6_jax.model.ops import constrain, gelu
 
 Dtype = Any
@@ -313,6 +314,7 @@ class MoeOptions:
   top_k: int = 1
   capacity_factor: float = 1.25
   eval_capacity_factor: float | None = None
+  dispatch: str = "einsum"
 
   def kwargs(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -328,6 +330,8 @@ class MoeMlp(nn.Module):
     top_k: experts per token within each prototype (M6-T prototyping uses 1).
     capacity_factor: slack of the expert capacity during training.
     eval_capacity_factor: used instead when `deterministic`; None = capacity_factor.
+    dispatch: "einsum" (GShard one-hot dispatch / combine einsums) or "sorted" (a sort by
+      expert and gathers, m6_jax/model/moe_dispatch.py); same routing and results.
     dropout_rate: dropout on the experts' hidden activations, as in `Mlp`.
     use_bias: expert biases [expert, mlp] / [expert, embed].
     dtype: compute dtype; router, softmax and aux losses stay float32.
@@ -339,6 +343,7 @@ class MoeMlp(nn.Module):
   top_k: int = 1
   capacity_factor: float = 1.25
   eval_capacity_factor: float | None = None
+  dispatch: str = "einsum"
   dropout_rate: float = 0.0
   use_bias: bool = True
   dtype: Dtype = jnp.float32
@@ -354,26 +359,33 @@ class MoeMlp(nn.Module):
     self, x: jax.Array, deterministic: bool, token_mask: jax.Array | None = None
   ) -> jax.Array:
     check_moe_shape(self.num_experts, self.num_groups, self.top_k)
+    if self.dispatch not in moe_dispatch.DISPATCH_MODES:
+      raise ValueError(f"dispatch='{self.dispatch}' is not one of {moe_dispatch.DISPATCH_MODES}.")
     capacity = self.capacity(x.shape[1], deterministic)
     logits = Router(self.num_experts, name="router")(x)
     routing = route(logits, self.num_groups, self.top_k)
-    dispatch, combine, kept = dispatch_combine(
-      routing.expert_index, routing.weights, self.num_experts, capacity, token_mask
-    )
-    dispatch, combine = constrain(dispatch, ROUTING), constrain(combine, ROUTING)
-
-    xs = jnp.einsum("blec,bld->ebcd", dispatch.astype(self.dtype), x.astype(self.dtype))
-    xs = constrain(xs, EXPERT_EMBED)
-    ys = Experts(
+    experts = Experts(
       self.num_experts, self.mlp_dim, self.dropout_rate, self.use_bias, self.dtype, name="experts"
-    )(xs, deterministic)
-    out = jnp.einsum("blec,ebcd->bld", combine.astype(self.dtype), ys)
-
-    self.sow(
-      AUX_LOSS_COLLECTION,
-      "load_balance_loss",
-      load_balance_loss(routing.probs, routing.expert_index, token_mask),
     )
+    if self.dispatch == "sorted":
+      position, kept, slot_token = moe_dispatch.sorted_slots(
+        routing.expert_index, self.num_experts, capacity, token_mask
+      )
+      xs = constrain(moe_dispatch.gather_tokens(x.astype(self.dtype), slot_token), EXPERT_EMBED)
+      ys = experts(xs, deterministic)
+      out = moe_dispatch.combine_outputs(ys, routing.expert_index, position, kept, routing.weights)
+      balance = moe_dispatch.load_balance_loss(routing.probs, routing.expert_index, token_mask)
+    else:
+      dispatch, combine, kept = dispatch_combine(
+        routing.expert_index, routing.weights, self.num_experts, capacity, token_mask
+      )
+      dispatch, combine = constrain(dispatch, ROUTING), constrain(combine, ROUTING)
+      xs = jnp.einsum("blec,bld->ebcd", dispatch.astype(self.dtype), x.astype(self.dtype))
+      ys = experts(constrain(xs, EXPERT_EMBED), deterministic)
+      out = jnp.einsum("blec,ebcd->bld", combine.astype(self.dtype), ys)
+      balance = load_balance_loss(routing.probs, routing.expert_index, token_mask)
+
+    self.sow(AUX_LOSS_COLLECTION, "load_balance_loss", balance)
     self.sow(
       AUX_LOSS_COLLECTION, "router_z_loss", router_z_loss(logits, self.num_groups, token_mask)
     )
