@@ -29,6 +29,12 @@ Each expert takes at most
   capacity = min(length, ceil(capacity_factor * length * num_groups * top_k / num_experts))
 
 tokens per row (`eval_capacity_factor` replaces `capacity_factor` when `deterministic`).
+With many experts the ceiling wastes most slots (M6-T: 1808 assignments of a 452-token row
+over 5120 experts get one slot each, 5120 slots); `group_rows > 1` makes `group_rows`
+consecutive rows one routing group in training (`length` above becomes `group_rows *
+length`, the rows in order), so the slots follow the capacity factor. A row's drops then
+depend on the rows before it in its group; evaluation and decoding (`deterministic`) keep
+one row per group, so an example's output never depends on its batch neighbours there.
 Slots are given out in priority order: every token's first choice before any token's second
 choice, and within a choice in sequence order. Assignments beyond capacity are dropped: their
 combine weight is 0, so a token dropped by all its experts gets output 0 and the residual
@@ -315,6 +321,7 @@ class MoeOptions:
   capacity_factor: float = 1.25
   eval_capacity_factor: float | None = None
   dispatch: str = "einsum"
+  group_rows: int = 1
 
   def kwargs(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -332,6 +339,7 @@ class MoeMlp(nn.Module):
     eval_capacity_factor: used instead when `deterministic`; None = capacity_factor.
     dispatch: "einsum" (GShard one-hot dispatch / combine einsums) or "sorted" (a sort by
       expert and gathers, m6_jax/model/moe_dispatch.py); same routing and results.
+    group_rows: batch rows per routing group in training (see "Token groups" above).
     dropout_rate: dropout on the experts' hidden activations, as in `Mlp`.
     use_bias: expert biases [expert, mlp] / [expert, embed].
     dtype: compute dtype; router, softmax and aux losses stay float32.
@@ -344,6 +352,7 @@ class MoeMlp(nn.Module):
   capacity_factor: float = 1.25
   eval_capacity_factor: float | None = None
   dispatch: str = "einsum"
+  group_rows: int = 1
   dropout_rate: float = 0.0
   use_bias: bool = True
   dtype: Dtype = jnp.float32
@@ -354,10 +363,22 @@ class MoeMlp(nn.Module):
       factor = self.eval_capacity_factor
     return expert_capacity(length, self.num_experts, self.num_groups * self.top_k, factor)
 
-  @nn.compact
   def __call__(
     self, x: jax.Array, deterministic: bool, token_mask: jax.Array | None = None
   ) -> jax.Array:
+    rows = 1 if deterministic else self.group_rows
+    if rows == 1:
+      return self._routed(x, deterministic, token_mask)
+    b, l, d = x.shape
+    if b % rows:
+      raise ValueError(f"group_rows={rows} does not divide the batch of {b} rows.")
+    # Consecutive rows form one routing group of rows * length tokens (row-major order).
+    x = x.reshape(b // rows, rows * l, d)
+    token_mask = None if token_mask is None else token_mask.reshape(b // rows, rows * l)
+    return self._routed(x, deterministic, token_mask).reshape(b, l, d)
+
+  @nn.compact
+  def _routed(self, x: jax.Array, deterministic: bool, token_mask: jax.Array | None) -> jax.Array:
     check_moe_shape(self.num_experts, self.num_groups, self.top_k)
     if self.dispatch not in moe_dispatch.DISPATCH_MODES:
       raise ValueError(f"dispatch='{self.dispatch}' is not one of {moe_dispatch.DISPATCH_MODES}.")

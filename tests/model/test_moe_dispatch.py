@@ -143,3 +143,33 @@ def test_config_and_model_agree_on_dispatch_modes():
   x = jnp.zeros((1, 4, D))
   with pytest.raises(ValueError, match="dispatch='sort' is not one of"):
     moe.MoeMlp(num_experts=4, mlp_dim=H, dispatch="sort").init(jax.random.PRNGKey(0), x, True)
+
+
+@pytest.mark.parametrize("dispatch", moe_dispatch.DISPATCH_MODES)
+def test_group_rows_route_consecutive_rows_as_one_group_in_training(dispatch):
+  b, l, e, rows = 4, 6, 8, 2
+  x = jax.random.normal(jax.random.PRNGKey(102), (b, l, D))
+  token_mask = jnp.ones((b, l), bool).at[1, 4:].set(False)
+  kwargs = dict(num_experts=e, mlp_dim=H, num_groups=2, capacity_factor=1.0, dispatch=dispatch)
+  grouped, single = moe.MoeMlp(**kwargs, group_rows=rows), moe.MoeMlp(**kwargs)
+  params = _params(single, x, e)
+  assert grouped.capacity(rows * l, False) < rows * single.capacity(l, False)  # fewer slots
+
+  @jax.jit
+  def run(params, x):
+    apply = lambda m, x, mask, det: m.apply({"params": params}, x, det, mask, mutable=COLLECTIONS)[
+      0
+    ]
+    together = x.reshape(b // rows, rows * l, D), token_mask.reshape(b // rows, rows * l)
+    return (
+      apply(grouped, x, token_mask, False),
+      apply(single, *together, False).reshape(b, l, D),
+      apply(single, x, token_mask, False),
+      apply(grouped, x, token_mask, True),
+      apply(single, x, token_mask, True),
+    )
+
+  train, want_train, per_row, evaluate, want_eval = run(params, x)
+  np.testing.assert_allclose(np.asarray(train), np.asarray(want_train), atol=1e-6, rtol=0)
+  assert np.abs(np.asarray(train) - np.asarray(per_row)).max() > 1e-3  # grouping matters
+  np.testing.assert_allclose(np.asarray(evaluate), np.asarray(want_eval), atol=1e-6, rtol=0)
