@@ -122,41 +122,23 @@ def apply_if_finite(
   finite gradients; a huge learning rate overflows the parameters): otherwise the state
   stays as it was, so no checkpoint can hold a non-finite array. `overwrite(new_params)`
   sets parameters the optimizer does not train (the VQGAN's EMA codebook) before the check.
-
-  The update is computed twice, on purpose. Written once, its result feeds both the
-  finiteness reductions and the `where`, so XLA writes the new parameters and optimizer state
-  to memory, reads them back for the check, and reads them and the old state again for the
-  select: two more sweeps over the whole state per step. Here the first computation feeds
-  only the reductions (fused: reads the state and gradients, writes nothing), and the
-  second, behind an optimization barrier that keeps XLA from merging the two, is fused with
-  the select and writes the state once, in place. Compiled for TPU, the optimizer's HBM
-  traffic drops from 14 to 12 reads or writes of an f32 array per parameter (the update
-  alone: 8).
   """
   grad_norm = optax.tree.norm(grads)
-
-  def update(params, opt_state, grads):
-    updates, new_opt_state = tx.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    if overwrite is not None:
-      new_params = overwrite(new_params)
-    return new_params, new_opt_state
-
-  new_params, new_opt_state = update(state.params, state.opt_state, grads)
+  updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  if overwrite is not None:
+    new_params = overwrite(new_params)
   finite = (
     jnp.isfinite(loss)
     & jnp.isfinite(grad_norm)
     & _all_finite(new_params)
     & _all_finite(new_opt_state)
   )
-  # The gradients stay outside the barrier, so the clipping norm is not computed again.
-  params, opt_state, finite = jax.lax.optimization_barrier((state.params, state.opt_state, finite))
-  new_params, new_opt_state = update(params, opt_state, grads)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = state.replace(
     step=state.step + 1,
-    params=keep(new_params, params),
-    opt_state=keep(new_opt_state, opt_state),
+    params=keep(new_params, state.params),
+    opt_state=keep(new_opt_state, state.opt_state),
   )
   return new_state, grad_norm, finite
 
