@@ -11,10 +11,12 @@ the tokens with index arithmetic:
                   sum of the per-expert counts ([experts], not [tokens, experts]). Ranks
                   >= capacity are dropped, as the einsum's cumulative sum drops them.
   gather          slot (e, c) of a row holds sorted entry start[e] + c when c < count[e]:
-                  buffers [batch, expert, capacity, embed] are one gather from the tokens
+                  buffers [batch, capacity, expert, embed] are one gather from the tokens
                   (an empty slot reads zeros).
   combine         each kept assignment reads its expert's output at (expert, slot), times
                   its combine weight; a token's assignments are summed.
+  gradients       gathers too (the two index maps are inverse to each other), not the
+                  scatter-adds autodiff would make of the gathers.
 
 The buffers are transposed to [expert, batch, capacity, embed] for the experts (the layout
 of the einsum path), so with the batch and the experts split over the same mesh axis the
@@ -30,6 +32,8 @@ gathers of the buffers' size.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -44,16 +48,16 @@ ROW_BUFFERS = ("batch", None, None, "embed")
 def _row_slots(flat: jax.Array, num_experts: int, capacity: int):
   """One batch row. flat: [n] expert id of each assignment in priority order (num_experts
   for an assignment that is not routed). Returns (rank [n] within its expert in priority
-  order, source [num_experts, capacity]: the assignment in each slot, or n when empty)."""
+  order, source [capacity, num_experts]: the assignment in each slot, or n when empty)."""
   n = flat.shape[0]
   order = jnp.argsort(flat, stable=True)  # by expert, priority order within an expert
   counts = jnp.zeros(num_experts + 1, jnp.int32).at[flat].add(1)
   starts = jnp.cumsum(counts) - counts
   rank_sorted = jnp.arange(n, dtype=jnp.int32) - starts[flat[order]]
   rank = jnp.zeros(n, jnp.int32).at[order].set(rank_sorted, unique_indices=True)
-  slot = jnp.arange(capacity, dtype=jnp.int32)
-  filled = slot[None, :] < counts[:num_experts, None]
-  entry = jnp.minimum(starts[:num_experts, None] + slot[None, :], n - 1)
+  slot = jnp.arange(capacity, dtype=jnp.int32)[:, None]
+  filled = slot < counts[None, :num_experts]
+  entry = jnp.minimum(starts[None, :num_experts] + slot, n - 1)
   source = jnp.where(filled, order[entry], n)
   return rank, source
 
@@ -64,7 +68,7 @@ def sorted_slots(
   capacity: int,
   token_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Slot of every assignment and the token of every slot (GShard priority, per batch row).
+  """Slot of every assignment and the assignment in every slot (GShard priority, per batch row).
 
   Args:
     expert_index: [batch, length, k] distinct experts per token, in priority order.
@@ -75,7 +79,8 @@ def sorted_slots(
   Returns:
     position: [batch, length, k] int32, the assignment's slot within its expert.
     kept: [batch, length, k] bool, the assignments that got a slot.
-    slot_token: [batch, E, C] int32, the token in each slot, or `length` when empty.
+    slot_assignment: [batch, C, E] int32, the assignment (token * k + choice) in each slot,
+      or length * k when empty (capacity-major: see gather_tokens).
   """
   b, l, k = expert_index.shape
   routed = jnp.ones((b, l, k), bool)
@@ -87,31 +92,75 @@ def sorted_slots(
   rank, source = jax.vmap(lambda f: _row_slots(f, num_experts, capacity))(flat)
   position = jnp.swapaxes(rank.reshape(b, k, l), 1, 2)
   kept = routed & (position < capacity)
-  # Assignment a = choice * length + token; an empty slot (a = k * length) maps to `length`.
-  slot_token = jnp.where(source < k * l, source % l, l)
-  return position, kept, slot_token
+  # Source a = choice * length + token (k * length: empty) -> token * k + choice.
+  slot_assignment = jnp.where(source < k * l, (source % l) * k + source // l, k * l)
+  return position, kept, slot_assignment
 
 
-def gather_tokens(x: jax.Array, slot_token: jax.Array) -> jax.Array:
-  """x [batch, length, embed], slot_token [batch, E, C] -> buffers [E, batch, C, embed]."""
-  b, e, c = slot_token.shape
-  take = jax.vmap(lambda row, idx: row.at[idx].get(mode="fill", fill_value=0))
-  buffers = take(x, slot_token.reshape(b, e * c)).reshape(b, e, c, x.shape[-1])
+def _take(rows: jax.Array, index: jax.Array) -> jax.Array:
+  """rows [batch, n, d], index [batch, m] -> [batch, m, d]; an index >= n reads zeros."""
+  return jax.vmap(lambda r, i: r.at[i].get(mode="fill", fill_value=0))(rows, index)
+
+
+# Both directions are gathers: the slot -> assignment and assignment -> slot maps are inverse
+# to each other, so the gradient of a gather by one is a gather by the other (and a sum over
+# a token's k assignments). Left to autodiff, the gradients would be scatter-adds.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _permute(rows: jax.Array, index: jax.Array, inverse: jax.Array, group: int) -> jax.Array:
+  """_take(rows, index) whose gradient is _take(grad, inverse) summed over `group`
+  consecutive entries: `inverse` [batch, rows * group] lists, for each row of `rows`, the
+  (at most `group`) entries of `index` that read it, out of range where fewer."""
+  return _take(rows, index)
+
+
+def _permute_fwd(rows, index, inverse, group):
+  return _take(rows, index), (index, inverse)
+
+
+def _permute_bwd(group, residuals, grad):
+  index, inverse = residuals
+  b, _, d = grad.shape
+  back = _take(grad, inverse)  # [batch, rows * group, d]
+  return back.reshape(b, -1, group, d).sum(axis=2), None, None
+
+
+_permute.defvjp(_permute_fwd, _permute_bwd)
+
+
+def _token_slots(expert_index, position, kept, num_experts, capacity):
+  """[batch, length * k]: each assignment's slot in the capacity-major buffers (dropped:
+  out of range)."""
+  b, l, k = expert_index.shape
+  slot = jnp.where(kept, position * num_experts + expert_index, capacity * num_experts)
+  return slot.reshape(b, l * k)
+
+
+# The buffers are laid out capacity-major, [batch, C, E, embed]: the TPU tiles the two minor
+# dimensions of an array, and an expert-major [..., C, embed] pads a small capacity (M6-100B:
+# 3 slots per expert and row) up to the tile height.
+def gather_tokens(
+  x: jax.Array, slot_assignment: jax.Array, expert_index, position, kept
+) -> jax.Array:
+  """x [batch, length, embed] -> buffers [E, batch, C, embed]."""
+  b, c, e = slot_assignment.shape
+  k = expert_index.shape[-1]
+  slot_token = slot_assignment.reshape(b, c * e) // k  # empty: length
+  inverse = _token_slots(expert_index, position, kept, e, c)
+  buffers = _permute(x, slot_token, inverse, k).reshape(b, c, e, x.shape[-1])
   buffers = constrain(buffers, ROW_BUFFERS)
-  return jnp.transpose(buffers, (1, 0, 2, 3))  # the all-to-all on an expert-parallel mesh
+  return jnp.transpose(buffers, (2, 0, 1, 3))  # the all-to-all on an expert-parallel mesh
 
 
 def combine_outputs(
-  ys: jax.Array, expert_index: jax.Array, position: jax.Array, kept: jax.Array, weights
+  ys: jax.Array, slot_assignment: jax.Array, expert_index, position, kept, weights
 ) -> jax.Array:
   """ys [E, batch, C, embed] -> [batch, length, embed]: each token's kept assignments'
   expert outputs times their combine weights, summed."""
   e, b, c, d = ys.shape
-  rows = constrain(jnp.transpose(ys, (1, 0, 2, 3)), ROW_BUFFERS).reshape(b, e * c, d)
-  slot = jnp.where(kept, expert_index * c + position, e * c)  # dropped: out of range -> 0
-  l, k = slot.shape[1:]
-  take = jax.vmap(lambda row, idx: row.at[idx].get(mode="fill", fill_value=0))
-  picked = take(rows, slot.reshape(b, l * k)).reshape(b, l, k, d)
+  l, k = expert_index.shape[1:]
+  rows = constrain(jnp.transpose(ys, (1, 2, 0, 3)), ROW_BUFFERS).reshape(b, c * e, d)
+  index = _token_slots(expert_index, position, kept, e, c)
+  picked = _permute(rows, index, slot_assignment.reshape(b, c * e), 1).reshape(b, l, k, d)
   w = (weights * kept).astype(ys.dtype)
   return jnp.einsum("blkd,blk->bld", picked, w)
 

@@ -97,10 +97,11 @@ def test_sorted_slots_fill_the_einsum_dispatch():
   token_mask = jnp.ones((b, l), bool).at[0, 2:4].set(False)
   weights = jnp.ones((b, l, 2))
   dispatch, _, kept_einsum = moe.dispatch_combine(index, weights, e, capacity, token_mask)
-  position, kept, slot_token = moe_dispatch.sorted_slots(index, e, capacity, token_mask)
+  position, kept, slots = moe_dispatch.sorted_slots(index, e, capacity, token_mask)
+  slot_token = np.asarray(slots) // 2  # assignment = token * k + choice; empty: l
   np.testing.assert_array_equal(np.asarray(kept), np.asarray(kept_einsum))
   assert 0 < np.asarray(kept).sum() < 2 * np.asarray(token_mask).sum()  # some dropped
-  marked = np.asarray(dispatch).transpose(0, 2, 3, 1)  # [b, e, c, l]
+  marked = np.asarray(dispatch).transpose(0, 3, 2, 1)  # [b, c, e, l]
   want = np.where(marked.any(-1), marked.argmax(-1), l)
   np.testing.assert_array_equal(np.asarray(slot_token), want)
   np.testing.assert_array_equal(np.asarray(position)[np.asarray(kept)].max(), capacity - 1)
