@@ -389,13 +389,12 @@ class MoeMlp(nn.Module):
       self.num_experts, self.mlp_dim, self.dropout_rate, self.use_bias, self.dtype, name="experts"
     )
     if self.dispatch == "sorted":
-      position, kept, slots = moe_dispatch.sorted_slots(
+      position, kept, slot_token = moe_dispatch.sorted_slots(
         routing.expert_index, self.num_experts, capacity, token_mask
       )
-      placed = (routing.expert_index, position, kept)
-      xs = moe_dispatch.gather_tokens(x.astype(self.dtype), slots, *placed)
-      ys = experts(constrain(xs, EXPERT_EMBED), deterministic)
-      out = moe_dispatch.combine_outputs(ys, slots, *placed, routing.weights)
+      xs = constrain(moe_dispatch.gather_tokens(x.astype(self.dtype), slot_token), EXPERT_EMBED)
+      ys = experts(xs, deterministic)
+      out = moe_dispatch.combine_outputs(ys, routing.expert_index, position, kept, routing.weights)
       balance = moe_dispatch.load_balance_loss(routing.probs, routing.expert_index, token_mask)
     else:
       dispatch, combine, kept = dispatch_combine(

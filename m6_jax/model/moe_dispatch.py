@@ -64,7 +64,7 @@ def sorted_slots(
   capacity: int,
   token_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Slot of every assignment and the assignment in every slot (GShard priority, per batch row).
+  """Slot of every assignment and the token of every slot (GShard priority, per batch row).
 
   Args:
     expert_index: [batch, length, k] distinct experts per token, in priority order.
@@ -75,8 +75,8 @@ def sorted_slots(
   Returns:
     position: [batch, length, k] int32, the assignment's slot within its expert.
     kept: [batch, length, k] bool, the assignments that got a slot.
-    slot_assignment: [batch, C, E] int32, the assignment (token * k + choice) in each slot,
-      or length * k when empty (capacity-major: see gather_tokens).
+    slot_token: [batch, C, E] int32, the token in each slot, or `length` when empty
+      (capacity-major: see gather_tokens).
   """
   b, l, k = expert_index.shape
   routed = jnp.ones((b, l, k), bool)
@@ -88,59 +88,34 @@ def sorted_slots(
   rank, source = jax.vmap(lambda f: _row_slots(f, num_experts, capacity))(flat)
   position = jnp.swapaxes(rank.reshape(b, k, l), 1, 2)
   kept = routed & (position < capacity)
-  # Source a = choice * length + token (k * length: empty) -> token * k + choice.
-  slot_assignment = jnp.where(source < k * l, (source % l) * k + source // l, k * l)
-  return position, kept, slot_assignment
-
-
-# A row gather reads whole (8, 128) tiles of a TPU array: with the rows as the second-minor
-# dimension of [rows, embed], every gathered row costs eight. Viewed as [rows, embed / 128,
-# 128], one row is whole tiles.
-LANES = 128
-
-
-def _take(rows: jax.Array, index: jax.Array) -> jax.Array:
-  """rows [batch, n, d], index [batch, m] -> [batch, m, d]; an index >= n reads zeros."""
-  b, n, d = rows.shape
-  if d % LANES == 0:
-    rows = rows.reshape(b, n, d // LANES, LANES)
-  take = jax.vmap(lambda r, i: r.at[i].get(mode="fill", fill_value=0))
-  return take(rows, index).reshape(b, index.shape[1], d)
-
-
-def _token_slots(expert_index, position, kept, num_experts, capacity):
-  """[batch, length * k]: each assignment's slot in the capacity-major buffers (dropped:
-  out of range)."""
-  b, l, k = expert_index.shape
-  slot = jnp.where(kept, position * num_experts + expert_index, capacity * num_experts)
-  return slot.reshape(b, l * k)
+  # Assignment a = choice * length + token; an empty slot (a = k * length) maps to `length`.
+  slot_token = jnp.where(source < k * l, source % l, l)
+  return position, kept, slot_token
 
 
 # The buffers are laid out capacity-major, [batch, C, E, embed]: the TPU tiles the two minor
 # dimensions of an array, and an expert-major [..., C, embed] pads a small capacity (M6-100B:
 # 3 slots per expert and row) up to the tile height.
-def gather_tokens(
-  x: jax.Array, slot_assignment: jax.Array, expert_index, position, kept
-) -> jax.Array:
-  """x [batch, length, embed] -> buffers [E, batch, C, embed]."""
-  b, c, e = slot_assignment.shape
-  k = expert_index.shape[-1]
-  slot_token = slot_assignment.reshape(b, c * e) // k  # empty: length
-  buffers = _take(x, slot_token).reshape(b, c, e, x.shape[-1])
+def gather_tokens(x: jax.Array, slot_token: jax.Array) -> jax.Array:
+  """x [batch, length, embed], slot_token [batch, C, E] -> buffers [E, batch, C, embed]."""
+  b, c, e = slot_token.shape
+  take = jax.vmap(lambda row, idx: row.at[idx].get(mode="fill", fill_value=0))
+  buffers = take(x, slot_token.reshape(b, c * e)).reshape(b, c, e, x.shape[-1])
   buffers = constrain(buffers, ROW_BUFFERS)
   return jnp.transpose(buffers, (2, 0, 1, 3))  # the all-to-all on an expert-parallel mesh
 
 
 def combine_outputs(
-  ys: jax.Array, slot_assignment: jax.Array, expert_index, position, kept, weights
+  ys: jax.Array, expert_index: jax.Array, position: jax.Array, kept: jax.Array, weights
 ) -> jax.Array:
   """ys [E, batch, C, embed] -> [batch, length, embed]: each token's kept assignments'
   expert outputs times their combine weights, summed."""
   e, b, c, d = ys.shape
-  l, k = expert_index.shape[1:]
   rows = constrain(jnp.transpose(ys, (1, 2, 0, 3)), ROW_BUFFERS).reshape(b, c * e, d)
-  index = _token_slots(expert_index, position, kept, e, c)
-  picked = _take(rows, index).reshape(b, l, k, d)
+  slot = jnp.where(kept, position * e + expert_index, c * e)  # dropped: out of range -> 0
+  l, k = slot.shape[1:]
+  take = jax.vmap(lambda row, idx: row.at[idx].get(mode="fill", fill_value=0))
+  picked = take(rows, slot.reshape(b, l * k)).reshape(b, l, k, d)
   w = (weights * kept).astype(ys.dtype)
   return jnp.einsum("blkd,blk->bld", picked, w)
 
