@@ -8,7 +8,9 @@ built from small pieces that are tested on their own:
   route           logits -> per-token expert indices and combine weights (top-k, or M6-T
                   "k top-1" expert prototyping).
   dispatch_combine  indices + weights -> one-hot dispatch / weighted combine tensors
-                  [batch, length, expert, capacity] with a fixed expert capacity.
+                  [batch, length, expert, capacity] with a fixed expert capacity
+                  (dispatch="einsum"; dispatch="sorted" gets the same slots by a sort and
+                  moves the tokens by gathers: m6_jax/model/moe_dispatch.py).
   Experts         batched expert MLPs over buffers [expert, batch, capacity, embed].
   load_balance_loss, router_z_loss   the auxiliary losses, unweighted.
 
