@@ -81,8 +81,9 @@ def default_config() -> ml_collections.ConfigDict:
   # "sorted" (a sort by expert id and gathers; same routing, dropping and results, no
   # [tokens, experts, capacity] tensors); see m6_jax/model/moe_dispatch.py.
   c.model.moe_dispatch = "einsum"
-  # Batch rows per routing group in training (capacity over group_rows * length tokens);
-  # evaluation and decoding route each row alone. See m6_jax/model/moe.py.
+  # Batch rows per routing group in training (capacity over group_rows * length tokens; a
+  # divisor of the rows each device holds); evaluation and decoding route each row alone.
+  # See m6_jax/model/moe.py.
   c.model.moe_group_rows = 1
   c.model.moe_every = 1  # layers i with (i + 1) % moe_every == 0 are MoE (1: all of them)
   c.model.moe_aux_loss_weight = 0.01  # load-balance loss weight in the objective

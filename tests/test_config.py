@@ -63,6 +63,10 @@ def test_mesh_minus_one_fills_the_devices():
       lambda c: setattr(c.model, "moe_num_experts", 4) or setattr(c.model, "moe_group_rows", 5),
       r"model.moe_group_rows=5 must be >= 1 and divide the 32 rows",
     ),
+    (
+      lambda c: setattr(c.model, "moe_num_experts", 4) or setattr(c.model, "moe_group_rows", 8),
+      r"model.moe_group_rows=8 does not divide the 4 rows each device holds",
+    ),
   ],
 )
 def test_bad_config_raises_one_clear_error(mutate, pattern):
