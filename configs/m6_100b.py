@@ -5,15 +5,19 @@
 
 Published: "100 billion parameters", sparse MoE (M6 abstract, arXiv 2103.00823).
 Assumed: a BERT-large-sized stack (hidden 1024, 24 layers, 16 heads, FFN 4096) whose every
-feed-forward is 512 experts with GShard top-2 routing (capacity factor 1.25, 2.0 at eval);
-vocabulary, images and text as configs/m6_base.py. About 103.3B parameters (+3.3%).
+feed-forward is 512 experts with GShard top-2 routing (capacity factor 1.0 in training, 2.0 at
+eval); vocabulary, images and text as configs/m6_base.py. About 103.3B parameters (+3.3%).
 Training: bf16, scan, remat saving every matmul output (`dots_saveable`: the expert and
 dispatch einsums have a batch axis, so `dots_with_no_batch_dims_saveable` recomputed them);
 one expert of each layer per chip (512-way `expert` axis, no FSDP: expert weights are never
 gathered; the small dense weights are replicated) on a v5p-1024 slice (512 chips, topology
-8x8x8); global batch 8192 (7,232 tokens per chip), 23 of 95 GiB per chip. Chosen with the
+8x8x8); global batch 8192 (7,232 tokens per chip), 20 of 95 GiB per chip. Chosen with the
 AOT report (docs/performance.md): against fsdp 8 x expert 64 at batch 1024 (904 tokens per
-chip) the estimated MFU rose from 12% to 43%; the step stays bound by HBM traffic.
+chip) the estimated MFU rose from 12% to 43%, and to 47% with capacity factor 1.0 instead of
+1.25 (2 instead of 3 slots per expert and row; more tokens are dropped when the router is
+unbalanced); the step stays bound by HBM traffic. The one-hot einsum dispatch stays: with 512
+experts and 2 slots its tensors are small, and the sorted dispatch (model.moe_dispatch) moved
+more bytes here (docs/performance.md).
 """
 
 from configs.m6_base import paper_common
@@ -28,7 +32,7 @@ def get_config(arg: str | None = None):
   m = config.model
   m.d_model, m.num_layers, m.num_heads, m.head_dim, m.mlp_dim = 1024, 24, 16, 64, 4096
   m.moe_num_experts, m.moe_num_groups, m.moe_top_k, m.moe_every = 512, 1, 2, 1
-  m.moe_capacity_factor, m.moe_eval_capacity_factor = 1.25, 2.0
+  m.moe_capacity_factor, m.moe_eval_capacity_factor = 1.0, 2.0
   m.remat_policy = "dots_saveable"
   config.data.batch_size = 8192
   config.mesh.data, config.mesh.fsdp, config.mesh.expert = 1, 1, 512

@@ -46,6 +46,7 @@ REMAT_POLICIES = (
   "dots_with_no_batch_dims_saveable",
   "dots_and_attention_saveable",
 )
+MOE_DISPATCH_MODES = ("einsum", "sorted")  # m6_jax/model/moe_dispatch.py (no jax import here)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -79,6 +80,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.moe_top_k = 1  # experts per token within each prototype
   c.model.moe_capacity_factor = 1.25  # expert capacity slack in training
   c.model.moe_eval_capacity_factor = 2.0  # ... when deterministic (eval, decoding)
+  # How tokens reach the experts: "einsum" (GShard one-hot dispatch / combine matmuls) or
+  # "sorted" (a sort by expert id and gathers; same routing, dropping and results, no
+  # [tokens, experts, capacity] tensors); see m6_jax/model/moe_dispatch.py.
+  c.model.moe_dispatch = "einsum"
+  # Batch rows per routing group in training (capacity over group_rows * length tokens; a
+  # divisor of the rows each device holds); evaluation and decoding route each row alone.
+  # See m6_jax/model/moe.py.
+  c.model.moe_group_rows = 1
   c.model.moe_every = 1  # layers i with (i + 1) % moe_every == 0 are MoE (1: all of them)
   c.model.moe_aux_loss_weight = 0.01  # load-balance loss weight in the objective
   c.model.moe_z_loss_weight = 0.001  # router z-loss weight in the objective
@@ -310,6 +319,16 @@ def _validate_moe_and_stack(config: ml_collections.ConfigDict) -> None:
     m.moe_capacity_factor > 0 and m.moe_eval_capacity_factor > 0,
     f"model.moe_capacity_factor={m.moe_capacity_factor} and model.moe_eval_capacity_factor="
     f"{m.moe_eval_capacity_factor} must be positive.",
+  )
+  _require(
+    m.moe_dispatch in MOE_DISPATCH_MODES,
+    f"model.moe_dispatch='{m.moe_dispatch}' is not one of {MOE_DISPATCH_MODES}.",
+  )
+  rows, micro = m.moe_group_rows, config.data.batch_size // max(config.train.grad_accum_steps, 1)
+  _require(
+    rows >= 1 and micro % rows == 0,
+    f"model.moe_group_rows={rows} must be >= 1 and divide the {micro} rows of a (micro-)batch "
+    "(data.batch_size / train.grad_accum_steps).",
   )
   depths = stack_depths(m)
   for stack, depth in depths.items():

@@ -55,6 +55,18 @@ def test_mesh_minus_one_fills_the_devices():
     (lambda c: setattr(c.train, "lr", 1e39), r"below float32's largest value"),
     (lambda c: setattr(c.train, "spike_factor", 0.5), r"train.spike_factor=0.5 must be 0"),
     (lambda c: setattr(c.train, "debug_nonfinite_batches", "3,x"), r"comma-separated"),
+    (
+      lambda c: setattr(c.model, "moe_num_experts", 4) or setattr(c.model, "moe_dispatch", "sort"),
+      r"model.moe_dispatch='sort' is not one of \('einsum', 'sorted'\)",
+    ),
+    (
+      lambda c: setattr(c.model, "moe_num_experts", 4) or setattr(c.model, "moe_group_rows", 5),
+      r"model.moe_group_rows=5 must be >= 1 and divide the 32 rows",
+    ),
+    (
+      lambda c: setattr(c.model, "moe_num_experts", 4) or setattr(c.model, "moe_group_rows", 8),
+      r"model.moe_group_rows=8 does not divide the 4 rows each device holds",
+    ),
   ],
 )
 def test_bad_config_raises_one_clear_error(mutate, pattern):

@@ -93,6 +93,8 @@ class M6Config:
   moe_top_k: int = 1
   moe_capacity_factor: float = 1.25
   moe_eval_capacity_factor: float | None = None
+  moe_dispatch: str = "einsum"
+  moe_group_rows: int = 1
   moe_every: int = 1
   moe_aux_loss_weight: float = 0.01  # read by the train step, not by the model
   moe_z_loss_weight: float = 0.001
@@ -143,6 +145,8 @@ class M6Config:
       self.moe_top_k,
       self.moe_capacity_factor,
       self.moe_eval_capacity_factor,
+      self.moe_dispatch,
+      self.moe_group_rows,
     )
 
   @property
@@ -197,6 +201,8 @@ class M6Config:
       moe_top_k=m.moe_top_k,
       moe_capacity_factor=m.moe_capacity_factor,
       moe_eval_capacity_factor=m.moe_eval_capacity_factor,
+      moe_dispatch=m.moe_dispatch,
+      moe_group_rows=m.moe_group_rows,
       moe_every=m.moe_every,
       moe_aux_loss_weight=m.moe_aux_loss_weight,
       moe_z_loss_weight=m.moe_z_loss_weight,

@@ -8,7 +8,9 @@ built from small pieces that are tested on their own:
   route           logits -> per-token expert indices and combine weights (top-k, or M6-T
                   "k top-1" expert prototyping).
   dispatch_combine  indices + weights -> one-hot dispatch / weighted combine tensors
-                  [batch, length, expert, capacity] with a fixed expert capacity.
+                  [batch, length, expert, capacity] with a fixed expert capacity
+                  (dispatch="einsum"; dispatch="sorted" gets the same slots by a sort and
+                  moves the tokens by gathers: m6_jax/model/moe_dispatch.py).
   Experts         batched expert MLPs over buffers [expert, batch, capacity, embed].
   load_balance_loss, router_z_loss   the auxiliary losses, unweighted.
 
@@ -29,6 +31,12 @@ Each expert takes at most
   capacity = min(length, ceil(capacity_factor * length * num_groups * top_k / num_experts))
 
 tokens per row (`eval_capacity_factor` replaces `capacity_factor` when `deterministic`).
+With many experts the ceiling wastes most slots (M6-T: 1808 assignments of a 452-token row
+over 5120 experts get one slot each, 5120 slots); `group_rows > 1` makes `group_rows`
+consecutive rows one routing group in training (`length` above becomes `group_rows *
+length`, the rows in order), so the slots follow the capacity factor. A row's drops then
+depend on the rows before it in its group; evaluation and decoding (`deterministic`) keep
+one row per group, so an example's output never depends on its batch neighbours there.
 Slots are given out in priority order: every token's first choice before any token's second
 choice, and within a choice in sequence order. Assignments beyond capacity are dropped: their
 combine weight is 0, so a token dropped by all its experts gets output 0 and the residual
@@ -74,6 +82,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from m6_jax.model import moe_dispatch
 from m6_jax.model.ops import constrain, gelu
 
 Dtype = Any
@@ -313,6 +322,8 @@ class MoeOptions:
   top_k: int = 1
   capacity_factor: float = 1.25
   eval_capacity_factor: float | None = None
+  dispatch: str = "einsum"
+  group_rows: int = 1
 
   def kwargs(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -328,6 +339,9 @@ class MoeMlp(nn.Module):
     top_k: experts per token within each prototype (M6-T prototyping uses 1).
     capacity_factor: slack of the expert capacity during training.
     eval_capacity_factor: used instead when `deterministic`; None = capacity_factor.
+    dispatch: "einsum" (GShard one-hot dispatch / combine einsums) or "sorted" (a sort by
+      expert and gathers, m6_jax/model/moe_dispatch.py); same routing and results.
+    group_rows: batch rows per routing group in training (see "Token groups" above).
     dropout_rate: dropout on the experts' hidden activations, as in `Mlp`.
     use_bias: expert biases [expert, mlp] / [expert, embed].
     dtype: compute dtype; router, softmax and aux losses stay float32.
@@ -339,6 +353,8 @@ class MoeMlp(nn.Module):
   top_k: int = 1
   capacity_factor: float = 1.25
   eval_capacity_factor: float | None = None
+  dispatch: str = "einsum"
+  group_rows: int = 1
   dropout_rate: float = 0.0
   use_bias: bool = True
   dtype: Dtype = jnp.float32
@@ -349,31 +365,50 @@ class MoeMlp(nn.Module):
       factor = self.eval_capacity_factor
     return expert_capacity(length, self.num_experts, self.num_groups * self.top_k, factor)
 
-  @nn.compact
   def __call__(
     self, x: jax.Array, deterministic: bool, token_mask: jax.Array | None = None
   ) -> jax.Array:
+    rows = 1 if deterministic else self.group_rows
+    if rows == 1:
+      return self._routed(x, deterministic, token_mask)
+    b, l, d = x.shape
+    if b % rows:
+      raise ValueError(f"group_rows={rows} does not divide the batch of {b} rows.")
+    # Consecutive rows form one routing group of rows * length tokens (row-major order).
+    x = x.reshape(b // rows, rows * l, d)
+    token_mask = None if token_mask is None else token_mask.reshape(b // rows, rows * l)
+    return self._routed(x, deterministic, token_mask).reshape(b, l, d)
+
+  @nn.compact
+  def _routed(self, x: jax.Array, deterministic: bool, token_mask: jax.Array | None) -> jax.Array:
     check_moe_shape(self.num_experts, self.num_groups, self.top_k)
+    if self.dispatch not in moe_dispatch.DISPATCH_MODES:
+      raise ValueError(f"dispatch='{self.dispatch}' is not one of {moe_dispatch.DISPATCH_MODES}.")
     capacity = self.capacity(x.shape[1], deterministic)
     logits = Router(self.num_experts, name="router")(x)
     routing = route(logits, self.num_groups, self.top_k)
-    dispatch, combine, kept = dispatch_combine(
-      routing.expert_index, routing.weights, self.num_experts, capacity, token_mask
-    )
-    dispatch, combine = constrain(dispatch, ROUTING), constrain(combine, ROUTING)
-
-    xs = jnp.einsum("blec,bld->ebcd", dispatch.astype(self.dtype), x.astype(self.dtype))
-    xs = constrain(xs, EXPERT_EMBED)
-    ys = Experts(
+    experts = Experts(
       self.num_experts, self.mlp_dim, self.dropout_rate, self.use_bias, self.dtype, name="experts"
-    )(xs, deterministic)
-    out = jnp.einsum("blec,ebcd->bld", combine.astype(self.dtype), ys)
-
-    self.sow(
-      AUX_LOSS_COLLECTION,
-      "load_balance_loss",
-      load_balance_loss(routing.probs, routing.expert_index, token_mask),
     )
+    if self.dispatch == "sorted":
+      position, kept, slot_token = moe_dispatch.sorted_slots(
+        routing.expert_index, self.num_experts, capacity, token_mask
+      )
+      xs = constrain(moe_dispatch.gather_tokens(x.astype(self.dtype), slot_token), EXPERT_EMBED)
+      ys = experts(xs, deterministic)
+      out = moe_dispatch.combine_outputs(ys, routing.expert_index, position, kept, routing.weights)
+      balance = moe_dispatch.load_balance_loss(routing.probs, routing.expert_index, token_mask)
+    else:
+      dispatch, combine, kept = dispatch_combine(
+        routing.expert_index, routing.weights, self.num_experts, capacity, token_mask
+      )
+      dispatch, combine = constrain(dispatch, ROUTING), constrain(combine, ROUTING)
+      xs = jnp.einsum("blec,bld->ebcd", dispatch.astype(self.dtype), x.astype(self.dtype))
+      ys = experts(constrain(xs, EXPERT_EMBED), deterministic)
+      out = jnp.einsum("blec,ebcd->bld", combine.astype(self.dtype), ys)
+      balance = load_balance_loss(routing.probs, routing.expert_index, token_mask)
+
+    self.sow(AUX_LOSS_COLLECTION, "load_balance_loss", balance)
     self.sow(
       AUX_LOSS_COLLECTION, "router_z_loss", router_z_loss(logits, self.num_groups, token_mask)
     )

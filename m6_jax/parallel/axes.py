@@ -146,3 +146,10 @@ def check_batch_fits_mesh(config: Any, num_devices: int, process_count: int = 1)
     f"data.batch_size={d.batch_size} must split into train.grad_accum_steps="
     f"{t.grad_accum_steps} micro-batches each divisible by {shards}.",
   )
+  rows = config.model.get("moe_group_rows", 1)
+  per_device = d.batch_size // (t.grad_accum_steps * shards)
+  _require(
+    config.model.moe_num_experts == 0 or per_device % rows == 0,
+    f"model.moe_group_rows={rows} does not divide the {per_device} rows each device holds of "
+    "a (micro-)batch; a routing group must not span devices: pick a divisor.",
+  )
