@@ -139,14 +139,9 @@ class M6Config:
     """MoE options of layer `index` of a stack (each stack counts its layers from 0)."""
     if not self.is_moe_layer(index):
       return None
+    # Each MoeOptions field is this config's field of the same name after "moe_".
     return MoeOptions(
-      self.moe_num_experts,
-      self.moe_num_groups,
-      self.moe_top_k,
-      self.moe_capacity_factor,
-      self.moe_eval_capacity_factor,
-      self.moe_dispatch,
-      self.moe_group_rows,
+      **{f.name: getattr(self, f"moe_{f.name}") for f in dataclasses.fields(MoeOptions)}
     )
 
   @property
