@@ -18,21 +18,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import Any
 
 import numpy as np
 from absl import app, flags
 from PIL import Image
 
 from m6_jax.data import synthetic
-
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Folder to write images/ and *.jsonl into.")
-_NUM_TRAIN = flags.DEFINE_integer("num_train", 4000, "Train images.")
-_NUM_VALIDATION = flags.DEFINE_integer("num_validation", 300, "Validation images.")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 64, "Image side in pixels.")
-_CAPTION_LANGUAGE = flags.DEFINE_enum(
-  "caption_language", "zh", ["zh", "en", "both"], "Caption language(s) of each image."
-)
-_SEED = flags.DEFINE_integer("seed", 0, "The world's seed.")
 
 
 def export(
@@ -68,31 +60,43 @@ def export(
   return out
 
 
-def main(argv) -> None:
+def _define_flags() -> dict[str, Any]:
+  """The command line's flags (defined only when run as a program, so that importing this
+  module next to another absl program, e.g. m6_jax.main with its own --seed, adds none)."""
+  return {
+    "output_dir": flags.DEFINE_string(
+      "output_dir", None, "Folder to write images/ and *.jsonl into."
+    ),
+    "num_train": flags.DEFINE_integer("num_train", 4000, "Train images."),
+    "num_validation": flags.DEFINE_integer("num_validation", 300, "Validation images."),
+    "image_size": flags.DEFINE_integer("image_size", 64, "Image side in pixels."),
+    "caption_language": flags.DEFINE_enum(
+      "caption_language", "zh", ["zh", "en", "both"], "Caption language(s) of each image."
+    ),
+    "seed": flags.DEFINE_integer("seed", 0, "The world's seed."),
+  }
+
+
+def _main(flag_values: dict[str, Any], argv: list[str]) -> None:
   del argv
-  if not _OUTPUT_DIR.value:
+  v = {k: f.value for k, f in flag_values.items()}
+  if not v["output_dir"]:
     print("error: --output_dir is required, e.g. --output_dir=/tmp/world_files", file=sys.stderr)
     sys.exit(2)
-  if _NUM_TRAIN.value < 1 or _NUM_VALIDATION.value < 1 or _IMAGE_SIZE.value < 16:
+  if v["num_train"] < 1 or v["num_validation"] < 1 or v["image_size"] < 16:
     print(
       "error: --num_train and --num_validation must be >= 1, --image_size >= 16", file=sys.stderr
     )
     sys.exit(2)
   try:
-    paths = export(
-      _OUTPUT_DIR.value,
-      _NUM_TRAIN.value,
-      _NUM_VALIDATION.value,
-      _IMAGE_SIZE.value,
-      _CAPTION_LANGUAGE.value,
-      _SEED.value,
-    )
+    paths = export(**v)
   except OSError as e:
-    print(f"error: cannot write to {_OUTPUT_DIR.value!r}: {e.strerror or e}", file=sys.stderr)
+    print(f"error: cannot write to {v['output_dir']!r}: {e.strerror or e}", file=sys.stderr)
     sys.exit(2)
   for split, path in paths.items():
     print(f"{split}: {path}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _flags = _define_flags()
+  app.run(lambda argv: _main(_flags, argv))
