@@ -5,9 +5,9 @@
   # 2. train M6 to generate the codes from the captions (and to caption, for reranking)
   python -m m6_jax.main --config=configs/finetune_text_to_image.py --workdir=/tmp/m6_t2i \
     --config.data.image_codes_dir=/tmp/codes
-  # 3. draw: 8 images, classifier-free guidance 3, the best 8 of 32 candidates
+  # 3. draw: 8 images, no guidance (scale 1: the best here), the best 8 of 32 candidates
   python -m m6_jax.main --mode=generate --workdir=/tmp/m6_t2i --prompt="一个红色的圆" \
-    --num_images=8 --guidance_scale=3 --rerank=32 --output_dir=/tmp/m6_t2i_images
+    --num_images=8 --guidance_scale=1 --rerank=32 --output_dir=/tmp/m6_t2i_images
 
 Tasks: text_to_image (weight 1; data.guidance_drop_rate=0.1 of its captions dropped, so one
 model is conditional and unconditional for guidance) and image_to_text (0.25), whose
