@@ -35,6 +35,7 @@ from m6_jax.model.ops import (
   constrain,
   dense,
   layer_norm,
+  query_scaling,
   relative_bias,
 )
 
@@ -203,8 +204,7 @@ class MultiHeadAttention(nn.Module):
     # No key bias: it adds the same q.b to every key's logit, which softmax cancels, so its
     # gradient is pure rounding noise that Adam would amplify into random updates.
     if x is not None:
-      scaling = self.head_dim**-0.5 if self.scale_factor == 1.0 else None
-      scaling = scaling or float(self.head_dim * self.scale_factor) ** -0.5
+      scaling = query_scaling(self.head_dim, self.scale_factor)
       q = proj("query", x) * jnp.asarray(scaling, self.dtype)
     if step is None or step.target is not None:  # a cross-attention step reads cached keys
       k, v = proj("key", source, use_bias=False), proj("value", source)

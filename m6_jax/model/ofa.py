@@ -46,6 +46,7 @@ from flax import struct
 from m6_jax.model.embeddings import embed_init
 from m6_jax.model.layers import LayerNorm, default_kernel_init
 from m6_jax.model.ofa_options import MAX_POSITIONS  # the keys and their checks live there
+from m6_jax.model.ops import query_scaling
 
 
 def token_buckets(bucket_size: int, length: int) -> np.ndarray:
@@ -155,14 +156,11 @@ class OfaInputs(nn.Module):
     return nn.Embed(rows, self.config.d_model, param_dtype=jnp.float32, embedding_init=init)
 
   def embedding_norm(self, name: str, x: jax.Array) -> jax.Array:
-    return getattr(self, f"{name}_norm")(x) if self.config.ofa.layernorm_embedding else x
-
-  def _scaling(self) -> float:
-    c = self.config
-    return float(c.head_dim * c.ofa.attn_scale_factor) ** -0.5
+    """The layernorm_embedding norm of the "source", "image" or "target" embeddings."""
+    return getattr(self, f"{name}_norm")(x)
 
   def _logits(self, q_proj, k_proj, q_pos, k_pos) -> jax.Array:
-    q = q_proj(q_pos) * self._scaling()
+    q = q_proj(q_pos) * query_scaling(self.config.head_dim, self.config.ofa.attn_scale_factor)
     return jnp.einsum("qhd,khd->hqk", q, k_proj(k_pos))[None]
 
   def source_positions_of(self, num_patches: int, src_len: int) -> jax.Array:

@@ -219,6 +219,11 @@ def _gelu_bwd(x, d_y):
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
+def query_scaling(head_dim: int, scale_factor: float = 1.0) -> float:
+  """What attention multiplies its queries by: (head_dim * scale_factor) ** -0.5 (OFA: 2)."""
+  return float(head_dim * scale_factor) ** -0.5
+
+
 def biased_attention(
   q: jax.Array,
   k: jax.Array,

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from m6_jax.model.layers import default_kernel_init
+from m6_jax.model.layers import Dense
 
 Dtype = Any
 BN_EPSILON = 1e-5  # torch.nn.BatchNorm2d's
@@ -101,10 +101,4 @@ class OfaResNetStem(nn.Module):
         channels = width * EXPANSION
     b, h, w, c = x.shape
     x = x.reshape(b, h * w, c)
-    return nn.Dense(
-      self.d_model,
-      dtype=self.dtype,
-      name="projection",
-      kernel_init=nn.with_logical_partitioning(default_kernel_init, ("channels", "embed")),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-    )(x)
+    return Dense(self.d_model, ("channels", "embed"), self.dtype, name="projection")(x)
