@@ -73,10 +73,6 @@ def read_ofa_config(directory: str) -> tuple[dict, dict]:
   return cfg, pipeline
 
 
-def _get(cfg: dict, key: str, default: Any) -> Any:
-  return cfg.get(key, default)
-
-
 def m6_config(cfg: dict, pipeline: dict) -> ml_collections.ConfigDict:
   """Our config for the OFA config `cfg` (config.json) and ModelScope's `pipeline`."""
   unsupported = {
@@ -96,15 +92,15 @@ def m6_config(cfg: dict, pipeline: dict) -> ml_collections.ConfigDict:
     ("encoder_normalize_before", "decoder_normalize_before"),
     ("layernorm_embedding", "patch_layernorm_embedding"),
   ):
-    if _get(cfg, a, True) != _get(cfg, b, True):
+    if cfg.get(a, True) != cfg.get(b, True):
       _fail(f"config.json has {a} != {b}; m6-jax's options use one value for both.")
-  if _get(cfg, "resnet_type", "resnet101") not in RESNET_LAYERS:
+  if cfg.get("resnet_type", "resnet101") not in RESNET_LAYERS:
     _fail(f"unknown resnet_type {cfg.get('resnet_type')!r}; one of {sorted(RESNET_LAYERS)}.")
-  activation = {"gelu": "gelu", "relu": "relu"}.get(_get(cfg, "activation_function", "gelu"))
+  activation = {"gelu": "gelu", "relu": "relu"}.get(cfg.get("activation_function", "gelu"))
   if activation is None:
     _fail(f"activation_function {cfg['activation_function']!r} is not supported (gelu, relu).")
   d, heads = int(cfg["d_model"]), int(cfg["encoder_attention_heads"])
-  max_pos = int(_get(cfg, "max_position_embeddings", 1024))
+  max_pos = int(cfg.get("max_position_embeddings", 1024))
   c = config_lib.default_config()
   m = c.model
   m.architecture, m.vocab_size, m.d_model, m.num_heads = (
@@ -117,16 +113,16 @@ def m6_config(cfg: dict, pipeline: dict) -> ml_collections.ConfigDict:
   m.num_layers = m.num_encoder_layers = int(cfg["encoder_layers"])
   m.num_decoder_layers = int(cfg["decoder_layers"])
   m.image_stem, m.patch_size, m.layer_norm_epsilon = "ofa_resnet", 16, 1e-5
-  m.resnet_layers = RESNET_LAYERS[_get(cfg, "resnet_type", "resnet101")]
-  m.tie_embeddings = bool(_get(cfg, "share_decoder_input_output_embed", True))
+  m.resnet_layers = RESNET_LAYERS[cfg.get("resnet_type", "resnet101")]
+  m.tie_embeddings = bool(cfg.get("share_decoder_input_output_embed", True))
   m.position_bias, m.head_scale, m.activation = "ofa", True, activation
-  m.token_bucket_size = int(_get(cfg, "token_bucket_size", 256))
-  m.image_bucket_size = int(_get(cfg, "image_bucket_size", 42))
-  m.attn_scale_factor = float(_get(cfg, "attn_scale_factor", 2.0))
-  m.normformer = bool(_get(cfg, "normformer", True))
-  m.normalize_before = bool(_get(cfg, "encoder_normalize_before", True))
-  m.scale_embedding = bool(_get(cfg, "scale_embedding", False))
-  m.layernorm_embedding = bool(_get(cfg, "layernorm_embedding", True))
+  m.token_bucket_size = int(cfg.get("token_bucket_size", 256))
+  m.image_bucket_size = int(cfg.get("image_bucket_size", 42))
+  m.attn_scale_factor = float(cfg.get("attn_scale_factor", 2.0))
+  m.normformer = bool(cfg.get("normformer", True))
+  m.normalize_before = bool(cfg.get("encoder_normalize_before", True))
+  m.scale_embedding = bool(cfg.get("scale_embedding", False))
+  m.layernorm_embedding = bool(cfg.get("layernorm_embedding", True))
   dt = c.data
   dt.image_size = int(pipeline.get("patch_image_size", DEFAULT_IMAGE_SIZE))
   dt.src_len, dt.tgt_len = min(SRC_LEN, max_pos), min(TGT_LEN, max_pos)
@@ -136,7 +132,7 @@ def m6_config(cfg: dict, pipeline: dict) -> ml_collections.ConfigDict:
 
 def special_order(cfg: dict, vocab: list[str]) -> list[int]:
   """OFA ids in our order: perm[i] is the OFA id of our id i (pad, eos, bos, unk first)."""
-  ids = {k: int(_get(cfg, f"{k}_token_id", v)) for k, v in (("pad", 1), ("eos", 2), ("bos", 0))}
+  ids = {k: int(cfg.get(f"{k}_token_id", v)) for k, v in (("pad", 1), ("eos", 2), ("bos", 0))}
   for name, piece in (("pad", "<pad>"), ("eos", "</s>"), ("bos", "<s>")):
     if ids[name] >= len(vocab) or vocab[ids[name]] != piece:
       _fail(f"vocab.txt has no {piece} at {name}_token_id={ids[name]} of config.json.")
