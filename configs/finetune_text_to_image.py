@@ -20,14 +20,13 @@ says which differs; an empty data.image_codes_dir is an error too.
 
 The model is the base one (1.1M parameters with the 256 code rows), trained from scratch:
 `init_from` a text-only model does not fit (its embedding has no code rows). Measured on 2
-shared CPU cores (an AMD EPYC, load 3-6 from other jobs): the 2800 steps took 24m19s wall
-(21.6 CPU-minutes; 1.8-2.0 steps/s); text_to_image loss 0.45 per code at the end (eval),
-image_to_text 7.16 -> 0.22. The earlier setting (1500 steps, image_to_text weight 0.5) ended
-at 0.54 per code and swapped colours and shapes between objects; this one, with 2.3x the
-text_to_image examples, binds them (judged results in README.md, Text to image). Depth in
-the same CPU time did worse: 6 layers (1.5M parameters), 2000 steps, 22m37s wall, ended at
-0.49 per code, and at guidance 1, best of 8, shape 78.4% and colour 87.3% (this setting:
-86.3% and 92.6%).
+AMD EPYC cores (Zen 5), nothing else running: the 3600 steps took 18m15s wall (3.3 steps/s;
+1.8-2.0 steps/s when the cores are shared with other jobs); text_to_image loss 0.41 per code
+at the end (eval), image_to_text 7.16 -> 0.16. Judged at guidance 1, best of 8: shape 95.6%,
+colour 98.0%, position 99.0% (README.md, Text to image). Fewer text-to-image examples bind
+attributes worse: 2800 steps reached shape 86.3%, and 1500 steps with image_to_text weight
+0.5 swapped colours and shapes between objects. Depth in the same CPU time did worse too:
+6 layers (1.5M parameters), 2000 steps, shape 78.4% and colour 87.3% at the same setting.
 
 Variant `:runlocal`: 20 steps (smoke test).
 """
@@ -45,12 +44,12 @@ def get_config(arg: str | None = None):
   config.data.tgt_len = 152  # 144 codes + EOS, a multiple of the length bucket
   config.data.length_bucket = 8
   config.data.image_codes_dir = ""  # required: --config.data.image_codes_dir=/tmp/codes
-  config.train.steps = 2800
+  config.train.steps = 3600
   config.train.lr = 2e-3
   config.train.warmup_steps = 100
   config.train.log_every = 50
-  config.train.checkpoint_every = 700
-  config.train.eval_every = 1400
+  config.train.checkpoint_every = 900
+  config.train.eval_every = 1800
   config.train.eval_metric = "text_to_image_loss"
   config.train.eval_examples = 32
   if arg == "grid6":  # a VQGAN with vqgan.downsample_factor=8

@@ -99,8 +99,7 @@ def is_vqgan_workdir(workdir: str, best: bool = False) -> bool:
   except checkpoints.CheckpointError:
     return False  # the caller's loader reports the missing checkpoint
   step = ckpts.latest_step()
-  saved = generate.saved_config(ckpts, step, workdir)
-  return saved.get("model", {}).get("family", "m6") == "vqgan"
+  return generate.saved_family(generate.saved_config(ckpts, step, workdir)) == "vqgan"
 
 
 def run_eval(

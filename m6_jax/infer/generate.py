@@ -85,6 +85,11 @@ def saved_config(ckpts: checkpoints.Checkpoints, step: int, workdir: str) -> dic
   return saved
 
 
+def saved_family(saved: dict) -> str:
+  """The model family of a saved config ("m6" for configs from before families existed)."""
+  return saved.get("model", {}).get("family", "m6")
+
+
 def workdir_config(workdir: str, step: int | None = None, best: bool = False):
   """The config a checkpoint of `workdir` was trained with (keys added since at their
   defaults), read without loading any parameters: what a caller checks before long work."""

@@ -90,7 +90,7 @@ class ImageTokenizer:
         f"no checkpoint step {step} in {ckpts.directory}; available: {ckpts.steps()}."
       )
     saved = generate.saved_config(ckpts, step, workdir)
-    family = saved.get("model", {}).get("family", "m6")
+    family = generate.saved_family(saved)
     if family != "vqgan":
       raise ConfigError(
         f"{workdir} holds a model of family '{family}', not a VQGAN (model.family='vqgan'); "
