@@ -1,5 +1,6 @@
 """The VQGAN family through the one train loop: sharded over 8 devices, it learns, logs its
-metrics, needs no tokenizer, and a stopped run resumes bit-exactly."""
+metrics, needs no tokenizer, its patch-GAN joins at disc_start, and a stopped run resumes
+bit-exactly."""
 
 import json
 
@@ -27,7 +28,11 @@ def vqgan_config(tiny_config):
   return c
 
 
-def test_vqgan_trains_sharded_and_resumes_bit_exactly(vqgan_config, tmp_path):
+def test_vqgan_with_its_gan_trains_sharded_and_resumes_bit_exactly(vqgan_config, tmp_path):
+  # The patch-GAN joins at logged step 4 (disc_start 3: the train step counts from 0): the
+  # stopped run below ends without it and the resumed run starts with it.
+  v = vqgan_config.vqgan
+  v.disc_weight, v.disc_start, v.disc_channels, v.disc_layers = 0.5, 3, 8, 1
   straight = loop.train(vqgan_config, str(tmp_path / "straight"))
   assert straight.final_step == 6
   assert straight.losses[-1] < 0.8 * straight.losses[0], straight.losses
@@ -39,6 +44,10 @@ def test_vqgan_trains_sharded_and_resumes_bit_exactly(vqgan_config, tmp_path):
   # (0.01 x count < dead_code_threshold 0.25).
   assert records[0]["codes_restarted"] > 0
   assert not (tmp_path / "straight" / "tokenizer").exists()
+  assert set(straight.state.params) == {"generator", "discriminator"}
+  gan = {r["step"]: r for r in records if "disc_factor" in r}
+  assert [gan[s]["disc_factor"] for s in range(1, 7)] == [0.0] * 3 + [1.0] * 3
+  assert all(np.isfinite(gan[s]["disc_loss"]) and gan[s]["adaptive_weight"] > 0 for s in (4, 5, 6))
 
   workdir = str(tmp_path / "stopped")
   first = loop.train(vqgan_config, workdir, should_stop=lambda step: step >= 3)
