@@ -17,8 +17,9 @@ validation split (captions alternate Chinese and English), the table shows:
   * chance: the renders judged against the captions of other scenes.
 
 Each row also has a Fréchet distance between the judge's features of its images and those
-of the real images of other held-out scenes (our own domain metric on the judge's 288
-features, not COCO FID; its floor, real vs real, is the first row's). The table is printed
+of --reference_images real images of other held-out scenes (our own domain metric on the
+judge's 288 features, not COCO FID; its floor, real vs real at the row's sample size, is
+the first row's). A large reference leaves only the row's own sampling noise. The table is printed
 and written, with the settings and timings, to <workdir>/text_to_image_eval.json.
 """
 
@@ -97,6 +98,7 @@ def evaluate(
   log=print,
   image_tokenizer=None,
   sampling: dict | None = None,
+  reference_images: int = 1000,
 ) -> dict[str, Any]:
   """{row name: scores} for the model of `workdir` (see the module docstring); the VQGAN is
   `image_tokenizer` when given, else loaded from `vqgan_workdir` or the model's codes;
@@ -112,8 +114,9 @@ def evaluate(
   world_seed, size = int(model.config.seed), int(model.config.data.image_size)
   scenes, captions = held_out(world_seed, num_prompts, size)
   real = scene_scores.render(scenes, size)
-  # The Fréchet reference: real images of the next num_prompts held-out scenes.
-  others = scene_scores.world_scenes(world_seed, "validation", 2 * num_prompts)[num_prompts:]
+  # The Fréchet reference: real images of the next reference_images held-out scenes.
+  others = scene_scores.world_scenes(world_seed, "validation", num_prompts + reference_images)
+  others = others[num_prompts:]
   reference = judge.features(scene_scores.render(others, size))
   rows: dict[str, dict] = {}
   rows["real images (ceiling)"] = _row(judge, real, scenes, reference, 0.0)
@@ -138,6 +141,7 @@ def evaluate(
     "rerank": rerank,
     "seed": seed,
     "sampling": dict(sampling or {}),
+    "reference_images": reference_images,
     "rows": rows,
   }
 
@@ -170,6 +174,8 @@ def _main(flag_values: dict[str, Any], argv: list[str]) -> None:
     exit_with(f"--guidance_scales={v['guidance_scales']!r} must list scales >= 0, e.g. 1,3,10.")
   if v["num_prompts"] < 2:
     exit_with(f"--num_prompts={v['num_prompts']} must be at least 2 (chance pairs captions).")
+  if v["reference_images"] < 2:
+    exit_with(f"--reference_images={v['reference_images']} must be at least 2.")
   if v["rerank"] < 0 or v["batch_size"] < 1:
     exit_with("--rerank must be >= 0 (0: no reranking) and --batch_size >= 1.")
   if v["temperature"] <= 0 or v["top_k"] < 0 or not 0 < v["top_p"] <= 1:
@@ -190,6 +196,7 @@ def _main(flag_values: dict[str, Any], argv: list[str]) -> None:
       v["vqgan_workdir"],
       log=lambda line: print(line, flush=True),
       sampling=sampling,
+      reference_images=v["reference_images"],
     )
   except UserError as e:
     exit_with(str(e))
@@ -210,6 +217,11 @@ def _define_flags() -> dict[str, Any]:
       "judge_dir", "/tmp/m6_scene_judge", "Where the judge is cached (trained once, ~1 min)."
     ),
     "num_prompts": flags.DEFINE_integer("num_prompts", 100, "Held-out captions to draw (>= 2)."),
+    "reference_images": flags.DEFINE_integer(
+      "reference_images",
+      1000,
+      "Real held-out images whose judge features are the Fréchet reference.",
+    ),
     "guidance_scales": flags.DEFINE_string(
       "guidance_scales", "1,3,10", "Classifier-free guidance scales to compare."
     ),

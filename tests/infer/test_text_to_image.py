@@ -7,6 +7,8 @@ import functools
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 from image_codes_stand_in import StandInImageTokenizer, write_codes_dir
 from PIL import Image
+from testing_utils import cpu_env
 
 from m6_jax import config as config_lib
 from m6_jax.data import synthetic, tasks
@@ -401,8 +404,17 @@ def _judged_against_the_scenes(workdir, vqgan):
   from m6_jax.evaluation import text_to_image_eval
 
   results = text_to_image_eval.evaluate(
-    workdir, _ColourJudge(), 4, [1.0, 3.0], 2, batch_size=4, image_tokenizer=vqgan, log=None
+    workdir,
+    _ColourJudge(),
+    4,
+    [1.0, 3.0],
+    2,
+    batch_size=4,
+    image_tokenizer=vqgan,
+    log=None,
+    reference_images=6,
   )
+  assert results["reference_images"] == 6
   rows = results["rows"]
   assert list(rows) == [
     "real images (ceiling)",
@@ -422,3 +434,17 @@ def _judged_against_the_scenes(workdir, vqgan):
   assert all(np.isfinite(rows[n]["frechet"]) for n in list(rows)[:-1])
   table = text_to_image_eval.format_table(rows)
   assert table.count("\n") == len(rows) + 1 and "generated, guidance 3, best of 2" in table
+
+
+def test_the_judged_evaluation_rejects_a_reference_too_small_for_a_frechet_distance(tmp_path):
+  proc = subprocess.run(
+    [sys.executable, "-m", "m6_jax.evaluation.text_to_image_eval", f"--workdir={tmp_path}"]
+    + ["--reference_images=1"],
+    env=cpu_env(),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2 and lines[-1].startswith("error: --reference_images=1"), proc.stderr
+  assert "Traceback" not in proc.stderr
