@@ -14,7 +14,8 @@ usage over all 512 x 144 codes), on 2 CPU cores shared with other jobs (load 5-9
                              step 1000: PSNR 32.3 dB, usage 100%, perplexity 176
                              20m30s wall, 14m50s CPU (0.7-1.4 steps/s under that load);
                              7m06s wall, 5m15s CPU on a faster AMD EPYC (load 5-6, 1.9-2.6
-                             steps/s): the same PSNR 32.3 dB, usage 100%, perplexity 171
+                             steps/s): the same PSNR 32.3 dB, usage 100%, perplexity 171;
+                             3m43s wall on the same machine with nothing else running
   the same for 600 steps:    step 600: PSNR 28.6 dB, usage 95.3%, perplexity 125
   factor 8 (6x6 codes), widths 8/16/32/64, L1 only: step 200: PSNR 19.4 dB, usage 87.1%
 (the 6x6 grid would be cheaper to generate but did not come near 30 dB).

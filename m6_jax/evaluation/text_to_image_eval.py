@@ -19,8 +19,8 @@ validation split (captions alternate Chinese and English), the table shows:
 Each row also has a Fréchet distance between the judge's features of its images and those
 of --reference_images real images of other held-out scenes (our own domain metric on the
 judge's 288 features, not COCO FID; its floor, real vs real at the row's sample size, is
-the first row's). A large reference leaves only the row's own sampling noise. The table is printed
-and written, with the settings and timings, to <workdir>/text_to_image_eval.json.
+the first row's). A large reference leaves only the row's own sampling noise. The table is
+printed and written, with the settings and timings, to <workdir>/text_to_image_eval.json.
 """
 
 from __future__ import annotations
