@@ -397,9 +397,6 @@ class MoeMlp(nn.Module):
       xs = constrain(moe_dispatch.gather_tokens(x.astype(self.dtype), slot_token), EXPERT_EMBED)
       ys = experts(xs, deterministic)
       out = moe_dispatch.combine_outputs(ys, routing.expert_index, position, kept, routing.weights)
-      # The same loss by a gather instead of a [tokens, experts] one-hot. Not used by the
-      # einsum path: on TPU its scatter-add gradient cost M6-100B 10 points of estimated MFU.
-      balance = moe_dispatch.load_balance_loss(routing.probs, routing.expert_index, token_mask)
     else:
       dispatch, combine, kept = dispatch_combine(
         routing.expert_index, routing.weights, self.num_experts, capacity, token_mask
@@ -408,8 +405,11 @@ class MoeMlp(nn.Module):
       xs = jnp.einsum("blec,bld->ebcd", dispatch.astype(self.dtype), x.astype(self.dtype))
       ys = experts(constrain(xs, EXPERT_EMBED), deterministic)
       out = jnp.einsum("blec,ebcd->bld", combine.astype(self.dtype), ys)
-      balance = load_balance_loss(routing.probs, routing.expert_index, token_mask)
 
+    # One-hot form for both dispatches: a gather form (no [tokens, experts] one-hot) compiled
+    # to a scatter-add gradient that cost more HBM traffic on TPU in every config measured
+    # (docs/performance.md: M6-100B 47% -> 37%, M6-T 44% -> 41% estimated MFU).
+    balance = load_balance_loss(routing.probs, routing.expert_index, token_mask)
     self.sow(AUX_LOSS_COLLECTION, "load_balance_loss", balance)
     self.sow(
       AUX_LOSS_COLLECTION, "router_z_loss", router_z_loss(logits, self.num_groups, token_mask)

@@ -118,21 +118,3 @@ def combine_outputs(
   picked = take(rows, slot.reshape(b, l * k)).reshape(b, l, k, d)
   w = (weights * kept).astype(ys.dtype)
   return jnp.einsum("blkd,blk->bld", picked, w)
-
-
-def load_balance_loss(
-  probs: jax.Array, expert_index: jax.Array, token_mask: jax.Array | None = None
-) -> jax.Array:
-  """moe.load_balance_loss without the [tokens, experts] one-hot of the assignments.
-
-  n * sum_e f_e * P_e of a prototype is n / (top_k * count) times the sum over real tokens
-  and their choices in it of P at the chosen expert, so the mean over prototypes is one
-  gather of the mean probabilities P [experts] at every assignment.
-  """
-  b, l, g, n = probs.shape
-  w = jnp.ones((b, l), jnp.float32) if token_mask is None else token_mask.astype(jnp.float32)
-  count = jnp.maximum(jnp.sum(w), 1.0)
-  p = (jnp.einsum("blgn,bl->gn", probs, w) / count).reshape(g * n)
-  top_k = expert_index.shape[-1] // g
-  chosen = jnp.sum(p[expert_index], axis=-1)  # [b, l]: over all prototypes' choices
-  return n / (g * top_k) * jnp.sum(chosen * w) / count
