@@ -32,8 +32,8 @@ import sentencepiece as spm
 from absl import logging
 
 from m6_jax.data import synthetic, wordpiece
+from m6_jax.data.special_ids import BOS_ID, EOS_ID, PAD_ID, UNK_ID, ids_to_decode
 
-PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 MASK_PIECE = "<mask>"
 DEFAULT_NUM_SENTINELS = 32
 # Put around pieces that must stay apart (Han characters; words of the synthetic corpus when
@@ -200,14 +200,7 @@ class Tokenizer:
     return self.encode(text)
 
   def decode(self, ids: Sequence[int]) -> str:
-    out = []
-    for i in ids:
-      i = int(i)
-      if i == EOS_ID:
-        break
-      if i not in (PAD_ID, BOS_ID):
-        out.append(i)
-    return self._sp.decode(out)
+    return self._sp.decode(ids_to_decode(ids))
 
   def id_to_piece(self, i: int) -> str:
     return self._sp.id_to_piece(int(i))

@@ -23,8 +23,8 @@ import numpy as np
 from tokenizers import Tokenizer as HfTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
-# The special ids of m6_jax/data/tokenizer.py (which loads this module, hence repeated).
-PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
+from m6_jax.data.special_ids import BOS_ID, EOS_ID, PAD_ID, UNK_ID, ids_to_decode
+
 HAN_CHARACTERS = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
 SPECIAL_PIECES = ("<pad>", "</s>", "<s>", "<unk>")  # at ids 0..3
 MASK_PIECE = "<mask>"
@@ -96,13 +96,7 @@ class WordPieceTokenizer:
     return [BOS_ID, *self.encode(text), EOS_ID]
 
   def decode(self, ids: Sequence[int]) -> str:
-    out = []
-    for i in ids:
-      i = int(i)
-      if i == EOS_ID:
-        break
-      if i not in (PAD_ID, BOS_ID) and i < len(self._pieces):
-        out.append(i)
+    out = [i for i in ids_to_decode(ids) if i < len(self._pieces)]
     text = self._hf.decode(out, skip_special_tokens=False)
     return _HAN_SPACE.sub("", text).strip()
 
