@@ -93,14 +93,18 @@ def sorted_slots(
   return position, kept, slot_token
 
 
+def _take(rows: jax.Array, index: jax.Array) -> jax.Array:
+  """rows [batch, n, d], index [batch, m] -> [batch, m, d]; an index >= n reads zeros."""
+  return jax.vmap(lambda r, i: r.at[i].get(mode="fill", fill_value=0))(rows, index)
+
+
 # The buffers are laid out capacity-major, [batch, C, E, embed]: the TPU tiles the two minor
 # dimensions of an array, and an expert-major [..., C, embed] pads a small capacity (M6-100B:
 # 3 slots per expert and row) up to the tile height.
 def gather_tokens(x: jax.Array, slot_token: jax.Array) -> jax.Array:
   """x [batch, length, embed], slot_token [batch, C, E] -> buffers [E, batch, C, embed]."""
   b, c, e = slot_token.shape
-  take = jax.vmap(lambda row, idx: row.at[idx].get(mode="fill", fill_value=0))
-  buffers = take(x, slot_token.reshape(b, c * e)).reshape(b, c, e, x.shape[-1])
+  buffers = _take(x, slot_token.reshape(b, c * e)).reshape(b, c, e, x.shape[-1])
   buffers = constrain(buffers, ROW_BUFFERS)
   return jnp.transpose(buffers, (2, 0, 1, 3))  # the all-to-all on an expert-parallel mesh
 
@@ -114,7 +118,6 @@ def combine_outputs(
   rows = constrain(jnp.transpose(ys, (1, 2, 0, 3)), ROW_BUFFERS).reshape(b, c * e, d)
   slot = jnp.where(kept, position * e + expert_index, c * e)  # dropped: out of range -> 0
   l, k = slot.shape[1:]
-  take = jax.vmap(lambda row, idx: row.at[idx].get(mode="fill", fill_value=0))
-  picked = take(rows, slot.reshape(b, l * k)).reshape(b, l, k, d)
+  picked = _take(rows, slot.reshape(b, l * k)).reshape(b, l, k, d)
   w = (weights * kept).astype(ys.dtype)
   return jnp.einsum("blkd,blk->bld", picked, w)
