@@ -12,11 +12,11 @@ from typing import Any, Callable
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from m6_jax import platforms  # noqa: E402
+from m6_jax.cli import bootstrap  # noqa: E402
 
 # Before JAX starts its backends: with libtpu installed and no TPU chip, the CPU, without
 # libtpu's metadata-server probe and its error lines (as `python -m m6_jax.main` does).
-platforms.choose()
+bootstrap.choose_platform()
 
 from m6_jax.data.tasks import random_features_batch  # noqa: E402
 from m6_jax.train import setup as setup_lib  # noqa: E402

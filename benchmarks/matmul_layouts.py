@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from m6_jax import host_memory  # noqa: E402
+from m6_jax.cli import bootstrap  # noqa: E402
 from m6_jax.model import ops  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def main() -> None:
     "--json", default=os.path.join(os.path.dirname(__file__), "results", "matmul_layouts.json")
   )
   args = parser.parse_args()
-  print(host_memory.restart_with_huge_pages())
+  print(bootstrap.restart_with_huge_pages())
   rng = np.random.default_rng(0)
   forms = {"jax_autodiff": kernel_grad(jnp.dot), "layers_dense": kernel_grad(ops.dense)}
   results = {"device": str(jax.devices()[0].device_kind), "tokens": args.tokens, "kernels": {}}

@@ -13,7 +13,7 @@ zero as XLA:CPU does, eager and (where it works) torch.compile; the output names
 model (/proc/cpuinfo) and the table gives our step time divided by the reference's (< 1: we are
 faster). PyTorch is optional: `pip install -r requirements-bench.txt`. Like `m6_jax.main`,
 the benchmark restarts itself once with glibc's transparent-huge-page tunable
-(m6_jax/host_memory.py); both frameworks run under it, in the one process.
+(m6_jax/cli/bootstrap.py); both frameworks run under it, in the one process.
 `--no-huge-pages` measures without it.
 """
 
@@ -31,7 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import base  # noqa: E402
-from m6_jax import host_memory  # noqa: E402
+from m6_jax.cli import bootstrap  # noqa: E402
 from m6_jax.model.m6 import M6Config  # noqa: E402
 
 
@@ -139,15 +139,13 @@ def main() -> None:
     "--no-huge-pages",
     action="store_true",
     help="run as started, without restarting with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 "
-    "(m6_jax/host_memory.py; the setting applies to both frameworks, one process)",
+    "(m6_jax/cli/bootstrap.py; the setting applies to both frameworks, one process)",
   )
   parser.add_argument(
     "--json", default=os.path.join(os.path.dirname(__file__), "results", "train_step.json")
   )
   args = parser.parse_args()
-  memory = (
-    "host memory: as started" if args.no_huge_pages else host_memory.restart_with_huge_pages()
-  )
+  memory = "host memory: as started" if args.no_huge_pages else bootstrap.restart_with_huge_pages()
 
   # The MFU denominator: the better of two peak measurements, before and after the sizes,
   # so that a busy moment on a shared machine during one of them does not inflate MFU.
@@ -163,7 +161,7 @@ def main() -> None:
     "device": str(device.device_kind),
     "cpu_model": cpu,
     "threads": threads,
-    "huge_pages": host_memory.enabled(),
+    "huge_pages": bootstrap.huge_pages_enabled(),
     "sizes": {},
   }
   header = (

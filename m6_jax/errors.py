@@ -1,6 +1,7 @@
 """The errors a user can cause, in one family.
 
-`m6_jax.main` turns every `UserError` into one `error: ...` line on stderr and exit status 2;
+The command line (m6_jax/main.py) turns every `UserError` into one `error: ...` line on stderr
+and exit status 2;
 anything else is a bug and keeps its traceback. Each message says what was wrong, where, and
 how to fix it. The modules that raise them re-export their own (`config.ConfigError`,
 `checkpoints.CheckpointError`, ...), so callers import them from where they are raised.
@@ -65,17 +66,6 @@ def exit_with(message: str) -> None:
 
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing for a program's `app.run(..., flags_parser=parse_flags)`: a bad or
-  missing flag is one `error:` line and status 2 instead of absl's usage dump."""
-  from absl import flags
-
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    exit_with(f"{e}. Pass --helpshort to see the flags.")
 
 
 def one_line(error: BaseException) -> str:

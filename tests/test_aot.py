@@ -2,7 +2,8 @@
 
 import pytest
 
-from m6_jax import aot, hlo_costs
+from m6_jax.aot import hlo_costs
+from m6_jax.aot import report as aot
 
 
 def test_count_collectives():

@@ -5,7 +5,8 @@ same config compiled with the layers unrolled (which has no loop to miscount).""
 import jax
 import pytest
 
-from m6_jax import aot, hlo_costs
+from m6_jax.aot import hlo_costs
+from m6_jax.aot import report as aot
 
 
 def _step_costs(config):

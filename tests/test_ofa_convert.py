@@ -11,7 +11,7 @@ import ofa_utils
 import pytest
 import torch
 
-from m6_jax import checkpoints
+from m6_jax.checkpoint import checkpoints
 from m6_jax.data import images as images_lib
 from m6_jax.data import wordpiece
 from m6_jax.infer import ofa_convert
@@ -87,20 +87,11 @@ def test_convert_then_caption_like_ofa(ofa_dir, converted, tmp_path, run_main):
   assert row["output"] == _ofa_greedy_caption(model, out, image)
 
 
-def _convert_cli(args, capsys) -> str:
-  """`python -m m6_jax.main --mode=convert ARGS` in this process: its one stderr line."""
-  from absl import flags
-
-  from m6_jax import main as main_lib
-
-  flags.FLAGS(["m6_jax.main", "--nohuge_pages", "--mode=convert", "--from=ofa", *args])
-  try:
-    with pytest.raises(SystemExit) as stop:
-      main_lib.main(["m6_jax.main"])
-  finally:
-    flags.FLAGS.unparse_flags()
-  err = capsys.readouterr().err.strip()
-  assert stop.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
+def _convert_cli(args, run_main) -> str:
+  """`python -m m6_jax.main --mode=convert --from=ofa ARGS`: its one stderr line."""
+  out = run_main("--nohuge_pages", "--mode=convert", "--from=ofa", *args)
+  err = out.stderr.strip()
+  assert out.returncode == 2 and err.startswith("error: ") and "\n" not in err, err
   return err
 
 
@@ -114,22 +105,22 @@ def _copy(directory, target, skip=()):
   return str(target)
 
 
-def test_bad_inputs_are_one_error_line(ofa_dir, tmp_path, capsys):
+def test_bad_inputs_are_one_error_line(ofa_dir, tmp_path, run_main):
   _, directory, image = ofa_dir
   out = f"--output={tmp_path / 'out'}"
-  err = _convert_cli([f"--input={os.path.dirname(image)}", out], capsys)
+  err = _convert_cli([f"--input={os.path.dirname(image)}", out], run_main)
   assert "is not an OFA checkpoint" in err and "pytorch_model.bin" in err
   no_vocab = _copy(directory, tmp_path / "no_vocab", skip=("vocab.txt",))
-  assert "has no vocab.txt" in _convert_cli([f"--input={no_vocab}", out], capsys)
+  assert "has no vocab.txt" in _convert_cli([f"--input={no_vocab}", out], run_main)
   wrong = _copy(directory, tmp_path / "wrong_shapes", skip=("config.json",))
   with open(os.path.join(directory, "config.json")) as f:
     cfg = json.load(f)
   cfg["encoder_ffn_dim"] = cfg["decoder_ffn_dim"] = 48  # the weights have 64
   with open(os.path.join(wrong, "config.json"), "w") as f:
     json.dump(cfg, f)
-  err = _convert_cli([f"--input={wrong}", out], capsys)
+  err = _convert_cli([f"--input={wrong}", out], run_main)
   assert "mlp" in err and "(64,)" in err and "config.json gives (48,)" in err
-  assert "--input" in _convert_cli([out], capsys)  # no --input at all
+  assert "--input" in _convert_cli([out], run_main)  # no --input at all
   assert not os.path.exists(tmp_path / "out")
 
 

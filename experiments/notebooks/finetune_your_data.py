@@ -59,10 +59,10 @@ REPO = find_repo()
 os.chdir(REPO)
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
-from m6_jax import platforms
+from m6_jax.cli import bootstrap
 
 if INSTALL:
-  requirements = "requirements-tpu.txt" if platforms._has_tpu_chip() else "requirements.txt"
+  requirements = "requirements-tpu.txt" if bootstrap.has_tpu_chip() else "requirements.txt"
   subprocess.run(
     [sys.executable, "-m", "pip", "install", "-q", "-r", requirements]
     + ["-r", "requirements-experiments.txt"],
@@ -132,7 +132,7 @@ from absl import logging
 from experiments.notebooks import helpers
 from m6_jax.train import loop
 
-platforms.choose()
+bootstrap.choose_platform()
 print(jax.devices())
 logging.set_verbosity(logging.INFO)
 model_keys = helpers.load_config("configs/base.py").model.to_dict()

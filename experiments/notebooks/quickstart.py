@@ -57,9 +57,9 @@ REPO = find_repo()
 os.chdir(REPO)
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
-from m6_jax import platforms
+from m6_jax.cli import bootstrap
 
-on_tpu = platforms._has_tpu_chip()
+on_tpu = bootstrap.has_tpu_chip()
 if INSTALL:
   requirements = "requirements-tpu.txt" if on_tpu else "requirements.txt"
   subprocess.run(
@@ -67,7 +67,7 @@ if INSTALL:
     + ["-r", "requirements-experiments.txt"],
     check=True,
   )
-platforms.choose()  # CPU where libtpu is installed but there is no TPU chip
+bootstrap.choose_platform()  # CPU where libtpu is installed but there is no TPU chip
 
 import jax
 

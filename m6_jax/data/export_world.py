@@ -1,6 +1,6 @@
 """The synthetic world written out as a user's dataset would be: an image folder + JSONL.
 
-  python -m m6_jax.data.export_world --output_dir=/tmp/world_files
+  python -m m6_jax.main --mode=export_world --output_dir=/tmp/world_files
 
 writes ``images/<split>/<i>.png`` and ``train.jsonl`` / ``validation.jsonl`` with one line per
 image: its caption (``--caption_language``: ``zh`` by default, ``en`` or ``both``) and one
@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from typing import Any
 
 import numpy as np
-from absl import app, flags
 from PIL import Image
 
 from m6_jax.data import synthetic
@@ -58,45 +55,3 @@ def export(
     os.replace(path + ".tmp", path)
     out[split] = path
   return out
-
-
-def _define_flags() -> dict[str, Any]:
-  """The command line's flags (defined only when run as a program, so that importing this
-  module next to another absl program, e.g. m6_jax.main with its own --seed, adds none)."""
-  return {
-    "output_dir": flags.DEFINE_string(
-      "output_dir", None, "Folder to write images/ and *.jsonl into."
-    ),
-    "num_train": flags.DEFINE_integer("num_train", 4000, "Train images."),
-    "num_validation": flags.DEFINE_integer("num_validation", 300, "Validation images."),
-    "image_size": flags.DEFINE_integer("image_size", 64, "Image side in pixels."),
-    "caption_language": flags.DEFINE_enum(
-      "caption_language", "zh", ["zh", "en", "both"], "Caption language(s) of each image."
-    ),
-    "seed": flags.DEFINE_integer("seed", 0, "The world's seed."),
-  }
-
-
-def _main(flag_values: dict[str, Any], argv: list[str]) -> None:
-  del argv
-  v = {k: f.value for k, f in flag_values.items()}
-  if not v["output_dir"]:
-    print("error: --output_dir is required, e.g. --output_dir=/tmp/world_files", file=sys.stderr)
-    sys.exit(2)
-  if v["num_train"] < 1 or v["num_validation"] < 1 or v["image_size"] < 16:
-    print(
-      "error: --num_train and --num_validation must be >= 1, --image_size >= 16", file=sys.stderr
-    )
-    sys.exit(2)
-  try:
-    paths = export(**v)
-  except OSError as e:
-    print(f"error: cannot write to {v['output_dir']!r}: {e.strerror or e}", file=sys.stderr)
-    sys.exit(2)
-  for split, path in paths.items():
-    print(f"{split}: {path}")
-
-
-if __name__ == "__main__":
-  _flags = _define_flags()
-  app.run(lambda argv: _main(_flags, argv))

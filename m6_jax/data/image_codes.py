@@ -30,12 +30,12 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from m6_jax import config as config_lib
 from m6_jax.data import splits
+from m6_jax.data.codes_info import CODES_INFO_FILE, read_codes_info
 from m6_jax.errors import ConfigError
 
 FORMAT_VERSION = 1
-INFO_FILE = config_lib.CODES_INFO_FILE
+INFO_FILE = CODES_INFO_FILE
 SPLITS = ("train", "validation")
 
 
@@ -101,7 +101,7 @@ class _WithCodes:
 def with_codes(source, config, split: str):
   """`source` with the codes of `data.image_codes_dir` attached (ConfigError: see above)."""
   codes_dir = str(config.data.image_codes_dir)
-  info = config_lib.read_codes_info(codes_dir)
+  info = read_codes_info(codes_dir)
   problem = _mismatch(info.get("source", {}), fingerprint(config), split)
   if problem:
     raise ConfigError(

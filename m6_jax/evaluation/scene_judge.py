@@ -5,20 +5,13 @@ grid cell (of 3x3) of 1 to 3 objects, so a classifier that reads those attribute
 pixels turns "does the generated image show its caption" into plain accuracies:
 
     judge = scene_judge.load_or_train("/tmp/judge")          # ~1 min on 2 CPU cores, cached
-    scores = scene_judge.attribute_accuracy(judge, images, scenes)
-    chance = scene_judge.chance_accuracy(judge, images, scenes)
-    fd = scene_judge.frechet_distance(judge.features(real), judge.features(generated))
+    scores = scene_scores.attribute_accuracy(judge, images, scenes)
+    chance = scene_scores.chance_accuracy(judge, images, scenes)
+    fd = scene_scores.frechet_distance(judge.features(real), judge.features(generated))
 
-The scores, chance levels and Fréchet distance live in ``scene_scores`` (re-exported here).
-From the command line, the judge is trained (or loaded from the cache) and its accuracy on
-rendered validation scenes, on ``degrade``d copies of them and the chance levels printed::
-
-    python -m m6_jax.evaluation.scene_judge --cache_dir=/tmp/judge
-
-Flags: ``--cache_dir`` (required; one folder per training setting is kept there),
-``--num_steps``, ``--batch_size``, ``--learning_rate``, ``--num_train_scenes`` and ``--seed``
-(the ``train_judge`` settings; the seed also picks the validation scenes), ``--num_eval``
-(validation scenes to report on, default 1000). Bad flags end in one ``error:`` line, exit 2.
+The scores, chance levels and Fréchet distance are ``scene_scores``'s (plain numpy on the
+judge's readings). ``--mode=scene_judge`` (m6_jax/cli/scene_judge.py) trains the judge, or
+loads it from its cache, and prints its held-out accuracy.
 
 **The network** (``JudgeNet``) predicts, for each of the 9 cells, the shape with "empty" as
 a sixth class (occupancy and shape are one decision), the colour (6) and the size (2), the
@@ -63,43 +56,16 @@ import numpy as np
 import optax
 
 from m6_jax.data import synthetic
-from m6_jax.errors import EvaluationError, exit_with, parse_flags
+from m6_jax.errors import EvaluationError
 from m6_jax.evaluation.scene_scores import (
   COLOR_NAMES,
   EMPTY,
   NUM_CELLS,
-  analytic_chance,
-  attribute_accuracy,
-  chance_accuracy,
-  degrade,
   evaluate_on_world,
-  format_table,
-  frechet_distance,
   render,
   scene_targets,
-  score_predictions,
   world_scenes,
 )
-
-# The public API; the scores are re-exported so that one import serves a caller.
-__all__ = [
-  "Judge",
-  "JudgeNet",
-  "TrainSettings",
-  "analytic_chance",
-  "attribute_accuracy",
-  "augment",
-  "chance_accuracy",
-  "degrade",
-  "evaluate_on_world",
-  "frechet_distance",
-  "load_or_train",
-  "render",
-  "scene_targets",
-  "score_predictions",
-  "train_judge",
-  "world_scenes",
-]
 
 # Bump when the network, the augmentation or the labels change: cached judges then retrain.
 FORMAT_VERSION = 2
@@ -411,72 +377,3 @@ def load_or_train(cache_dir: str, log: Callable[[str], None] | None = None, **se
   if log:
     log(f"saved the scene judge to {directory}")
   return judge
-
-
-# --------------------------------------------------------------------------------------
-# Scores
-# --------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------
-
-
-def _define_flags() -> dict[str, Any]:
-  """The command line's flags (defined only when run as a program, so that importing this
-  module next to another absl program adds no flags to it)."""
-  from absl import flags
-
-  d = TrainSettings()
-  return {
-    "cache_dir": flags.DEFINE_string("cache_dir", None, "Folder of cached judges (required)."),
-    "num_steps": flags.DEFINE_integer("num_steps", d.num_steps, "Training steps."),
-    "batch_size": flags.DEFINE_integer("batch_size", d.batch_size, "Images per training step."),
-    "learning_rate": flags.DEFINE_float("learning_rate", d.learning_rate, "Peak AdamW lr."),
-    "num_train_scenes": flags.DEFINE_integer(
-      "num_train_scenes", d.num_train_scenes, "Train-split scenes rendered for training."
-    ),
-    "seed": flags.DEFINE_integer("seed", d.seed, "World seed (train and validation scenes)."),
-    "num_eval": flags.DEFINE_integer("num_eval", 1000, "Validation scenes to report on (>= 2)."),
-  }
-
-
-def _main(flag_values: dict[str, Any], argv: list[str]) -> None:
-  if len(argv) > 1:
-    exit_with(f"unexpected arguments: {' '.join(argv[1:])}")
-  values = {k: f.value for k, f in flag_values.items()}
-  cache_dir, num_eval = values.pop("cache_dir"), values.pop("num_eval")
-  if not cache_dir:
-    exit_with("--cache_dir is required, e.g. --cache_dir=/tmp/judge")
-  if num_eval < 2:
-    exit_with(f"--num_eval must be >= 2, got {num_eval}")
-  try:
-    start = time.perf_counter()
-    judge = load_or_train(cache_dir, log=lambda line: print(line, flush=True), **values)
-    print(f"judge ready in {time.perf_counter() - start:.1f}s")
-    result = evaluate_on_world(judge, judge.settings.seed, num_eval, judge.settings.image_size)
-  except EvaluationError as e:
-    exit_with(str(e))
-  except OSError as e:
-    exit_with(f"cannot use --cache_dir={cache_dir!r}: {e.strerror or e}")
-  print(
-    f"held-out accuracy on {num_eval} rendered validation scenes (world {judge.settings.seed}):"
-  )
-  rows = {
-    "judge": result["accuracy"],
-    "judge, degraded images": result["degraded"],
-    "chance (other captions)": result["chance"],
-    "chance (analytic)": analytic_chance(),
-  }
-  print(format_table(rows))
-
-
-if __name__ == "__main__":
-  from absl import app
-
-  from m6_jax import platforms
-
-  platforms.choose()  # the CPU where libtpu is installed but there is no TPU, before JAX starts
-
-  app.run(functools.partial(_main, _define_flags()), flags_parser=parse_flags)

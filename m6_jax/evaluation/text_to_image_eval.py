@@ -1,6 +1,6 @@
 """Text-to-image judged against the scene's truth, on held-out captions of the synthetic world.
 
-    python -m m6_jax.evaluation.text_to_image_eval --workdir=/tmp/m6_t2i --judge_dir=/tmp/judge
+    python -m m6_jax.main --mode=text_to_image_eval --workdir=/tmp/m6_t2i --judge_dir=/tmp/judge
 
 Every caption of the world states its objects' shape, colour, size and cell, so a generated
 image can be checked against the scene it was asked for. The judge is the attribute
@@ -25,8 +25,6 @@ printed and written, with the settings and timings, to <workdir>/text_to_image_e
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 import time
 from typing import Any, Sequence
@@ -34,8 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from m6_jax.data import synthetic
-from m6_jax.errors import UserError, exit_with, parse_flags
-from m6_jax.evaluation import scene_judge, scene_scores
+from m6_jax.evaluation import scene_scores
 from m6_jax.infer import text_to_image as t2i
 
 RESULTS_FILE = "text_to_image_eval.json"
@@ -158,92 +155,3 @@ def format_table(rows: dict[str, dict]) -> str:
     cells = [name] + [f"{100 * row[k]:.1f}%" for k in SCORES] + [fd]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
-
-
-def _main(flag_values: dict[str, Any], argv: list[str]) -> None:
-  if len(argv) > 1:
-    exit_with(f"unexpected arguments: {' '.join(argv[1:])}")
-  v = {k: f.value for k, f in flag_values.items()}
-  if not v["workdir"]:
-    exit_with("--workdir is required: a text-to-image workdir (configs/finetune_text_to_image.py).")
-  try:
-    guidance = [float(x) for x in v["guidance_scales"].split(",") if x.strip()]
-  except ValueError:
-    guidance = []
-  if not guidance or min(guidance) < 0:
-    exit_with(f"--guidance_scales={v['guidance_scales']!r} must list scales >= 0, e.g. 1,3,10.")
-  if v["num_prompts"] < 2:
-    exit_with(f"--num_prompts={v['num_prompts']} must be at least 2 (chance pairs captions).")
-  if v["reference_images"] < 2:
-    exit_with(f"--reference_images={v['reference_images']} must be at least 2.")
-  if v["rerank"] < 0 or v["batch_size"] < 1:
-    exit_with("--rerank must be >= 0 (0: no reranking) and --batch_size >= 1.")
-  if v["temperature"] <= 0 or v["top_k"] < 0 or not 0 < v["top_p"] <= 1:
-    exit_with("--temperature must be > 0, --top_k >= 0 (0: off) and --top_p in (0, 1].")
-  sampling = {k: v[k] for k in ("temperature", "top_k", "top_p")}
-  if not os.path.isdir(v["workdir"]):
-    exit_with(f"--workdir={v['workdir']} does not exist; train a text-to-image model there first.")
-  try:
-    judge = scene_judge.load_or_train(v["judge_dir"], log=lambda line: print(line, flush=True))
-    results = evaluate(
-      v["workdir"],
-      judge,
-      v["num_prompts"],
-      guidance,
-      v["rerank"],
-      v["seed"],
-      v["batch_size"],
-      v["vqgan_workdir"],
-      log=lambda line: print(line, flush=True),
-      sampling=sampling,
-      reference_images=v["reference_images"],
-    )
-  except UserError as e:
-    exit_with(str(e))
-  print(format_table(results["rows"]))
-  path = os.path.join(v["workdir"], RESULTS_FILE)
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=2, ensure_ascii=False)
-  print(f"wrote {path}")
-
-
-def _define_flags() -> dict[str, Any]:
-  """The program's flags (defined only when run as a program)."""
-  from absl import flags
-
-  return {
-    "workdir": flags.DEFINE_string("workdir", None, "A text-to-image workdir (required)."),
-    "judge_dir": flags.DEFINE_string(
-      "judge_dir", "/tmp/m6_scene_judge", "Where the judge is cached (trained once, ~1 min)."
-    ),
-    "num_prompts": flags.DEFINE_integer("num_prompts", 100, "Held-out captions to draw (>= 2)."),
-    "reference_images": flags.DEFINE_integer(
-      "reference_images",
-      1000,
-      "Real held-out images whose judge features are the Fréchet reference.",
-    ),
-    "guidance_scales": flags.DEFINE_string(
-      "guidance_scales", "1,3,10", "Classifier-free guidance scales to compare."
-    ),
-    "rerank": flags.DEFINE_integer(
-      "rerank", 8, "Also keep the best of N candidates per caption (0: no reranking rows)."
-    ),
-    "seed": flags.DEFINE_integer("seed", 0, "Sampling seed (one key per caption and candidate)."),
-    "batch_size": flags.DEFINE_integer("batch_size", 8, "Images sampled per call."),
-    "temperature": flags.DEFINE_float("temperature", 1.0, "Sampling temperature."),
-    "top_k": flags.DEFINE_integer("top_k", 0, "Sample from the k likeliest codes (0: all)."),
-    "top_p": flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: off)."),
-    "vqgan_workdir": flags.DEFINE_string(
-      "vqgan_workdir", "", "The VQGAN (default: the one the model's codes came from)."
-    ),
-  }
-
-
-if __name__ == "__main__":
-  from absl import app
-
-  from m6_jax import platforms
-
-  platforms.choose()  # the CPU where libtpu is installed but there is no TPU, before JAX starts
-
-  app.run(functools.partial(_main, _define_flags()), flags_parser=parse_flags)

@@ -26,14 +26,16 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from m6_jax import checkpoints
+from m6_jax.checkpoint import checkpoints
 from m6_jax.data import pipeline, splits
+from m6_jax.errors import ConfigError
 from m6_jax.evaluation import evaluate as evaluate_lib
-from m6_jax.infer import generate
 from m6_jax.infer.image_tokenizer import ImageTokenizer
 from m6_jax.parallel import partitioning
 
 MAX_PSNR_MSE_FLOOR = 1e-10
+# The metrics train.eval_metric may pick for a VQGAN (the best step by one of them is kept).
+METRICS = ("psnr", "codebook_usage", "perplexity")
 
 
 def code_metrics(histogram: np.ndarray) -> dict[str, float]:
@@ -83,6 +85,12 @@ class PeriodicEvaluator:
   """`evaluator(step, params) -> metrics` for the train loop, on the training mesh."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    metric = config.train.eval_metric
+    if metric not in METRICS:
+      raise ConfigError(
+        f"train.eval_metric='{metric}' is not a VQGAN eval metric; use one of {METRICS} "
+        "(e.g. --config.train.eval_metric=psnr)."
+      )
     self.config, self.workdir = config, workdir
 
   def __call__(self, step: int, params: Any) -> dict[str, float]:
@@ -90,16 +98,6 @@ class PeriodicEvaluator:
     rules = partitioning.logical_rules(self.config)
     tokenizer = ImageTokenizer(self.config, params["generator"], step, self.workdir, mesh, rules)
     return evaluate(tokenizer, self.config)
-
-
-def is_vqgan_workdir(workdir: str, best: bool = False) -> bool:
-  """Whether the newest checkpoint of `workdir` (or of its best/) is a VQGAN's."""
-  try:
-    ckpts = checkpoints.open_steps(checkpoints.best_dir(workdir) if best else workdir)
-  except checkpoints.CheckpointError:
-    return False  # the caller's loader reports the missing checkpoint
-  step = ckpts.latest_step()
-  return generate.saved_family(generate.saved_config(ckpts, step, workdir)) == "vqgan"
 
 
 def run_eval(

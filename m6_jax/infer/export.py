@@ -12,7 +12,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from m6_jax import checkpoints
+from m6_jax.checkpoint import checkpoints
 from m6_jax.errors import CheckpointError
 
 

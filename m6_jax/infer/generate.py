@@ -29,8 +29,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from m6_jax import checkpoints
 from m6_jax import config as config_lib
+from m6_jax.checkpoint import checkpoints
 from m6_jax.data import images as images_lib
 from m6_jax.data import tasks
 from m6_jax.data import tokenizer as tokenizer_lib
@@ -63,39 +63,12 @@ class LoadedModel:
     return partitioning.mesh_context(self.mesh, self.rules)
 
 
-def _merged_with_defaults(saved: dict) -> ml_collections.ConfigDict:
-  """A saved config dict, with the keys added since it was written at their defaults."""
-
-  def merge(base: dict, saved: dict) -> dict:
-    for k, v in saved.items():
-      base[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-    return base
-
-  return ml_collections.ConfigDict(merge(config_lib.default_config().to_dict(), saved))
-
-
-def saved_config(ckpts: checkpoints.Checkpoints, step: int, workdir: str) -> dict:
-  saved = ckpts.saved_json(step, "config")
-  if saved is None:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-      raise CheckpointError(f"{workdir} has a checkpoint but no config.json.")
-    with open(path) as f:
-      saved = json.load(f)
-  return saved
-
-
-def saved_family(saved: dict) -> str:
-  """The model family of a saved config ("m6" for configs from before families existed)."""
-  return saved.get("model", {}).get("family", "m6")
-
-
 def workdir_config(workdir: str, step: int | None = None, best: bool = False):
   """The config a checkpoint of `workdir` was trained with (keys added since at their
   defaults), read without loading any parameters: what a caller checks before long work."""
   ckpts = checkpoints.open_steps(checkpoints.best_dir(workdir) if best else workdir)
   step = ckpts.latest_step() if step is None else step
-  return _merged_with_defaults(saved_config(ckpts, step, workdir))
+  return config_lib.merged_with_defaults(checkpoints.saved_config(ckpts, step, workdir))
 
 
 def inference_config(
@@ -106,7 +79,7 @@ def inference_config(
   if config is not None:
     config_lib.validate(config, num_devices, training=False)
     return config
-  config = _merged_with_defaults(saved)
+  config = config_lib.merged_with_defaults(saved)
   try:
     config_lib.validate(config, num_devices, training=False)
   except ConfigError as e:
@@ -155,7 +128,7 @@ def load_model(
   ckpts = checkpoints.open_steps(source)
   step = ckpts.latest_step() if step is None else step
   devices = list(devices if devices is not None else jax.devices())
-  config = inference_config(saved_config(ckpts, step, workdir), config, len(devices))
+  config = inference_config(checkpoints.saved_config(ckpts, step, workdir), config, len(devices))
   mesh = partitioning.make_mesh(config, devices)
   rules = partitioning.logical_rules(config)
   model = M6(M6Config.from_config(config))

@@ -21,7 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from m6_jax import checkpoints
+from m6_jax.checkpoint import checkpoints
 from m6_jax.errors import ConfigError
 from m6_jax.infer import generate
 from m6_jax.model import features
@@ -89,8 +89,8 @@ class ImageTokenizer:
       raise checkpoints.CheckpointError(
         f"no checkpoint step {step} in {ckpts.directory}; available: {ckpts.steps()}."
       )
-    saved = generate.saved_config(ckpts, step, workdir)
-    family = generate.saved_family(saved)
+    saved = checkpoints.saved_config(ckpts, step, workdir)
+    family = saved.get("model", {}).get("family", "m6")
     if family != "vqgan":
       raise ConfigError(
         f"{workdir} holds a model of family '{family}', not a VQGAN (model.family='vqgan'); "

@@ -29,8 +29,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from m6_jax import checkpoints
 from m6_jax import config as config_lib
+from m6_jax.checkpoint import checkpoints
 from m6_jax.data import wordpiece
 from m6_jax.errors import CheckpointError
 from m6_jax.model.m6 import M6, M6Config, dummy_batch

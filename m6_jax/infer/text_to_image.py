@@ -5,7 +5,7 @@
     result = generate_images(model, vqgan, ImageRequest("一个红色的圆", num_images=8))
     image_outputs.write_outputs(result, request)              # PNGs, a grid, an index JSON
 
-`--mode=generate --prompt=... --num_images=N --output_dir=OUT` runs `run` (m6_jax/main.py).
+`--mode=generate --prompt=... --num_images=N --output_dir=OUT` runs `run` (m6_jax/cli/generate.py).
 
 Sampling (`sample_codes`) is the ancestral sampling of decoding.py (`generic_sample`, KV
 cache, temperature / top-k / top-p) with a step function that
@@ -40,7 +40,7 @@ import functools
 import io
 import math
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,9 +48,8 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from m6_jax import config as config_lib
+from m6_jax.data import codes_info, tasks
 from m6_jax.data import images as images_lib
-from m6_jax.data import tasks
 from m6_jax.errors import ConfigError, GenerationError
 from m6_jax.infer import decoding, image_outputs
 from m6_jax.infer import generate as gen
@@ -59,14 +58,11 @@ from m6_jax.model.m6 import M6, M6Config
 from m6_jax.parallel import multihost, partitioning
 
 DEFAULT_BATCH_SIZE = 8
-# --mode=generate flags that ask for images (with a --prompt on a model without image codes
-# they are an error, not a text continuation).
-DRAWING_FLAGS = ("num_images", "output_dir", "guidance_scale", "rerank", "vqgan_workdir")
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageRequest:
-  """What to generate and how (the CLI's flags)."""
+  """What to generate and how (--mode=generate's drawing flags)."""
 
   prompt: str = ""
   num_images: int = 4
@@ -79,13 +75,6 @@ class ImageRequest:
   seed: int = 0
   vqgan_workdir: str = ""  # empty: the one in the model's data.image_codes_dir
   batch_size: int = DEFAULT_BATCH_SIZE  # images sampled per decoding call
-
-  @classmethod
-  def from_flags(cls, values: Mapping[str, Any]) -> "ImageRequest":
-    """The request of the CLI flags of the same names (absent / None: the default)."""
-    fields = {f.name: f.default for f in dataclasses.fields(cls)}
-    given = {k: values[k] for k in fields if values.get(k) is not None}
-    return cls(**{**fields, **given})
 
   def settings(self) -> dict[str, Any]:
     keys = ("guidance_scale", "rerank", "temperature", "top_k", "top_p", "batch_size")
@@ -155,7 +144,7 @@ def vqgan_location(config: ml_collections.ConfigDict, override: str = "") -> tup
       "the model's config has no data.image_codes_dir to find its VQGAN from; pass --vqgan_workdir."
     )
   try:
-    info = config_lib.read_codes_info(codes_dir)
+    info = codes_info.read_codes_info(codes_dir)
   except ConfigError as e:
     raise GenerationError(f"{e} Or pass --vqgan_workdir.") from None
   if not info.get("vqgan_workdir"):
@@ -176,7 +165,7 @@ def load_image_tokenizer(workdir: str, step: int | None = None):
 
 def check_image_tokenizer(vqgan: Any, model_config: ml_collections.ConfigDict, where: str) -> None:
   """GenerationError when the VQGAN's codebook or grid is not the model's."""
-  mismatch = config_lib.codes_mismatch(vqgan.codebook_size, vqgan.grid, model_config)
+  mismatch = codes_info.codes_mismatch(vqgan.codebook_size, vqgan.grid, model_config)
   if mismatch:
     raise GenerationError(
       f"the VQGAN in {where} does not fit the model: {mismatch}; pass the --vqgan_workdir "
@@ -455,41 +444,15 @@ def run(
   return image_outputs.write_outputs(result, req, extra)
 
 
-def draws_images(flag_values: Any, config: ml_collections.ConfigDict | None) -> bool:
-  """Whether `--mode=generate` draws: a drawing flag is given, or a --prompt alone (no
-  --image / --question) goes to a model with image codes (its saved config is read, no
-  parameters)."""
-  if any(flag_values[name].present for name in DRAWING_FLAGS):
+def draws_images(
+  drawing_options: bool, prompt: str | None, asks_text: bool, model_has_codes: Callable[[], bool]
+) -> bool:
+  """Whether --mode=generate draws: an option that only drawing takes is given
+  (`drawing_options`; on a model without image codes that is then an error, not a text
+  continuation), or a prompt alone (not `asks_text`: no image to caption, no question) goes
+  to a model with image codes (`model_has_codes()`, asked only then: it reads a config)."""
+  if drawing_options:
     return True
-  if flag_values["prompt"].value is None or flag_values["image"].value:
+  if prompt is None or asks_text:
     return False
-  if flag_values["question"].value:
-    return False
-  if config is None:
-    step, best = flag_values["checkpoint_step"].value, flag_values["best"].value
-    config = gen.workdir_config(flag_values["workdir"].value, step, best)
-  return int(config.model.code_vocab_size) > 0
-
-
-def run_from_flags(flag_values: Any, config: ml_collections.ConfigDict | None) -> str:
-  """`run` with the request of main's flags; returns what to print."""
-  if flag_values["image"].value or flag_values["question"].value:
-    raise GenerationError(
-      "--image / --question ask for captions or answers; drawing takes a --prompt alone."
-    )
-  req = ImageRequest.from_flags(flag_values.flag_values_dict())
-  step, best = flag_values["checkpoint_step"].value, flag_values["best"].value
-  index = run(req, flag_values["workdir"].value, config, step, best)
-  if "files" not in index:
-    return ""
-  lines = [os.path.join(req.output_dir, name) for name in index["files"]]
-  lines.append(
-    f"wrote {len(index['files'])} image(s) for {req.prompt!r}, the grid {index['grid']} and "
-    f"{image_outputs.slug(req.prompt)}.json to {req.output_dir}"
-  )
-  if not index["prompt_drawn_on_grid"]:
-    lines.append(
-      "no installed font has the prompt's glyphs, so the grid does not show it; it is in the "
-      "JSON and in every PNG's text metadata."
-    )
-  return "\n".join(lines)
+  return model_has_codes()

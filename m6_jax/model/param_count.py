@@ -47,7 +47,13 @@ def abstract_params(config: ml_collections.ConfigDict) -> Any:
   model = M6(M6Config.from_config(config))
   rngs = {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}
   variables = jax.eval_shape(lambda: model.init(rngs, dummy_batch(model.config)))
-  return nn.unbox(variables["params"])
+  # Shapes only: no sharding constraint, whatever mesh the caller is under.
+  boxed = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  return jax.tree.map(
+    lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.LogicallyPartitioned) else x,
+    variables["params"],
+    is_leaf=boxed,
+  )
 
 
 def count_params(config: ml_collections.ConfigDict) -> dict[str, int]:

@@ -7,7 +7,8 @@ state (resume, init_from, or fresh) -> loop (progress, checkpoints, evaluation, 
 A run in a workdir that already holds a checkpoint resumes from its latest step, with the
 data iterator where it was, and continues bit-exactly as if it had never stopped (on the same
 mesh; a checkpoint restores onto any other mesh too). The periodic evaluation is passed in
-(`evaluator`, built by m6_jax/main.py), so this module knows nothing of decoding or metrics.
+(`evaluator`, the family's: m6_jax/train/families/), so this module knows nothing of decoding
+or metrics.
 """
 
 from __future__ import annotations
@@ -22,21 +23,19 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from m6_jax import checkpoints
 from m6_jax import config as config_lib
+from m6_jax.checkpoint import checkpoints
 from m6_jax.data import pipeline, sources
 from m6_jax.data import tokenizer as tokenizer_lib
 from m6_jax.errors import ConfigError, TrainingError
 from m6_jax.parallel import multihost
-from m6_jax.train import divergence, metrics_writer, preflight, progress
-from m6_jax.train import family as family_lib
+from m6_jax.train import divergence, families, metrics_writer, preflight, progress
 from m6_jax.train import setup as setup_lib
 from m6_jax.train.preemption import PreemptionFlag
 
 __all__ = ["PreemptionFlag", "TrainingError", "TrainResult", "train"]
 
-# (step, parameters) -> eval metrics; see m6_jax/evaluation/evaluate.py `PeriodicEvaluator`.
-Evaluator = Callable[[int, Any], dict[str, float]]
+Evaluator = families.Evaluator
 
 
 @dataclasses.dataclass
@@ -73,7 +72,7 @@ def _tokenizer(config: ml_collections.ConfigDict, workdir: str):
   """(tokenizer, its path): config.data.tokenizer_path, else the workdir's (copied from
   init_from, or trained on the data the first time). Process 0 makes it, the others wait.
   (None, "") for a model family without texts (the VQGAN)."""
-  if not family_lib.get(config).needs_tokenizer:
+  if not families.get(config).needs_tokenizer:
     return None, ""
   d = config.data
   if config.init_from and not d.tokenizer_path:
@@ -102,7 +101,7 @@ def _tokenizer(config: ml_collections.ConfigDict, workdir: str):
 def _data_iterator(config: ml_collections.ConfigDict, tokenizer):
   """This process's slice of every global batch, as a checkpointable grain iterator."""
   try:
-    return family_lib.get(config).data_iterator(tokenizer)
+    return families.get(config).data_iterator(tokenizer)
   except ConfigError:
     raise
   except ValueError as e:  # e.g. a task the prepared dataset has no records for
@@ -169,7 +168,7 @@ def train(
   device = setup.mesh.devices.flat[0]
   peak = progress.peak_flops(device.device_kind, t.peak_flops)
   mesh_peak = peak * setup.mesh.devices.size if peak else None
-  record = progress.Progress(config, start_step, writer, mesh_peak)
+  record = progress.Progress(setup.family, start_step, writer, mesh_peak)
   preemption = PreemptionFlag()
   restore_signal = preemption.install()
   seen_shapes: set[tuple[int, int]] = set()
@@ -204,7 +203,7 @@ def train(
           if step % t.checkpoint_every == 0 or step == t.steps or stop_now:
             save(step, state)
           if evaluator is not None and (step % t.eval_every == 0 or step == t.steps):
-            _evaluate(evaluator, step, state, best, writer, config, tokenizer)
+            _evaluate(evaluator, step, state, best, writer, setup.family, tokenizer)
           if stop_now:
             logging.info("Stopping at step %d (state saved); rerun to resume.", step)
             break
@@ -251,8 +250,9 @@ def _log_new_shape(host_batch, seen: set[tuple[int, int]], data) -> None:
     )
 
 
-def _evaluate(evaluator, step, state, best, writer, config, tokenizer) -> None:
+def _evaluate(evaluator, step, state, best, writer, family, tokenizer) -> None:
   """Runs the evaluator, logs and writes its metrics, and offers the step to `best`."""
+  config = family.config
   metrics = evaluator(step, state.params)
   metric = config.train.eval_metric
   if metric not in metrics:
@@ -261,7 +261,7 @@ def _evaluate(evaluator, step, state, best, writer, config, tokenizer) -> None:
     )
   shown = " | ".join(
     f"{k} {metrics[k]:.3f}"
-    for k in ("loss", "vqa_accuracy", "cider", "psnr", "codebook_usage", "perplexity")
+    for k in family.eval_line_metrics
     if k in metrics and k != metric  # the metric that picks `best` is shown first
   )
   logging.info("eval step %d | %s %.4f | %s", step, metric, metrics[metric], shown)

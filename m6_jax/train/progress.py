@@ -1,8 +1,8 @@
 """The train loop's bookkeeping: per-step metric sums over a logging interval, their averages
 with throughput and MFU, the progress line, and `metrics.jsonl` / TensorBoard records.
 
-MFU is the analytic model FLOPs of the steps (m6_jax/model/param_count.py `train_flops`, at
-each batch's real text columns) over the interval's wall time and the mesh's peak: the
+MFU is the analytic model FLOPs of the steps (the family's `step_flops`: M6's at each batch's
+text columns, m6_jax/model/param_count.py) over the interval's wall time and the mesh's peak: the
 published dense bf16 peak of the device kind for TPUs and data-centre GPUs, or
 `train.peak_flops` (per device) where it is set, e.g. on CPU. Unknown peak: no MFU.
 """
@@ -19,7 +19,6 @@ import numpy as np
 from absl import logging
 
 from m6_jax.data import tasks
-from m6_jax.model import param_count
 from m6_jax.train import divergence
 
 # Published dense bf16 peak FLOP/s per chip, by jax Device.device_kind prefix (longest first).
@@ -39,9 +38,8 @@ _SUMMED = ("loss_sum", "weight_sum", "correct_sum", "task_loss_sum", "task_weigh
 # Per-step means reported when the step returns them (MoE aux losses and drop rate).
 _MEANS = ("moe_load_balance_loss", "moe_router_z_loss", "moe_dropped_fraction")
 # A step without token sums (the VQGAN's) returns per-step means: all are averaged over the
-# interval, except these; the progress line shows these means when present.
+# interval, except these.
 _NOT_AVERAGED = ("finite", "learning_rate")
-_IMAGE_LINE = ("rec_loss", "mse", "batch_usage", "codes_restarted", "gan_loss", "disc_loss")
 
 
 def peak_flops(device_kind: str, configured: float) -> float | None:
@@ -125,7 +123,7 @@ class Progress:
   the current logging interval; `log` turns them into one record (metrics.jsonl,
   TensorBoard, the progress line) and starts the next interval."""
 
-  config: ml_collections.ConfigDict
+  family: Any  # m6_jax/train/families/: the step's FLOPs and its part of the progress line
   start_step: int
   writer: Any  # metrics_writer.MetricsWriter
   mesh_peak_flops: float | None  # peak FLOP/s of all the mesh's devices together
@@ -133,10 +131,7 @@ class Progress:
   losses: list[float] = dataclasses.field(default_factory=list)  # every step booked
 
   def __post_init__(self):
-    # M6's parameter counts, for the model FLOPs of its text batches (none for the VQGAN).
-    text_model = self.config.model.get("family", "m6") == "m6"
-    self._param_counts = param_count.count_params(self.config) if text_model else None
-    self._flops: dict[tuple[int, int], float] = {}
+    self.config: ml_collections.ConfigDict = self.family.config
     self._sums: dict | None = None
     self._steps, self._step_flops = 0, 0.0
     self._start = time.perf_counter()
@@ -147,10 +142,10 @@ class Progress:
   def dispatched(self, step: int, metrics: dict, host_batch: dict[str, np.ndarray]) -> None:
     """Step `step` (on `host_batch`) is queued on the device with these metrics."""
     self.flush()
-    counts, flops = None, 0.0
-    if "src_tokens" in host_batch:  # text: count its tokens and the model FLOPs
+    counts = None
+    if "src_tokens" in host_batch:  # text: count its real tokens
       counts = text_counts(host_batch, jax.process_count())
-      flops = self.step_flops(host_batch)
+    flops = self.family.step_flops(host_batch)
     self._pending = (step, metrics, counts, flops)
 
   def flush(self) -> None:
@@ -189,13 +184,6 @@ class Progress:
     self.history = [h for h in self.history if h["step"] <= step]
     self.monitor.reset()
     self._start = time.perf_counter()
-
-  def step_flops(self, host_batch: dict[str, np.ndarray]) -> float:
-    """Model FLOPs of a train step on a batch with these text columns (cached per shape)."""
-    shape = (host_batch["src_tokens"].shape[1], host_batch["tgt_input"].shape[1])
-    if shape not in self._flops:
-      self._flops[shape] = param_count.train_flops(self.config, self._param_counts, None, *shape)
-    return self._flops[shape]
 
   def add(self, metrics: dict, counts: np.ndarray, flops: float) -> None:
     """One finished step's metrics (fetched from the device), text counts and FLOPs."""
@@ -249,12 +237,7 @@ class Progress:
         f"{s['steps_per_sec']:.2f} steps/s | {s['examples_per_sec']:,.0f} ex/s | {tokens}{mfu}"
         f"ETA {format_duration(eta)}"
       )
-    if "accuracy" in s:
-      i2t = s.get("image_to_text_loss")
-      i2t = f"image_to_text {i2t:.4f} | " if i2t is not None else ""
-      terms = f"{i2t}acc {s['accuracy']:.3f}"
-    else:
-      terms = " | ".join(f"{k} {s[k]:.4g}" for k in _IMAGE_LINE if k in s)
+    terms = self.family.progress_terms(s)
     return (
       f"step {step}/{t.steps} | loss {s['loss']:.4f} | {terms} | "
       f"grad_norm {s['grad_norm']:.3f} | lr {s['learning_rate']:.2e} | {speed}"

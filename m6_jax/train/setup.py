@@ -1,5 +1,5 @@
 """The training set-up in one place: mesh, model, optimizer, shardings and the jitted step,
-for the config's model family (m6_jax/train/family.py).
+for the config's model family (m6_jax/train/families/).
 
 The train loop, the AOT report (on a TPU topology's devices) and the benchmarks all build
 their program here, so they compile the same step:
@@ -24,8 +24,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from m6_jax.parallel import partitioning
-from m6_jax.train import family as family_lib
-from m6_jax.train import optim
+from m6_jax.train import families, optim
 from m6_jax.train import state as state_lib
 from m6_jax.train import step as step_lib
 from m6_jax.train.state import TrainState
@@ -36,7 +35,7 @@ class TrainSetup:
   config: ml_collections.ConfigDict
   mesh: Mesh
   rules: tuple[tuple[str, Any], ...]
-  family: family_lib.Family  # config.model.family: the module, its step and its data
+  family: families.Family  # config.model.family: the module, its step and its data
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   state_shardings: Any  # a TrainState of NamedShardings
@@ -82,7 +81,7 @@ def build(
   """The set-up for `config` on `devices` (default: all). The config must be validated."""
   mesh = partitioning.make_mesh(config, devices)
   rules = partitioning.logical_rules(config)
-  family = family_lib.get(config)
+  family = families.get(config)
   tx = family.make_optimizer()
   schedule = optim.learning_rate_schedule(config.train)
   state_shardings = state_lib.state_shardings(family.init_params, tx, mesh, rules)

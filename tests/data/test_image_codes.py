@@ -7,10 +7,10 @@ import os
 import numpy as np
 import pytest
 
+from m6_jax.checkpoint import checkpoints
 from m6_jax.data import image_codes, pipeline
 from m6_jax.errors import CheckpointError, ConfigError
 from m6_jax.evaluation import vqgan_eval
-from m6_jax.infer import generate
 from m6_jax.infer.image_tokenizer import ImageTokenizer
 from m6_jax.train import loop
 
@@ -66,8 +66,10 @@ def test_loading_something_else_than_a_vqgan_is_one_clear_error(vqgan, tmp_path,
   _, workdir = vqgan
   with pytest.raises(CheckpointError, match="no checkpoint step 7"):
     ImageTokenizer.load(workdir, checkpoint_step=7)
-  saved = generate.saved_config
-  monkeypatch.setattr(generate, "saved_config", lambda *a: dict(saved(*a), model={"family": "m6"}))
+  saved = checkpoints.saved_config
+  monkeypatch.setattr(
+    checkpoints, "saved_config", lambda *a: dict(saved(*a), model={"family": "m6"})
+  )
   with pytest.raises(ConfigError, match="family 'm6', not a VQGAN"):
     ImageTokenizer.load(workdir)
 

@@ -7,7 +7,7 @@ import os
 
 from PIL import Image
 
-from m6_jax import platforms
+from m6_jax.cli import bootstrap
 from m6_jax.data import synthetic
 
 
@@ -37,7 +37,7 @@ def test_prepare_data_then_train(tmp_path, run_main):
     f"--workdir={tmp_path / 'work'}",
     "--config.train.steps=4",
     "--config.model.num_layers=1",
-    platforms=None if not platforms._has_tpu_chip() else "cpu",
+    platforms=None if not bootstrap.has_tpu_chip() else "cpu",
   )
   assert train.returncode == 0, train.stderr
   assert "JAX platforms: cpu" in train.stderr

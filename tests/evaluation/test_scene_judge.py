@@ -13,6 +13,7 @@ from testing_utils import cpu_env
 
 from m6_jax.errors import EvaluationError
 from m6_jax.evaluation import scene_judge as sj
+from m6_jax.evaluation import scene_scores as ss
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Enough training to read colour and position reliably and shape far above chance.
@@ -21,7 +22,7 @@ SMALL = dict(seed=0, num_steps=300, batch_size=32, num_train_scenes=1000)
 
 def _cli(*args, env=None):
   return subprocess.run(
-    [sys.executable, "-m", "m6_jax.evaluation.scene_judge", *args],
+    [sys.executable, "-m", "m6_jax.main", "--mode=scene_judge", *args],
     cwd=REPO,
     env=env or cpu_env(),
     capture_output=True,
@@ -56,14 +57,14 @@ def judge(cache_dir, cli_run):
 
 @pytest.fixture(scope="module")
 def held_out():
-  scenes = sj.world_scenes(0, "validation", 200)
-  return sj.render(scenes), scenes
+  scenes = ss.world_scenes(0, "validation", 200)
+  return ss.render(scenes), scenes
 
 
 def test_the_judge_learns_the_attributes_of_unseen_scenes(judge, held_out):
   images, scenes = held_out
-  scores = sj.attribute_accuracy(judge, images, scenes)
-  chance = sj.chance_accuracy(judge, images, scenes)["empirical"]
+  scores = ss.attribute_accuracy(judge, images, scenes)
+  chance = ss.chance_accuracy(judge, images, scenes)["empirical"]
   assert scores["num_images"] == 200 and scores["num_objects"] == sum(
     len(s.objects) for s in scenes
   )
@@ -77,14 +78,14 @@ def test_features_tell_other_images_from_real_ones(judge):
   # 256 images a set (one compiled batch): with fewer, the estimate's own noise (~1/n) would
   # hide the differences.
   n = 256
-  images = sj.render(sj.world_scenes(0, "validation", 2 * n))
+  images = ss.render(ss.world_scenes(0, "validation", 2 * n))
   real_a, real_b = judge.features(images[:n]), judge.features(images[n:])
-  assert real_a.shape == (n, sj.NUM_CELLS * sj.JudgeNet.cell_features)
+  assert real_a.shape == (n, ss.NUM_CELLS * sj.JudgeNet.cell_features)
   recoloured = judge.features(images[n:, :, :, ::-1].copy())  # BGR: colours off the palette
-  single = [s for s in sj.world_scenes(0, "train", 4 * n) if len(s.objects) == 1][:n]
-  same = sj.frechet_distance(real_a, real_b)
-  assert sj.frechet_distance(real_a, recoloured) > 2 * same
-  assert sj.frechet_distance(real_a, judge.features(sj.render(single))) > 1.5 * same
+  single = [s for s in ss.world_scenes(0, "train", 4 * n) if len(s.objects) == 1][:n]
+  same = ss.frechet_distance(real_a, real_b)
+  assert ss.frechet_distance(real_a, recoloured) > 2 * same
+  assert ss.frechet_distance(real_a, judge.features(ss.render(single))) > 1.5 * same
 
 
 def test_augmentation_is_mild_and_random(held_out):

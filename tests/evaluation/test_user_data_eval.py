@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from m6_jax import checkpoints
+from m6_jax.checkpoint import checkpoints
 from m6_jax.data import prepare
 from m6_jax.data import synthetic as S
 from m6_jax.errors import ConfigError

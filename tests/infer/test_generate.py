@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec
 from PIL import Image
 
-from m6_jax import checkpoints
+from m6_jax.checkpoint import checkpoints
 from m6_jax.config import ConfigError, default_config
 from m6_jax.data import synthetic
 from m6_jax.data import tokenizer as tokenizer_lib

@@ -56,7 +56,7 @@ def tokenizer(tokenizer_path):
 
 @functools.lru_cache(maxsize=None)
 def _loaded(config_json: str, tokenizer_path: str, devices: int):
-  config = generate._merged_with_defaults(json.loads(config_json))
+  config = config_lib.merged_with_defaults(json.loads(config_json))
   mesh = partitioning.make_mesh(config, jax.devices()[:devices])
   return generate.init_model(config, tokenizer_lib.Tokenizer.from_file(tokenizer_path), 0, mesh)
 
@@ -310,23 +310,15 @@ def test_cli_errors_are_one_line(code_config, tmp_path, run_main):
     assert "Traceback" not in proc.stderr
 
 
-class _Flag:
-  def __init__(self, value=None, present=False):
-    self.value, self.present = value, present
-
-
 def test_a_prompt_alone_draws_only_on_a_model_with_codes(code_config):
-  names = t2i.DRAWING_FLAGS + ("prompt", "image", "question", "checkpoint_step", "best", "workdir")
-  flag_values = {name: _Flag() for name in names}
-  flag_values["prompt"] = _Flag("a red circle", True)
-  assert t2i.draws_images(flag_values, code_config)
+  has_codes = lambda config: lambda: int(config.model.code_vocab_size) > 0
   text_only = code_config.copy_and_resolve_references()
   text_only.model.code_vocab_size = 0
-  assert not t2i.draws_images(flag_values, text_only)  # a text continuation, as before
-  flag_values["image"] = _Flag(["scene.png"], True)
-  assert not t2i.draws_images(flag_values, code_config)  # --image asks for a caption
-  flag_values["num_images"] = _Flag(2, True)
-  assert t2i.draws_images(flag_values, text_only)  # and then fails: no image codes
+  assert t2i.draws_images(False, "a red circle", False, has_codes(code_config))
+  assert not t2i.draws_images(False, "a red circle", False, has_codes(text_only))  # continues
+  assert not t2i.draws_images(False, "a red circle", True, has_codes(code_config))  # --image
+  assert not t2i.draws_images(False, None, False, has_codes(code_config))  # no prompt
+  assert t2i.draws_images(True, "a red circle", False, has_codes(text_only))  # then an error
 
 
 # --------------------------------------------------------------------------------------
@@ -438,7 +430,7 @@ def _judged_against_the_scenes(workdir, vqgan):
 
 def test_the_judged_evaluation_rejects_a_reference_too_small_for_a_frechet_distance(tmp_path):
   proc = subprocess.run(
-    [sys.executable, "-m", "m6_jax.evaluation.text_to_image_eval", f"--workdir={tmp_path}"]
+    [sys.executable, "-m", "m6_jax.main", "--mode=text_to_image_eval", f"--workdir={tmp_path}"]
     + ["--reference_images=1"],
     env=cpu_env(),
     capture_output=True,

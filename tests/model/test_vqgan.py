@@ -173,11 +173,14 @@ def test_bad_vqgan_configs_are_one_clear_error(changes, pattern):
   assert "\n" not in str(error.value)
 
 
-def test_a_vqgan_needs_a_vqgan_eval_metric():
+def test_a_vqgan_needs_a_vqgan_eval_metric(tmp_path):
+  """The family's evaluator checks train.eval_metric when it is built, before training."""
+  from m6_jax.train import families
+
   c = config_lib.default_config()
   c.model.family = "vqgan"
   c.train.eval_every = 10
   with pytest.raises(config_lib.ConfigError, match="eval_metric=psnr"):
-    config_lib.validate(c, 8)
+    families.get(c).evaluator(str(tmp_path))
   c.train.eval_metric = "psnr"
-  config_lib.validate(c, 8)
+  assert families.get(c).evaluator(str(tmp_path)) is not None

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from m6_jax import checkpoints
+from m6_jax.checkpoint import checkpoints
 
 
 class _Tokenizer:

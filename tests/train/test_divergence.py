@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 from testing_utils import assert_every_step_once
 
-from m6_jax import checkpoints
+from m6_jax.checkpoint import checkpoints
 from m6_jax.data import tokenizer as tokenizer_lib
 from m6_jax.errors import WorkdirError
 from m6_jax.train import divergence, loop, preflight

@@ -58,7 +58,7 @@ def _records(workdir):
 
 def _state_checksums(workdir, step):
   """The saved state's per-array checksums: equal iff the states are bit-identical."""
-  from m6_jax import checkpoints
+  from m6_jax.checkpoint import checkpoints
 
   ckpts = checkpoints.Checkpoints(checkpoints.checkpoint_dir(str(workdir)), create=False)
   return ckpts.saved_json(step, "meta")["checksums"]

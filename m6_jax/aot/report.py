@@ -31,7 +31,7 @@ import jax
 import ml_collections
 
 from m6_jax import config as config_lib
-from m6_jax import hlo_costs
+from m6_jax.aot import hlo_costs
 from m6_jax.model import param_count
 from m6_jax.model.m6 import M6Config
 from m6_jax.parallel import partitioning

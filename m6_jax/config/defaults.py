@@ -1,41 +1,21 @@
-"""The config schema, its defaults, and validation with clear messages.
+"""The config schema: every key with its default, and the choices of the keys that name one.
 
 Every config file in `configs/` starts from `default_config()` and changes values; it may not
-invent keys. `validate()` runs before anything is built and raises `ConfigError` with one line
-that names the offending key and says how to fix it, so a typo never becomes a traceback
-twenty seconds into a run.
+invent keys (m6_jax/config/validation.py says which key is unknown and what is near it).
 """
 
 from __future__ import annotations
 
-import difflib
-import math
-from typing import Any
-
 import ml_collections
 
-from m6_jax import config_images
-from m6_jax.config_images import CODES_INFO_FILE, codes_mismatch, read_codes_info
 from m6_jax.data import tasks
-from m6_jax.errors import ConfigError
-from m6_jax.errors import require as _require
 from m6_jax.model import ofa_options as ofa
 from m6_jax.parallel import axes
-
-__all__ = [
-  "CODES_INFO_FILE",
-  "ConfigError",
-  "codes_mismatch",
-  "default_config",
-  "moe_layer_indices",
-  "read_codes_info",
-  "validate",
-]
 
 SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
 IMAGE_STEMS = ("linear", "resnet", "ofa_resnet")
 TOKENIZER_KINDS = ("sentencepiece", "wordpiece")
-# Model families the train loop, evaluation and checkpoints serve (m6_jax/train/family.py).
+# Model families the train loop, evaluation and checkpoints serve (m6_jax/train/families/).
 FAMILIES = ("m6", "vqgan")
 DTYPES = ("float32", "bfloat16")
 ARCHITECTURES = ("unified", "encoder_decoder")
@@ -215,7 +195,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.eval_metric = "vqa_accuracy"  # e.g. vqa_accuracy, cider, bleu4 (max); *_loss (min)
   c.train.eval_examples = 64  # validation scenes decoded per evaluation (0: num_eval_examples)
 
-  c.vqgan = config_images.vqgan_defaults()
+  c.vqgan = vqgan_defaults()
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by the other axes
@@ -226,267 +206,43 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _flat_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in cfg.items():
-    name = f"{prefix}{k}"
-    if isinstance(v, ml_collections.ConfigDict):
-      out.update(_flat_keys(v, name + "."))
-    else:
-      out[name] = v
-  return out
+def vqgan_defaults() -> ml_collections.ConfigDict:
+  """The VQGAN image tokenizer (model.family="vqgan"; m6_jax/model/vqgan.py). Images are
+  data.image_size px; compute in model.dtype."""
+  v = ml_collections.ConfigDict()
+  v.channels = 8  # base width of the encoder / decoder convolutions
+  # Width multiplier of each resolution level; a stride-2 convolution (encoder) or an
+  # upsampling (decoder) between levels, so there are log2(downsample_factor) + 1 entries.
+  # Every width must be a multiple of 8 (GroupNorm groups).
+  v.channel_multipliers = (1, 2, 4, 8)
+  v.num_res_blocks = 1  # residual blocks per level (encoder and decoder)
+  # Image side / code grid side: 48 px / 8 -> 6x6 codes per image, / 4 -> 12x12.
+  v.downsample_factor = 8
+  v.codebook_size = 256  # codes; at most 65536 (code grids are stored as uint16)
+  v.code_dim = 16  # dimension of the code vectors the lookup compares
+  v.l2_normalize = True  # ViT-VQGAN lookup: unit-length encoder outputs and codes
+  v.beta = 0.25  # commitment loss weight: mean (z - stop_gradient(code))^2
+  v.ema_decay = 0.99  # the codebook is an exponential moving average of its assigned z
+  # A code whose EMA count falls below this many assignments per step is restarted on a
+  # random encoder output of the batch, with this count (0: never restart).
+  v.dead_code_threshold = 0.25
+  v.l1_weight = 1.0  # reconstruction loss: l1_weight * |x' - x| + l2_weight * (x' - x)^2,
+  v.l2_weight = 0.0  # means over pixels, images in [-1, 1] scale
+  # Patch-GAN discriminator (hinge loss, taming-transformers' adaptive weight on the
+  # decoder's last layer). 0: no discriminator (no parameters, no compute).
+  v.disc_weight = 0.0
+  v.disc_start = 0  # train step from which the GAN terms count (both networks)
+  v.disc_channels = 32  # width of the discriminator's first convolution (a multiple of 8)
+  v.disc_layers = 2  # stride-2 convolutions of the discriminator
+  return v
 
 
-def _check_known_keys(config: ml_collections.ConfigDict) -> None:
-  known = _flat_keys(default_config())
-  for key in _flat_keys(config):
-    if key not in known:
-      close = difflib.get_close_matches(key, known, n=1)
-      hint = f" Did you mean '{close[0]}'?" if close else ""
-      section = key.rsplit(".", 1)[0] if "." in key else ""
-      siblings = sorted(k for k in known if k.rsplit(".", 1)[0] == section and "." in k)
-      raise ConfigError(
-        f"Unknown config key '{key}'.{hint} Known keys"
-        f"{' in ' + repr(section) if section else ''}: {', '.join(siblings) or '(top level)'}."
-      )
+def merged_with_defaults(saved: dict) -> ml_collections.ConfigDict:
+  """A saved config dict, with the keys added since it was written at their defaults."""
 
+  def merge(base: dict, saved: dict) -> dict:
+    for k, v in saved.items():
+      base[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return base
 
-def moe_layer_indices(model: ml_collections.ConfigDict) -> list[int]:
-  """Indices of the MoE layers: every `moe_every`-th layer (none for a dense model)."""
-  if model.moe_num_experts <= 0:
-    return []
-  return [i for i in range(model.num_layers) if (i + 1) % model.moe_every == 0]
-
-
-def stack_depths(model: ml_collections.ConfigDict) -> dict[str, int]:
-  """{stack: layers}: {"unified": num_layers}, or the encoder's and the decoder's."""
-  if model.architecture != "encoder_decoder":
-    return {"unified": model.num_layers}
-  return {
-    "encoder": model.num_encoder_layers or model.num_layers,
-    "decoder": model.num_decoder_layers or model.num_layers,
-  }
-
-
-def _depth_text(stack: str, depth: int) -> str:
-  """How a message names a stack's depth."""
-  if stack == "unified":
-    return f"model.num_layers={depth}"
-  return f"the {stack}'s depth {depth} (model.num_{stack}_layers; 0: model.num_layers)"
-
-
-def _validate_architecture(m: ml_collections.ConfigDict) -> None:
-  _require(
-    m.architecture in ARCHITECTURES,
-    f"model.architecture='{m.architecture}' is not one of {ARCHITECTURES}.",
-  )
-  for key in ("num_encoder_layers", "num_decoder_layers"):
-    _require(m[key] >= 0, f"model.{key}={m[key]} must be >= 0 (0: model.num_layers).")
-    _require(
-      m[key] == 0 or m.architecture == "encoder_decoder",
-      f"model.{key}={m[key]} sizes a stack of model.architecture='encoder_decoder'; the "
-      f"'{m.architecture}' model has model.num_layers layers (set {key}=0 or change the "
-      "architecture).",
-    )
-
-
-def _validate_moe_and_stack(config: ml_collections.ConfigDict) -> None:
-  m = config.model
-  _validate_architecture(m)
-  _require(
-    m.remat_policy in REMAT_POLICIES,
-    f"model.remat_policy='{m.remat_policy}' is not one of {REMAT_POLICIES}.",
-  )
-  e = m.moe_num_experts
-  _require(e >= 0, f"model.moe_num_experts={e} must be >= 0 (0 = dense feed-forward).")
-  if e == 0:
-    return
-  _require(
-    m.moe_num_groups >= 1 and m.moe_top_k >= 1,
-    f"model.moe_num_groups={m.moe_num_groups} and model.moe_top_k={m.moe_top_k} must be >= 1.",
-  )
-  _require(
-    e % m.moe_num_groups == 0,
-    f"model.moe_num_experts={e} is not divisible by model.moe_num_groups={m.moe_num_groups}; "
-    "expert prototyping splits the experts into equal groups, pick a divisor.",
-  )
-  _require(
-    m.moe_top_k <= e // m.moe_num_groups,
-    f"model.moe_top_k={m.moe_top_k} exceeds the {e // m.moe_num_groups} experts of a group "
-    f"(model.moe_num_experts / model.moe_num_groups); lower model.moe_top_k.",
-  )
-  _require(
-    m.moe_capacity_factor > 0 and m.moe_eval_capacity_factor > 0,
-    f"model.moe_capacity_factor={m.moe_capacity_factor} and model.moe_eval_capacity_factor="
-    f"{m.moe_eval_capacity_factor} must be positive.",
-  )
-  _require(
-    m.moe_dispatch in MOE_DISPATCH_MODES,
-    f"model.moe_dispatch='{m.moe_dispatch}' is not one of {MOE_DISPATCH_MODES}.",
-  )
-  rows, micro = m.moe_group_rows, config.data.batch_size // max(config.train.grad_accum_steps, 1)
-  _require(
-    rows >= 1 and micro % rows == 0,
-    f"model.moe_group_rows={rows} must be >= 1 and divide the {micro} rows of a (micro-)batch "
-    "(data.batch_size / train.grad_accum_steps).",
-  )
-  depths = stack_depths(m)
-  for stack, depth in depths.items():
-    _require(
-      1 <= m.moe_every <= depth,
-      f"model.moe_every={m.moe_every} must be in [1, {_depth_text(stack, depth)}].",
-    )
-  _require(
-    m.moe_aux_loss_weight >= 0 and m.moe_z_loss_weight >= 0,
-    "model.moe_aux_loss_weight and model.moe_z_loss_weight must be >= 0.",
-  )
-  if m.scan_layers:
-    for stack, depth in depths.items():
-      _require(
-        depth % m.moe_every == 0,
-        f"model.scan_layers scans groups of model.moe_every={m.moe_every} layers (the last "
-        f"one MoE), so {_depth_text(stack, depth)} must be a multiple of it.",
-      )
-
-
-def _validate_bucketing(d: ml_collections.ConfigDict) -> None:
-  b = d.length_bucket
-  _require(b >= 0, f"data.length_bucket={b} must be >= 0 (0 = no length bucketing).")
-  _require(
-    d.bucket_window >= 0,
-    f"data.bucket_window={d.bucket_window} must be >= 0 (0 = no sorting by length).",
-  )
-  _require(
-    d.bucket_window == 0 or b > 0,
-    f"data.bucket_window={d.bucket_window} sorts by bucketed length and needs "
-    "data.length_bucket > 0; set a bucket or data.bucket_window=0.",
-  )
-  if b > 0:
-    _require(
-      d.src_len % b == 0 and d.tgt_len % b == 0,
-      f"data.src_len={d.src_len} and data.tgt_len={d.tgt_len} must be multiples of "
-      f"data.length_bucket={b}; pick a bucket that divides both (or 0 to turn it off).",
-    )
-
-
-def parse_positions(text: str) -> tuple[int, ...]:
-  """'30,31' -> (30, 31) (train.debug_nonfinite_batches)."""
-  return tuple(int(x) for x in str(text).replace(" ", "").split(",") if x)
-
-
-def _validate_optimizer_and_divergence(t: ml_collections.ConfigDict) -> None:
-  float32_max = 3.4028234663852886e38
-  _require(
-    0 <= t.lr < float32_max,
-    f"train.lr={t.lr} must be >= 0 and below float32's largest value ({float32_max:.3g}).",
-  )
-  _require(
-    t.eps > 0,
-    f"train.eps={t.eps} must be positive: Adam divides by sqrt(v) + eps, and a parameter "
-    "with a zero gradient (e.g. an unused position) would get 0/0 = NaN.",
-  )
-  _require(
-    min(t.max_nan_steps, t.max_rollbacks, t.rollback_skip_batches, t.checkpoint_confirm_steps) >= 0,
-    "train.max_nan_steps, train.max_rollbacks, train.rollback_skip_batches and "
-    "train.checkpoint_confirm_steps must be >= 0.",
-  )
-  _require(
-    t.spike_factor == 0 or t.spike_factor > 1,
-    f"train.spike_factor={t.spike_factor} must be 0 (off) or above 1.",
-  )
-  _require(t.spike_window > 0, f"train.spike_window={t.spike_window} must be positive.")
-  _require(
-    t.spike_min_increase >= 0,
-    f"train.spike_min_increase={t.spike_min_increase} must be >= 0 (nats).",
-  )
-  _require(
-    0 < t.rollback_lr_factor <= 1,
-    f"train.rollback_lr_factor={t.rollback_lr_factor} must be in (0, 1].",
-  )
-  try:
-    steps = parse_positions(t.debug_nonfinite_batches)
-  except ValueError:
-    steps = (-1,)
-  _require(
-    all(s >= 0 for s in steps),
-    f"train.debug_nonfinite_batches='{t.debug_nonfinite_batches}' must be comma-separated "
-    "batch positions (0, 1, ...).",
-  )
-
-
-def validate(
-  config: ml_collections.ConfigDict,
-  num_devices: int,
-  process_count: int = 1,
-  training: bool = True,
-) -> None:
-  """Raises ConfigError naming the first problem found, with the fix.
-
-  `training=False` (generation, evaluation, export) leaves out the checks of the training
-  batches (length bucketing, their split over the mesh and the processes); the model must
-  still fit the mesh.
-  """
-  _check_known_keys(config)
-  m, d, t = config.model, config.data, config.train
-
-  _require(m.family in FAMILIES, f"model.family='{m.family}' is not one of {FAMILIES}.")
-  if m.family == "vqgan":
-    config_images.validate_vqgan(config)
-  _require(
-    m.image_stem in IMAGE_STEMS, f"model.image_stem='{m.image_stem}' is not one of {IMAGE_STEMS}."
-  )
-  _require(m.dtype in DTYPES, f"model.dtype='{m.dtype}' is not one of {DTYPES}.")
-  _require(t.schedule in SCHEDULES, f"train.schedule='{t.schedule}' is not one of {SCHEDULES}.")
-  for key in (
-    "d_model",
-    "num_layers",
-    "num_heads",
-    "head_dim",
-    "mlp_dim",
-    "vocab_size",
-    "patch_size",
-  ):
-    _require(m[key] > 0, f"model.{key}={m[key]} must be positive.")
-  for key in ("batch_size", "image_size", "src_len", "tgt_len"):
-    _require(d[key] > 0, f"data.{key}={d[key]} must be positive.")
-  _require(t.steps > 0, f"train.steps={t.steps} must be positive.")
-  _require(0.0 <= m.dropout_rate < 1.0, f"model.dropout_rate={m.dropout_rate} must be in [0, 1).")
-  _require(
-    d.image_size % m.patch_size == 0,
-    f"data.image_size={d.image_size} is not divisible by model.patch_size={m.patch_size}; "
-    "pick a patch size that tiles the image.",
-  )
-  _validate_moe_and_stack(config)
-  ofa.validate(config, _require)
-  _require(
-    d.tokenizer_kind in TOKENIZER_KINDS,
-    f"data.tokenizer_kind='{d.tokenizer_kind}' is not one of {TOKENIZER_KINDS}.",
-  )
-  config_images.validate_image_codes(config, training)
-  axes.check_model_fits_mesh(config, num_devices)
-  if training:
-    _validate_bucketing(d)
-    axes.check_batch_fits_mesh(config, num_devices, process_count)
-  _require(t.peak_flops >= 0, f"train.peak_flops={t.peak_flops} must be >= 0 (0: unknown).")
-  weights = dict(d.task_weights)
-  _require(
-    any(w > 0 for w in weights.values()),
-    "data.task_weights gives no task a positive weight; set at least one, e.g. "
-    "--config.data.task_weights.image_to_text=1.0.",
-  )
-  _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0.")
-  _validate_optimizer_and_divergence(t)
-  _require(
-    t.eval_every >= 0 and t.eval_examples >= 0,
-    f"train.eval_every={t.eval_every} and train.eval_examples={t.eval_examples} must be >= 0.",
-  )
-  _require(
-    t.log_every > 0 and t.checkpoint_every > 0 and t.keep_checkpoints > 0,
-    "train.log_every, train.checkpoint_every and train.keep_checkpoints must be positive.",
-  )
-
-
-def validate_for_counting(config: ml_collections.ConfigDict) -> None:
-  """validate() for work that needs no devices (--mode=params): as if the mesh's fixed axes
-  had exactly the devices they name (an axis of -1 gets one)."""
-  validate(config, math.prod(max(int(config.mesh[a]), 1) for a in axes.MESH_AXES), training=False)
+  return ml_collections.ConfigDict(merge(default_config().to_dict(), saved))

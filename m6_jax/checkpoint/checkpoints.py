@@ -47,7 +47,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from m6_jax.checksums import checksums, verify_checksums
+from m6_jax.checkpoint.checksums import checksums, verify_checksums
 from m6_jax.errors import CheckpointError, DamagedCheckpoint
 from m6_jax.parallel import multihost
 
@@ -434,6 +434,18 @@ def open_steps(path: str) -> Checkpoints:
     f"no checkpoint in {where}; train first with --mode=train --workdir={path}, or point at "
     "a workdir that holds one."
   )
+
+
+def saved_config(ckpts: Checkpoints, step: int, workdir: str) -> dict:
+  """The config a checkpoint step was saved with (older steps: the workdir's config.json)."""
+  saved = ckpts.saved_json(step, "config")
+  if saved is None:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+      raise CheckpointError(f"{workdir} has a checkpoint but no config.json.")
+    with open(path) as f:
+      saved = json.load(f)
+  return saved
 
 
 def load_params(

@@ -1,0 +1,32 @@
+"""`--mode=train` (the default): train or resume in --workdir from --config.
+
+    python -m m6_jax.main --config=configs/base.py --workdir=/tmp/m6_base
+
+Ends with the family's headline loss at the first logged step and the last one.
+"""
+
+from __future__ import annotations
+
+from m6_jax.cli import common
+
+
+def run() -> None:
+  from m6_jax.train import families, loop
+
+  config = common.load_config("train", workdir_hint="e.g. --workdir=/tmp/m6_base")
+  family = families.get(config)
+  evaluator = family.evaluator(common.WORKDIR.value) if config.train.eval_every else None
+  result = loop.train(config, common.WORKDIR.value, evaluator)
+  key = family.headline_loss
+  first, last = result.first_metrics, result.last_metrics
+  if key in first and key in last:
+    start = (
+      "step 0 (initial parameters)"
+      if result.resumed_from == 0
+      else f"step {first['step']} (the first logged step of this run, resumed at step "
+      f"{result.resumed_from})"
+    )
+    print(
+      f"{key.replace('_loss', '')} loss: {start}: {first[key]:.4f} -> step {last['step']}: "
+      f"{last[key]:.4f} ({last[key] / first[key]:.2f}x)"
+    )
