@@ -21,7 +21,7 @@ usage over all 512 x 144 codes), on 2 CPU cores shared with other jobs (load 5-9
 (the 6x6 grid would be cheaper to generate but did not come near 30 dB).
 
 Variant `configs/vqgan.py:runlocal` is a 20-step smoke test. Every `vqgan.*` key is documented
-in m6_jax/config_images.py `vqgan_defaults`.
+in m6_jax/config/defaults.py `vqgan_defaults`.
 """
 
 from m6_jax.config import default_config

@@ -60,9 +60,11 @@ def run(argv: list[str] | None = None) -> None:
   named = _mode_named(argv)
   module = MODES.get(named or MODE.default)
   mode = importlib.import_module(f"m6_jax.cli.{module}") if module else None
-  flags.adopt_module_key_flags(common)  # --helpshort lists --config and --workdir
-  if mode is not None:
-    flags.adopt_module_key_flags(mode)  # ... and the mode's flags
+  # --helpshort lists the main module's key flags (absl: the module named by argv[0], this
+  # file or the installed m6-jax script): --mode, --config, --workdir and the mode's flags.
+  for module in (sys.modules[__name__], common, mode):
+    for flag in flags.FLAGS.get_key_flags_for_module(module) if module else ():
+      flags.FLAGS.register_key_flag_for_module(argv[0], flag)
   # absl's help prints the __main__ module's docstring: the mode's, or how to use the program.
   sys.modules["__main__"].__doc__ = mode.__doc__ if named and mode is not None else USAGE
 

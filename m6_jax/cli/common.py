@@ -63,11 +63,19 @@ def fail_config(argv: list[str], error: BaseException) -> None:
   exit_with(f"bad config ({_config_args(argv)}): {one_line(error)}")
 
 
+HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing for `app.run(..., flags_parser=parse_flags)`: a bad or missing flag,
-  or a config that fails to load, is one `error:` line and status 2, not absl's usage dump."""
+  or a config that fails to load, is one `error:` line and status 2, not absl's usage dump;
+  asking for help succeeds (status 0)."""
   try:
     return flags.FLAGS(argv)
+  except SystemExit as e:  # absl exits with 1 after printing the help that was asked for
+    if e.code == 1 and any(a.split("=")[0] in HELP_FLAGS for a in argv[1:]):
+      sys.exit(0)
+    raise
   except flags.Error as e:
     exit_with(
       f"{one_line(e)} (flags: {_config_args(argv) or ' '.join(argv[1:])}). "
