@@ -16,7 +16,7 @@
 #
 # 1. **Ahead-of-time report** for a paper config on a TPU topology: the real train step,
 #    compiled by libtpu's compiler on this machine's CPU (no TPU needed), with its memory per
-#    chip, FLOPs, collectives and an MFU estimate (`--mode=aot`, `m6_jax/aot.py`).
+#    chip, FLOPs, collectives and an MFU estimate (`--mode=aot`, `m6_jax/aot/report.py`).
 # 2. **Sharding** of a tiny model over 8 devices (a 2 x 2 x 2 data x fsdp x tensor mesh),
 #    simulated on the CPU: which slice of each parameter every device holds.
 #
