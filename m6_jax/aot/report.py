@@ -10,7 +10,7 @@ it: same model, optimizer, shardings and donation) is lowered with abstract inpu
 compiled by libtpu for that slice. We report per-chip memory (arguments, outputs,
 temporaries, total against the chip's HBM), the compiled FLOPs and HBM bytes, the
 collectives in the compiled HLO with the bytes each chip sends in them (all three with
-every while-loop body counted once per iteration, m6_jax/hlo_costs.py), the step time each
+every while-loop body counted once per iteration, m6_jax/aot/hlo_costs.py), the step time each
 of them implies, which one bounds the step, and an MFU estimate; we print them and write
 them as JSON.
 
@@ -144,7 +144,7 @@ def analyse(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   # XLA's figures for this chip count each while-loop body once; scale them by how much the
-  # loop bodies add when counted per iteration (m6_jax/hlo_costs.py).
+  # loop bodies add when counted per iteration (m6_jax/aot/hlo_costs.py).
   loops = hlo_costs.per_step_costs(hlo)
   once, per_step = loops["once"], loops["per_step"]
   flops_once = float(cost.get("flops", 0.0))

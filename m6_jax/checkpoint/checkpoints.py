@@ -9,7 +9,7 @@ some of these items:
   data     the data iterator's position (grain)                       training checkpoints
   config   the run's config (JSON)
   meta     the tokenizer's SHA-256 and piece count, a checksum of every array
-           (m6_jax/checksums.py), and the run's rollback state (JSON)
+           (m6_jax/checkpoint/checksums.py), and the run's rollback state (JSON)
 
 A workdir holds `checkpoints/` (the last `train.keep_checkpoints` steps), `best/` (the best
 step by `train.eval_metric`), `config.json` and `tokenizer/spm.model`; an export directory

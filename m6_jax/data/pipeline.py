@@ -26,7 +26,7 @@ Train (``split="train"``), an endless stream:
   ``{"next_index": k}`` is the same on all processes and also valid for another process
   count with the same global batch size.
 
-Length bucketing (train only; ``config.data.length_bucket`` > 0, see m6_jax/config.py):
+Length bucketing (train only; ``config.data.length_bucket`` > 0, see m6_jax/config/defaults.py):
 
     ... mix(...) -> [window sort] -> [process_index::process_count] -> batch -> trim
 

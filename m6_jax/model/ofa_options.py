@@ -1,7 +1,7 @@
 """The config keys of OFA's options (m6_jax/model/ofa.py describes each), their defaults,
 the hashable options of M6Config and their checks.
 
-Apart from ofa.py so that loading a config (m6_jax/config.py) imports neither JAX nor Flax:
+Apart from ofa.py so that loading a config (m6_jax/config/) imports neither JAX nor Flax:
 `--help`, flag errors and the host-memory restart of `python -m m6_jax.main` stay instant.
 """
 

@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from m6_jax.parallel import partitioning
 
 # (params rng, dropout rng) -> the model's parameters, still in their logical-axis boxes
-# (m6_jax/train/family.py: each model family's initialiser).
+# (m6_jax/train/families/: each model family's initialiser).
 InitParams = Callable[[jax.Array, jax.Array], Any]
 
 

@@ -1,4 +1,4 @@
-"""The VQGAN train step and optimizer, for the one train loop (m6_jax/train/family.py).
+"""The VQGAN train step and optimizer, for the one train loop (m6_jax/train/families/).
 
 One TrainState: params = {"generator": VQGAN, "discriminator": patch-GAN (when
 vqgan.disc_weight > 0)}. One gradient of the objective (m6_jax/model/vqgan_loss.py) gives the
