@@ -3,7 +3,7 @@
   python benchmarks/text_to_image.py --workdir=/tmp/m6_t2i [--batch_sizes=1,8] [--json=PATH]
 
 The model is a trained text-to-image workdir (configs/finetune_text_to_image.py, e.g. the
-README recipe's) and its VQGAN (found through the model's data.image_codes_dir). A row
+recipe's of docs/text_to_image.md) and its VQGAN (found through the model's data.image_codes_dir). A row
 samples `batch` images of one prompt with classifier-free guidance (--guidance_scale, so
 2 x batch rows run through the model) and decodes them to pixels; ms per image is the
 median call over --reps calls divided by the batch. The uncached path reruns the whole

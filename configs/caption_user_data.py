@@ -25,10 +25,11 @@ is trained on the dataset's own texts (``tokenizer_corpus_examples`` of them) un
 data.tokenizer_path is set; Chinese one piece per character (data.tokenizer_split_han).
 Sized for one accelerator; on TPU add --config.model.dtype=bfloat16.
 
-Variant ``,cpu``: learns on 2 CPU cores in about 10 minutes (README, "Your own data: a
-recipe on 2 CPU cores"): 48 px images (9 patches of 16 px), the base model's size (4 layers,
-d_model 128, about 1.3M parameters with a 2k vocabulary), batch 32, 1500 steps at lr 2e-3,
-captions and questions up to 48 pieces, length bucketing by 16.
+Variant ``,cpu``: learns on 2 CPU cores. 48 px images (9 patches of 16 px), the base model's
+size (4 layers, d_model 128, about 1.3M parameters with a 2k vocabulary), batch 32, 1500 steps
+at lr 2e-3, captions and questions up to 48 pieces, length bucketing by 16. Should reach, on
+the synthetic world's files (--mode=export_world): held-out caption BLEU-4 99.97 in under 19
+minutes; the recipe and its table: docs/your_data.md.
 """
 
 import os

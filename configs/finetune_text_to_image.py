@@ -18,15 +18,12 @@ configs/vqgan.py (a 48 x 48 image downsampled 4x); variant `:grid6` is a 6 x 6 g
 size. Config validation compares them with the codes_info.json of data.image_codes_dir and
 says which differs; an empty data.image_codes_dir is an error too.
 
-The model is the base one (1.1M parameters with the 256 code rows), trained from scratch:
-`init_from` a text-only model does not fit (its embedding has no code rows). Measured on 2
-AMD EPYC cores (Zen 5), nothing else running: the 3600 steps took 18m15s wall (3.3 steps/s;
-1.8-2.0 steps/s when the cores are shared with other jobs); text_to_image loss 0.41 per code
-at the end (eval), image_to_text 7.16 -> 0.16. Judged at guidance 1, best of 8: shape 95.6%,
-colour 98.0%, position 99.0% (README.md, Text to image). Fewer text-to-image examples bind
-attributes worse: 2800 steps reached shape 86.3%, and 1500 steps with image_to_text weight
-0.5 swapped colours and shapes between objects. Depth in the same CPU time did worse too:
-6 layers (1.5M parameters), 2000 steps, shape 78.4% and colour 87.3% at the same setting.
+The model is the base one (1.1M parameters with the 256 code rows), trained from scratch
+for 3600 steps: `init_from` a text-only model does not fit (its embedding has no code rows).
+
+Should reach: text_to_image loss 0.41 per code (eval), and at guidance 1, best of 8, shape
+95.6%, colour 98.0%, position 99.0% (--mode=text_to_image_eval), in about 18 minutes on 2
+quiet CPU cores. The measurements, and why 3600 steps of this model: docs/text_to_image.md.
 
 Variant `:runlocal`: 20 steps (smoke test).
 """

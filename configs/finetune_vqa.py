@@ -13,7 +13,9 @@
 step 0) and its tokenizer; the model keys must match the pretrained config (a mismatch
 stops with the first differing parameter and both shapes). The best checkpoint by
 `train.eval_metric` is kept in <workdir>/best, the last `keep_checkpoints` in checkpoints/.
-The measured figures are in the README ("Recipe: pretrain -> fine-tune VQA -> eval").
+Should reach: held-out VQA accuracy 90.8 +- 1.6% (3 seeds) for the best checkpoint, in
+about 6 minutes of fine-tuning on 2 CPU cores; the recipe and its table:
+docs/generate_and_eval.md.
 
 Variant `configs/finetune_vqa.py:runlocal`: 20 steps, evaluation every 10 (smoke test).
 """

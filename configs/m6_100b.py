@@ -11,13 +11,11 @@ Training: bf16, scan, remat saving every matmul output (`dots_saveable`: the exp
 dispatch einsums have a batch axis, so `dots_with_no_batch_dims_saveable` recomputed them);
 one expert of each layer per chip (512-way `expert` axis, no FSDP: expert weights are never
 gathered; the small dense weights are replicated) on a v5p-1024 slice (512 chips, topology
-8x8x8); global batch 8192 (7,232 tokens per chip), 20 of 95 GiB per chip. Chosen with the
-AOT report (docs/performance.md): against fsdp 8 x expert 64 at batch 1024 (904 tokens per
-chip) the estimated MFU rose from 12% to 43%, and to 47% with capacity factor 1.0 instead of
-1.25 (2 instead of 3 slots per expert and row; more tokens are dropped when the router is
-unbalanced); the step stays bound by HBM traffic. The one-hot einsum dispatch stays: with 512
-experts and 2 slots its tensors are small, and the sorted dispatch (model.moe_dispatch) moved
-more bytes here (docs/performance.md).
+8x8x8); global batch 8192 (7,232 tokens per chip). The one-hot einsum dispatch: with 512
+experts and 2 slots its tensors are small, and the sorted dispatch moved more bytes here.
+
+Should reach (--mode=aot): 19.8 of 95 GiB per chip, estimated MFU 47%, bound by HBM traffic.
+How the layout, batch and capacity were chosen: docs/performance.md.
 """
 
 from configs.m6_base import paper_common

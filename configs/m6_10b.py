@@ -9,10 +9,11 @@ FFN 16384 (4x hidden), BERT-Chinese vocabulary (tied embeddings), 196 image patc
 128 + 128 text tokens. That gives about 9.76B parameters (-2.4% of 10B).
 Training: bf16 compute / float32 params and Adam state, nn.scan over layers, remat keeping
 only the weight matmuls, on the 64 chips of a v5p-128 slice (topology 4x4x4), global batch
-512 (3,616 tokens per chip): ZeRO-3 FSDP over 16 chips x 4-way data parallelism. With FSDP
-over all 64 chips libtpu lowered every weight gather (and gradient reduction) as an
-all-reduce, twice an all-gather's bytes (115 GB sent per chip per step); over 16 chips it
-emits all-gathers and reduce-scatters (57 GB), at 26 of 95 GiB per chip (docs/performance.md).
+512 (3,616 tokens per chip): ZeRO-3 FSDP over 16 chips x 4-way data parallelism (over all 64
+chips libtpu lowers the weight gathers as all-reduces, twice the bytes).
+
+Should reach (--mode=aot): 26.3 of 95 GiB per chip, estimated MFU 82%, bound by compute.
+How the layout was chosen: docs/performance.md.
 """
 
 from configs.m6_base import paper_common

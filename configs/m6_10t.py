@@ -13,9 +13,10 @@ topology 16x16x16) with 1024-way expert x 4-way FSDP parallelism, about 30 GiB p
 The sorted dispatch (model.moe_dispatch) with 4 sequences per routing group in training
 (model.moe_group_rows; one 452-token row would round each of the 10240 experts up to a slot)
 and capacity factor 1.0 (2.0 at eval, each row routed alone); global batch 16384 (1,808 tokens
-per chip), 73.7 of 95 GiB per chip. Chosen with the AOT report (docs/performance.md): the
-estimated MFU rose from 34% (batch 4096, one-hot dispatch, capacity 1.25: bound by HBM
-traffic) to 64% (this config: bound by compute).
+per chip).
+
+Should reach (--mode=aot): 73.7 of 95 GiB per chip, estimated MFU 64%, bound by compute.
+How the dispatch, groups and batch were chosen: docs/performance.md.
 """
 
 from configs.m6_base import paper_common

@@ -15,10 +15,11 @@ no FSDP: the expert weights are never gathered) on a v5p-1024 slice (512 chips, 
 per routing group in training (model.moe_group_rows: one 452-token row would round every
 expert up to a slot, 5120 slots for 1808 assignments) and capacity factor 1.0 (3 slots per
 expert and group; 2.0 at eval, where each row is routed alone); global batch 16384 (14,464
-tokens per chip), 63 of 95 GiB per chip. Chosen with the AOT report (docs/performance.md):
-the estimated MFU rose from 7% (256-way experts x 2-way FSDP, batch 1024) to 19% (expert 512,
-batch 4096, one-hot dispatch) to 44% (this config); the step stays bound by HBM traffic.
-Remat dots_saveable reaches 45% at 84 of 95 GiB per chip; this config keeps the headroom.
+tokens per chip).
+
+Should reach (--mode=aot): 63.1 of 95 GiB per chip, estimated MFU 44%, bound by HBM traffic.
+How the layout, dispatch, groups and batch were chosen (and remat dots_saveable, which would
+use 84 of the 95 GiB): docs/performance.md.
 """
 
 from configs.m6_base import paper_common

@@ -106,8 +106,8 @@ print({split: len(lines) for split, lines in splits.items()}, records[0])
 
 # %% [markdown]
 # ## Convert it into a TFDS dataset
-# The command of the README's "Your own data" section. It needs no accelerator, so it runs on
-# the CPU (JAX_PLATFORMS=cpu), leaving the TPU to this notebook.
+# The command of docs/your_data.md ("Prepare, then train"). It needs no accelerator, so it
+# runs on the CPU (JAX_PLATFORMS=cpu), leaving the TPU to this notebook.
 
 # %%
 prepare = [sys.executable, "-m", "m6_jax.main", "--mode=prepare_data"]

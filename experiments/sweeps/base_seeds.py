@@ -1,5 +1,5 @@
-"""Three seeds of the base config, trained and evaluated held-out: what the README's base
-figures look like as mean ± std, and a check that a seed reproduces its run (the same seed
+"""Three seeds of the base config, trained and evaluated held-out: what the base run's figures
+(docs/training.md) look like as mean ± std, and a check that a seed reproduces its run (the same seed
 gives the same metrics.jsonl, a different seed a different one; tests/experiments/).
 
   python -m experiments.sweeps.run experiments/sweeps/base_seeds.py --workdir=/tmp/sweep_base

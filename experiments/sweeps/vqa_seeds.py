@@ -1,4 +1,4 @@
-"""The README's VQA recipe (pretrain 1500 steps -> fine-tune VQA 4500 steps -> evaluate the
+"""The VQA recipe of docs/generate_and_eval.md (pretrain 1500 steps -> fine-tune VQA 4500 steps -> evaluate the
 best checkpoint; the pretrained checkpoint's captioning figures too) over three seeds: the
 recipe table's figures as mean ± std instead of one run.
 

@@ -149,10 +149,8 @@ class ImageEmbedding(nn.Module):
     """images [b, H, W, 3] with values in [0, 1] -> [b, patches, d_model]."""
     _, h, w, _ = images.shape
     gh, gw = h // self.patch_size, w // self.patch_size
-    # Pixels to [-1, 1] (big_vision's value_range(-1, 1)). On [0, 1] inputs the near-white
-    # background dominated every patch's projection: a VQA-only model trained from scratch
-    # stayed at the answer prior (28.7% VQA accuracy after 1000 steps); with this scaling it
-    # reached 46.2% after 500 steps and 60.6% after 1000.
+    # Pixels to [-1, 1] (big_vision's value_range(-1, 1)): on [0, 1] inputs the near-white
+    # background dominated every patch's projection (docs/generate_and_eval.md has the runs).
     images = images.astype(self.dtype) * 2.0 - 1.0
     if self.stem == "linear":
       x = LinearPatchStem(self.d_model, self.patch_size, self.dtype, name="stem")(images)

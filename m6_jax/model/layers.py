@@ -174,9 +174,9 @@ class MultiHeadAttention(nn.Module):
     source = x if context is None else context
     d_model = source.shape[-1]
     # Full mode works head-major ([b, heads, L, kv]): every attention matmul then runs over
-    # contiguous [L, kv] blocks per (batch, head), which on CPU measured 2-5x faster for the
-    # score and mixing matmuls and their gradients than the [b, L, heads, kv] layout, whose
-    # per-head slices are strided. Step mode and the KV cache stay [b, L, heads, kv].
+    # contiguous [L, kv] blocks per (batch, head), faster on CPU than the strided per-head
+    # slices of [b, L, heads, kv] (docs/performance.md, (2)). Step mode and the KV cache stay
+    # [b, L, heads, kv].
     head_major = step is None and x is not None
     layout = "bhlk" if head_major else "blhk"
     axes = HEAD_MAJOR_AXES if head_major else KV_AXES

@@ -6,7 +6,8 @@ built from small pieces that are tested on their own:
 
   Router          x -> router logits [batch, length, expert], float32, no bias.
   route           logits -> per-token expert indices and combine weights (top-k, or M6-T
-                  "k top-1" expert prototyping).
+                  "k top-1" expert prototyping: top_k experts within each of num_groups
+                  prototypes of consecutive experts).
   dispatch_combine  indices + weights -> one-hot dispatch / weighted combine tensors
                   [batch, length, expert, capacity] with a fixed expert capacity
                   (dispatch="einsum"; dispatch="sorted" gets the same slots by a sort and
@@ -14,41 +15,15 @@ built from small pieces that are tested on their own:
   Experts         batched expert MLPs over buffers [expert, batch, capacity, embed].
   load_balance_loss, router_z_loss   the auxiliary losses, unweighted.
 
-**Routing.** The `num_experts` experts are split into `num_groups` prototypes (M6-T, arXiv
-2105.15082) of `num_experts / num_groups` consecutive experts. Each token takes its `top_k`
-best experts within every prototype, so it is sent to `num_groups * top_k` distinct experts.
-`num_groups=1` is plain top-k routing (Switch top-1, GShard top-2); `num_groups=k, top_k=1`
-is M6-T's "k top-1". Router probabilities are a softmax within each prototype. The combine
-weight of a chosen expert is its probability; with `top_k > 1` the `top_k` weights of a
-prototype are renormalised to sum to 1 (GShard). With `top_k == 1` the raw probability is
-kept (Switch), so that the router gets a gradient from the task loss; the outputs of the
-prototypes are summed, as in M6-T.
-
-**Token groups and capacity.** Capacity is enforced per batch row: the tokens of one sequence
-form one routing group, so routing never crosses examples and its tensors shard over `batch`.
 Each expert takes at most
 
   capacity = min(length, ceil(capacity_factor * length * num_groups * top_k / num_experts))
 
-tokens per row (`eval_capacity_factor` replaces `capacity_factor` when `deterministic`).
-With many experts the ceiling wastes most slots (M6-T: 1808 assignments of a 452-token row
-over 5120 experts get one slot each, 5120 slots); `group_rows > 1` makes `group_rows`
-consecutive rows one routing group in training (`length` above becomes `group_rows *
-length`, the rows in order), so the slots follow the capacity factor. A row's drops then
-depend on the rows before it in its group; evaluation and decoding (`deterministic`) keep
-one row per group, so an example's output never depends on its batch neighbours there.
-Slots are given out in priority order: every token's first choice before any token's second
-choice, and within a choice in sequence order. Assignments beyond capacity are dropped: their
-combine weight is 0, so a token dropped by all its experts gets output 0 and the residual
-connection carries it. Tokens with `token_mask == 0` (padding) take no slot, get output 0 and
-are left out of the aux losses and the drop metric.
-
-Causality: with top-1 routing and with prototyping (whose prototypes own disjoint experts) a
-token's slot depends only on earlier tokens of its row, so a causal target stays causal. With
-`top_k > 1` a second choice can be dropped because of a later token's first choice; a
-capacity that never binds (`capacity_factor >= num_experts / (num_groups * top_k)`) removes it.
-Incremental decoding (length 1) never drops, so it can differ from a teacher-forced forward
-pass wherever that pass dropped tokens.
+tokens per routing group (one batch row, or `group_rows` rows in training;
+`eval_capacity_factor` when `deterministic`); assignments beyond it are dropped (combine
+weight 0, the residual connection carries the token), and padding (`token_mask == 0`) takes
+no slot. docs/scale.md ("How the MoE layer routes") describes the routing, the slot order,
+causality, incremental decoding and the sharding rules in full.
 
 **Aux losses and metrics** are sown, not returned, so the call signature matches `Mlp`:
 
@@ -61,15 +36,11 @@ They are recorded only when the collection is mutable, e.g.
 `moe_terms()` averages each of them over all MoE layers. The losses are unweighted: the train
 step multiplies them by its weights.
 
-**Sharding.** Expert kernels carry the logical axes ('experts', 'embed', 'mlp') /
-('experts', 'mlp', 'embed'); the expert buffers are constrained to ('experts', 'batch', None,
-'embed') so that a logical rule ('experts', <mesh axis>) splits the experts over that axis and
-GSPMD inserts the all-to-all between the batch-sharded tokens and the expert-sharded buffers.
-Without such a rule the experts are replicated. The router kernel is small and carries
-('embed', None). Flax gives a mesh axis to the first rule that claims it, so when 'batch' is
-also split over the expert mesh axis, list ('experts', <that axis>) before the 'batch' rules
-and add a fallback 'batch' rule without it (m6_jax/parallel/axes.py does): the expert buffers
-then use the fallback and the experts stay split.
+**Sharding.** Expert kernels carry ('experts', 'embed', 'mlp') / ('experts', 'mlp', 'embed'),
+the expert buffers ('experts', 'batch', None, 'embed'): a logical rule ('experts', <mesh
+axis>) splits the experts and GSPMD inserts the all-to-all. When 'batch' is also split over
+that axis, list the 'experts' rule first and add a fallback 'batch' rule without it
+(m6_jax/parallel/axes.py does).
 """
 
 from __future__ import annotations
@@ -406,9 +377,8 @@ class MoeMlp(nn.Module):
       ys = experts(constrain(xs, EXPERT_EMBED), deterministic)
       out = jnp.einsum("blec,ebcd->bld", combine.astype(self.dtype), ys)
 
-    # One-hot form for both dispatches: a gather form (no [tokens, experts] one-hot) compiled
-    # to a scatter-add gradient that cost more HBM traffic on TPU in every config measured
-    # (docs/performance.md: M6-100B 47% -> 37%, M6-T 44% -> 41% estimated MFU).
+    # One-hot form for both dispatches: a gather form's scatter-add gradient costs more HBM
+    # traffic on TPU in every config measured (docs/performance.md, "MoE: sorted dispatch").
     balance = load_balance_loss(routing.probs, routing.expert_index, token_mask)
     self.sow(AUX_LOSS_COLLECTION, "load_balance_loss", balance)
     self.sow(

@@ -30,9 +30,8 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
 
 # Why a custom VJP: JAX's derivative of the normalisation is a long chain of element-wise ops
 # that XLA:CPU fused into the transposing copies feeding the weight-gradient matmuls, where
-# the row reductions run with strided reads (9 ms per layer of the benchmark model for a
-# 4 MB result). The closed form below, dx = (g - mean(g) - x_hat * mean(g * x_hat)) / std
-# with g = dy * scale, is a few fusions; the medium benchmark step got 4-5% faster.
+# the row reductions run with strided reads (docs/performance.md, (5)). The closed form below,
+# dx = (g - mean(g) - x_hat * mean(g * x_hat)) / std with g = dy * scale, is a few fusions.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def layer_norm(x, scale, bias, epsilon, x_dtype):
   """float32 (x - mean) / std * scale + bias over the last axis."""

@@ -315,7 +315,7 @@ def test_reference_answers_and_line_errors(tmp_path):
 
 
 def test_the_exported_world_converts_whole(tmp_path):
-  """The README's user-data recipe starts from m6_jax.data.export_world's files."""
+  """The user-data recipe (docs/your_data.md) starts from --mode=export_world's files."""
   from m6_jax.data import export_world
 
   paths = export_world.export(str(tmp_path / "files"), 6, 2, image_size=32)
