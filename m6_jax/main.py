@@ -1,7 +1,9 @@
 """The command line: `python -m m6_jax.main --mode=<mode> ...`, also installed as `m6-jax`.
 
 Each mode is one module of m6_jax/cli/ that owns its flags and a `run()`. This file finds
-the mode on the command line, imports that module (defining its flags), parses the flags,
+the mode on the command line, imports that module (defining its flags) and the task modules
+a `--config.data.task_modules=...` argument names (their tasks then have the
+`--config.data.task_weights.<task>` keys the flags may set), parses the flags,
 starts the process (m6_jax/cli/bootstrap.py: logging, huge pages, platform,
 jax.distributed) and runs the mode. `--mode=<mode> --helpshort` lists a mode's flags;
 docs/cli.md lists them all. Every mistake a user can make ends in one `error: ...` line on
@@ -16,6 +18,7 @@ import sys
 from absl import app, flags
 
 from m6_jax.cli import bootstrap, common
+from m6_jax.data import task_modules
 from m6_jax.errors import UserError, exit_with
 
 # --mode -> its module under m6_jax/cli/
@@ -44,19 +47,29 @@ modes: {", ".join(MODES)} (default: train).
 """
 
 
+def _flag_value(argv: list[str], name: str) -> str | None:
+  """The value of flag `name` on the command line (the last one given), or None."""
+  value = None
+  for i, arg in enumerate(argv[1:], start=1):
+    if arg.startswith(f"--{name}="):
+      value = arg.split("=", 1)[1]
+    elif arg == f"--{name}" and i + 1 < len(argv):
+      value = argv[i + 1]
+  return value
+
+
 def _mode_named(argv: list[str]) -> str | None:
   """The --mode value on the command line, or None."""
-  for i, arg in enumerate(argv[1:], start=1):
-    if arg.startswith("--mode="):
-      return arg.split("=", 1)[1]
-    if arg == "--mode" and i + 1 < len(argv):
-      return argv[i + 1]
-  return None
+  return _flag_value(argv, "mode")
 
 
 def run(argv: list[str] | None = None) -> None:
   """The program: imports the mode's module (an unknown mode is left to the flag's error)."""
   argv = sys.argv if argv is None else argv
+  try:  # before the flags are parsed: the config they load may name the modules' tasks
+    task_modules.import_all(_flag_value(argv, "config.data.task_modules") or "")
+  except UserError as e:
+    exit_with(str(e))
   named = _mode_named(argv)
   module = MODES.get(named or MODE.default)
   mode = importlib.import_module(f"m6_jax.cli.{module}") if module else None

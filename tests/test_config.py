@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from m6_jax.config import ConfigError, default_config, validate
+from m6_jax.config import ConfigError, default_config, merged_with_defaults, validate
 from m6_jax.parallel.axes import mesh_shape
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,6 +50,10 @@ def test_mesh_minus_one_fills_the_devices():
       lambda c: [setattr(c.data.task_weights, k, 0.0) for k in c.data.task_weights],
       r"gives no task a positive weight",
     ),
+    (
+      lambda c: setattr(c.data, "task_modules", "os, no_such_task_module"),
+      r"data.task_modules names 'no_such_task_module', which cannot be imported",
+    ),
     (lambda c: setattr(c.train, "grad_accum_steps", 3), r"micro-batches"),
     (lambda c: setattr(c.train, "eps", 0.0), r"train.eps=0.0 must be positive: Adam divides"),
     (lambda c: setattr(c.train, "lr", 1e39), r"below float32's largest value"),
@@ -86,6 +90,7 @@ def test_bad_config_raises_one_clear_error(mutate, pattern):
     ),
     (["--config.mesh.data=16"], "needs 16 devices but only 8 devices are available"),
     (["--config.train.lr=abc"], "could not convert string to float"),
+    (["--config.data.task_modules=no_such_task_module"], "names 'no_such_task_module', which"),
   ],
 )
 def test_cli_prints_one_error_line_and_exits_2(args, message, tmp_path, run_main):
@@ -103,3 +108,13 @@ def test_cli_missing_config_file(tmp_path, run_main):
   assert errors and errors[0].startswith("error: no such config file: configs/no_such_file.py")
   assert "configs/{base.py," in errors[0]  # it lists the shipped configs
   assert "Traceback" not in proc.stderr
+
+
+def test_a_saved_config_imports_its_task_modules_first(tmp_path, monkeypatch):
+  (tmp_path / "m6_saved_task_module.py").write_text("")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  merged = merged_with_defaults({"data": {"task_modules": "m6_saved_task_module"}})
+  assert merged.data.task_modules == "m6_saved_task_module"
+  assert sys.modules.pop("m6_saved_task_module")  # imported
+  with pytest.raises(ConfigError, match="names 'no_such_task_module'"):
+    merged_with_defaults({"data": {"task_modules": "no_such_task_module"}})

@@ -83,7 +83,7 @@ def test_convert_then_caption_like_ofa(ofa_dir, converted, tmp_path, run_main):
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   row = json.loads(jsonl.read_text(encoding="utf-8").splitlines()[-1])
-  assert row["task"] == "caption" and row["output"]
+  assert row["task"] == "image_to_text" and row["output"]
   assert row["output"] == _ofa_greedy_caption(model, out, image)
 
 

@@ -1,12 +1,16 @@
 """`--mode=generate`: caption --image(s), answer a --question about them, or continue a
 --prompt, from a checkpoint of --workdir (latest, --checkpoint_step or --best); greedy, beam
-or sampling (--decoding). Prints each output and appends it to <workdir>/generate.jsonl (or
---output). A text-to-image model draws a --prompt into --output_dir instead
-(m6_jax/infer/text_to_image.py).
+or sampling (--decoding). --task=<name> picks a task of the registry that the model was
+trained on (its inputs: an --image and/or a text, --text or the --question / --prompt it
+names); without it the inputs pick as above. Prints each output and appends it to
+<workdir>/generate.jsonl (or --output), each row naming its task. A text-to-image model
+draws a --prompt into --output_dir instead (m6_jax/infer/text_to_image.py).
 
     python -m m6_jax.main --mode=generate --workdir=DIR --image=scene.png
     python -m m6_jax.main --mode=generate --workdir=DIR --image=scene.png --question="..."
     python -m m6_jax.main --mode=generate --workdir=DIR --prompt="a small red circle"
+    python -m m6_jax.main --mode=generate --workdir=DIR --task=vqa --image=scene.png \\
+      --text="what color is the circle?"
 """
 
 from __future__ import annotations
@@ -25,6 +29,18 @@ QUESTION = flags.DEFINE_multi_string(
   "question", [], "A question about the --image(s) (one for all, or one per image)."
 )
 PROMPT = flags.DEFINE_string("prompt", None, "Text whose continuation is generated (or drawn).")
+TASK = flags.DEFINE_string(
+  "task",
+  None,
+  "The task to generate with (a name of data.task_weights the model was trained on); "
+  "default: the inputs decide (--image: image_to_text, + --question: vqa, --prompt: text_lm).",
+)
+TEXT = flags.DEFINE_multi_string(
+  "text",
+  [],
+  "The text input of the --task (one for all --image(s), or one per image), for tasks whose "
+  "text is not a --question or a --prompt (e.g. a phrase to locate).",
+)
 DECODING = flags.DEFINE_enum("decoding", "greedy", ["greedy", "beam", "sample"], "How to decode.")
 MAX_LEN = flags.DEFINE_integer(
   "max_len", 0, "Most tokens to generate, EOS included (0: the config's data.tgt_len)."
@@ -58,13 +74,22 @@ _DRAWING = (NUM_IMAGES, OUTPUT_DIR, GUIDANCE_SCALE, RERANK, VQGAN_WORKDIR)
 def _draws_images(config) -> bool:
   from m6_jax.infer import generate, text_to_image
 
-  def model_has_codes() -> bool:
+  def saved_config():
     step, best = checkpoint_flags.CHECKPOINT_STEP.value, checkpoint_flags.BEST.value
-    saved = config or generate.workdir_config(common.WORKDIR.value, step, best)
-    return int(saved.model.code_vocab_size) > 0
+    return config or generate.workdir_config(common.WORKDIR.value, step, best)
+
+  def model_has_codes() -> bool:
+    return int(saved_config().model.code_vocab_size) > 0
+
+  drawing = [f"--{f.name}" for f in _DRAWING if flags.FLAGS[f.name].present]
+  if TASK.value:  # a task that generates image codes draws them
+    task = generate.named_task(saved_config(), TASK.value, common.WORKDIR.value)
+    if drawing and not task.needs_codes:
+      raise GenerationError(f"--task={task.name} generates text; {', '.join(drawing)} draw images.")
+    return task.needs_codes
 
   return text_to_image.draws_images(
-    any(flags.FLAGS[f.name].present for f in _DRAWING),
+    bool(drawing),
     PROMPT.value,
     bool(IMAGE.value or QUESTION.value),
     model_has_codes,
@@ -74,9 +99,9 @@ def _draws_images(config) -> bool:
 def _draw(config) -> None:
   from m6_jax.infer import image_outputs, text_to_image
 
-  if IMAGE.value or QUESTION.value:
+  if IMAGE.value or QUESTION.value or TEXT.value:
     raise GenerationError(
-      "--image / --question ask for captions or answers; drawing takes a --prompt alone."
+      "--image / --question / --text ask for captions or answers; drawing takes a --prompt alone."
     )
   request = text_to_image.ImageRequest(
     prompt=PROMPT.value or "",
@@ -127,6 +152,8 @@ def run() -> None:
     images=IMAGE.value,
     questions=QUESTION.value,
     prompt=prompt,
+    texts=TEXT.value,
+    task=TASK.value,
     decoding_method=DECODING.value,
     max_len=MAX_LEN.value,
     beam_size=BEAM_SIZE.value,
@@ -138,7 +165,7 @@ def run() -> None:
   )
   output = OUTPUT.value or os.path.join(common.WORKDIR.value, "generate.jsonl")
   for row in rows:
-    inputs = " | ".join(str(row[k]) for k in ("image", "question", "prompt") if k in row)
+    inputs = " | ".join(str(v) for k, v in row.items() if k not in ("task", "output"))
     print(f"{inputs} -> {row['output']}")
     row["step"] = model.step
   if multihost.is_primary():  # every process generates the same rows; one writes them

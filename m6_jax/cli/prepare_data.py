@@ -46,13 +46,20 @@ MAX_REJECTED_FRACTION = flags.DEFINE_float(
   "Stop with an error when a split rejects more than this share of its records.",
 )
 OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a finished dataset of the same name.")
+TASK_MODULES = flags.DEFINE_string(
+  "task_modules",
+  "",
+  "Comma-separated modules that register record fields (as data.task_modules does for "
+  "training): their columns are read from the input and stored too (docs/tasks.md).",
+)
 
 
 def run() -> None:
-  from m6_jax.data import prepare
+  from m6_jax.data import prepare, task_modules
 
   if not INPUT_PATH.value or not NAME.value:
     exit_with("--mode=prepare_data needs --input_path and --name (and usually --data_dir).")
+  task_modules.import_all(TASK_MODULES.value, "--task_modules")
   prepare.prepare_data(
     INPUT_FORMAT.value,
     INPUT_PATH.value,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from m6_jax.data import tasks
+from m6_jax.data import task_modules, tasks
 from m6_jax.model import ofa_options as ofa
 from m6_jax.parallel import axes
 
@@ -119,6 +119,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.bucket_window = 0
   c.data.num_train_examples = 20000
   c.data.num_eval_examples = 512
+  # Comma-separated importable modules that register tasks (and their record fields and eval
+  # kinds) beyond the built-in ones, imported before a config is built or checked
+  # (m6_jax/data/task_modules.py, docs/tasks.md); e.g. "my_project.my_tasks".
+  c.data.task_modules = ""
   # One weight per registered task (m6_jax/data/tasks.py); 0 leaves the task out.
   c.data.task_weights = ml_collections.ConfigDict(tasks.default_weights())
   c.data.noise_density = 0.15
@@ -238,7 +242,9 @@ def vqgan_defaults() -> ml_collections.ConfigDict:
 
 
 def merged_with_defaults(saved: dict) -> ml_collections.ConfigDict:
-  """A saved config dict, with the keys added since it was written at their defaults."""
+  """A saved config dict, with the keys added since it was written at their defaults (after
+  importing the task modules it names, so that their tasks are known)."""
+  task_modules.import_all(saved.get("data", {}).get("task_modules", ""))
 
   def merge(base: dict, saved: dict) -> dict:
     for k, v in saved.items():

@@ -22,7 +22,7 @@ from m6_jax.config.defaults import (
   TOKENIZER_KINDS,
   default_config,
 )
-from m6_jax.data import tasks
+from m6_jax.data import task_modules, tasks
 from m6_jax.data.codes_info import codes_mismatch, read_codes_info
 from m6_jax.errors import ConfigError
 from m6_jax.errors import require as _require
@@ -230,6 +230,7 @@ def validate(
   batches (length bucketing, their split over the mesh and the processes); the model must
   still fit the mesh.
   """
+  task_modules.import_all(config.data.get("task_modules", ""))  # their tasks' keys are known
   _check_known_keys(config)
   m, d, t = config.model, config.data, config.train
 

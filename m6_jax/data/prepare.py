@@ -33,7 +33,10 @@ texts in a JSONL that names them::
   else ``id``. The record id is ``id`` (when not used for the image), ``text_id`` or
   ``query_id``. Texts as for ``image_folder_jsonl``. Ids may be strings or integers.
 
-Every record needs a caption or a question/answer pair. Record ids default to
+Every record needs a caption or a question/answer pair, or the columns of a record field
+that a task module registered (``m6_jax.data.fields``; given as plain strings under their
+column names, e.g. ``{"image": ..., "phrase": "the red circle", "location": "top left"}``;
+``--task_modules`` names the modules). Record ids default to
 ``<texts file name>:<line>``; a line expanded into several records (a list of captions,
 answers or images) gives ``<id>#<k>``. Ids must be unique across the input, and a line must
 not repeat an earlier line exactly (``duplicate_id`` / ``duplicate_record``).
@@ -87,7 +90,7 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 from absl import logging
 
-from m6_jax.data import tasks
+from m6_jax.data import fields, tasks
 from m6_jax.data.image_files import ImageFolder, TsvImages, process_image
 from m6_jax.data.prepare_summary import PrepareSummary, SplitStats, format_summary
 from m6_jax.data.readers import (
@@ -107,6 +110,7 @@ from m6_jax.data.sources import (
   VERSION,
   builder_class,
   default_data_dir,
+  mask_key,
 )
 from m6_jax.errors import DataPreparationError
 
@@ -207,7 +211,7 @@ class _Generator:
     any number of workers.
     """
     st, start = self.stats[split], time.time()
-    has_caption, has_qa = [], []
+    has = {field.name: [] for field in fields.all_fields()}
     cache: collections.OrderedDict[str, bytes | Reject] = collections.OrderedDict()
     next_progress = self.progress_every
     with concurrent.futures.ThreadPoolExecutor(self.num_workers) as pool:
@@ -253,8 +257,8 @@ class _Generator:
               else:
                 st.read += 1
                 st.written += 1
-                has_caption.append(bool(texts["caption"]))
-                has_qa.append(bool(texts["question"]))
+                for field in fields.all_fields():
+                  has[field.name].append(field.present(texts))
                 yield (
                   st.written - 1,
                   {
@@ -271,7 +275,7 @@ class _Generator:
           while len(cache) > _IMAGE_CACHE_SIZE:
             cache.popitem(last=False)
     self._check_split(split)
-    self.masks[split] = {"caption": has_caption, "qa": has_qa}
+    self.masks[split] = has
     metadata[METADATA_KEY] = self.metadata()
     self._progress(split, start)
 
@@ -317,9 +321,8 @@ class _Generator:
       "max_image_size": self.max_image_size,
       "splits": {
         split: {
-          "num_records": len(m["caption"]),
-          "has_caption": pack(m["caption"]),
-          "has_qa": pack(m["qa"]),
+          "num_records": self.stats[split].written,
+          **{mask_key(name): pack(mask) for name, mask in m.items()},
         }
         for split, m in self.masks.items()
       },

@@ -6,6 +6,12 @@ The input formats, the ``input_path`` forms and the rejection reasons are descri
 input order: ``iter_candidates`` turns a texts file (JSONL, or a MUGE text TSV) into
 ``Candidate`` records or ``BadLine`` rejections, and ``check_texts`` checks a record's
 texts. The image bytes each record stores come from ``m6_jax.data.image_files``.
+
+The texts are the columns of the registered record fields (``m6_jax.data.fields``). The
+built-in ones have their own parsing here (``caption`` or ``text``, one or a list;
+``question`` with ``answer`` or VQA's ``answers``); a field registered by a task module is
+read as plain strings under its column names, onto the first record of each image a line
+gives (so that a line with several captions still stores it once).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import os
 import re
 from typing import Any, Iterator, Mapping
 
+from m6_jax.data import fields
 from m6_jax.errors import DataPreparationError
 
 FORMATS = ("image_folder_jsonl", "muge_tsv")
@@ -214,9 +221,7 @@ class Candidate:
   where: str  # file:line
   record_id: str
   image_key: str
-  caption: str | None
-  question: str | None
-  answer: str | None
+  texts: dict[str, str | None]  # column -> its text (None: not given)
   # The line's bytes (hashed) and the record's place in it: equal for the same record twice.
   content_key: bytes = b""
 
@@ -277,8 +282,9 @@ def _answers(obj: dict) -> list[str]:
 
 def _parse_line(
   obj: Any, input_format: str, default_id: str
-) -> tuple[str, list[str], list[str | None], str | None, list[str]]:
-  """A JSON object -> (base record id, image keys, captions, question, answers)."""
+) -> tuple[str, list[str], list[str | None], str | None, list[str], dict[str, str]]:
+  """A JSON object -> (base record id, image keys, captions, question, answers, the plain
+  columns of task modules' fields)."""
   if not isinstance(obj, dict):
     raise Reject("malformed_line", f"expected a JSON object, got {type(obj).__name__}")
   record_id = None
@@ -307,16 +313,17 @@ def _parse_line(
   field = "caption" if "caption" in obj else "text" if "text" in obj else None
   captions: list[str | None] = [None] if field is None else _texts(obj[field], field)
   question = _scalar_text(obj["question"], "question") if "question" in obj else None
-  return record_id or default_id, image_keys, captions, question, _answers(obj)
+  plain = {c: _scalar_text(obj[c], c) for c in fields.plain_columns() if c in obj}
+  return record_id or default_id, image_keys, captions, question, _answers(obj), plain
 
 
-def _parse_text_tsv_line(text: str) -> tuple[str, list[str], list[str | None], None, list[str]]:
+def _parse_text_tsv_line(text: str) -> tuple[str, list[str], list[str | None], None, list, dict]:
   """``<image id>\t<text>`` (MUGE text-to-image) -> as ``_parse_line``: the text is the
   caption, the record id the file:line default."""
   image_id, sep, caption = text.partition("\t")
   if not sep or not image_id.strip() or "\t" in caption:
     raise Reject("malformed_line", "expected <image id>\\t<text>")
-  return "", [image_id.strip()], [caption], None, []
+  return "", [image_id.strip()], [caption], None, [], {}
 
 
 def _json_error(e: json.JSONDecodeError) -> str:
@@ -348,7 +355,7 @@ def iter_candidates(inp: Input, input_format: str) -> Iterator[Candidate | BadLi
         except json.JSONDecodeError as e:
           raise Reject("malformed_line", _json_error(e)) from None
         parsed = _parse_line(obj, input_format, default_id)
-      base_id, image_keys, captions, question, answers = parsed
+      base_id, image_keys, captions, question, answers, plain = parsed
     except Reject as r:
       yield BadLine(where, default_id, r.reason, r.detail)
       continue
@@ -358,33 +365,39 @@ def iter_candidates(inp: Input, input_format: str) -> Iterator[Candidate | BadLi
     many = len(image_keys) * len(rows) > 1
     k = 0
     for image_key in image_keys:
-      for caption, answer in rows:
+      for j, (caption, answer) in enumerate(rows):
         record_id = f"{base_id}#{k}" if many else base_id
         # Records past the last answer (more captions than answers) carry no question.
         q = question if answer is not None or not answers else None
+        texts = {"caption": caption, "question": q, "answer": answer, **(plain if j == 0 else {})}
         content_key = line_hash + k.to_bytes(4, "big")
-        yield Candidate(where, record_id, image_key, caption, q, answer, content_key)
+        yield Candidate(where, record_id, image_key, texts, content_key)
         k += 1
 
 
 def check_texts(c: Candidate, max_text_chars: int) -> dict[str, str]:
+  """The record's text of every registered column ("" when absent), checked: no empty or
+  over-long text, every column of a field or none, and at least one field."""
   texts = {}
-  for field in ("caption", "question", "answer"):
-    value = getattr(c, field)
+  for column in fields.columns():
+    value = c.texts.get(column)
     if value is None:
-      texts[field] = ""
+      texts[column] = ""
       continue
     value = value.strip()
     if not value:
-      raise Reject("empty_text", f"{field} is empty")
+      raise Reject("empty_text", f"{column} is empty")
     if len(value) > max_text_chars:
       raise Reject(
-        "text_too_long", f"{field} has {len(value)} characters (max_text_chars={max_text_chars})"
+        "text_too_long", f"{column} has {len(value)} characters (max_text_chars={max_text_chars})"
       )
-    texts[field] = value
-  if bool(texts["question"]) != bool(texts["answer"]):
-    have = "question" if texts["question"] else "answer"
-    raise Reject("empty_text", f"{have} without {'answer' if have == 'question' else 'question'}")
-  if not texts["caption"] and not texts["question"]:
-    raise Reject("empty_text", "no caption and no question/answer")
+    texts[column] = value
+  for field in fields.all_fields():
+    have = [col for col in field.columns if texts[col]]
+    if have and len(have) < len(field.columns):
+      missing = [col for col in field.columns if not texts[col]]
+      raise Reject("empty_text", f"{' and '.join(have)} without {' and '.join(missing)}")
+  if not any(field.present(texts) for field in fields.all_fields()):
+    wanted = " and no ".join("/".join(field.columns) for field in fields.all_fields())
+    raise Reject("empty_text", f"no {wanted}")
   return texts

@@ -10,14 +10,17 @@ it back with ``open_builder(data_dir, name)`` (or ``tfds.builder(name, data_dir=
 wraps that as a grain data source of examples in the synthetic world's format.
 
 Stored per record (TFDS features; all Text features read back as UTF-8 bytes)
-  id, image_key (the path / image id), caption, question, answer (``""`` when absent), and
-  image: encoded bytes. JPEG and PNG files whose longer side is at most ``max_image_size``
+  id, image_key (the path / image id), the text columns of every registered record field
+  (``m6_jax.data.fields``: caption, question, answer, then those of task modules' fields;
+  ``""`` when absent), and image: encoded bytes. JPEG and PNG files whose longer side is at most ``max_image_size``
   are stored byte for byte; anything else (other formats, larger images, animations) is
   EXIF-rotated, converted to RGB, shrunk to that longer side and re-encoded: PNG stays PNG,
   everything else becomes JPEG (quality 95). Records keep their input order
   (``disable_shuffling``; grain shuffles at training time), and ``metadata.json`` holds, per
-  split, which records have a caption and which a question/answer (the pipeline uses it to
-  pick each task's records without reading the data) and the rejection counts.
+  split, which records have each field (``has_caption``, ``has_qa``, ``has_<field>``: the
+  pipeline uses them to pick each task's records without reading the data) and the
+  rejection counts. A dataset prepared before a field was registered has no column and no
+  mask for it: none of its records has the field.
 """
 
 from __future__ import annotations
@@ -30,11 +33,16 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from m6_jax.data import images, tasks
+from m6_jax.data import fields, images, tasks
 
 VERSION = "1.0.0"
 METADATA_KEY = "m6_user_data"  # our entry in the dataset's metadata.json
 FORMAT_VERSION = 1
+
+
+def mask_key(field: str) -> str:
+  """The metadata entry of a split's mask of the records that have ``field``."""
+  return f"has_{field}"
 
 
 # --------------------------------------------------------------------------------------
@@ -53,9 +61,7 @@ def features():
       "image_key": text(),
       # Encoded JPEG/PNG bytes; tfds.features.Image would need TensorFlow to encode.
       "image": tfds.features.Tensor(shape=(), dtype=np.object_),
-      "caption": text(),
-      "question": text(),
-      "answer": text(),
+      **{column: text() for column in fields.columns()},
     }
   )
 
@@ -190,30 +196,28 @@ def _text(value: Any) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+def record_texts(record: Mapping[str, Any]) -> dict[str, str]:
+  """A stored record's text of every registered column ("" when absent, or when the dataset
+  was prepared before the column's field was registered)."""
+  return {column: _text(record[column]) if column in record else "" for column in fields.columns()}
+
+
 def record_to_example(record: Mapping[str, Any], image_size: int, index: int) -> dict[str, Any]:
   """A stored record -> an example in ``synthetic.make_example``'s format for the tasks.
 
-  The one caption is given as both ``caption_en`` and ``caption_zh`` (whichever language a
-  task draws, it gets the record's caption, in its own language); the question/answer pair
-  is offered in both languages likewise. Missing texts are ``""`` / no ``qa`` entries;
-  tasks that need them never see such records (``PreparedSource.task_indices``).
+  Each field puts its columns in (``Field.to_example``): the one caption as both
+  ``caption_en`` and ``caption_zh`` (whichever language a task draws, it gets the record's
+  caption, in its own language), the question/answer pair as a ``qa`` entry in both
+  languages likewise, a task module's field its columns under their own names. Missing
+  texts are ``""`` / no ``qa`` entries; tasks that need them never see such records
+  (``PreparedSource.task_indices``).
   """
-  caption = _text(record["caption"])
-  question, answer = _text(record["question"]), _text(record["answer"])
-  qa = []
-  if question and answer:
-    qa = [
-      {"question": question, "answer": answer, "qtype": "user", "lang": lang}
-      for lang in ("en", "zh")
-    ]
-  return {
-    "image": images.load_image(bytes(record["image"]), image_size),
-    "caption_en": caption,
-    "caption_zh": caption,
-    "qa": qa,
-    "index": int(index),
-    "id": _text(record["id"]),
-  }
+  texts = record_texts(record)
+  example: dict[str, Any] = {"image": images.load_image(bytes(record["image"]), image_size)}
+  for field in fields.all_fields():
+    example.update(field.example_entries(texts))
+  example.update(index=int(index), id=_text(record["id"]))
+  return example
 
 
 class PreparedSource:
@@ -248,8 +252,8 @@ class PreparedSource:
     self.dataset_dir = os.fspath(builder.data_dir)
     self.num_records = n
     self._masks = {
-      "caption": _unpack(info["has_caption"], n),
-      "qa": _unpack(info["has_qa"], n),
+      name: _unpack(info[mask_key(name)], n) if mask_key(name) in info else np.zeros(n, bool)
+      for name in fields.names()
     }
 
   def __len__(self) -> int:
@@ -270,7 +274,7 @@ class PreparedSource:
     return self._data[int(record_key)]
 
   def field_count(self, field: str) -> int:
-    """How many records have ``field`` (one of ``tasks.FIELDS``)."""
+    """How many records have ``field`` (a name of ``fields.names()``)."""
     return int(self._masks[field].sum())
 
   def task_indices(self, task_name: str) -> np.ndarray:
@@ -286,7 +290,8 @@ class PreparedSource:
 
 
 def iter_dataset_text(config, split: str = "train") -> Iterator[str]:
-  """Captions, questions and answers of a prepared dataset, for tokenizer training.
+  """The texts (captions, questions, answers, task modules' fields) of a prepared dataset,
+  for tokenizer training.
 
   Reads ``config.data.tokenizer_corpus_examples`` records spread evenly over the split of
   ``config.data.{data_dir, tfds_name}`` (all records if the split is smaller); no image is
@@ -298,7 +303,6 @@ def iter_dataset_text(config, split: str = "train") -> Iterator[str]:
   want = min(n, int(data.tokenizer_corpus_examples))
   for i in np.unique(np.linspace(0, n - 1, num=max(want, 1)).round().astype(np.int64)):
     record = source.raw(int(i))
-    for field in ("caption", "question", "answer"):
-      text = _text(record[field])
+    for text in record_texts(record).values():
       if text:
         yield text

@@ -1,18 +1,28 @@
 """The M6 tasks: one registry entry per task, next to its example -> features function.
 
 A task turns an example (the synthetic world's ``make_example`` format, which prepared user
-data is read into: ``image`` uint8, ``caption_en`` / ``caption_zh``, a ``qa`` list) into the
-feature contract of ``m6_jax/model/features.py``. Everything else about a task derives from
-its ``Task`` entry, so adding one is a ``register(Task(...))`` call beside its function:
+data is read into: ``image`` uint8, ``caption_en`` / ``caption_zh``, a ``qa`` list, and the
+columns of fields registered by task modules) into the feature contract of
+``m6_jax/model/features.py``. Everything else about a task derives from its ``Task`` entry,
+so adding one is a ``register(Task(...))`` call beside its function (docs/tasks.md):
 
-  * config: the key ``data.task_weights.<name>`` and its default (``default_weight``);
+  * config: the key ``data.task_weights.<name>`` and its default (``default_weight``); a
+    task defined outside the package is registered by naming its module in
+    ``data.task_modules`` (``task_modules.py``);
   * task ids and the task count: the registry order (per-task losses, the AOT report);
-  * user data: the records a task can use, from the fields it ``needs`` (``sources.py``),
-    and the per-task record counts ``prepare_data`` prints;
-  * evaluation: the generation metrics of its ``eval_kind`` (``evaluation/evaluate.py``) and
-    the most tokens to decode for it (``decode_len``);
+  * user data: the record fields it ``needs`` (``fields.py``: what ``prepare_data`` stores
+    and reads), the records it can use (``sources.py``) and the per-task record counts
+    ``prepare_data`` prints;
+  * evaluation: its ``eval_kind``, a name in ``evaluation/eval_kinds.py`` (how held-out
+    inputs are extracted and outputs scored, the metric names), and the most tokens to
+    decode for it (``decode_len``);
+  * generation: ``--mode=generate --task=<name>`` takes the inputs its ``generation`` says
+    (an image: required / optional / none; a text: required / none) and builds the source
+    as it says (``infer/generate.py``); without --task the inputs pick the first task that
+    takes them;
   * image codes: a task that ``needs_codes`` reads ``example["image_codes"]`` (attached when
-    ``data.image_codes_dir`` is set), and config validation says so when it is not.
+    ``data.image_codes_dir`` is set), config validation says so when it is not, and
+    ``--mode=generate --task=<it>`` draws images.
 
 A task function is ``fn(example, tokenizer, rng, cfg) -> features``. All randomness
 (language, noise spans, question choice) comes from ``rng``, so a seeded generator makes it
@@ -31,16 +41,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from m6_jax.data import span_corruption
+from m6_jax.data import fields, span_corruption
 from m6_jax.model import features
 
 LANGUAGES = ("en", "zh")
-# Fields of a record a task may need (prepared user data keeps a mask of each per split).
-FIELDS = ("caption", "qa")
-# Generation metrics evaluation knows (evaluation/evaluate.py): captions scored by BLEU-4 and
-# CIDEr-D against the image's captions, answers by VQA accuracy, text continuations by exact
-# match with the rest of a held-out caption.
-EVAL_KINDS = ("caption", "vqa", "text")
 
 # Classifier-free guidance training: the share of text-to-image captions dropped.
 GUIDANCE_DROP_RATE = 0.1
@@ -61,19 +65,45 @@ class TaskConfig:
   caption_prompt: str = ""  # captioning's source text (a converted OFA model's prompt)
 
 
+def _text_as_source(text: str, data_cfg) -> str:
+  return text
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+  """What a task generates from (``--mode=generate --task=<name>``, evaluation): an image
+  ("required", "optional" or "none"), a text ("required" or "none") named ``text_name`` (the
+  --question / --prompt flag of that name gives it, --text gives any; the key of the output
+  row), and how the text becomes the source text, given the config's ``data`` section."""
+
+  image: str = "required"
+  text: str = "required"
+  text_name: str = "text"
+  source: Callable[[str, Any], str] = _text_as_source
+
+  def __post_init__(self):
+    if self.image not in ("required", "optional", "none") or self.text not in ("required", "none"):
+      raise ValueError(
+        f"bad generation inputs {self}: image required/optional/none, text required/none"
+      )
+    if self.text == "none" and self.image != "required":
+      raise ValueError("a task that generates from no text needs an image: image='required'")
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
   """One task: its name (the key of ``data.task_weights``), its example function, the record
-  fields it needs (and whether it needs the images' codes), how evaluation scores its
-  generations, and its default mixture weight."""
+  fields it needs (and whether it needs the images' codes), the eval kind that scores its
+  generations, what it generates from, and its default mixture weight."""
 
   name: str
   build: TaskFn
   needs: tuple[str, ...] = ("caption",)
-  eval_kind: str | None = None
+  eval_kind: str | None = None  # a name of evaluation/eval_kinds.py's registry
   default_weight: float = 0.0
   decode_len: int = 0  # most tokens to generate for it, EOS included (0: data.tgt_len)
   needs_codes: bool = False  # reads example["image_codes"] (data.image_codes_dir)
+  generation: Generation | None = None  # None: not a task to generate text with
 
 
 _REGISTRY: dict[str, Task] = {}
@@ -83,11 +113,14 @@ def register(task: Task) -> Task:
   """Adds a task (its id is its position in registration order); returns it."""
   if not task.name.isidentifier() or task.name in _REGISTRY:
     raise ValueError(f"task name {task.name!r} must be a new identifier; have {names()}")
-  unknown = set(task.needs) - set(FIELDS)
+  unknown = set(task.needs) - set(fields.names())
   if unknown:
-    raise ValueError(f"task {task.name!r} needs unknown record fields {sorted(unknown)}: {FIELDS}")
-  if task.eval_kind not in EVAL_KINDS + (None,):
-    raise ValueError(f"task {task.name!r} has eval_kind {task.eval_kind!r}; one of {EVAL_KINDS}")
+    raise ValueError(
+      f"task {task.name!r} needs unknown record fields {sorted(unknown)}: {fields.names()} "
+      "(register a new one with m6_jax.data.fields.register)"
+    )
+  if task.eval_kind is not None and task.generation is None:
+    raise ValueError(f"task {task.name!r} has eval_kind {task.eval_kind!r} but no generation")
   _REGISTRY[task.name] = task
   return task
 
@@ -204,10 +237,16 @@ def text_to_text(example, tokenizer, rng: np.random.Generator, cfg) -> dict[str,
   return make_features(None, example["image"].shape, source, target, "text_to_text", tokenizer, cfg)
 
 
+def caption_source(text: str, cfg) -> str:
+  """Captioning's source text: data.caption_prompt (usually none; a converted OFA model is
+  prompted as OFA prompts it), in training and generation alike."""
+  return str(getattr(cfg, "caption_prompt", "") or "")
+
+
 def image_to_text(example, tokenizer, rng: np.random.Generator, cfg) -> dict[str, np.ndarray]:
   """Captioning: image -> caption (source text: data.caption_prompt, usually none)."""
   ids = _caption_ids(example, tokenizer, rng)[: int(cfg.tgt_len) - 1]
-  prompt = getattr(cfg, "caption_prompt", "")
+  prompt = caption_source("", cfg)
   src = tokenizer.encode_source(prompt)[: int(cfg.src_len)] if prompt else []
   return make_features(
     example["image"], example["image"].shape, src, ids, "image_to_text", tokenizer, cfg
@@ -280,14 +319,19 @@ def text_to_image(example, tokenizer, rng: np.random.Generator, cfg) -> dict[str
   return make_features(None, image_shape, source, target, "text_to_image", tokenizer, cfg)
 
 
+CAPTIONING = Generation(image="required", text="none", source=caption_source)
+QUESTION = Generation(image="required", text="required", text_name="question")
+PROMPT = Generation(image="optional", text="required", text_name="prompt")
+
 register(Task("text_to_text", text_to_text, needs=("caption",), default_weight=1.0))
-register(Task("image_to_text", image_to_text, ("caption",), "caption", default_weight=1.0))
+register(Task("image_to_text", image_to_text, ("caption",), "caption", 1.0, generation=CAPTIONING))
 register(Task("multimodal_to_text", multimodal_to_text, ("caption",), default_weight=1.0))
 # Answers are 1-3 pieces; 8 tokens (EOS included) is plenty.
-register(Task("vqa", vqa, ("qa",), "vqa", default_weight=0.0, decode_len=8))
-register(Task("text_lm", text_lm, ("caption",), "text", default_weight=0.0))
+register(Task("vqa", vqa, ("qa",), "vqa", 0.0, decode_len=8, generation=QUESTION))
+# A prompt's continuation, conditioned on an image when one is given.
+register(Task("text_lm", text_lm, ("caption",), "text", 0.0, generation=PROMPT))
 # No generation metric here: the images are judged elsewhere; its teacher-forced loss and
-# accuracy are evaluated like every task's.
+# accuracy are evaluated like every task's. `--mode=generate --task=text_to_image` draws.
 register(Task("text_to_image", text_to_image, ("caption",), needs_codes=True, default_weight=0.0))
 
 

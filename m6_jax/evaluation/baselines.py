@@ -1,9 +1,10 @@
-"""The "most frequent answer / caption" baseline.
+"""The "most frequent answer / caption" baseline: per key, the text seen most often in the
+training data (ties: the text seen first).
 
-VQA: for each (language, question type) the answer seen most often in the training scenes
-(the question type is readable from the question's wording, so this is the usual "prior"
-baseline of VQA papers). Captioning: the caption seen most often per language. Ties go to
-the text seen first.
+Each eval kind says which (key, text) pairs it is fitted on (``eval_kinds.Baseline``). VQA:
+for each (language, question type) the answer seen most often (the question type is
+readable from the question's wording, so this is the usual "prior" baseline of VQA papers).
+Captioning: the caption seen most often per language.
 """
 
 from __future__ import annotations
@@ -32,14 +33,3 @@ def predict(table: Mapping[Hashable, str], keys: Sequence[Hashable]) -> list[str
   """The table's text for each key; a key never seen gets the overall most frequent text."""
   fallback = most_frequent(table.values()) if table else ""
   return [table.get(k, fallback) for k in keys]
-
-
-def fit_synthetic(examples: Iterable[dict]) -> tuple[dict, dict]:
-  """(answer table keyed by (lang, qtype), caption table keyed by lang) from train examples
-  of the synthetic world (dicts with caption_en / caption_zh / qa)."""
-  answers, captions = [], []
-  for ex in examples:
-    for lang in ("en", "zh"):
-      captions.append((lang, ex[f"caption_{lang}"]))
-    answers += [((qa["lang"], qa["qtype"]), qa["answer"]) for qa in ex["qa"]]
-  return fit(answers), fit(captions)

@@ -9,9 +9,10 @@ Two parts:
   registered tasks (m6_jax/data/tasks.py) that the data has inputs for, on the held-out
   inputs and references of `held_out.py` (the synthetic world's validation scenes, or a
   prepared dataset's validation split with every caption of an image and every answer to a
-  question as references). Reported: BLEU-4 and CIDEr-D per language and their mean
-  (`bleu4`, `cider`), VQA accuracy overall, per question type and per language, and the
-  exact match of text continuations (`text_exact_match`).
+  question as references), each scored as its kind says (`eval_kinds.py`). Built in:
+  BLEU-4 and CIDEr-D per language and their mean (`bleu4`, `cider`), VQA accuracy overall,
+  per question type and per language, and the exact match of text continuations
+  (`text_exact_match`).
 
 `run_eval` (``--mode=eval``) loads a workdir's checkpoint onto the config's mesh, writes
 `eval_metrics.json` (latest), appends `eval_metrics.jsonl`, and logs `eval/<name>`
@@ -27,17 +28,17 @@ import functools
 import json
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
-from m6_jax.data import pipeline, synthetic, tasks
+from m6_jax.data import pipeline, tasks
 from m6_jax.data import tokenizer as tokenizer_lib
 from m6_jax.errors import EvaluationError
-from m6_jax.evaluation import baselines, metrics
+from m6_jax.evaluation import baselines, eval_kinds
 from m6_jax.evaluation import held_out as held_out_lib
 from m6_jax.infer import generate as gen
 from m6_jax.model import loss as loss_lib
@@ -46,102 +47,23 @@ from m6_jax.parallel import multihost, partitioning
 
 __all__ = ["EvaluationError", "evaluate", "run_eval", "PeriodicEvaluator"]
 
-LANGS = held_out_lib.LANGS
 HeldOut = held_out_lib.HeldOut
 held_out = held_out_lib.held_out
-caption_language = held_out_lib.language
-
-
-def caption_scores(h: HeldOut, captions: Sequence[str]) -> dict[str, float]:
-  """Caption BLEU-4 / CIDEr-D. A caption is generated from the image alone, so the model
-  chooses its language: each caption is scored against its image's references in the
-  language it is written in (Chinese if it has a Han character), or, when the image has
-  none in that language, against those it has. `bleu4_<lang>` / `cider_<lang>` are over
-  the captions scored in that language; `bleu4` / `cider` their mean weighted by count."""
-  out: dict[str, float] = {}
-  langs = []
-  for caption, refs in zip(captions, h.caption_refs):
-    lang = caption_language(caption)
-    langs.append(lang if lang in refs else next(iter(refs)))
-  weighted_bleu = weighted_cider = 0.0
-  for lang in LANGS:
-    rows = [i for i, l in enumerate(langs) if l == lang]
-    out[f"captions_{lang}"] = len(rows)
-    if not rows:
-      continue
-    preds, refs = [captions[i] for i in rows], [h.caption_refs[i][lang] for i in rows]
-    out[f"bleu4_{lang}"] = metrics.bleu4(preds, refs, lang=lang)
-    out[f"cider_{lang}"] = metrics.cider(preds, refs, lang=lang)
-    weighted_bleu += out[f"bleu4_{lang}"] * len(rows)
-    weighted_cider += out[f"cider_{lang}"] * len(rows)
-  out["bleu4"] = weighted_bleu / len(captions)
-  out["cider"] = weighted_cider / len(captions)
-  out["num_caption_inputs"] = len(captions)
-  return out
-
-
-def vqa_scores(h: HeldOut, answers: Sequence[str]) -> dict[str, float]:
-  """VQA accuracy overall, per question type and per language (several reference answers:
-  the official min(#matching / 3, 1))."""
-  out: dict[str, float] = {}
-  vqa = metrics.vqa_accuracy(list(answers), h.vqa_answers, h.vqa_qtypes)
-  out["vqa_accuracy"] = vqa["overall"]
-  for qtype, value in sorted(vqa["per_type"].items()):
-    out[f"vqa_accuracy_{qtype}"] = value
-  for lang in LANGS:
-    rows = [i for i, l in enumerate(h.vqa_langs) if l == lang]
-    if rows:
-      out[f"vqa_accuracy_{lang}"] = metrics.vqa_accuracy(
-        [answers[i] for i in rows], [h.vqa_answers[i] for i in rows]
-      )["overall"]
-  out["num_vqa_questions"] = len(answers)
-  return out
-
-
-def text_scores(h: HeldOut, continuations: Sequence[str]) -> dict[str, float]:
-  """Exact match (after whitespace stripping) of each continuation with the rest of its
-  caption, overall and per language."""
-  out: dict[str, float] = {}
-  for lang in (None,) + LANGS:
-    rows = [i for i, l in enumerate(h.text_langs) if lang in (None, l)]
-    if rows:
-      name = "text_exact_match" + (f"_{lang}" if lang else "")
-      out[name] = metrics.exact_match(
-        [continuations[i] for i in rows], [h.text_refs[i] for i in rows], normalize=False
-      )
-  out["num_text_prompts"] = len(continuations)
-  return out
-
-
-# eval_kind -> (the held-out inputs: (images, source texts), how to score the outputs)
-GENERATIONS: dict[str, tuple[Callable, Callable]] = {
-  "caption": (lambda h: (h.caption_images, [""] * len(h.caption_images)), caption_scores),
-  "vqa": (lambda h: (h.vqa_images, h.vqa_questions), vqa_scores),
-  "text": (lambda h: ([None] * len(h.text_prompts), h.text_prompts), text_scores),
-}
-
-
-def eval_tasks() -> dict[str, tasks.Task]:
-  """{eval kind: the first registered task of that kind}: what generation evaluates."""
-  out: dict[str, tasks.Task] = {}
-  for name in tasks.names():
-    task = tasks.get(name)
-    if task.eval_kind is not None:
-      out.setdefault(task.eval_kind, task)
-  return out
 
 
 def generation_metrics(model: gen.LoadedModel, h: HeldOut, batch_size: int = 64) -> dict:
   """Greedy decoding of the held-out inputs of every eval kind the data has, scored."""
   out: dict[str, float] = {}
   tgt_len = int(model.config.data.tgt_len)
-  for kind, task in eval_tasks().items():
-    if not h.size(kind):
+  for name, (kind, task) in eval_kinds.of_tasks().items():
+    items = h.items.get(name, [])
+    if not items:
       continue  # e.g. no questions in a captioning dataset
-    inputs, score = GENERATIONS[kind]
-    images, sources = inputs(h)
+    images = [it.image for it in items]
+    sources = gen.task_sources(task, [it.text for it in items], model.config)
     max_len = min(task.decode_len or tgt_len, tgt_len)
-    out.update(score(h, gen.decode_in_batches(model, images, sources, batch_size, max_len=max_len)))
+    outputs = gen.decode_in_batches(model, images, sources, batch_size, max_len=max_len)
+    out.update(kind.score(items, outputs))
   return out
 
 
@@ -221,49 +143,30 @@ class PeriodicEvaluator:
 
 
 def most_frequent_metrics(config: ml_collections.ConfigDict, h: HeldOut) -> dict[str, float]:
-  """Generation metrics of the most-frequent answer / caption baseline: fitted on the texts
-  of the first data.tokenizer_corpus_examples (at least 2000) training scenes, or of a
-  prepared dataset's train split (its first 20,000 records). Each image gets the most
-  frequent caption in its references' language; each question the most frequent answer of
-  its (language, question type)."""
-  if config.data.get("source", "synthetic") == "tfds":
-    answer_table, caption_table = held_out_lib.prepared_train_tables(config, 20000)
-  else:
-    n = max(int(config.data.get("tokenizer_corpus_examples", 2000)), 2000)
-    seed = int(config.seed)
-    train = (
-      synthetic.scene_texts(synthetic.sample_scene(seed, synthetic.split_index("train", i)))
-      for i in range(n)
-    )
-    answer_table, caption_table = baselines.fit_synthetic(train)
+  """Generation metrics of the most-frequent baseline of each eval kind that has one
+  (`EvalKind.baseline`: e.g. the most frequent caption per language, the most frequent
+  answer per language and question type), fitted on the training data
+  (`held_out.baseline_tables`)."""
   out: dict[str, float] = {}
-  if h.size("caption"):
-    keys = [next(iter(refs)) for refs in h.caption_refs]
-    out.update(caption_scores(h, baselines.predict(caption_table, keys)))
-  if h.size("vqa"):
-    answers = baselines.predict(answer_table, list(zip(h.vqa_langs, h.vqa_qtypes)))
-    out.update(vqa_scores(h, answers))
+  tables = None
+  for name, (kind, _) in eval_kinds.of_tasks().items():
+    if kind.baseline is None or not h.size(name):
+      continue
+    tables = tables if tables is not None else held_out_lib.baseline_tables(config)
+    items = h.items[name]
+    predictions = baselines.predict(tables[name], [kind.baseline.key(it) for it in items])
+    out.update(kind.score(items, predictions))
   return out
 
 
-TABLE_KEYS = (
-  "vqa_accuracy",
-  "bleu4",
-  "cider",
-  "text_exact_match",
-  "bleu4_en",
-  "bleu4_zh",
-  "cider_en",
-  "cider_zh",
-)
-
-
 def comparison_table(rows: dict[str, dict]) -> str:
-  """A markdown table: one row per model, columns TABLE_KEYS (missing values as '-')."""
-  header = "| model | " + " | ".join(TABLE_KEYS) + " |"
-  lines = [header, "|" + " --- |" * (len(TABLE_KEYS) + 1)]
+  """A markdown table: one row per model, a column per headline and detail metric of the
+  eval kinds (eval_kinds.table_columns; missing values as '-')."""
+  columns = eval_kinds.table_columns()
+  header = "| model | " + " | ".join(columns) + " |"
+  lines = [header, "|" + " --- |" * (len(columns) + 1)]
   for name, m in rows.items():
-    cells = [f"{m[k]:.2f}" if k in m else "-" for k in TABLE_KEYS]
+    cells = [f"{m[k]:.2f}" if k in m else "-" for k in columns]
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -317,7 +220,8 @@ def run_eval(
     print(table)
   write_results(workdir, result)
   m = result["metrics"]
-  summary = ", ".join(f"{k} {m[k]:.2f}" for k in TABLE_KEYS[:3] if k in m)
+  headline = [k for kind in eval_kinds.names() for k in eval_kinds.get(kind).headline]
+  summary = ", ".join(f"{k} {m[k]:.2f}" for k in headline if k in m)
   print(
     f"eval step {model.step}: {summary} (loss {m['loss']:.4f}); wrote "
     f"{os.path.join(workdir, 'eval_metrics.json')}"

@@ -1,187 +1,149 @@
-"""The held-out inputs and references that generation metrics are computed on.
+"""The held-out inputs and references that generation metrics are computed on, per eval kind
+(m6_jax/evaluation/eval_kinds.py: each kind says how its inputs are extracted).
 
-Two sources, one shape (``HeldOut``):
+Two sources, one shape (``HeldOut``: {kind: its items}):
 
 * **The synthetic world** (``data.source='synthetic'``): the references are regenerated from
-  the validation split by index. Scene ``i`` gives one caption input (references: its
-  caption in each language), one VQA input per question it answers (reference: its answer;
-  question type and language from the world) and one text prompt (the first half of its
-  caption, alternately English and Chinese; reference: the rest).
+  the validation split by index; each kind extracts its items from scene ``i``
+  (``EvalKind.from_example``): e.g. one caption input (references: its caption in each
+  language), one VQA input per question it answers, one text prompt.
 * **A prepared dataset** (``data.source='tfds'``, ``--mode=prepare_data``): its
-  ``validation`` split, grouped as the references of captioning and VQA data are: every
-  caption of an image is a reference for that image (records are grouped by image key), and
-  every answer given to the same question about the same image is a reference answer (VQA's
-  several human answers). Question type ``user``; language: Chinese if the text has a Han
-  character. The text prompts are the first half of each image's first caption.
+  ``validation`` split's records, grouped by each kind as the references of its data are
+  (``EvalKind.from_records``): every caption of an image is a reference for that image,
+  every answer given to the same question about the same image a reference answer (VQA's
+  several human answers).
 
 Which generation metrics a dataset can give follows from the records it has
-(``available_kinds``): captions (and text prompts) need caption records, VQA needs
-question/answer records. ``check_eval_metric`` checks ``train.eval_metric`` against that
-before training starts.
+(``available_kinds``): a kind needs records with its field (``EvalKind.field``) and a
+prepared-data form. ``check_eval_metric`` checks ``train.eval_metric`` against that before
+training starts.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import re
 
 import ml_collections
-import numpy as np
 
-from m6_jax.data import synthetic, tasks
-from m6_jax.data.tokenizer import HAN_CHARACTERS
+from m6_jax.data import synthetic
 from m6_jax.errors import ConfigError, EvaluationError
-from m6_jax.evaluation import baselines
-
-LANGS = ("en", "zh")
-_HAN_RE = re.compile(f"[{HAN_CHARACTERS}]")
-
-# eval kind -> the metric names it gives (exact) and name prefixes (per language / type).
-KIND_METRICS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-  "caption": (("bleu4", "cider", "num_caption_inputs"), ("bleu4_", "cider_", "captions_")),
-  "vqa": (("vqa_accuracy", "num_vqa_questions"), ("vqa_accuracy_",)),
-  "text": (("text_exact_match", "num_text_prompts"), ("text_exact_match_",)),
-}
-# eval kind -> the record field its inputs come from (tasks.FIELDS).
-KIND_FIELD = {"caption": "caption", "vqa": "qa", "text": "caption"}
-
-
-def language(text: str) -> str:
-  """'zh' if the text has a Han character, else 'en'."""
-  return "zh" if _HAN_RE.search(text) else "en"
+from m6_jax.evaluation import baselines, eval_kinds
+from m6_jax.evaluation.eval_kinds import Item
 
 
 @dataclasses.dataclass
 class HeldOut:
   """Generation inputs (uint8 images, texts) and their references, per eval kind."""
 
-  caption_images: list[np.ndarray] = dataclasses.field(default_factory=list)
-  # Per caption input, {language: its reference captions in that language}.
-  caption_refs: list[dict[str, list[str]]] = dataclasses.field(default_factory=list)
-  vqa_images: list[np.ndarray] = dataclasses.field(default_factory=list)
-  vqa_questions: list[str] = dataclasses.field(default_factory=list)
-  vqa_answers: list[list[str]] = dataclasses.field(default_factory=list)  # reference answers
-  vqa_qtypes: list[str] = dataclasses.field(default_factory=list)
-  vqa_langs: list[str] = dataclasses.field(default_factory=list)
-  text_prompts: list[str] = dataclasses.field(default_factory=list)
-  text_refs: list[str] = dataclasses.field(default_factory=list)
-  text_langs: list[str] = dataclasses.field(default_factory=list)
+  items: dict[str, list[Item]] = dataclasses.field(default_factory=dict)
 
   def size(self, kind: str) -> int:
-    return {
-      "caption": len(self.caption_images),
-      "vqa": len(self.vqa_questions),
-      "text": len(self.text_prompts),
-    }[kind]
-
-  def add_text_prompt(self, caption: str) -> None:
-    """The first half of ``caption`` (words, or characters for Chinese) as a prompt, the
-    rest as its reference continuation; captions too short to cut are left out."""
-    lang = language(caption)
-    if lang == "zh":
-      units, sep = list(caption), ""
-    else:
-      units, sep = caption.split(), " "
-    if len(units) < 2:
-      return
-    cut = len(units) // 2
-    self.text_prompts.append(sep.join(units[:cut]))
-    self.text_refs.append(sep.join(units[cut:]))
-    self.text_langs.append(lang)
+    return len(self.items.get(kind, ()))
 
 
 def synthetic_held_out(config: ml_collections.ConfigDict, num_examples: int) -> HeldOut:
   source = synthetic.SyntheticWorldSource(
     int(config.seed), "validation", int(num_examples), int(config.data.image_size)
   )
-  h = HeldOut()
+  kinds = [kind for kind, _ in eval_kinds.of_tasks().values()]
+  h = HeldOut({kind.name: [] for kind in kinds})
   for i in range(len(source)):
     ex = source[i]
-    h.caption_images.append(ex["image"])
-    h.caption_refs.append({lang: [ex[f"caption_{lang}"]] for lang in LANGS})
-    for qa in ex["qa"]:
-      h.vqa_images.append(ex["image"])
-      h.vqa_questions.append(qa["question"])
-      h.vqa_answers.append([qa["answer"]])
-      h.vqa_qtypes.append(qa["qtype"])
-      h.vqa_langs.append(qa["lang"])
-    h.add_text_prompt(ex[f"caption_{LANGS[i % 2]}"])
+    for kind in kinds:
+      h.items[kind.name] += kind.from_example(ex, i)
   return h
+
+
+def _prepared_source(config: ml_collections.ConfigDict, split: str, why: str):
+  from m6_jax.data import sources  # imports tensorflow_datasets: only for prepared data
+
+  d = config.data
+  try:
+    return sources.PreparedSource(d.data_dir, d.tfds_name, split, int(d.image_size))
+  except (FileNotFoundError, ValueError) as e:
+    raise EvaluationError(f"{why}: {e}") from None
+
+
+def _validation_source(config: ml_collections.ConfigDict):
+  return _prepared_source(
+    config, "validation", "evaluation reads the prepared dataset's validation split"
+  )
 
 
 def _text(value) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def _validation_source(config: ml_collections.ConfigDict):
-  from m6_jax.data import sources  # imports tensorflow_datasets: only for prepared data
+def _records(source, limit: int | None = None) -> list[dict[str, str]]:
+  """The first records of a prepared split as eval kinds read them: image key and texts."""
+  from m6_jax.data import sources
 
-  d = config.data
-  try:
-    return sources.PreparedSource(d.data_dir, d.tfds_name, "validation", int(d.image_size))
-  except (FileNotFoundError, ValueError) as e:
-    raise EvaluationError(
-      f"evaluation reads the prepared dataset's validation split: {e}"
-    ) from None
+  n = len(source) if limit is None else min(len(source), int(limit))
+  raw = (source.raw(i) for i in range(n))
+  return [{"image_key": _text(r["image_key"]), **sources.record_texts(r)} for r in raw]
 
 
 def prepared_held_out(config: ml_collections.ConfigDict, num_examples: int) -> HeldOut:
-  """The first ``num_examples`` images with captions and the questions about the first
-  ``num_examples`` images with questions, of the validation split, with every reference."""
+  """Per kind, the items of the first ``num_examples`` images of the validation split that
+  have the kind's inputs, with every reference."""
   source = _validation_source(config)
-  captions: dict[str, list[str]] = collections.OrderedDict()  # image key -> captions
-  questions: dict[tuple[str, str], list[str]] = collections.OrderedDict()  # -> answers
-  first_record: dict[str, int] = {}
-  asked: dict[str, None] = {}  # image keys with questions, in order
-  for i in range(len(source)):
-    r = source.raw(i)
-    key = _text(r["image_key"])
-    caption, question, answer = (_text(r[f]) for f in ("caption", "question", "answer"))
-    if caption and (key in captions or len(captions) < num_examples):
-      captions.setdefault(key, []).append(caption)
-      first_record.setdefault(key, i)
-    if question and (key in asked or len(asked) < num_examples):
-      asked[key] = None
-      questions.setdefault((key, question), []).append(answer)
-      first_record.setdefault(key, i)
-  images = {key: source[i]["image"] for key, i in first_record.items()}
+  records = _records(source)
+  first: dict[str, int] = {}  # image key -> its first record
+  for i, r in enumerate(records):
+    first.setdefault(r["image_key"], i)
+  images: dict[str, object] = {}
+
+  def image(key: str):
+    if key not in images:
+      images[key] = source[first[key]]["image"]
+    return images[key]
+
   h = HeldOut()
-  for key, refs in captions.items():
-    h.caption_images.append(images[key])
-    by_lang: dict[str, list[str]] = {}
-    for ref in refs:
-      by_lang.setdefault(language(ref), []).append(ref)
-    h.caption_refs.append(by_lang)
-    h.add_text_prompt(refs[0])
-  for (key, question), answers in questions.items():
-    h.vqa_images.append(images[key])
-    h.vqa_questions.append(question)
-    h.vqa_answers.append(answers)
-    h.vqa_qtypes.append("user")
-    h.vqa_langs.append(language(question))
+  for kind, _ in eval_kinds.of_tasks().values():
+    if kind.from_records is not None:
+      h.items[kind.name] = kind.from_records(records, int(num_examples), image)
   return h
 
 
-def prepared_train_tables(config: ml_collections.ConfigDict, limit: int) -> tuple[dict, dict]:
-  """The most-frequent baseline's tables from a prepared dataset's train split (first
-  ``limit`` records): (answer by (language, 'user'), caption by language)."""
-  from m6_jax.data import sources
+def prepared_train_pairs(config: ml_collections.ConfigDict, limit: int) -> dict[str, list]:
+  """{kind: its baseline's (key, text) pairs} from a prepared dataset's train split (first
+  ``limit`` records), for the kinds with a most-frequent baseline."""
+  source = _prepared_source(
+    config, "train", "the most-frequent baseline is fitted on the train split"
+  )
+  kinds = [k for k, _ in eval_kinds.of_tasks().values() if k.baseline is not None]
+  pairs: dict[str, list] = {k.name: [] for k in kinds}
+  for r in _records(source, limit):
+    for kind in kinds:
+      pairs[kind.name] += kind.baseline.record_pairs(r)
+  return pairs
 
-  d = config.data
-  try:
-    source = sources.PreparedSource(d.data_dir, d.tfds_name, "train", int(d.image_size))
-  except (FileNotFoundError, ValueError) as e:
-    raise EvaluationError(f"the most-frequent baseline is fitted on the train split: {e}") from None
-  answers, captions = [], []
-  for i in range(min(len(source), int(limit))):
-    r = source.raw(i)
-    caption, question, answer = (_text(r[f]) for f in ("caption", "question", "answer"))
-    if caption:
-      captions.append((language(caption), caption))
-    if question:
-      answers.append(((language(question), "user"), answer))
-  return baselines.fit(answers), baselines.fit(captions)
+
+def synthetic_train_pairs(config: ml_collections.ConfigDict, num_scenes: int) -> dict[str, list]:
+  """{kind: its baseline's (key, text) pairs} from the texts and objects (no images) of the
+  first ``num_scenes`` training scenes of the synthetic world."""
+  kinds = [k for k, _ in eval_kinds.of_tasks().values() if k.baseline is not None]
+  pairs: dict[str, list] = {k.name: [] for k in kinds}
+  seed = int(config.seed)
+  for i in range(int(num_scenes)):
+    scene = synthetic.sample_scene(seed, synthetic.split_index("train", i))
+    ex = {**synthetic.scene_texts(scene), "objects": [o.as_dict() for o in scene.objects]}
+    for kind in kinds:
+      pairs[kind.name] += kind.baseline.example_pairs(ex)
+  return pairs
+
+
+def baseline_tables(config: ml_collections.ConfigDict) -> dict[str, dict]:
+  """{kind: the most-frequent baseline's table}: fitted on the texts of the first
+  data.tokenizer_corpus_examples (at least 2000) training scenes, or of a prepared
+  dataset's train split (its first 20,000 records)."""
+  if config.data.get("source", "synthetic") == "tfds":
+    pairs = prepared_train_pairs(config, 20000)
+  else:
+    pairs = synthetic_train_pairs(
+      config, max(int(config.data.get("tokenizer_corpus_examples", 2000)), 2000)
+    )
+  return {kind: baselines.fit(p) for kind, p in pairs.items()}
 
 
 def held_out(config: ml_collections.ConfigDict, num_examples: int) -> HeldOut:
@@ -195,14 +157,15 @@ def held_out(config: ml_collections.ConfigDict, num_examples: int) -> HeldOut:
 
 
 def available_kinds(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """The eval kinds the configured data's validation split has records for (the synthetic
-  world has every kind); each must also be the eval kind of a registered task."""
-  registered = {tasks.get(n).eval_kind for n in tasks.names()} - {None}
-  kinds = [k for k in KIND_METRICS if k in registered]
+  """The eval kinds of the registered tasks that the configured data's validation split has
+  records for (the synthetic world has every kind)."""
+  kinds = [kind for kind, _ in eval_kinds.of_tasks().values()]
   if config.data.get("source", "synthetic") != "tfds":
-    return tuple(kinds)
+    return tuple(k.name for k in kinds)
   source = _validation_source(config)
-  return tuple(k for k in kinds if source.field_count(KIND_FIELD[k]) > 0)
+  return tuple(
+    k.name for k in kinds if k.from_records is not None and source.field_count(k.field) > 0
+  )
 
 
 def metric_names(config: ml_collections.ConfigDict) -> tuple[set[str], tuple[str, ...]]:
@@ -212,10 +175,10 @@ def metric_names(config: ml_collections.ConfigDict) -> tuple[set[str], tuple[str
     if weight > 0:
       names |= {f"{task}_loss", f"{task}_accuracy"}
   prefixes: tuple[str, ...] = ()
-  for kind in available_kinds(config):
-    exact, more = KIND_METRICS[kind]
-    names |= set(exact)
-    prefixes += more
+  for name in available_kinds(config):
+    kind = eval_kinds.get(name)
+    names |= set(kind.metrics)
+    prefixes += kind.prefixes
   return names, prefixes
 
 

@@ -1,15 +1,20 @@
-"""Generation from a trained workdir, on a mesh: captions, VQA answers, text continuations.
+"""Generation from a trained workdir, on a mesh: captions, VQA answers, text continuations,
+and the outputs of any registered task that generates text.
 
     model = load_model(workdir)                       # latest checkpoint + its config/tokenizer
     rows = generate(model, images=["cat.png"], questions=["what color is the circle?"])
+    rows = generate(model, images=["cat.png"], texts=["what is red?"], task="vqa")
 
 The parameters are restored straight into the shardings of the mesh the config describes
 (`config.mesh.*`, the logical axis rules of training), so a model that needed many devices
 to train decodes on many devices too: with `--config.mesh.tensor=4` each device holds about
 a quarter of the parameters. Inputs are split over the mesh's batch axes.
 
-An image alone is captioned; an image and a question give the answer; a text prompt (with
-or without an image) is the source text whose continuation is generated. Images are read by
+A task of the registry (m6_jax/data/tasks.py) says what it generates from (`Task.generation`:
+an image required / optional / none, a text required / none) and how its text becomes the
+source text. Without a task the inputs pick the first registered task that takes them: an
+image alone is captioned (image_to_text), an image and a question give the answer (vqa), a
+text prompt (with or without an image) is continued (text_lm). Images are read by
 the loader training uses (m6_jax/data/images.py), so they get the same pixels. Decoding is
 greedy, beam search (`beam_size`, `length_penalty`) or sampling (`temperature`, `top_k`,
 `top_p`, `seed`), all with the KV cache of `m6_jax.infer.decoding`.
@@ -167,19 +172,23 @@ def make_inputs(
   model: LoadedModel, images: Sequence[np.ndarray | None], sources: Sequence[str]
 ) -> dict[str, np.ndarray]:
   """The decoding prefix features for rows (uint8 image or None, source text), built as
-  the tasks build them in training: an image without text is captioned, from the source
-  data.caption_prompt (empty but for converted OFA models, which are prompted)."""
+  the tasks build them in training (the source texts as `task_sources` makes them)."""
   d = model.config.data
   shape, src_len = (int(d.image_size), int(d.image_size), 3), int(d.src_len)
   rows = []
   for image, text in zip(images, sources):
-    if not text and image is not None:
-      text = d.get("caption_prompt", "")
     ids = model.tokenizer.encode_source(text)[:src_len] if text else []
     if image is None and not ids:
       raise GenerationError("a row has neither an image nor source text; nothing to condition on.")
     rows.append(tasks.prefix_features(image, shape, ids, src_len))
   return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def task_sources(
+  task: tasks.Task, texts: Sequence[str], config: ml_collections.ConfigDict
+) -> list[str]:
+  """The source texts of `task` for its text inputs (e.g. captioning's data.caption_prompt)."""
+  return [task.generation.source(text, config.data) for text in texts]
 
 
 def decode(
@@ -237,55 +246,130 @@ def decode_in_batches(
   return out
 
 
+# The arguments of `generate` that give texts, by the name a task gives its text
+# (`Generation.text_name`): --question and --prompt give those of that name, --text any.
+TEXT_ARGUMENTS = ("question", "prompt", "text")
+
+
+def _generating_tasks() -> list[str]:
+  return [n for n in tasks.names() if tasks.get(n).generation is not None]
+
+
+def named_task(config: ml_collections.ConfigDict, name: str, workdir: str = "") -> tasks.Task:
+  """The task `--task=name` asks for, if the model of `config` was trained on it (a positive
+  data.task_weights); GenerationError otherwise."""
+  if name not in tasks.names():
+    raise GenerationError(
+      f"unknown --task {name!r}; the registered tasks are {list(tasks.names())} (a task "
+      "defined outside m6_jax is registered by its module in data.task_modules)."
+    )
+  weights = dict(config.data.task_weights)
+  if float(weights.get(name, 0.0)) <= 0:
+    trained = [n for n, w in weights.items() if w > 0]
+    raise GenerationError(
+      f"the model{f' in {workdir}' if workdir else ''} was not trained on task {name!r} "
+      f"(data.task_weights.{name}=0); it was trained on {trained}."
+    )
+  return tasks.get(name)
+
+
+def _inputs_task(has_image: bool, text_arg: str | None) -> tasks.Task:
+  """The first registered task that takes these inputs (no --task): the one whose text is
+  named `text_arg` (no text: one that takes an image alone)."""
+  if text_arg is None and not has_image:
+    raise GenerationError(
+      "nothing to generate from: pass --image (caption), --image and --question (VQA) "
+      "or --prompt (text continuation)."
+    )
+  if text_arg == "text":
+    raise GenerationError(f"--text is the text of a --task; name one of {_generating_tasks()}.")
+  for name in _generating_tasks():
+    g = tasks.get(name).generation
+    if (g.text == "none") if text_arg is None else (g.text_name == text_arg):
+      return tasks.get(name)
+  raise GenerationError(f"no registered task generates from {text_arg or 'an image alone'}.")
+
+
+def _check_inputs(task: tasks.Task, has_image: bool, text_arg: str | None, named: bool) -> None:
+  """GenerationError when `task` does not take these inputs."""
+  g = task.generation
+  if g is None:
+    raise GenerationError(
+      f"task {task.name!r} does not generate text from an image or a text; the tasks that "
+      f"do are {_generating_tasks()}."
+    )
+  subject = f"--task={task.name}" if named else f"--{text_arg}"
+  what = "an image" + (f" and a {g.text_name}" if g.text != "none" else "")
+  if g.image == "none":
+    what = f"a {g.text_name} alone"
+  if g.image == "required" and not has_image:
+    raise GenerationError(f"{subject} needs an --image (task {task.name!r} generates from {what}).")
+  if g.image == "none" and has_image:
+    raise GenerationError(f"{subject} takes no --image (task {task.name!r} generates from {what}).")
+  if g.text == "none" and text_arg is not None:
+    raise GenerationError(f"--task={task.name} takes no text; drop --{text_arg}.")
+  flags = f"--{g.text_name} or --text" if g.text_name in TEXT_ARGUMENTS[:-1] else "--text"
+  if g.text != "none" and text_arg is None:
+    raise GenerationError(f"--task={task.name} needs a {g.text_name}: pass it with {flags}.")
+  if text_arg not in (None, "text", g.text_name):
+    raise GenerationError(f"--task={task.name} takes a {g.text_name} ({flags}), not --{text_arg}.")
+
+
 def generate(
   model: LoadedModel,
   images: Sequence[str] = (),
   questions: Sequence[str] = (),
   prompt: str | None = None,
+  *,
+  texts: Sequence[str] = (),
+  task: str | None = None,
   **decode_kwargs,
 ) -> list[dict[str, Any]]:
-  """Rows {image, question/prompt, task, output} for the given inputs.
+  """Rows {task, image, <the task's text name>, output} for the given inputs.
 
-  images alone: captions; images + questions (one question for all images, or one per
-  image): answers; a prompt: its continuation (conditioned on the images if any).
+  `task` (a registry name the model was trained on) takes the inputs its `generation`
+  says; its text comes from `texts`, or from `questions` / `prompt` when it names its text
+  so. Without a task the inputs decide: images alone are captioned, images + questions
+  answered, a prompt continued (conditioned on the images if any). Texts: one for all
+  images or one per image (no image: one row per text).
   """
   if prompt is not None and not prompt.strip():
     raise GenerationError("the prompt is empty; pass some text with --prompt.")
-  if prompt is not None and questions:
-    raise GenerationError("pass either --question or --prompt, not both.")
-  if not images and prompt is None:
+  given = {"question": list(questions), "prompt": [] if prompt is None else [prompt]}
+  given["text"] = list(texts)
+  named = [arg for arg in TEXT_ARGUMENTS if given[arg]]
+  if len(named) > 1:
+    raise GenerationError(f"pass either --{named[0]} or --{named[1]}, not both.")
+  text_arg = named[0] if named else None
+  values = given[text_arg] if text_arg else []
+  if any(not v.strip() for v in values):
+    raise GenerationError(f"a {text_arg} is empty; pass some text with --{text_arg}.")
+  if task is None:
+    chosen = _inputs_task(bool(images), text_arg)
+  else:
+    chosen = named_task(model.config, task, model.workdir)
+  _check_inputs(chosen, bool(images), text_arg, named=task is not None)
+  if images and len(values) > 1 and len(values) != len(images):
     raise GenerationError(
-      "nothing to generate from: pass --image (caption), --image and --question (VQA) "
-      "or --prompt (text continuation)."
-    )
-  questions = list(questions)
-  if questions and not images:
-    raise GenerationError("--question needs an --image to ask about.")
-  if any(not q.strip() for q in questions):
-    raise GenerationError("a question is empty; pass some text with --question.")
-  if len(questions) > 1 and len(questions) != len(images):
-    raise GenerationError(
-      f"got {len(questions)} questions for {len(images)} images; pass one question for all "
+      f"got {len(values)} {text_arg}s for {len(images)} images; pass one {text_arg} for all "
       "images or one per image."
     )
   size = int(model.config.data.image_size)
-  pixels = [images_lib.load_image_file(p, size) for p in images] or [None]
-  names = list(images) or [None]
-  if prompt is not None:
-    sources, task, key = [prompt] * len(pixels), "text_generation", "prompt"
-  elif questions:
-    sources = questions * len(pixels) if len(questions) == 1 else questions
-    task, key = "vqa", "question"
-  else:
-    sources, task, key = [""] * len(pixels), "caption", None
+  pixels = [images_lib.load_image_file(p, size) for p in images]
+  names: list[str | None] = list(images)
+  if not images:
+    pixels, names = [None] * len(values), [None] * len(values)
+  row_texts = values * len(pixels) if len(values) == 1 else values or [""] * len(pixels)
+  sources = task_sources(chosen, row_texts, model.config)
   outputs = decode(model, make_inputs(model, pixels, sources), **decode_kwargs)
+  key = chosen.generation.text_name if chosen.generation.text != "none" else None
   rows = []
-  for name, src, out in zip(names, sources, outputs):
-    row: dict[str, Any] = {"task": task}
+  for name, text, out in zip(names, row_texts, outputs):
+    row: dict[str, Any] = {"task": chosen.name}
     if name is not None:
       row["image"] = name
     if key:
-      row[key] = src
+      row[key] = text
     row["output"] = out
     rows.append(row)
   return rows

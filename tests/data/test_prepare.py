@@ -300,7 +300,7 @@ def test_reference_answers_and_line_errors(tmp_path):
   out = list(
     readers.iter_candidates(readers.Input(str(tmp_path / "train.jsonl")), "image_folder_jsonl")
   )
-  rows = [(c.record_id, c.caption, c.question, c.answer) for c in out[:5]]
+  rows = [(c.record_id, *(c.texts[k] for k in ("caption", "question", "answer"))) for c in out[:5]]
   assert rows == [
     ("train.jsonl:1#0", None, "color?", "red"),
     ("train.jsonl:1#1", None, "color?", "red"),

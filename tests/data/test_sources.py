@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 from user_data import encode, small_folder, write_jsonl
 
+from m6_jax.data import fields, readers
 from m6_jax.data import pipeline as P
 from m6_jax.data import prepare as PREP
 from m6_jax.data import sources as SRC
@@ -47,6 +48,46 @@ def test_image_folder_records_round_trip(folder):
   val = SRC.PreparedSource(folder["out"], "user_caps", "validation", image_size=48)
   assert [val.raw(i)["id"].decode() for i in range(len(val))] == [f"v{i}" for i in range(100, 104)]
   np.testing.assert_array_equal(val[2]["image"], folder["originals"]["v102"][0])
+
+
+@pytest.fixture
+def region_field():
+  """A record field registered after the `folder` dataset was prepared."""
+  field = fields.register(fields.Field("region", ("region_name",)))
+  yield field
+  fields.unregister("region")
+
+
+def test_a_field_registered_later(folder, region_field, tmp_path):
+  """A dataset prepared before a field was registered has none of its records; a JSONL
+  line gives a registered field's columns as plain strings."""
+  train = SRC.PreparedSource(folder["out"], "user_caps", "train", image_size=48)
+  assert train.field_count("region") == 0 and train.field_count("caption") == 13
+  assert train[0]["region_name"] == "" and train[0]["caption_en"]
+  write_jsonl(
+    tmp_path / "t.jsonl",
+    [
+      {"image": "a.png", "region_name": "top", "caption": ["c1", "c2"]},
+      {"image": "b.png", "region_name": ["top"]},
+      {"image": "c.png", "caption": " "},
+      {"image": "d.png"},
+    ],
+  )
+  out = list(
+    readers.iter_candidates(readers.Input(str(tmp_path / "t.jsonl")), "image_folder_jsonl")
+  )
+  first = readers.check_texts(out[0], 100)
+  assert first == {"caption": "c1", "question": "", "answer": "", "region_name": "top"}
+  assert readers.check_texts(out[1], 100)["region_name"] == ""  # stored once per image
+  assert out[2].reason == "malformed_line" and "'region_name' must be a string" in out[2].detail
+  with pytest.raises(readers.Reject, match="caption is empty"):
+    readers.check_texts(out[3], 100)
+  with pytest.raises(readers.Reject, match="no caption and no question/answer and no region_name"):
+    readers.check_texts(out[4], 100)
+  with pytest.raises(ValueError, match="clash"):
+    fields.register(fields.Field("other_region", ("region_name",)))
+  with pytest.raises(ValueError, match="unknown record fields \\['regions'\\]"):
+    K.register(K.Task("by_region", K.image_to_text, needs=("regions",)))
 
 
 def test_task_indices_follow_the_fields(folder):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from m6_jax.evaluation import baselines
+from m6_jax.evaluation import baselines, eval_kinds
 
 
 def test_most_frequent_and_ties():
@@ -12,7 +12,7 @@ def test_most_frequent_and_ties():
     baselines.most_frequent([])
 
 
-def test_fit_synthetic_and_predict():
+def test_fit_the_kinds_pairs_and_predict():
   examples = [
     {
       "caption_en": "a red circle.",
@@ -32,7 +32,12 @@ def test_fit_synthetic_and_predict():
       ],
     },
   ]
-  answers, captions = baselines.fit_synthetic(examples)
+
+  def fit(kind):
+    pairs = eval_kinds.get(kind).baseline.example_pairs
+    return baselines.fit(p for ex in examples for p in pairs(ex))
+
+  answers, captions = fit("vqa"), fit("caption")
   assert answers == {("en", "color"): "blue", ("en", "count"): "one", ("zh", "count"): "两个"}
   assert captions == {"en": "a red circle.", "zh": "红色圆形。"}
   # An unseen key falls back to the overall most frequent text.

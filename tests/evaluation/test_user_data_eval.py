@@ -73,19 +73,21 @@ def test_held_out_groups_every_reference(dataset):
   config = _shipped("finetune_vqa", dataset, "user_vqa")
   h = H.held_out(config, 3)
   ex = S.make_example(3, 100, image_size=32)
-  assert len(h.caption_images) == 3 and h.caption_refs[0] == {
+  captions, questions, texts = h.items["caption"], h.items["vqa"], h.items["text"]
+  assert len(captions) == 3 and captions[0].refs == {
     "zh": [ex["caption_zh"]],
     "en": [ex["caption_en"]],
   }
+  assert captions[0].image.shape == (32, 32, 3) and captions[0].text == ""
   qa = next(q for q in ex["qa"] if q["lang"] == "zh")
-  assert h.vqa_questions[0] == qa["question"] and h.vqa_langs[0] == "zh"
-  assert h.vqa_answers[0] == [qa["answer"], qa["answer"], "不知道"]  # one question, 3 answers
-  assert len(h.vqa_questions) == 3
-  assert h.text_prompts[0] + h.text_refs[0] == ex["caption_zh"]
+  assert questions[0].text == qa["question"] and questions[0].refs["lang"] == "zh"
+  assert questions[0].refs["answers"] == [qa["answer"], qa["answer"], "不知道"]  # 3 answers
+  assert len(questions) == 3
+  assert texts[0].image is None and texts[0].text + texts[0].refs["rest"] == ex["caption_zh"]
   # the most-frequent baseline is fitted on the train split's texts
-  answers, captions = H.prepared_train_tables(config, 1000)
-  assert answers[("zh", "user")] == "不知道"  # every question's third answer
-  assert set(captions) == {"zh", "en"}
+  tables = H.baseline_tables(config)
+  assert tables["vqa"][("zh", "user")] == "不知道"  # every question's third answer
+  assert set(tables["caption"]) == {"zh", "en"} and "text" not in tables
 
 
 def test_finetune_vqa_then_caption_on_user_data_and_eval(dataset, tmp_path):

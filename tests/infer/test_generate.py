@@ -120,7 +120,7 @@ def test_generate_caption_vqa_and_prompt(workdir, image_path, tmp_path, run_main
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [json.loads(l) for l in out.read_text().splitlines()]
-  assert [r["task"] for r in rows] == ["caption", "caption"]
+  assert [r["task"] for r in rows] == ["image_to_text", "image_to_text"]
   assert rows[0]["image"] == image_path and rows[0]["step"] == STEPS
   assert rows[0]["output"] == rows[1]["output"]  # greedy: same image, same caption
   assert f"-> {rows[0]['output']}" in proc.stdout
@@ -150,7 +150,7 @@ def test_generate_caption_vqa_and_prompt(workdir, image_path, tmp_path, run_main
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   row = json.loads(out.read_text().splitlines()[-1])
-  assert row["task"] == "text_generation" and row["prompt"] == "a small red circle"
+  assert row["task"] == "text_lm" and row["prompt"] == "a small red circle"
 
 
 def test_generate_errors_are_one_line(workdir, image_path, tmp_path, run_main):
@@ -170,6 +170,10 @@ def test_generate_errors_are_one_line(workdir, image_path, tmp_path, run_main):
     run_main("--mode=generate", f"--workdir={workdir}", "--prompt= "), "prompt is empty"
   )
   _assert_one_error_line(
+    run_main("--mode=generate", f"--workdir={workdir}", "--task=text_lm", "--prompt=a red"),
+    "was not trained on task 'text_lm' (data.task_weights.text_lm=0)",
+  )
+  _assert_one_error_line(
     run_main("--mode=generate", f"--workdir={tmp_path / 'empty'}", f"--image={image_path}"),
     "no checkpoint in",
   )
@@ -181,6 +185,34 @@ def test_generate_errors_are_one_line(workdir, image_path, tmp_path, run_main):
     "(48,)",
   )
   assert "mlp" in line.lower()
+
+
+def test_generate_by_task_name(workdir, image_path):
+  """--task picks a registered task the model was trained on; its text may come as --text;
+  a task it was not trained on, one that does not exist or wrong inputs are one line each."""
+  model = generate.load_model(workdir, devices=jax.devices()[:1])
+  question = "what color is the circle?"
+  by_task = generate.generate(model, images=[image_path], texts=[question], task="vqa", max_len=4)
+  implicit = generate.generate(model, images=[image_path], questions=[question], max_len=4)
+  assert by_task == implicit and by_task[0]["task"] == "vqa" and by_task[0]["question"] == question
+  for kwargs, needle in [
+    (dict(task="grounding"), "unknown --task 'grounding'; the registered tasks are"),
+    (dict(task="text_lm", prompt="a red"), "not trained on task 'text_lm'"),
+    (dict(task="text_to_text", texts=["a red"]), "does not generate text"),
+    (dict(task="vqa"), "--task=vqa needs a question: pass it with --question or --text"),
+    (dict(task="vqa", prompt="a red"), "--task=vqa takes a question (--question or --text)"),
+    (dict(task="image_to_text", texts=["a red"]), "takes no text; drop --text"),
+    (dict(texts=["a red"]), "--text is the text of a --task"),
+    (dict(questions=["a", "b"]), "got 2 questions for 1 images"),
+    (dict(questions=[" "]), "a question is empty"),
+    (dict(questions=["a"], prompt="b"), "either --question or --prompt, not both"),
+  ]:
+    with pytest.raises(generate.GenerationError, match=re.escape(needle)):
+      generate.generate(model, images=[image_path], **kwargs)
+  with pytest.raises(generate.GenerationError, match=r"--question needs an --image \(task 'vqa'"):
+    generate.generate(model, questions=[question])
+  with pytest.raises(generate.GenerationError, match="--task=vqa needs an --image"):
+    generate.generate(model, texts=[question], task="vqa")
 
 
 def test_init_from_with_other_shapes_names_the_parameter(workdir, tmp_path):

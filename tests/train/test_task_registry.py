@@ -53,7 +53,7 @@ def test_registry_checks_and_unregistering(toy_task):
     tasks.register(tasks.Task("first_words", first_words))
   with pytest.raises(ValueError, match="unknown record fields"):
     tasks.register(tasks.Task("bad_fields", first_words, ("pixels",)))
-  with pytest.raises(ValueError, match="eval_kind"):
+  with pytest.raises(ValueError, match="eval_kind 'bleu' but no generation"):
     tasks.register(tasks.Task("bad_kind", first_words, eval_kind="bleu"))
   tasks.unregister("first_words")
   assert "first_words" not in config_lib.default_config().data.task_weights
@@ -62,3 +62,16 @@ def test_registry_checks_and_unregistering(toy_task):
     config.data.task_weights.first_words = 1.0
     config_lib.validate(config, 8)
   tasks.register(toy_task)  # for the fixture's clean-up
+
+
+def test_an_unknown_eval_kind_is_named_when_evaluation_looks_it_up():
+  from m6_jax.errors import EvaluationError
+  from m6_jax.evaluation import eval_kinds
+
+  tasks.register(tasks.Task("bad_kind", first_words, eval_kind="bleu", generation=tasks.CAPTIONING))
+  try:
+    with pytest.raises(EvaluationError, match="task 'bad_kind' .*unknown eval kind 'bleu'"):
+      eval_kinds.of_tasks()
+  finally:
+    tasks.unregister("bad_kind")
+  assert "bad_kind" not in tasks.names() and "caption" in eval_kinds.of_tasks()
