@@ -96,7 +96,9 @@ def learning_rate(schedule: optax.Schedule, step: jax.Array, opt_state: Any) -> 
 
 def set_lr_scale(opt_state: Any, scale: float) -> Any:
   """`opt_state` with its learning-rate scale set to `scale`, placed (dtype, sharding) as
-  the value it replaces: the jitted step takes it without compiling again."""
+  the value it replaces: the jitted step takes it without compiling again. Every process
+  passes the same `scale` (its sharding may span the devices of several)."""
   old = get_lr_scale(opt_state)
-  new = jax.device_put(np.asarray(scale, old.dtype), old.sharding)
+  value = np.asarray(scale, old.dtype)
+  new = jax.make_array_from_callback(old.shape, old.sharding, lambda index: value[index])
   return opt_state._replace(hyperparams={**opt_state.hyperparams, LR_SCALE: new})
