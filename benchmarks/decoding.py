@@ -72,12 +72,14 @@ def run(lengths, batch_sizes, reps: int) -> list[dict]:
     loaded = gen.init_model(_config(length), tokenizer=None)
     models[length] = (loaded.config, loaded.model, loaded.params)
   for path in ("cached", "uncached"):
-    fn = decoding.greedy_decode if path == "cached" else decoding.greedy_decode_uncached
+    strategy = "greedy" if path == "cached" else "greedy_uncached"
     for batch_size in batch_sizes if path == "cached" else [1]:
       for length in lengths:
         config, model, params = models[length]
         batch = _batch(config, batch_size)
-        seconds = _time(lambda: fn(model, params, batch, length, 2, never), reps)
+        seconds = _time(
+          lambda: decoding.decode(model, params, batch, strategy, length, 2, never), reps
+        )
         rows.append(
           {
             "path": path,

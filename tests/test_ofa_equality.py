@@ -98,7 +98,7 @@ def test_greedy_tokens_match_ofa():
     "src_tokens": jnp.asarray(ours[src]),
   }
   # eos_id -1: ten steps whatever is generated (a random model may emit </s> early).
-  got = np.asarray(decoding.greedy_decode(m6, params, batch, 10, 2, -1, None))
+  got = np.asarray(decoding.decode(m6, params, batch, "greedy", 10, 2, -1, None))
   assert len(set(expected.ravel().tolist())) > 2  # a sequence that tests something
   np.testing.assert_array_equal(got, expected)
 

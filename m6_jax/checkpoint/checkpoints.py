@@ -168,6 +168,26 @@ def check_param_shapes(expected: Any, loaded: Any, source: str) -> None:
       )
 
 
+def check_state_structure(expected: Any, saved: Any, source: str, workdir: str) -> None:
+  """Raises CheckpointError when the arrays outside the parameters (optimizer state, step,
+  key) of the saved train state are not this version's: a checkpoint of an older optimizer
+  state, which Orbax cannot restore into (and which would otherwise look like damage)."""
+  want, got = _flat_shapes(expected), _flat_shapes(saved)
+  outside = lambda names: sorted(n for n in names if not n.startswith("params/"))
+  missing, unknown = outside(set(want) - set(got)), outside(set(got) - set(want))
+  if not missing and not unknown:
+    return
+  detail = "; ".join(
+    [f"it has no '{missing[0]}'"] * bool(missing)
+    + [f"this version has no '{unknown[0]}'"] * bool(unknown)
+  )
+  raise CheckpointError(
+    f"checkpoint {source} predates this version's optimizer state ({detail}); to continue "
+    f"from its parameters with a fresh optimizer, train in a new workdir with "
+    f"--config.init_from={workdir}"
+  )
+
+
 def _short(e: Exception) -> str:
   """The first line of an exception, for a one-line report."""
   text = str(e).strip().splitlines()
@@ -330,12 +350,16 @@ class Checkpoints:
       item
     ]
 
+  def saved_tree(self, step: int, item: str) -> Any:
+    """The tree of an item's saved array metadata (shapes, dtypes), read without its arrays."""
+    metadata = self.manager.item_metadata(step)[item]
+    return metadata.tree if hasattr(metadata, "tree") else metadata
+
   def saved_param_shapes(self, step: int) -> Any:
     """The tree of saved parameter metadata (shapes, dtypes), read without loading arrays."""
-    item = "params" if self.has(step, "params") else "state"
-    metadata = self.manager.item_metadata(step)[item]
-    tree = metadata.tree if hasattr(metadata, "tree") else metadata
-    return tree if item == "params" else tree["params"]
+    if self.has(step, "params"):
+      return self.saved_tree(step, "params")
+    return self.saved_tree(step, "state")["params"]
 
   def restore_train_state(
     self,
@@ -351,11 +375,13 @@ class Checkpoints:
     after, the arrays' checksums. A damaged step raises DamagedCheckpoint."""
     source = f"{self.directory} (step {step})"
     try:
-      saved_shapes = self.saved_param_shapes(step)
+      saved = self.saved_tree(step, "state")
+      saved_params = saved["params"]
       meta = self.saved_json(step, "meta") or {}
     except Exception as e:  # noqa: BLE001 - any unreadable metadata is damage
       raise DamagedCheckpoint(f"{source}: {_short(e)}") from e
-    check_param_shapes(abstract_state.params, saved_shapes, source)
+    check_param_shapes(abstract_state.params, saved_params, source)
+    check_state_structure(abstract_state, saved, source, os.path.dirname(self.directory))
     if tokenizer is not None:
       check_tokenizer(meta, tokenizer, tokenizer_path, source)
     items = {"state": ocp.args.PyTreeRestore(abstract_state, _restore_args(abstract_state))}

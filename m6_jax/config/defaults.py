@@ -171,12 +171,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.log_every = 20
   c.train.checkpoint_every = 200
   c.train.keep_checkpoints = 3
-  # Divergence (m6_jax/train/divergence.py): a step whose loss, gradients, new parameters or
-  # optimizer state are not finite is not applied; more than `max_nan_steps` of them in a
-  # row, or a loss above `spike_factor` x the median of the last `spike_window` losses (0:
-  # no spike check) and more than `spike_min_increase` above it, rolls back to the newest good checkpoint (one the following steps
-  # confirmed), skips the next `rollback_skip_batches` batches, multiplies the learning rate
-  # by `rollback_lr_factor`, and continues; after `max_rollbacks` rollbacks the run stops.
+  # Divergence (m6_jax/train/divergence.py, recovery.py): a step whose loss, gradients, new
+  # parameters or optimizer state are not finite is not applied; more than `max_nan_steps` of
+  # them in a row, or a loss above `spike_factor` x the median of the last `spike_window`
+  # losses (0: no spike check) and more than `spike_min_increase` above it, rolls back to the
+  # newest good checkpoint (one the following steps confirmed), skips the next
+  # `rollback_skip_batches` batches, multiplies the learning rate by `rollback_lr_factor`, and
+  # continues; after `max_rollbacks` rollbacks the run stops.
   c.train.max_nan_steps = 0
   c.train.checkpoint_confirm_steps = 20
   c.train.spike_factor = 10.0

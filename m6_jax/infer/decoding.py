@@ -6,10 +6,12 @@ The searches are written against a generic step function
 
 where `state` is any pytree whose leaves all have the batch as their leading dimension (beam
 search copies it per beam and reorders it when beams are pruned). `position` is the target
-position (0 is the BOS slot), the same for all rows. The M6 bindings (`greedy_decode`,
-`beam_search`, `sample`) encode the prefix once with `M6.encode_prefix` and close over it:
-their state is only the target part of the KV cache, so beams of one example share one
-copy of the prefix cache and beam search gathers only the target cache.
+position (0 is the BOS slot), the same for all rows. M6 decodes through one table of
+strategies (`STRATEGIES`: greedy, beam, sample, and the uncached reference) and one jitted
+entry point (`decode`): a new strategy is one table entry. The cached ones encode the prefix
+once with `M6.encode_prefix` and close over it: their state is only the target part of the
+KV cache, so beams of one example share one copy of the prefix cache and beam search
+gathers only the target cache.
 
 `allowed` (bool [vocab], default all) masks the tokens a search may choose: generation passes
 the tokenizer's text pieces and EOS, so a caption, an answer or a continuation never holds a
@@ -18,14 +20,17 @@ sentinel, <mask>, <unk> or an embedding row beyond the tokenizer's pieces.
 All outputs hold the generated tokens without BOS: [.., max_len] int32, EOS included, and
 padding (id 0) after EOS. Everything runs inside one `jax.jit` with a `lax.while_loop` that
 stops as soon as every row (every example, for beam search) is finished; bos_id, eos_id and
-length_penalty are traced (no recompile per value), max_len, beam_size, temperature, top_k
-and top_p are static. Under a mesh, the caches and decoding buffers carry "batch" logical
-constraints, so they stay sharded over the batch like the model's activations.
+a strategy's traced options (length_penalty, the sampling key) are traced (no recompile per
+value), max_len and its static options (beam_size, temperature, top_k, top_p) are static.
+Under a mesh, the caches and decoding buffers carry "batch" logical constraints, so they
+stay sharded over the batch like the model's activations.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -342,156 +347,126 @@ def _prefix_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
   return {k: batch[k] for k in PREFIX_KEYS}
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_len"))
-def _greedy_jit(model, params, batch, max_len, bos_id, eos_id, allowed):
-  cache = encode_prefix(model, params, batch)
-  return generic_greedy(
-    m6_step_fn(model, params, cache, allowed),
-    cache.target,
-    batch_size=batch["src_tokens"].shape[0],
-    max_len=max_len,
-    bos_id=bos_id,
-    eos_id=eos_id,
-  )
+# --------------------------------------------------------------------------------------
+# The strategies: one table, one jitted entry point
+# --------------------------------------------------------------------------------------
 
 
-def greedy_decode(
-  model: M6,
-  params: Any,
-  batch: Mapping[str, Any],
-  max_len: int,
-  bos_id: int,
-  eos_id: int,
-  allowed: Any = None,
-) -> jax.Array:
-  """Greedy decoding with the KV cache: tokens [b, max_len] int32, padding after EOS.
-  `allowed` (bool [vocab], None: every token) is what the decoder may choose."""
-  _check_max_len(model, max_len)
-  allowed = _allowed(model, allowed)
-  return _greedy_jit(model, params, _prefix_batch(batch), max_len, bos_id, eos_id, allowed)
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+  """How a strategy decodes: a generic search over M6's step function, and its options.
+
+  `search(step_fn, state, *, batch_size, max_len, bos_id, eos_id, **options)` is one of the
+  generic searches above; an option left out takes the search's default. `static` options
+  shape the program (name -> type; one compilation per value), `traced` ones are passed as
+  values (name -> conversion; no compilation per value). `cached`: the KV-cached step
+  function, else the uncached reference (`m6_uncached_step_fn`). `best(output)`: the best
+  tokens [b, max_len] of the search's output.
+  """
+
+  search: Callable[..., Any]
+  static: Mapping[str, Callable[[Any], Any]] = dataclasses.field(default_factory=dict)
+  traced: Mapping[str, Callable[[Any], Any]] = dataclasses.field(default_factory=dict)
+  cached: bool = True
+  best: Callable[[Any], jax.Array] = lambda output: output
+
+  @property
+  def options(self) -> tuple[str, ...]:
+    return (*self.static, *self.traced)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_len"))
-def _greedy_uncached_jit(model, params, batch, max_len, bos_id, eos_id, allowed):
-  step, state = m6_uncached_step_fn(model, params, batch, allowed)
-  return generic_greedy(
+STRATEGIES: dict[str, Strategy] = {
+  "greedy": Strategy(generic_greedy),
+  # The reference that reruns the full model every step, for tests and benchmarks.
+  "greedy_uncached": Strategy(generic_greedy, cached=False),
+  # -> (sequences [b, beam, max_len], scores [b, beam]), best first.
+  "beam": Strategy(
+    generic_beam_search,
+    static={"beam_size": int},
+    traced={"length_penalty": float},
+    best=lambda output: output[0][:, 0],
+  ),
+  # rng: one key, or one per row (see `generic_sample`); temperature 0 is greedy.
+  "sample": Strategy(
+    generic_sample,
+    static={"temperature": float, "top_k": int, "top_p": float},
+    traced={"rng": lambda key: key},
+  ),
+}
+
+
+def _options(name: str, given: Mapping[str, Any]) -> tuple[tuple, dict]:
+  """(static options as sorted (name, value) pairs, traced options), defaults filled in
+  from the search's signature, so that leaving an option out or passing its default
+  compiles one program."""
+  if name not in STRATEGIES:
+    raise ValueError(f"unknown decoding strategy '{name}'; one of {sorted(STRATEGIES)}.")
+  strategy = STRATEGIES[name]
+  unknown = sorted(set(given) - set(strategy.options))
+  if unknown:
+    raise TypeError(f"decoding '{name}' takes the options {strategy.options}, not {unknown}.")
+  parameters = inspect.signature(strategy.search).parameters
+  values = {}
+  for option in strategy.options:
+    value = given.get(option, parameters[option].default)
+    if value is inspect.Parameter.empty:
+      raise TypeError(f"decoding '{name}' needs the option '{option}'.")
+    values[option] = value
+  static = tuple(sorted((k, convert(values[k])) for k, convert in strategy.static.items()))
+  traced = {k: convert(values[k]) for k, convert in strategy.traced.items()}
+  return static, traced
+
+
+@functools.partial(jax.jit, static_argnames=("model", "strategy", "max_len", "static"))
+def _decode_jit(
+  model, params, batch, bos_id, eos_id, allowed, traced, *, strategy, max_len, static
+):
+  s = STRATEGIES[strategy]
+  if s.cached:
+    cache = encode_prefix(model, params, batch)
+    step, state = m6_step_fn(model, params, cache, allowed), cache.target
+  else:
+    step, state = m6_uncached_step_fn(model, params, batch, allowed)
+  return s.search(
     step,
     state,
     batch_size=batch["src_tokens"].shape[0],
     max_len=max_len,
     bos_id=bos_id,
     eos_id=eos_id,
+    **dict(static),
+    **traced,
   )
 
 
-def greedy_decode_uncached(
+def decode(
   model: M6,
   params: Any,
   batch: Mapping[str, Any],
+  strategy: str,
   max_len: int,
   bos_id: int,
   eos_id: int,
   allowed: Any = None,
-) -> jax.Array:
-  """Reference greedy decoding that reruns the full `M6.__call__` every step (no cache)."""
+  **options: Any,
+) -> Any:
+  """Decodes `batch` with the strategy `STRATEGIES[strategy]` and its `options` (e.g.
+  beam_size=4, length_penalty=0.6 for "beam"; rng=key, top_k=40 for "sample"), in one
+  `jax.jit` compiled once per model, shapes, max_len and static options. Returns the
+  search's output: tokens [b, max_len] int32, padding after EOS ("beam": sequences and
+  scores; the strategy's `best` gives the best tokens). `allowed` (bool [vocab], None: every token) is
+  what the decoder may choose."""
   _check_max_len(model, max_len)
-  allowed = _allowed(model, allowed)
-  return _greedy_uncached_jit(model, params, _prefix_batch(batch), max_len, bos_id, eos_id, allowed)
-
-
-@functools.partial(jax.jit, static_argnames=("model", "beam_size", "max_len"))
-def _beam_jit(model, params, batch, beam_size, max_len, bos_id, eos_id, length_penalty, allowed):
-  cache = encode_prefix(model, params, batch)
-  return generic_beam_search(
-    m6_step_fn(model, params, cache, allowed),
-    cache.target,
-    batch_size=batch["src_tokens"].shape[0],
-    beam_size=beam_size,
-    max_len=max_len,
-    bos_id=bos_id,
-    eos_id=eos_id,
-    length_penalty=length_penalty,
-  )
-
-
-def beam_search(
-  model: M6,
-  params: Any,
-  batch: Mapping[str, Any],
-  beam_size: int,
-  max_len: int,
-  bos_id: int,
-  eos_id: int,
-  length_penalty: float = 0.6,
-  allowed: Any = None,
-) -> tuple[jax.Array, jax.Array]:
-  """Beam search with the KV cache: (sequences [b, beam, max_len], scores [b, beam]),
-  best first; see `generic_beam_search` for the scheme and the scores."""
-  _check_max_len(model, max_len)
-  return _beam_jit(
+  static, traced = _options(strategy, options)
+  return _decode_jit(
     model,
     params,
     _prefix_batch(batch),
-    beam_size,
-    max_len,
     bos_id,
     eos_id,
-    float(length_penalty),
     _allowed(model, allowed),
-  )
-
-
-@functools.partial(
-  jax.jit,
-  static_argnames=("model", "max_len", "temperature", "top_k", "top_p"),
-)
-def _sample_jit(
-  model, params, batch, rng, max_len, bos_id, eos_id, temperature, top_k, top_p, allowed
-):
-  cache = encode_prefix(model, params, batch)
-  return generic_sample(
-    m6_step_fn(model, params, cache, allowed),
-    cache.target,
-    rng,
-    batch_size=batch["src_tokens"].shape[0],
+    traced,
+    strategy=strategy,
     max_len=max_len,
-    bos_id=bos_id,
-    eos_id=eos_id,
-    temperature=temperature,
-    top_k=top_k,
-    top_p=top_p,
-  )
-
-
-def sample(
-  model: M6,
-  params: Any,
-  batch: Mapping[str, Any],
-  rng: jax.Array,
-  max_len: int,
-  bos_id: int,
-  eos_id: int,
-  temperature: float = 1.0,
-  top_k: int = 0,
-  top_p: float = 1.0,
-  allowed: Any = None,
-) -> jax.Array:
-  """Sampling with the KV cache: tokens [b, max_len]; the same key gives the same tokens.
-
-  temperature 0 is greedy; top_k > 0 keeps the k most likely tokens; top_p < 1 keeps the
-  nucleus of probability top_p. One key per step, `fold_in(rng, step)`.
-  """
-  _check_max_len(model, max_len)
-  return _sample_jit(
-    model,
-    params,
-    _prefix_batch(batch),
-    rng,
-    max_len,
-    bos_id,
-    eos_id,
-    float(temperature),
-    int(top_k),
-    float(top_p),
-    _allowed(model, allowed),
+    static=static,
   )

@@ -209,24 +209,32 @@ def decode(
   tok = model.tokenizer
   # Never a special token, nor an image code.
   allowed = tok.text_token_mask(model.model.config.total_vocab_size)
+  if decoding_method not in DECODINGS:
+    raise GenerationError(f"unknown decoding '{decoding_method}'; one of {DECODINGS}.")
   with model.mesh_context():
     inputs, rows = partitioning.put_full_batch(batch, model.mesh, model.rules)
-    args = (model.model, model.params, inputs)
-    if decoding_method == "greedy":
-      ids = decoding.greedy_decode(*args, max_len, tok.bos_id, tok.eos_id, allowed)
-    elif decoding_method == "beam":
-      seqs, _ = decoding.beam_search(
-        *args, beam_size, max_len, tok.bos_id, tok.eos_id, length_penalty, allowed
-      )
-      ids = seqs[:, 0]
-    elif decoding_method == "sample":
-      key = jax.random.PRNGKey(seed)
-      ids = decoding.sample(
-        *args, key, max_len, tok.bos_id, tok.eos_id, temperature, top_k, top_p, allowed
-      )
-    else:
-      raise GenerationError(f"unknown decoding '{decoding_method}'; one of {DECODINGS}.")
-    ids = multihost.to_host(ids)[:rows]
+    offered = dict(
+      beam_size=beam_size,
+      length_penalty=length_penalty,
+      rng=jax.random.PRNGKey(seed),
+      temperature=temperature,
+      top_k=top_k,
+      top_p=top_p,
+    )
+    strategy = decoding.STRATEGIES[decoding_method]
+    options = {k: v for k, v in offered.items() if k in strategy.options}
+    output = decoding.decode(
+      model.model,
+      model.params,
+      inputs,
+      decoding_method,
+      max_len,
+      tok.bos_id,
+      tok.eos_id,
+      allowed,
+      **options,
+    )
+    ids = multihost.to_host(strategy.best(output))[:rows]
   return [tok.decode(row) for row in np.asarray(ids)]
 
 

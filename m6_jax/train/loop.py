@@ -14,6 +14,7 @@ or metrics.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from typing import Any, Callable
@@ -30,6 +31,7 @@ from m6_jax.data import tokenizer as tokenizer_lib
 from m6_jax.errors import ConfigError, TrainingError
 from m6_jax.parallel import multihost
 from m6_jax.train import divergence, families, metrics_writer, preflight, progress
+from m6_jax.train import recovery as recovery_lib
 from m6_jax.train import setup as setup_lib
 from m6_jax.train.preemption import PreemptionFlag
 
@@ -108,24 +110,26 @@ def _data_iterator(config: ml_collections.ConfigDict, tokenizer):
     raise ConfigError(f"{e} (keys: data.*)") from e
 
 
-def _initial_state(setup, ckpts, data_iter, tokenizer, tokenizer_path) -> tuple[Any, dict]:
-  """(state, its checkpoint's meta): the newest intact checkpoint's state (data iterator
-  rewound; damaged steps are set aside), else a fresh state with the parameters of
-  `init_from` when given (fine-tuning: fresh optimizer and step) and an empty meta."""
+def _start(setup, ckpts, tokenizer, tokenizer_path: str) -> tuple[Any, Any]:
+  """(state, data iterator): the newest intact checkpoint's state with the iterator rewound
+  to it (damaged steps are set aside), else a fresh state and iterator, the state with the
+  parameters of `init_from` when given (fine-tuning: fresh optimizer and step). A resume at
+  start-up and a rollback both start here."""
   config = setup.config
-  state, step, meta = ckpts.restore_intact_train_state(
+  data_iter = _data_iterator(config, tokenizer)
+  state, step, _ = ckpts.restore_intact_train_state(
     setup.abstract_state(), data_iter, tokenizer, tokenizer_path
   )
   if state is not None:
     logging.info("Resumed from step %d in %s", step, ckpts.directory)
-    return state, meta
+    return state, data_iter
   state = setup.init_state()
   if config.init_from:
     target = setup.abstract_state().params
     loaded = checkpoints.load_params(config.init_from, target, None, tokenizer, tokenizer_path)
     state = state.replace(params=loaded.params)
     logging.info("Initialised the parameters from %s", loaded.source)
-  return state, {}
+  return state, data_iter
 
 
 def train(
@@ -139,7 +143,7 @@ def train(
   `evaluator(step, params)` runs every `train.eval_every` steps and at the end; the best step
   by `train.eval_metric` is kept in `<workdir>/best`. `should_stop(step)` lets a caller end
   the run early after a step (the state is saved first), exactly as SIGTERM preemption does.
-  A divergence rolls back to the newest good checkpoint (m6_jax/train/divergence.py).
+  A divergence rolls back to the newest good checkpoint (m6_jax/train/recovery.py).
   """
   config_lib.validate(config, jax.device_count(), jax.process_count())
   preflight.check_workdir(workdir)
@@ -149,11 +153,8 @@ def train(
   ckpts = checkpoints.Checkpoints(checkpoints.checkpoint_dir(workdir), t.keep_checkpoints)
   preflight.check_room_for_checkpoints(setup, ckpts.directory)
   tokenizer, tokenizer_path = _tokenizer(config, workdir)
-  data_iter = _data_iterator(config, tokenizer)
-  state, meta = _initial_state(setup, ckpts, data_iter, tokenizer, tokenizer_path)
-  lr_scale = float(meta.get("lr_scale", 1.0))
-  if lr_scale != 1.0:  # earlier rollbacks lowered the learning rate
-    setup = setup_lib.build(divergence.scaled_lr_config(config, lr_scale))
+  start = functools.partial(_start, setup, ckpts, tokenizer, tokenizer_path)
+  state, data_iter = start()
   start_step = step = int(state.step)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   logging.info("Model parameters: %s", f"{num_params:,}")
@@ -169,27 +170,17 @@ def train(
   peak = progress.peak_flops(device.device_kind, t.peak_flops)
   mesh_peak = peak * setup.mesh.devices.size if peak else None
   record = progress.Progress(setup.family, start_step, writer, mesh_peak)
+  recovery = recovery_lib.Recovery.start(ckpts, writer, t, state)
   preemption = PreemptionFlag()
   restore_signal = preemption.install()
   seen_shapes: set[tuple[int, int]] = set()
-  # Saved steps not yet confirmed good (`train.checkpoint_confirm_steps` finite steps after).
-  unconfirmed = [s for s in ckpts.steps()[-1:] if s not in ckpts.good_steps()]
-  rollbacks, repeats = 0, {}  # rollbacks in all, and to each step
   poisoned = set(config_lib.parse_positions(t.debug_nonfinite_batches))  # fault injection
 
-  def save(step, state):
-    record.close_interval(step)  # may raise Diverged: a diverging state is never saved
-    extra = {"lr_scale": lr_scale, "rollbacks": rollbacks}
-    ckpts.save(
-      step, config=config, tokenizer=tokenizer, state=state, data_iter=data_iter, extra_meta=extra
-    )
-    unconfirmed.append(step)
-
-  start = time.perf_counter()
+  began = time.perf_counter()
   try:
     while step < t.steps:
       try:
-        with setup.mesh_context():  # per step: a rollback below rebuilds the set-up
+        with setup.mesh_context():
           host_batch = divergence.poison(next(data_iter), data_iter, poisoned)
           if config.data.length_bucket > 0:
             host_batch = agree_text_lengths(host_batch)
@@ -197,38 +188,35 @@ def train(
           state, metrics = setup.step(state, setup.put_batch(host_batch))
           step += 1
           record.dispatched(step, metrics, host_batch)  # books (and checks) the previous step
-          while unconfirmed and step - 1 >= unconfirmed[0] + t.checkpoint_confirm_steps:
-            ckpts.mark_good(unconfirmed.pop(0))
+          recovery.confirm(booked=step - 1)
           stop_now = preemption.stop_at(step) or (should_stop is not None and should_stop(step))
           if step % t.checkpoint_every == 0 or step == t.steps or stop_now:
-            save(step, state)
+            record.close_interval(step)  # may raise Diverged: a diverging state is never saved
+            ckpts.save(
+              step,
+              config=config,
+              tokenizer=tokenizer,
+              state=state,
+              data_iter=data_iter,
+              extra_meta=recovery.meta(),
+            )
+            recovery.saved(step)
           if evaluator is not None and (step % t.eval_every == 0 or step == t.steps):
             _evaluate(evaluator, step, state, best, writer, setup.family, tokenizer)
           if stop_now:
             logging.info("Stopping at step %d (state saved); rerun to resume.", step)
             break
       except divergence.Diverged as event:
-        rollbacks += 1
-        divergence.roll_back_checkpoints(event, ckpts, writer, rollbacks, t, lr_scale)
-        data_iter = _data_iterator(config, tokenizer)
-        state, _ = _initial_state(setup, ckpts, data_iter, tokenizer, tokenizer_path)
+        state, data_iter = recovery.roll_back(event, start)
         step = int(state.step)
-        # Each further rollback to the same step skips that many more batches.
-        repeats[step] = repeats.get(step, 0) + 1
-        skipped = divergence.skip_batches(data_iter, t.rollback_skip_batches * repeats[step])
-        lr_scale *= t.rollback_lr_factor
-        if t.rollback_lr_factor != 1.0:
-          setup = setup_lib.build(divergence.scaled_lr_config(config, lr_scale))
         record.restart(step)
-        unconfirmed[:] = []  # the restored step is good (or the initial state)
-        divergence.report(event, writer, step, rollbacks, t.max_rollbacks, skipped, lr_scale)
   finally:
     ckpts.wait()
     writer.close()
     restore_signal()
 
   logging.info(
-    "Finished at step %d in %s.", step, progress.format_duration(time.perf_counter() - start)
+    "Finished at step %d in %s.", step, progress.format_duration(time.perf_counter() - began)
   )
   return TrainResult(
     step, record.first, record.last, record.history, record.losses, start_step, state

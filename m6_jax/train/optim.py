@@ -1,4 +1,10 @@
-"""The optimizer: global-norm clipping, AdamW with a weight-decay mask, lr schedules."""
+"""The optimizer: global-norm clipping, AdamW with a weight-decay mask, lr schedules.
+
+The learning rate is the schedule times `lr_scale`, a hyperparameter injected into the
+optimizer state (`optax.inject_hyperparams`): a divergence rollback lowers it by setting a
+value in the state (`set_lr_scale`), without rebuilding or recompiling the step, and a
+checkpoint carries it, so a resumed run continues with it.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 
@@ -54,16 +61,44 @@ def weight_decay_mask(params: Any, train: ml_collections.ConfigDict) -> Any:
   return jax.tree_util.tree_map_with_path(decide, params)
 
 
+LR_SCALE = "lr_scale"
+
+
 def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
   schedule = learning_rate_schedule(train)
-  return optax.chain(
-    optax.clip_by_global_norm(train.grad_clip_norm),
-    optax.adamw(
-      schedule,
-      b1=train.b1,
-      b2=train.b2,
-      eps=train.eps,
-      weight_decay=train.weight_decay,
-      mask=lambda p: weight_decay_mask(p, train),
-    ),
-  )
+
+  def make(lr_scale: jax.Array) -> optax.GradientTransformation:
+    return optax.chain(
+      optax.clip_by_global_norm(train.grad_clip_norm),
+      optax.adamw(
+        lambda count: schedule(count) * lr_scale,
+        b1=train.b1,
+        b2=train.b2,
+        eps=train.eps,
+        weight_decay=train.weight_decay,
+        mask=lambda p: weight_decay_mask(p, train),
+      ),
+    )
+
+  # float32 whatever the parameters' dtype, so that the scale never rounds the schedule.
+  return optax.inject_hyperparams(make, hyperparam_dtype=jnp.float32)(**{LR_SCALE: 1.0})
+
+
+def get_lr_scale(opt_state: Any) -> jax.Array:
+  """The learning-rate scale held in an optimizer state of `make_optimizer`."""
+  return opt_state.hyperparams[LR_SCALE]
+
+
+def learning_rate(schedule: optax.Schedule, step: jax.Array, opt_state: Any) -> jax.Array:
+  """The learning rate of `step`: the schedule's, times the state's scale."""
+  return schedule(step) * get_lr_scale(opt_state)
+
+
+def set_lr_scale(opt_state: Any, scale: float) -> Any:
+  """`opt_state` with its learning-rate scale set to `scale`, placed (dtype, sharding) as
+  the value it replaces: the jitted step takes it without compiling again. Every process
+  passes the same `scale` (its sharding may span the devices of several)."""
+  old = get_lr_scale(opt_state)
+  value = np.asarray(scale, old.dtype)
+  new = jax.make_array_from_callback(old.shape, old.sharding, lambda index: value[index])
+  return opt_state._replace(hyperparams={**opt_state.hyperparams, LR_SCALE: new})

@@ -18,6 +18,7 @@ import optax
 from m6_jax.model.loss import loss_and_sums
 from m6_jax.model.m6 import M6
 from m6_jax.model.ops import constrain
+from m6_jax.train import optim
 from m6_jax.train.state import TrainState
 
 
@@ -101,7 +102,11 @@ def make_train_step(
     # `loss` is the objective; report the cross-entropy part (comparable with dense models).
     ce_loss = sums["loss_sum"] / total_weight
     metrics = dict(
-      sums, loss=ce_loss, grad_norm=grad_norm, finite=finite, learning_rate=schedule(state.step)
+      sums,
+      loss=ce_loss,
+      grad_norm=grad_norm,
+      finite=finite,
+      learning_rate=optim.learning_rate(schedule, state.step, state.opt_state),
     )
     return new_state, metrics
 

@@ -21,6 +21,7 @@ import optax
 
 from m6_jax.model import vqgan as vqgan_lib
 from m6_jax.model import vqgan_loss
+from m6_jax.train import optim
 from m6_jax.train.state import TrainState
 from m6_jax.train.step import apply_if_finite
 
@@ -64,7 +65,7 @@ def make_train_step(
       codes_restarted=restarted,
       grad_norm=grad_norm,
       finite=finite,
-      learning_rate=schedule(state.step),
+      learning_rate=optim.learning_rate(schedule, state.step, state.opt_state),
     )
     return new_state, metrics
 

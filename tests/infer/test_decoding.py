@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from model_utils import model_and_batch
 
 from m6_jax.infer import decoding
@@ -18,7 +19,7 @@ def _pick_eos(model, params, batch, max_len):
   """An EOS id the model really emits: row 0's greedy token at step 3 when nothing stops it.
 
   Returns (eos_id, greedy tokens without EOS)."""
-  free = np.asarray(decoding.greedy_decode(model, params, batch, max_len, BOS, eos_id=-1))
+  free = np.asarray(decoding.decode(model, params, batch, "greedy", max_len, BOS, eos_id=-1))
   return int(free[0, 3]), free
 
 
@@ -68,8 +69,8 @@ def test_greedy_cached_equals_uncached_and_pads_after_eos(tiny_config, random_ba
   model, params, batch = model_and_batch(tiny_config, random_batch)
   max_len = model.config.tgt_len
   eos, free = _pick_eos(model, params, batch, max_len)
-  cached = np.asarray(decoding.greedy_decode(model, params, batch, max_len, BOS, eos))
-  uncached = np.asarray(decoding.greedy_decode_uncached(model, params, batch, max_len, BOS, eos))
+  cached = np.asarray(decoding.decode(model, params, batch, "greedy", max_len, BOS, eos))
+  uncached = np.asarray(decoding.decode(model, params, batch, "greedy_uncached", max_len, BOS, eos))
   np.testing.assert_array_equal(cached, uncached)
   # EOS: up to the first EOS the tokens are those of the run without EOS, then padding.
   ends = _step_ends(free, eos)
@@ -83,7 +84,7 @@ def test_greedy_cached_equals_uncached_and_pads_after_eos(tiny_config, random_ba
 def test_max_len_longer_than_the_target_is_refused(tiny_config, random_batch):
   model, params, batch = model_and_batch(tiny_config, random_batch)
   try:
-    decoding.greedy_decode(model, params, batch, model.config.tgt_len + 1, BOS, EOS)
+    decoding.decode(model, params, batch, "greedy", model.config.tgt_len + 1, BOS, EOS)
   except ValueError as e:
     assert "tgt_len" in str(e)
   else:
@@ -99,8 +100,8 @@ def test_beam_size_one_is_greedy(tiny_config, random_batch):
   model, params, batch = model_and_batch(tiny_config, random_batch)
   max_len = model.config.tgt_len
   eos, _ = _pick_eos(model, params, batch, max_len)
-  greedy = np.asarray(decoding.greedy_decode(model, params, batch, max_len, BOS, eos))
-  seqs, scores = decoding.beam_search(model, params, batch, 1, max_len, BOS, eos)
+  greedy = np.asarray(decoding.decode(model, params, batch, "greedy", max_len, BOS, eos))
+  seqs, scores = decoding.decode(model, params, batch, "beam", max_len, BOS, eos, beam_size=1)
   assert seqs.shape == (4, 1, max_len) and scores.shape == (4, 1)
   np.testing.assert_array_equal(np.asarray(seqs)[:, 0], greedy)
 
@@ -109,7 +110,9 @@ def test_beam_scores_are_sorted_and_match_teacher_forcing(tiny_config, random_ba
   model, params, batch = model_and_batch(tiny_config, random_batch)
   max_len, k, alpha = model.config.tgt_len, 3, 0.6
   eos, _ = _pick_eos(model, params, batch, max_len)
-  seqs, scores = decoding.beam_search(model, params, batch, k, max_len, BOS, eos, alpha)
+  seqs, scores = decoding.decode(
+    model, params, batch, "beam", max_len, BOS, eos, beam_size=k, length_penalty=alpha
+  )
   seqs, scores = np.asarray(seqs), np.asarray(scores)
   assert np.isfinite(scores).all()
   assert (np.diff(scores, axis=1) <= 0).all()  # best first
@@ -219,19 +222,21 @@ def test_sampling_is_reproducible_and_top_k_one_is_greedy(tiny_config, random_ba
   max_len = model.config.tgt_len
   eos, _ = _pick_eos(model, params, batch, max_len)
   key = jax.random.PRNGKey(42)
-  a = np.asarray(decoding.sample(model, params, batch, key, max_len, BOS, eos))
-  again = np.asarray(decoding.sample(model, params, batch, key, max_len, BOS, eos))
+  a = np.asarray(decoding.decode(model, params, batch, "sample", max_len, BOS, eos, rng=key))
+  again = np.asarray(decoding.decode(model, params, batch, "sample", max_len, BOS, eos, rng=key))
   other = np.asarray(
-    decoding.sample(model, params, batch, jax.random.PRNGKey(7), max_len, BOS, eos)
+    decoding.decode(model, params, batch, "sample", max_len, BOS, eos, rng=jax.random.PRNGKey(7))
   )
   np.testing.assert_array_equal(a, again)
   assert (a != other).any()
   for end, row in zip(_step_ends(a, eos), a):
     assert (row[end:] == 0).all()
-  greedy = np.asarray(decoding.greedy_decode(model, params, batch, max_len, BOS, eos))
-  top1 = decoding.sample(model, params, batch, key, max_len, BOS, eos, top_k=1)
+  greedy = np.asarray(decoding.decode(model, params, batch, "greedy", max_len, BOS, eos))
+  top1 = decoding.decode(model, params, batch, "sample", max_len, BOS, eos, rng=key, top_k=1)
   np.testing.assert_array_equal(np.asarray(top1), greedy)
-  cold = decoding.sample(model, params, batch, key, max_len, BOS, eos, temperature=0.0)
+  cold = decoding.decode(
+    model, params, batch, "sample", max_len, BOS, eos, rng=key, temperature=0.0
+  )
   np.testing.assert_array_equal(np.asarray(cold), greedy)
 
 
@@ -277,8 +282,8 @@ def test_decoding_on_a_2x2x2_mesh_matches_one_device(tiny_config, random_batch):
   model, params, batch = model_and_batch(tiny_config, random_batch, batch_size=8)
   max_len = model.config.tgt_len
   eos, _ = _pick_eos(model, params, batch, max_len)
-  greedy = np.asarray(decoding.greedy_decode(model, params, batch, max_len, BOS, eos))
-  seqs, scores = decoding.beam_search(model, params, batch, 2, max_len, BOS, eos)
+  greedy = np.asarray(decoding.decode(model, params, batch, "greedy", max_len, BOS, eos))
+  seqs, scores = decoding.decode(model, params, batch, "beam", max_len, BOS, eos, beam_size=2)
 
   tiny_config.mesh.data, tiny_config.mesh.fsdp, tiny_config.mesh.tensor = 2, 2, 2
   mesh = partitioning.make_mesh(tiny_config)
@@ -292,8 +297,10 @@ def test_decoding_on_a_2x2x2_mesh_matches_one_device(tiny_config, random_batch):
     cache = jax.jit(functools.partial(model.apply, method=M6.encode_prefix))(
       {"params": params}, batch
     )
-    sharded_greedy = decoding.greedy_decode(model, params, batch, max_len, BOS, eos)
-    sharded_seqs, sharded_scores = decoding.beam_search(model, params, batch, 2, max_len, BOS, eos)
+    sharded_greedy = decoding.decode(model, params, batch, "greedy", max_len, BOS, eos)
+    sharded_seqs, sharded_scores = decoding.decode(
+      model, params, batch, "beam", max_len, BOS, eos, beam_size=2
+    )
   # The caches follow their logical axes: batch over (data, fsdp), heads over tensor.
   for kv in (cache.prefix.layers[0].key, cache.target.layers[-1].value):
     spec = tuple(kv.sharding.spec) + (None,) * (kv.ndim - len(kv.sharding.spec))
@@ -301,3 +308,59 @@ def test_decoding_on_a_2x2x2_mesh_matches_one_device(tiny_config, random_batch):
   np.testing.assert_array_equal(np.asarray(sharded_greedy), greedy)
   np.testing.assert_array_equal(np.asarray(sharded_seqs), np.asarray(seqs))
   np.testing.assert_allclose(np.asarray(sharded_scores), np.asarray(scores), atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------------------
+# The strategy table
+# --------------------------------------------------------------------------------------
+
+
+def test_one_compilation_per_strategy_shape_and_static_options(tiny_config, random_batch):
+  """bos_id, eos_id, length_penalty and the sampling key are traced: new values decode
+  without compiling again; a new static option (beam_size, top_k) compiles once, and passing
+  an option's default is leaving it out."""
+  model, params, batch = model_and_batch(tiny_config, random_batch)
+  max_len = 6
+  compiled = decoding._decode_jit._cache_size
+
+  def decode(strategy, bos, eos, **options):
+    return decoding.decode(model, params, batch, strategy, max_len, bos, eos, **options)
+
+  decode("greedy", BOS, EOS)
+  before = compiled()
+  decode("greedy", 3, 4)
+  decode("beam", BOS, EOS, beam_size=2)
+  decode("beam", 3, 4, beam_size=2, length_penalty=1.5)
+  decode("sample", BOS, EOS, rng=jax.random.PRNGKey(0))
+  decode("sample", 3, 4, rng=jax.random.PRNGKey(1), temperature=1.0, top_k=0, top_p=1.0)
+  assert compiled() == before + 2  # beam, sample
+  decode("beam", BOS, EOS, beam_size=3)
+  decode("sample", BOS, EOS, rng=jax.random.PRNGKey(0), top_k=5)
+  assert compiled() == before + 4
+  with pytest.raises(
+    TypeError, match=r"'beam' takes the options \('beam_size', 'length_penalty'\)"
+  ):
+    decode("beam", BOS, EOS, beam_size=2, top_k=3)
+  with pytest.raises(TypeError, match="'sample' needs the option 'rng'"):
+    decode("sample", BOS, EOS)
+  with pytest.raises(ValueError, match="unknown decoding strategy 'nucleus'; one of"):
+    decode("nucleus", BOS, EOS)
+
+
+def test_a_strategy_is_one_table_entry(tiny_config, random_batch, monkeypatch):
+  """A new strategy (here: beam search without a length penalty, and no traced option)
+  needs nothing but its table entry, which also says where its best tokens are."""
+  model, params, batch = model_and_batch(tiny_config, random_batch)
+  max_len = model.config.tgt_len
+  eos, _ = _pick_eos(model, params, batch, max_len)
+  plain_beam = decoding.Strategy(
+    functools.partial(decoding.generic_beam_search, length_penalty=0.0),
+    static={"beam_size": int},
+    best=lambda output: output[0][:, 0],
+  )
+  monkeypatch.setitem(decoding.STRATEGIES, "plain_beam", plain_beam)
+  out = decoding.decode(model, params, batch, "plain_beam", max_len, BOS, eos, beam_size=2)
+  seqs, _ = decoding.decode(
+    model, params, batch, "beam", max_len, BOS, eos, beam_size=2, length_penalty=0.0
+  )
+  np.testing.assert_array_equal(np.asarray(plain_beam.best(out)), np.asarray(seqs)[:, 0])

@@ -375,11 +375,15 @@ def test_decoding_never_emits_special_tokens(workdir, method):
     args = (untrained.model, untrained.params, inputs)
     kwargs = dict(allowed=allowed)
     if method == "greedy":
-      ids = decoding.greedy_decode(*args, 12, tok.bos_id, tok.eos_id, **kwargs)
+      ids = decoding.decode(*args, "greedy", 12, tok.bos_id, tok.eos_id, **kwargs)
     elif method == "beam":
-      ids = decoding.beam_search(*args, 3, 12, tok.bos_id, tok.eos_id, **kwargs)[0][:, 0]
+      ids = decoding.decode(*args, "beam", 12, tok.bos_id, tok.eos_id, beam_size=3, **kwargs)[0][
+        :, 0
+      ]
     else:
-      ids = decoding.sample(*args, jax.random.PRNGKey(0), 12, tok.bos_id, tok.eos_id, **kwargs)
+      ids = decoding.decode(
+        *args, "sample", 12, tok.bos_id, tok.eos_id, rng=jax.random.PRNGKey(0), **kwargs
+      )
   ids = np.asarray(ids)
   assert (ids != 0).sum() > 10  # it generated tokens
   emitted = ids[ids != 0]  # padding after EOS is not emitted

@@ -131,16 +131,20 @@ def test_greedy_beam_and_sampling_run_on_the_cached_decoder(tiny_config, random_
   model, params, batch = model_and_batch(_encdec(tiny_config), random_batch)
   max_len = model.config.tgt_len
   # An EOS the model emits: row 0's fourth greedy token when nothing stops it.
-  eos = int(np.asarray(decoding.greedy_decode(model, params, batch, max_len, BOS, -1))[0, 3])
-  greedy = np.asarray(decoding.greedy_decode(model, params, batch, max_len, BOS, eos))
+  eos = int(np.asarray(decoding.decode(model, params, batch, "greedy", max_len, BOS, -1))[0, 3])
+  greedy = np.asarray(decoding.decode(model, params, batch, "greedy", max_len, BOS, eos))
   end = int(np.argmax(greedy[0] == eos))  # the first EOS: at step 3 or before, then padding
   assert greedy[0, end] == eos and end <= 3 and (greedy[0, end + 1 :] == 0).all()
-  top1 = decoding.sample(model, params, batch, jax.random.PRNGKey(3), max_len, BOS, eos, top_k=1)
+  top1 = decoding.decode(
+    model, params, batch, "sample", max_len, BOS, eos, rng=jax.random.PRNGKey(3), top_k=1
+  )
   np.testing.assert_array_equal(np.asarray(top1), greedy)
   # Beam scores equal the teacher-forced log-probabilities of the returned hypotheses: the
   # cross-attention cache followed the beams (it is shared, per example, by all of them).
   k, alpha = 3, 0.6
-  seqs, scores = decoding.beam_search(model, params, batch, k, max_len, BOS, eos, alpha)
+  seqs, scores = decoding.decode(
+    model, params, batch, "beam", max_len, BOS, eos, beam_size=k, length_penalty=alpha
+  )
   flat = np.asarray(seqs).reshape(4 * k, max_len)
   tgt_input = np.concatenate([np.full((4 * k, 1), BOS), flat[:, :-1]], axis=1).astype(np.int32)
   rep = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), batch)

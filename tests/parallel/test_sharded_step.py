@@ -63,7 +63,7 @@ def test_2x2x2_mesh_matches_single_device(tiny_config, random_batch, architectur
   kernel = sharded.params[layer]["mlp"]["wi"]["kernel"]
   assert kernel.sharding.spec == PartitionSpec("fsdp", "tensor")
   assert kernel.addressable_shards[0].data.shape == (32, 64)  # (64/2, 128/2)
-  mu = sharded.opt_state[1][0].mu[layer]["mlp"]["wi"]["kernel"]
+  mu = sharded.opt_state.inner_state[1][0].mu[layer]["mlp"]["wi"]["kernel"]
   assert mu.sharding.spec == PartitionSpec(
     "fsdp", "tensor"
   )  # optimizer state sharded like its param

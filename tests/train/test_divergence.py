@@ -10,13 +10,14 @@ import shutil
 import jax
 import ml_collections
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 from testing_utils import assert_every_step_once
 
 from m6_jax.checkpoint import checkpoints
 from m6_jax.data import tokenizer as tokenizer_lib
-from m6_jax.errors import WorkdirError
+from m6_jax.errors import CheckpointError, DamagedCheckpoint, WorkdirError
 from m6_jax.train import divergence, loop, preflight
 from m6_jax.train import setup as setup_lib
 
@@ -159,6 +160,33 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, run_
   assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
   assert "does not fit this config: parameter" in errors[0] and "(32,)" in errors[0]
   assert "Traceback" not in proc.stderr and "Resumed" not in proc.stderr
+
+
+def test_a_checkpoint_of_the_old_optimizer_state_is_one_error_not_damage(tiny_config, tmp_path):
+  """A train state saved before the learning-rate scale was injected into the optimizer
+  state cannot be resumed: one CheckpointError saying how to go on (its parameters, through
+  init_from), and the step is neither set aside as damaged nor silently replaced by a fresh
+  start. Its parameters still load."""
+  setup = setup_lib.build(tiny_config, jax.devices()[:1])
+  state = setup.init_state(seed=0)
+  old_tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))  # no injection
+  old = state.replace(opt_state=old_tx.init(state.params))
+  workdir = tmp_path / "old"
+  ckpts = checkpoints.Checkpoints(checkpoints.checkpoint_dir(str(workdir)), 3)
+  ckpts.save(2, config=tiny_config, tokenizer=None, state=old)
+  ckpts.wait()
+  with pytest.raises(CheckpointError) as error:
+    ckpts.restore_intact_train_state(setup.abstract_state(), None)
+  assert not isinstance(error.value, DamagedCheckpoint)
+  message = str(error.value)
+  assert "(step 2) predates this version's optimizer state (it has no 'opt_state/" in message
+  assert f"train in a new workdir with --config.init_from={workdir}" in message
+  assert "\n" not in message
+  assert ckpts.steps() == [2] and not os.path.exists(f"{ckpts.directory}.damaged")
+  loaded = checkpoints.load_params(str(workdir), setup.abstract_state().params)
+  np.testing.assert_array_equal(
+    np.asarray(jax.tree.leaves(loaded.params)[0]), np.asarray(jax.tree.leaves(state.params)[0])
+  )
 
 
 @pytest.mark.parametrize("kind", ["a_file", "under_a_file"])

@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from m6_jax.train import loop
+from m6_jax.train import loop, optim
+from m6_jax.train import step as step_lib
 
 
 @pytest.fixture
@@ -71,3 +72,44 @@ def test_an_lr_spike_rolls_back_then_stops_with_one_message_and_no_bad_checkpoin
   events = [r for r in records if r.get("event") == "rollback"]
   assert [e["diverged_at"] for e in events] == [2]
   assert [e["skipped_batches"] for e in events] == [[0, 20]]
+
+
+def test_a_rollback_lowers_the_learning_rate_without_compiling_the_step_again(
+  loop_config, tmp_path, monkeypatch
+):
+  """Batch 10 is corrupt: step 11 diverges, the run rolls back to step 8 (skipping batches
+  8-10) with rollback_lr_factor=0.5. The scale is a value in the optimizer state: the step is
+  traced once in the whole run, and the learning rate after the rollback is half the
+  schedule's (before it, the schedule's)."""
+  traces = []
+  make_train_step = step_lib.make_train_step
+
+  def counting_make_train_step(*args, **kwargs):
+    train_step = make_train_step(*args, **kwargs)
+
+    def traced(state, batch):
+      traces.append(1)  # runs only while jax traces the step
+      return train_step(state, batch)
+
+    return traced
+
+  monkeypatch.setattr(step_lib, "make_train_step", counting_make_train_step)
+  t = loop_config.train
+  t.steps, t.log_every, t.checkpoint_every, t.checkpoint_confirm_steps = 12, 1, 4, 2
+  t.schedule, t.warmup_steps = "cosine", 4  # a learning rate that differs at every step
+  t.rollback_skip_batches, t.rollback_lr_factor = 3, 0.5
+  t.debug_nonfinite_batches = "10"
+  workdir = tmp_path / "run"
+  result = loop.train(loop_config, str(workdir))
+  assert result.final_step == 12
+  assert len(traces) == 1  # one shape, one compilation: the rollback compiled nothing
+  records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  events = [r for r in records if r.get("event") == "rollback"]
+  assert [(e["step"], e["diverged_at"], e["lr_scale"]) for e in events] == [(8, 11, 0.5)]
+  schedule = optim.learning_rate_schedule(t)
+  lrs = {r["step"]: r["learning_rate"] for r in records if "event" not in r}
+  assert sorted(lrs) == list(range(1, 13))
+  for step, lr in lrs.items():  # a record's rate is its last step's: schedule(step - 1)
+    scale = 0.5 if step > 8 else 1.0
+    assert lr == float(np.float32(schedule(step - 1)) * np.float32(scale)), step
+  assert float(optim.get_lr_scale(result.state.opt_state)) == 0.5  # saved with the state

@@ -49,3 +49,22 @@ def test_weight_decay_mask_skips_norms_biases_and_embeddings(tiny_config):
   tiny_config.train.decay_embeddings = True
   mask = optim.weight_decay_mask(params, tiny_config.train)
   assert mask["token_embedding"]["embedding"].value
+
+
+def test_the_injected_lr_scale_scales_the_update():
+  t = _train("cosine")
+  tx = optim.make_optimizer(t)
+  params = {"w": jax.numpy.ones((3, 4))}
+  grads = {"w": jax.numpy.arange(12.0).reshape(3, 4) - 5.0}
+  state = tx.init(params)
+  assert float(optim.get_lr_scale(state)) == 1.0
+  for _ in range(5):  # past step 0, whose learning rate is 0
+    _, state = tx.update(grads, state, params)
+  full, _ = tx.update(grads, state, params)
+  halved_state = optim.set_lr_scale(state, 0.5)
+  half, after = tx.update(grads, halved_state, params)
+  assert float(np.abs(full["w"]).min()) > 0
+  np.testing.assert_array_equal(np.asarray(half["w"]), np.asarray(full["w"]) * 0.5)
+  assert float(optim.get_lr_scale(after)) == 0.5  # the update keeps the scale
+  schedule = optim.learning_rate_schedule(t)
+  assert float(optim.learning_rate(schedule, 5, halved_state)) == float(schedule(5)) * 0.5
