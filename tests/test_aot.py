@@ -60,6 +60,7 @@ def test_collective_traffic_counts_loop_bodies_per_iteration():
   assert traffic["collective-permute"] == 0
 
 
+@pytest.mark.slow
 def test_tiny_moe_compiles_for_v5p(tiny_config, tmp_path):
   c = tiny_config
   c.model.moe_num_experts, c.model.moe_num_groups, c.model.moe_every = 4, 2, 2

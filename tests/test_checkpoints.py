@@ -35,6 +35,7 @@ def _on(config, data, fsdp, tensor):
   return c
 
 
+@pytest.mark.slow
 def test_a_checkpoint_moves_between_meshes_for_training_and_inference(config, tmp_path):
   straight = loop.train(_on(config, 8, 1, 1), str(tmp_path / "straight"))
   workdir = str(tmp_path / "moved")

@@ -93,6 +93,7 @@ def test_bad_config_raises_one_clear_error(mutate, pattern):
     (["--config.data.task_modules=no_such_task_module"], "names 'no_such_task_module', which"),
   ],
 )
+@pytest.mark.slow
 def test_cli_prints_one_error_line_and_exits_2(args, message, tmp_path, run_main):
   proc = run_main("--config=configs/base.py", f"--workdir={tmp_path}", *args, devices=8)
   assert proc.returncode == 2, proc.stderr
@@ -101,6 +102,7 @@ def test_cli_prints_one_error_line_and_exits_2(args, message, tmp_path, run_main
   assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_missing_config_file(tmp_path, run_main):
   proc = run_main("--config=configs/no_such_file.py", f"--workdir={tmp_path}", devices=8)
   assert proc.returncode == 2

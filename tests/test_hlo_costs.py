@@ -14,6 +14,7 @@ def _step_costs(config):
   return hlo_costs.per_step_costs(compiled.as_text())
 
 
+@pytest.mark.slow
 def test_scanned_step_costs_match_the_unrolled_compile(tiny_config):
   # Two scanned layers on the 8 test devices (FSDP: the weights are gathered per layer); at
   # this size the compiles take most of the test's time.

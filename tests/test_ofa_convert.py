@@ -16,6 +16,9 @@ from m6_jax.data import images as images_lib
 from m6_jax.data import wordpiece
 from m6_jax.infer import ofa_convert
 
+# Multi-process / end-to-end: left out of the inner loop (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
+
 IMAGE_SIZE, PROMPT = ofa_utils.IMAGE_SIZE, ofa_utils.PROMPT
 MAX_LEN = 12  # tokens generated (a random model seldom ends its caption)
 

@@ -14,6 +14,9 @@ from m6_jax.infer import decoding, ofa_convert
 from m6_jax.model import ofa
 from m6_jax.model.m6 import M6, M6Config
 
+# Multi-device / end-to-end: left out of the inner loop (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
+
 IMAGE_SIZE = 64  # a 4 x 4 patch grid
 
 

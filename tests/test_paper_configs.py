@@ -42,6 +42,7 @@ def test_params_report_prints_difference():
   assert out["difference_percent"] == pytest.approx(-2.43, abs=0.01)
 
 
+@pytest.mark.slow
 def test_params_mode_cli(run_main):
   out = run_main("--mode=params", "--config=configs/m6_10t.py", timeout=120)
   assert out.returncode == 0, out.stderr

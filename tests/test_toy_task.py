@@ -14,6 +14,9 @@ from testing_utils import cpu_env
 
 from m6_jax.data import synthetic
 
+# Multi-process / end-to-end: left out of the inner loop (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOY = "toy_grounding"
 # A small model and short texts: the test is about the wiring, not the model.

@@ -41,6 +41,7 @@ def vqgan(tmp_path_factory):
   return config, workdir
 
 
+@pytest.mark.slow
 def test_the_image_tokenizer_encodes_deterministically_in_any_batch(vqgan):
   config, workdir = vqgan
   tokenizer = ImageTokenizer.load(workdir)
@@ -60,6 +61,7 @@ def test_the_image_tokenizer_encodes_deterministically_in_any_batch(vqgan):
     tokenizer.encode(images.astype(np.float32))
 
 
+@pytest.mark.slow
 def test_loading_something_else_than_a_vqgan_is_one_clear_error(vqgan, tmp_path, monkeypatch):
   with pytest.raises(CheckpointError, match="no checkpoint"):
     ImageTokenizer.load(str(tmp_path))
@@ -74,6 +76,7 @@ def test_loading_something_else_than_a_vqgan_is_one_clear_error(vqgan, tmp_path,
     ImageTokenizer.load(workdir)
 
 
+@pytest.mark.slow
 def test_codes_round_trip_through_the_dataset_and_check_their_source(vqgan, tmp_path):
   config, workdir = vqgan
   tokenizer = ImageTokenizer.load(workdir)
@@ -128,6 +131,7 @@ def test_eval_metrics_cover_the_whole_split():
   assert vqgan_eval.psnr(image, image + 1)[0] == pytest.approx(10 * np.log10(255.0**2))
 
 
+@pytest.mark.slow
 def test_eval_and_encode_images_from_the_command_line(vqgan, tmp_path, run_main):
   _, workdir = vqgan
   result = run_main("--mode=eval", f"--workdir={workdir}", devices=2)

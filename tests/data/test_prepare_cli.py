@@ -5,10 +5,14 @@ requirements bring it), which must run on the CPU without TPU error lines."""
 import json
 import os
 
+import pytest
 from PIL import Image
 
 from m6_jax.cli import bootstrap
 from m6_jax.data import synthetic
+
+# Multi-process / end-to-end: left out of the inner loop (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
 
 
 def test_prepare_data_then_train(tmp_path, run_main):

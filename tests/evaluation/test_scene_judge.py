@@ -15,6 +15,9 @@ from m6_jax.errors import EvaluationError
 from m6_jax.evaluation import scene_judge as sj
 from m6_jax.evaluation import scene_scores as ss
 
+# Multi-process / end-to-end: left out of the inner loop (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Enough training to read colour and position reliably and shape far above chance.
 SMALL = dict(seed=0, num_steps=300, batch_size=32, num_train_scenes=1000)

@@ -16,6 +16,9 @@ from m6_jax.evaluation import evaluate
 from m6_jax.evaluation import held_out as H
 from m6_jax.train import loop
 
+# Multi-process / end-to-end: left out of the inner loop (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NUM_VALIDATION = 4
 

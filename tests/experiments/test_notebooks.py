@@ -15,6 +15,9 @@ import pytest
 from nbclient import NotebookClient
 from testing_utils import cpu_env
 
+# Multi-process / end-to-end: left out of the inner loop (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NOTEBOOKS = os.path.join(REPO, "experiments", "notebooks")
 NAMES = ("quickstart", "finetune_your_data", "pod_scale")

@@ -10,9 +10,13 @@ import subprocess
 import sys
 import time
 
+import pytest
 from testing_utils import cpu_env
 
 from experiments.sweeps import spec
+
+# Multi-process / end-to-end: left out of the inner loop (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 30  # a signal lands within a few steps (each writes a record): mid-run

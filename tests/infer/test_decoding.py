@@ -278,6 +278,7 @@ def test_sampling_follows_the_filtered_distribution():
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # multi-device: left out of the inner loop
 def test_decoding_on_a_2x2x2_mesh_matches_one_device(tiny_config, random_batch):
   model, params, batch = model_and_batch(tiny_config, random_batch, batch_size=8)
   max_len = model.config.tgt_len

@@ -109,6 +109,7 @@ def _assert_one_error_line(proc, *needles):
   return errors[0]
 
 
+@pytest.mark.slow
 def test_generate_caption_vqa_and_prompt(workdir, image_path, tmp_path, run_main):
   out = tmp_path / "out.jsonl"
   proc = run_main(
@@ -153,6 +154,7 @@ def test_generate_caption_vqa_and_prompt(workdir, image_path, tmp_path, run_main
   assert row["task"] == "text_lm" and row["prompt"] == "a small red circle"
 
 
+@pytest.mark.slow
 def test_generate_errors_are_one_line(workdir, image_path, tmp_path, run_main):
   corrupt = tmp_path / "corrupt.png"
   corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really an image")
@@ -187,6 +189,7 @@ def test_generate_errors_are_one_line(workdir, image_path, tmp_path, run_main):
   assert "mlp" in line.lower()
 
 
+@pytest.mark.slow
 def test_generate_by_task_name(workdir, image_path):
   """--task picks a registered task the model was trained on; its text may come as --text;
   a task it was not trained on, one that does not exist or wrong inputs are one line each."""
@@ -215,6 +218,7 @@ def test_generate_by_task_name(workdir, image_path):
     generate.generate(model, texts=[question], task="vqa")
 
 
+@pytest.mark.slow
 def test_init_from_with_other_shapes_names_the_parameter(workdir, tmp_path):
   config = _config()
   config.model.d_model = 48
@@ -232,6 +236,7 @@ def saved_params(path):
   return ckpts.restore_params(step, target)
 
 
+@pytest.mark.slow
 def test_finetune_from_an_export_evaluates_and_keeps_best(workdir, exported, tmp_path):
   params = saved_params(workdir)
   config = _config()
@@ -261,6 +266,7 @@ def test_finetune_from_an_export_evaluates_and_keeps_best(workdir, exported, tmp
   assert [e["step"] for e in evals] == [1, 2]
 
 
+@pytest.mark.slow
 def test_eval_mode_writes_metrics_json(workdir):
   result = evaluate.run_eval(workdir, num_examples=2, with_baselines=True)
   with open(os.path.join(workdir, "eval_metrics.json")) as f:
@@ -292,6 +298,7 @@ def _scenes(n):
   return [ex["image"] for ex in examples], [ex["qa"][0]["question"] for ex in examples]
 
 
+@pytest.mark.slow
 def test_generate_on_a_tensor_parallel_mesh_equals_one_device(workdir):
   one = generate.load_model(workdir, devices=jax.devices()[:1])
   config = _config()
@@ -312,6 +319,7 @@ def test_generate_on_a_tensor_parallel_mesh_equals_one_device(workdir):
     assert any(want)  # it decoded something
 
 
+@pytest.mark.slow
 def test_export_holds_the_parameters_alone_and_generates_the_same(workdir, exported):
   path, printed = exported
   steps = os.listdir(os.path.join(path, "checkpoints"))
@@ -331,6 +339,7 @@ def test_export_holds_the_parameters_alone_and_generates_the_same(workdir, expor
   assert generate.decode(model, batch) == generate.decode(original, batch)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_refuses_another_tokenizer(workdir, image_path, tmp_path, run_main):
   other = tokenizer_lib.get_or_train_tokenizer(
     str(tmp_path), vocab_size=700, seed=1, num_corpus_examples=200
@@ -358,6 +367,7 @@ def test_inference_uses_the_training_mesh_where_it_fits():
     generate.inference_config(saved, given, num_devices=2)  # a given mesh is not replaced
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["greedy", "beam", "sample"])
 def test_decoding_never_emits_special_tokens(workdir, method):
   """Not even an untrained model: captions, answers and continuations hold text pieces and

@@ -276,6 +276,7 @@ def _run_error(request, workdir, config, loader=StandInImageTokenizer.load) -> s
   return str(e.value)
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(code_config, tmp_path, run_main):
   vqgan_dir = StandInImageTokenizer(32, GRID).save(str(tmp_path / "vqgan"))  # 32 codes, not 16
   code_config.data.image_codes_dir = write_codes_dir(
@@ -326,6 +327,7 @@ def test_a_prompt_alone_draws_only_on_a_model_with_codes(code_config):
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_train_and_generate_pngs(code_config, tokenizer_path, tmp_path):
   from m6_jax.data import image_codes
   from m6_jax.evaluation import evaluate
@@ -428,6 +430,7 @@ def _judged_against_the_scenes(workdir, vqgan):
   assert table.count("\n") == len(rows) + 1 and "generated, guidance 3, best of 2" in table
 
 
+@pytest.mark.slow
 def test_the_judged_evaluation_rejects_a_reference_too_small_for_a_frechet_distance(tmp_path):
   proc = subprocess.run(
     [sys.executable, "-m", "m6_jax.main", "--mode=text_to_image_eval", f"--workdir={tmp_path}"]

@@ -285,6 +285,7 @@ def test_architecture_config_errors(tiny_config):
   validate(_encdec(copy.deepcopy(tiny_config), 0, 3), num_devices=8)
 
 
+@pytest.mark.slow
 def test_base_config_trains_through_the_loop(tokenizer_path, tmp_path):
   """A few steps of configs/base.py as an encoder-decoder in the real train loop (one layer
   per stack and shorter texts, to keep the test cheap)."""

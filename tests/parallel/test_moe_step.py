@@ -31,6 +31,7 @@ def moe_config(tiny_config):
   return c
 
 
+@pytest.mark.slow
 def test_moe_base_on_data_expert_mesh_matches_single_device(moe_config, random_batch):
   c = moe_config
   assert c.model.moe_num_experts == 8 and c.model.moe_every == 2 and c.model.num_layers == 2

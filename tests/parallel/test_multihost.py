@@ -29,6 +29,9 @@ from testing_utils import cpu_env
 
 from m6_jax.train import loop
 
+# Multi-process / end-to-end: left out of the inner loop (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = "configs/base.py:runlocal"
 # A constant schedule after warm-up: the learning rate of a step must not depend on

@@ -9,6 +9,9 @@ from m6_jax import config as config_lib
 from m6_jax.parallel import partitioning
 from m6_jax.train import setup as setup_lib
 
+# Multi-device / end-to-end: left out of the inner loop (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
+
 
 def run_steps(config, batches, devices, return_metrics=False):
   """Trains on `batches` with the train loop's own set-up (train/setup.py) on `devices`."""

@@ -1,10 +1,12 @@
 """bfloat16 compute (float32 params, loss and softmax) with scan + remat still learns."""
 
 import jax.numpy as jnp
+import pytest
 
 from m6_jax.train import loop
 
 
+@pytest.mark.slow
 def test_bfloat16_scanned_remat_training_learns(tiny_config, tokenizer_path, tmp_path):
   c = tiny_config
   c.data.tokenizer_path = tokenizer_path

@@ -65,6 +65,7 @@ def test_text_counts_count_real_tokens_over_computed_positions():
   np.testing.assert_array_equal(progress.text_counts(batch, 2), [18, 32])
 
 
+@pytest.mark.slow
 def test_short_training_run_with_bucketing(tiny_config, tokenizer_path, tmp_path):
   c = tiny_config
   c.data.tokenizer_path = tokenizer_path

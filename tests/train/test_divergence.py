@@ -70,6 +70,7 @@ def _all_finite(step_dir):
   )
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Sharding info not provided:UserWarning")
 def test_a_forced_divergence_rolls_back_skips_batches_and_finishes(run_main, tmp_path):
   """Batch 10 of the data stream has NaN images (a corrupt batch). Step 11 diverges; the run
@@ -123,6 +124,7 @@ def _damage(step_dir, kind):
       f.write(bytes([byte[0] ^ 0x10]))
 
 
+@pytest.mark.slow
 def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, run_main):
   trained = tmp_path / "trained"
   flags = (*BASE, "--config.train.steps=4", "--config.train.checkpoint_every=2")
@@ -189,6 +191,7 @@ def test_a_checkpoint_of_the_old_optimizer_state_is_one_error_not_damage(tiny_co
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["a_file", "under_a_file"])
 def test_a_workdir_that_cannot_be_written_is_one_error_line(run_main, tmp_path, kind):
   (tmp_path / "file").write_text("not a directory")

@@ -29,6 +29,7 @@ def loop_config(tiny_config, tokenizer_path):
   return c
 
 
+@pytest.mark.slow
 def test_outputs_in_workdir(loop_config, tmp_path):
   workdir = tmp_path / "run"
   loop_config.train.peak_flops = 1e11  # per device: the MFU is logged against it
@@ -50,6 +51,7 @@ def test_outputs_in_workdir(loop_config, tmp_path):
   assert again.final_step == 6 and again.losses == []
 
 
+@pytest.mark.slow
 def test_an_lr_spike_rolls_back_then_stops_with_one_message_and_no_bad_checkpoint(
   loop_config, tmp_path
 ):
@@ -74,6 +76,7 @@ def test_an_lr_spike_rolls_back_then_stops_with_one_message_and_no_bad_checkpoin
   assert [e["skipped_batches"] for e in events] == [[0, 20]]
 
 
+@pytest.mark.slow
 def test_a_rollback_lowers_the_learning_rate_without_compiling_the_step_again(
   loop_config, tmp_path, monkeypatch
 ):

@@ -12,6 +12,9 @@ import time
 import pytest
 from testing_utils import assert_every_step_once, cpu_env
 
+# Multi-process / end-to-end: left out of the inner loop (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

@@ -27,6 +27,7 @@ def toy_task():
   tasks.unregister("first_words")
 
 
+@pytest.mark.slow
 def test_a_registered_task_is_configured_and_trained(toy_task, tmp_path):
   from m6_jax.train import loop
 

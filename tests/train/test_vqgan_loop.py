@@ -10,6 +10,9 @@ import pytest
 
 from m6_jax.train import loop
 
+# Multi-process / end-to-end: left out of the inner loop (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def vqgan_config(tiny_config):
