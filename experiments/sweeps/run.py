@@ -12,13 +12,15 @@ runs.csv, results.md, loss_curves.png, final_metrics.png in --workdir).
                       (--slurm_partition, --slurm_nodes, --gpus_per_node, --cpus_per_task,
                       --timeout_min), or --submitit_cluster=local to run the jobs here
   --set KEY=VALUE     an extra override for every run (repeatable), e.g. --set train.steps=100
-                      for a quick look; it is part of the runs' ids
+                      for a quick look; it is part of the runs' ids (not for a key the
+                      sweep varies: that is an error)
   --report_only       write the tables from the runs finished so far, run nothing
   --dry_run           list the runs and their commands, run nothing
 
-Exit status: 0 all runs finished; 1 some run failed (its error is printed; rerun to retry);
-2 a bad sweep file, override or flag (one `error:` line); 143 / 130 stopped by SIGTERM /
-Ctrl-C (the running stages saved; rerun to resume).
+Exit status: 0 all runs finished (by this runner or another on the same workdir); 1 some run
+failed (its error is printed; rerun to retry); 2 a bad sweep file, override or flag (one
+`error:` line); 143 / 130 stopped by SIGTERM / Ctrl-C (the running stages saved; rerun to
+resume).
 """
 
 from __future__ import annotations
@@ -165,8 +167,14 @@ def main(argv: list[str] | None = None) -> int:
   except launch.Interrupted as stop:
     print(f"{stop.name}: stopped; the running stages saved. Rerun the same command to resume.")
     return 130 if stop.name == "SIGINT" else 143
-  failed = [o for o in outcomes if o.status != "finished"]
-  print(f"{len(outcomes) - len(failed)} run(s) finished in {(time.time() - start) / 60:.1f} min")
+  # "skipped": another runner on this workdir finished the run while this one waited for it.
+  failed = [o for o in outcomes if o.status not in ("finished", "skipped")]
+  by_others = sum(o.status == "skipped" for o in outcomes)
+  print(
+    f"{len(outcomes) - len(failed) - by_others} run(s) finished in "
+    f"{(time.time() - start) / 60:.1f} min"
+    + (f", {by_others} by another runner on this workdir" if by_others else "")
+  )
   if failed:
     print(f"{len(failed)} run(s) did not finish (see runs/<id>/log.txt); rerun to retry them.")
     _write_tables(sweep, runs, workdir, command, partial=True)

@@ -206,6 +206,7 @@ def load(path: str, extra: Mapping[str, Any] | None = None) -> Sweep:
     raise SweepError(f"get_hyper of {path} failed: {type(e).__name__}: {e}") from e
   if not isinstance(points, list) or not points or not all(isinstance(p, dict) for p in points):
     raise SweepError(f"get_hyper of {path} must return a non-empty list of points (dicts)")
+  _check_extra(points, extra or {})
   runs = tuple(Run({**p, **(extra or {})}, stages) for p in points)
   ids = [r.id for r in runs]
   if len(set(ids)) != len(ids):
@@ -222,6 +223,18 @@ def load(path: str, extra: Mapping[str, Any] | None = None) -> Sweep:
   last_train = [s.name for s in stages if isinstance(s, Train)][-1]
   metrics = tuple(getattr(module, "METRICS", (f"{last_train}/loss",)))
   return Sweep(path, runs, metrics, str(getattr(module, "CURVE", "loss")))
+
+
+def _check_extra(points: list[dict], extra: Mapping[str, Any]) -> None:
+  """An extra override (--set) may replace a key every point shares, not one the sweep varies:
+  that would collapse the sweep's runs into one."""
+  for key, value in extra.items():
+    values = list(dict.fromkeys(format_value(p[key]) if key in p else "(default)" for p in points))
+    if len(values) > 1:
+      raise SweepError(
+        f"--set {key}={format_value(value)} fixes a key the sweep varies ({key}: "
+        f"{', '.join(values)}); leave out the --set, or edit the sweep file"
+      )
 
 
 _CONFIGS: dict[str, Any] = {}

@@ -76,3 +76,70 @@ def test_user_errors_are_one_line_and_exit_2(args, message, tmp_path, capsys, mo
   err = capsys.readouterr().err.strip()
   assert stop.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
   assert message in err
+
+
+def test_a_set_of_a_key_the_sweep_varies_names_the_set(capsys):
+  with pytest.raises(SystemExit) as stop:
+    run.main(
+      ["experiments/sweeps/lr_warmup_grid.py", "--workdir=/nonexistent", "--set", "train.lr=0.01"]
+    )
+  err = capsys.readouterr().err.strip()
+  assert stop.value.code == 2 and "\n" not in err, err
+  assert err.startswith("error: --set train.lr=0.01 fixes a key the sweep varies"), err
+  assert "0.001, 0.002, 0.004" in err
+  # A key every run shares may be replaced (the docs' `--set train.steps=100`).
+  sweep = spec.load("experiments/sweeps/lr_warmup_grid.py", {"train.steps": 100})
+  assert len(sweep.runs) == 18 and {r.overrides["train.steps"] for r in sweep.runs} == {100}
+
+
+ONE_RUN_SWEEP = """CONFIG = "configs/base.py:runlocal"
+
+
+def get_hyper(hyper):
+  return hyper.sweep("seed", [0])
+"""
+
+
+def test_a_run_finished_by_another_runner_is_no_failure(tmp_path, capsys):
+  """Two runners on one workdir: the second finds the run unfinished, waits for the first's
+  lock, and finds it finished; it exits 0 and writes the tables."""
+  import fcntl
+  import json
+  import os
+  import threading
+  import time
+
+  from experiments.sweeps import execute
+
+  sweep_file = tmp_path / "one.py"
+  sweep_file.write_text(ONE_RUN_SWEEP)
+  workdir = tmp_path / "sweep"
+  (the_run,) = spec.load(str(sweep_file)).runs
+  directory = execute.run_dir(str(workdir), the_run)
+  os.makedirs(os.path.join(directory, "train"))
+  lock = os.open(os.path.join(directory, "lock"), os.O_RDWR | os.O_CREAT)
+  fcntl.flock(lock, fcntl.LOCK_EX)  # the other runner, at work on the run
+
+  def other_runner_finishes():
+    log = os.path.join(directory, "log.txt")
+    deadline = time.time() + 60
+    while "waiting for an earlier process" not in (open(log).read() if os.path.exists(log) else ""):
+      assert time.time() < deadline
+      time.sleep(0.02)
+    with open(os.path.join(directory, "train", "metrics.jsonl"), "w") as f:
+      f.write(json.dumps({"step": 20, "loss": 1.5}) + "\n")
+    record = {**the_run.to_dict(), "seed": 0, "configuration": the_run.configuration}
+    record.update(metrics={"train/loss": 1.5}, configs={}, finished_at=time.time())
+    execute.write_json_atomically(os.path.join(directory, execute.FINISHED), record)
+    os.close(lock)
+
+  other = threading.Thread(target=other_runner_finishes)
+  other.start()
+  try:
+    code = run.main([str(sweep_file), f"--workdir={workdir}"])
+  finally:
+    other.join()
+  out = capsys.readouterr().out
+  assert code == 0, out
+  assert "did not finish" not in out and "skipped: finished before" in out, out
+  assert os.path.exists(workdir / "results.csv")
