@@ -14,7 +14,7 @@ from typing import Callable
 
 from PIL import Image
 
-from m6_jax.data.images import oriented_rgb
+from m6_jax.data.images import error_reason, oriented_rgb
 from m6_jax.data.readers import BadLine, Reject
 
 _STORED_FORMATS = ("JPEG", "PNG")
@@ -45,7 +45,7 @@ def process_image(data: bytes, max_image_size: int) -> bytes:
   except Reject:
     raise
   except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-    raise Reject("corrupt_image", f"{type(e).__name__}: {e}") from None
+    raise Reject("corrupt_image", f"{type(e).__name__}: {error_reason(e)}") from None
   out.thumbnail((max_image_size, max_image_size), Image.Resampling.LANCZOS)
   buf = io.BytesIO()
   if fmt == "PNG":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -36,13 +37,31 @@ def oriented_rgb(img: Image.Image) -> Image.Image:
   return to_rgb(ImageOps.exif_transpose(img))
 
 
-def load_image(data: bytes, image_size: int) -> np.ndarray:
+# What Pillow raises on bytes it cannot decode.
+PILLOW_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError)
+
+# Pillow names an in-memory file by its repr, which tells a user nothing.
+_BUFFER_REPR = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
+def error_reason(error: BaseException) -> str:
+  """Pillow's error as one line, without the repr of the buffer it read."""
+  if isinstance(error, UnidentifiedImageError):
+    return "unknown image format (not a PNG, JPEG or other format Pillow reads)"
+  return _BUFFER_REPR.sub("", str(error)).strip() or type(error).__name__
+
+
+def load_image(data: bytes, image_size: int, name: str = "the image bytes") -> np.ndarray:
   """Image file bytes -> uint8 [image_size, image_size, 3] (see the module docstring); an
-  image already of that size is not resampled. Raises Pillow's errors on bad bytes."""
-  with Image.open(io.BytesIO(data)) as img:
-    if img.format == "JPEG":
-      img.draft("RGB", (image_size, image_size))  # fast DCT downscaling, still >= the target
-    img = oriented_rgb(img)
+  image already of that size is not resampled. ImageError "cannot read <name>: <why>" on
+  bytes Pillow cannot decode."""
+  try:
+    with Image.open(io.BytesIO(data)) as img:
+      if img.format == "JPEG":
+        img.draft("RGB", (image_size, image_size))  # fast DCT downscaling, still >= the target
+      img = oriented_rgb(img)
+  except PILLOW_ERRORS as e:
+    raise ImageError(f"cannot read {name}: {error_reason(e)}") from e
   if img.size != (image_size, image_size):
     img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
   return np.asarray(img, dtype=np.uint8)
@@ -54,6 +73,7 @@ def load_image_file(path: str, image_size: int) -> np.ndarray:
     raise ImageError(f"image file not found: {path}")
   try:
     with open(path, "rb") as f:
-      return load_image(f.read(), image_size)
-  except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
-    raise ImageError(f"cannot read image {path}: {e}") from e
+      data = f.read()
+  except OSError as e:
+    raise ImageError(f"cannot read image {path}: {e.strerror or e}") from e
+  return load_image(data, image_size, name=f"image {path}")

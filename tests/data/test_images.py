@@ -54,3 +54,24 @@ def test_missing_and_corrupt_files_are_one_line_errors(tmp_path):
   (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
   with pytest.raises(ImageError, match="cannot read image"):
     images.load_image_file(str(tmp_path / "bad.png"), SIZE)
+
+
+def test_an_unreadable_image_is_named_by_its_path_or_as_bytes(tmp_path):
+  """Pillow names what it read from memory `<_io.BytesIO object at 0x...>`; the errors name
+  the file, or say that bytes were read (a record names itself around them)."""
+  from m6_jax.data import image_files
+  from m6_jax.data.readers import Reject
+
+  bad = tmp_path / "scene.png"
+  bad.write_bytes(b"not an image at all")
+  with pytest.raises(ImageError) as file_error:
+    images.load_image_file(str(bad), SIZE)
+  with pytest.raises(ImageError) as bytes_error:
+    images.load_image(b"not an image at all", SIZE)
+  with pytest.raises(Reject) as rejected:
+    image_files.process_image(b"not an image at all", 64)
+  messages = [str(file_error.value), str(bytes_error.value), str(rejected.value)]
+  assert not [m for m in messages if "BytesIO" in m or " at 0x" in m], messages
+  assert str(file_error.value).startswith(f"cannot read image {bad}: "), messages
+  assert str(bytes_error.value).startswith("cannot read the image bytes: "), messages
+  assert "unknown image format" in messages[0] and "unknown image format" in messages[2]
