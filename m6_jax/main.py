@@ -83,7 +83,7 @@ def run(argv: list[str] | None = None) -> None:
 
   def main(rest: list[str]) -> None:
     if len(rest) > 1:
-      exit_with(f"unexpected arguments: {' '.join(rest[1:])}")
+      exit_with(common.stray_arguments(rest[1:], MODES))
     try:
       bootstrap.start()
       mode.run()

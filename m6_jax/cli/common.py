@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-from typing import Any
+from typing import Any, Iterable
 
 import ml_collections
 from absl import flags
@@ -61,6 +61,23 @@ def fail_config(argv: list[str], error: BaseException) -> None:
       + (f"; the shipped ones are configs/{{{','.join(shipped)}}}" if shipped else "")
     )
   exit_with(f"bad config ({_config_args(argv)}): {one_line(error)}")
+
+
+def stray_arguments(args: list[str], modes: Iterable[str]) -> str:
+  """The error for arguments that are not flags, with the flag the first one probably meant."""
+  first = args[0]
+  if first.split(":")[0].endswith(".py"):
+    hint = f"did you mean --config={first}?"
+  elif first in modes:
+    hint = f"did you mean --mode={first}?"
+  elif first.lower().endswith((".png", ".jpg", ".jpeg", ".webp")):
+    hint = f"did you mean --image={first}?"
+  elif "=" in first and not first.startswith("-"):
+    hint = f"did you mean --{first}?"
+  else:
+    hint = "flags are --name=value; --mode=<mode> --helpshort lists a mode's flags"
+  quoted = " ".join(repr(a) for a in args)
+  return f"unexpected argument{'s' if len(args) > 1 else ''} {quoted}; {hint}"
 
 
 HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
