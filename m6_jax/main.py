@@ -13,6 +13,7 @@ stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 from absl import app, flags
@@ -92,6 +93,10 @@ def run(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt as e:  # training saves on the first Ctrl-C; this is the second
       print(f"interrupted: {e or 'Ctrl-C'}", file=sys.stderr)
       sys.exit(130)
+    finally:
+      # The mode's work is over and the process only exits: a Ctrl-C now would kill it by
+      # signal (Python's shutdown puts SIGINT's default action back), not change the outcome.
+      signal.signal(signal.SIGINT, signal.SIG_IGN)
 
   app.run(main, argv=argv, flags_parser=common.parse_flags)
 

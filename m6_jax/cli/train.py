@@ -11,12 +11,16 @@ from m6_jax.cli import common
 
 
 def run() -> None:
-  from m6_jax.train import families, loop
+  from m6_jax.train import families, loop, preemption
 
   config = common.load_config("train", workdir_hint="e.g. --workdir=/tmp/m6_base")
   family = families.get(config)
   evaluator = family.evaluator(common.WORKDIR.value) if config.train.eval_every else None
-  result = loop.train(config, common.WORKDIR.value, evaluator)
+  # Installed for the rest of the process: once the loop has saved and ended, a Ctrl-C that
+  # arrives while the process exits is ignored (the loop would put Python's default back).
+  flag = preemption.PreemptionFlag()
+  flag.install()
+  result = loop.train(config, common.WORKDIR.value, evaluator, preemption=flag)
   key = family.headline_loss
   first, last = result.first_metrics, result.last_metrics
   if key in first and key in last:

@@ -137,6 +137,7 @@ def train(
   workdir: str,
   evaluator: Evaluator | None = None,
   should_stop: Callable[[int], bool] | None = None,
+  preemption: PreemptionFlag | None = None,
 ) -> TrainResult:
   """Trains (or resumes) in `workdir` until `config.train.steps`.
 
@@ -144,6 +145,8 @@ def train(
   by `train.eval_metric` is kept in `<workdir>/best`. `should_stop(step)` lets a caller end
   the run early after a step (the state is saved first), exactly as SIGTERM preemption does.
   A divergence rolls back to the newest good checkpoint (m6_jax/train/recovery.py).
+  `preemption`: a flag the caller installed and keeps (the command line, until the process
+  exits); by default the loop installs one and puts the previous signal handlers back.
   """
   config_lib.validate(config, jax.device_count(), jax.process_count())
   preflight.check_workdir(workdir)
@@ -171,8 +174,11 @@ def train(
   mesh_peak = peak * setup.mesh.devices.size if peak else None
   record = progress.Progress(setup.family, start_step, writer, mesh_peak)
   recovery = recovery_lib.Recovery.start(ckpts, writer, t, state)
-  preemption = PreemptionFlag()
-  restore_signal = preemption.install()
+  if preemption is None:
+    preemption = PreemptionFlag()
+    restore_signal = preemption.install()
+  else:
+    restore_signal = lambda: None  # noqa: E731 (the caller's to restore)
   seen_shapes: set[tuple[int, int]] = set()
   poisoned = set(config_lib.parse_positions(t.debug_nonfinite_batches))  # fault injection
 
@@ -204,6 +210,8 @@ def train(
           if evaluator is not None and (step % t.eval_every == 0 or step == t.steps):
             _evaluate(evaluator, step, state, best, writer, setup.family, tokenizer)
           if stop_now:
+            ckpts.wait()
+            preemption.end()
             logging.info("Stopping at step %d (state saved); rerun to resume.", step)
             break
       except divergence.Diverged as event:
@@ -211,9 +219,12 @@ def train(
         step = int(state.step)
         record.restart(step)
   finally:
-    ckpts.wait()
-    writer.close()
-    restore_signal()
+    try:
+      ckpts.wait()
+      writer.close()
+      preemption.end()
+    finally:
+      restore_signal()
 
   logging.info(
     "Finished at step %d in %s.", step, progress.format_duration(time.perf_counter() - began)
