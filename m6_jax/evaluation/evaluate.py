@@ -199,7 +199,7 @@ def run_eval(
 ) -> dict[str, Any]:
   """--mode=eval: evaluates a checkpoint of `workdir`, writes and returns the results."""
   model = gen.load_model(workdir, step, config=config, best=best)
-  logging.info("Evaluating %s step %d on mesh %s", workdir, model.step, dict(model.mesh.shape))
+  logging.info("Evaluating %s step %d", workdir, model.step)
   result: dict[str, Any] = {"step": model.step, "time": time.time(), "best": bool(best)}
   result["metrics"] = evaluate(model, num_examples)
   if with_baselines:

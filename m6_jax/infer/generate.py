@@ -145,6 +145,7 @@ def load_model(
   tokenizer = tokenizer_lib.load_tokenizer(path)
   target = abstract_params(model, mesh, rules)
   loaded = checkpoints.load_params(source, target, step, tokenizer, path)
+  logging.info("%s", partitioning.describe_placement(mesh, loaded.params))
   return LoadedModel(
     config, model, loaded.params, tokenizer, loaded.step, workdir, mesh, rules, loaded.directory
   )

@@ -133,3 +133,15 @@ def device_bytes(tree: Any) -> dict[Any, int]:
     for shard in x.addressable_shards:
       held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
   return held
+
+
+def describe_placement(mesh: Mesh, params: Any) -> str:
+  """The mesh and the largest share of `params` one device holds, for a log line: what tells
+  tensor-parallel decoding from a single device."""
+  held = device_bytes(params)
+  total = sum(x.nbytes for x in jax.tree.leaves(params))
+  if mesh.devices.size == 1:
+    share = "one device holds all the parameters"
+  else:
+    share = f"each device holds at most {100 * max(held.values()) / total:.0f}% of the parameters"
+  return f"Mesh: {dict(mesh.shape)}; {share} ({total / 2**20:.1f} MiB in all)"

@@ -2,6 +2,7 @@
 inference on a mesh, exports, and the tokenizer check."""
 
 import json
+import logging
 import os
 import re
 
@@ -76,7 +77,7 @@ def exported(workdir, tmp_path_factory, run_main):
   path = str(tmp_path_factory.mktemp("export") / "m6")
   proc = run_main("--mode=export", f"--workdir={workdir}", f"--export_dir={path}")
   assert proc.returncode == 0, proc.stderr[-3000:]
-  return path, proc.stdout
+  return path, proc.stdout, proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,7 @@ def image_path(tmp_path_factory):
   return path
 
 
-def _generate_with_config(run_main, workdir, image_path, *overrides):
+def _generate_with_config(run_main, workdir, image_path, *overrides, devices=1):
   """--mode=generate with --config=configs/base.py made the test model, plus `overrides`."""
   return run_main(
     "--mode=generate",
@@ -96,6 +97,7 @@ def _generate_with_config(run_main, workdir, image_path, *overrides):
     "--config=configs/base.py",
     *MODEL_FLAGS,
     *overrides,
+    devices=devices,
   )
 
 
@@ -125,19 +127,29 @@ def test_generate_caption_vqa_and_prompt(workdir, image_path, tmp_path, run_main
   assert rows[0]["image"] == image_path and rows[0]["step"] == STEPS
   assert rows[0]["output"] == rows[1]["output"]  # greedy: same image, same caption
   assert f"-> {rows[0]['output']}" in proc.stdout
+  assert "Mesh: {'data': 1, 'fsdp': 1, 'tensor': 1, 'expert': 1}" in proc.stderr, proc.stderr
+  assert "one device holds all the parameters" in proc.stderr
 
-  proc = run_main(
-    "--mode=generate",
-    f"--workdir={workdir}",
-    f"--image={image_path}",
+  # The docs' tensor-parallel command: it says which mesh it decodes on.
+  proc = _generate_with_config(
+    run_main,
+    workdir,
+    image_path,
+    "--config.mesh.data=1",
+    "--config.mesh.fsdp=2",
+    "--config.mesh.tensor=4",
     "--question=what color is the circle?",
     "--decoding=beam",
     "--beam_size=3",
     "--max_len=4",
+    devices=8,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   row = json.loads(open(os.path.join(workdir, "generate.jsonl")).read().splitlines()[-1])
   assert row["task"] == "vqa" and row["question"] == "what color is the circle?"
+  mesh = re.findall(r"Mesh: (\{.*?\}); each device holds at most (\d+)% of the param", proc.stderr)
+  assert mesh == [("{'data': 1, 'fsdp': 2, 'tensor': 4, 'expert': 1}", mesh[0][1])], proc.stderr
+  assert int(mesh[0][1]) <= 25
 
   proc = run_main(
     "--mode=generate",
@@ -267,8 +279,10 @@ def test_finetune_from_an_export_evaluates_and_keeps_best(workdir, exported, tmp
 
 
 @pytest.mark.slow
-def test_eval_mode_writes_metrics_json(workdir):
+def test_eval_mode_writes_metrics_json(workdir, caplog):
+  caplog.set_level(logging.INFO, logger="absl")
   result = evaluate.run_eval(workdir, num_examples=2, with_baselines=True)
+  assert "Mesh: {'data': 8, 'fsdp': 1, 'tensor': 1, 'expert': 1}; each device" in caplog.text
   with open(os.path.join(workdir, "eval_metrics.json")) as f:
     saved = json.load(f)
   assert saved["step"] == STEPS
@@ -321,7 +335,8 @@ def test_generate_on_a_tensor_parallel_mesh_equals_one_device(workdir):
 
 @pytest.mark.slow
 def test_export_holds_the_parameters_alone_and_generates_the_same(workdir, exported):
-  path, printed = exported
+  path, printed, logged = exported
+  assert "Mesh: {'data': 1, 'fsdp': 1, 'tensor': 1, 'expert': 1}" in logged, logged
   steps = os.listdir(os.path.join(path, "checkpoints"))
   assert steps == [str(STEPS)]
   items = sorted(os.listdir(os.path.join(path, "checkpoints", str(STEPS))))
