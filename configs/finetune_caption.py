@@ -5,8 +5,10 @@
   python -m m6_jax.main --mode=eval --workdir=/tmp/m6_caption --best --baselines
 
 Starts from the parameters of the latest checkpoint of `init_from` (fresh optimizer and
-step; its tokenizer is reused), trains image-to-text only, evaluates every 500 steps and
-keeps the checkpoint with the best CIDEr-D in <workdir>/best.
+step; its tokenizer is reused, and its model: this file leaves the `model.*` keys and
+data.image_size / src_len / tgt_len to the checkpoint, see m6_jax/checkpoint/init_from.py),
+trains image-to-text only, evaluates every 500 steps and keeps the checkpoint with the best
+CIDEr-D in <workdir>/best.
 
 Variant `configs/finetune_caption.py:runlocal`: 20 steps, evaluation every 10.
 """

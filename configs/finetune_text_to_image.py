@@ -19,7 +19,8 @@ size. Config validation compares them with the codes_info.json of data.image_cod
 says which differs; an empty data.image_codes_dir is an error too.
 
 The model is the base one (1.1M parameters with the 256 code rows), trained from scratch
-for 3600 steps: `init_from` a text-only model does not fit (its embedding has no code rows).
+for 3600 steps: `init_from` a text-only model does not fit (a fine-tune takes the
+checkpoint's model, and its embedding has no code rows).
 
 Should reach: text_to_image loss 0.41 per code (eval), and at guidance 1, best of 8, shape
 95.6%, colour 98.0%, position 99.0% (--mode=text_to_image_eval), in about 18 minutes on 2

@@ -9,9 +9,11 @@
   # 3. evaluate the best checkpoint against the baselines
   python -m m6_jax.main --mode=eval --workdir=/tmp/m6_vqa --best --baselines
 
-`init_from` loads only the parameters of the latest step of that workdir (fresh optimizer,
-step 0) and its tokenizer; the model keys must match the pretrained config (a mismatch
-stops with the first differing parameter and both shapes). The best checkpoint by
+`init_from` loads the parameters of the latest step of that workdir (fresh optimizer, step
+0), its tokenizer and its model: this file leaves the `model.*` keys (and data.image_size,
+src_len, tgt_len) to the checkpoint, e.g. a configs/caption_user_data.py:<data>,cpu run's
+vocabulary of 2048 (m6_jax/checkpoint/init_from.py); a model key set on the command line is
+kept, and one that changes a parameter's shape stops with that parameter and both shapes. The best checkpoint by
 `train.eval_metric` is kept in <workdir>/best, the last `keep_checkpoints` in checkpoints/.
 Should reach: held-out VQA accuracy 90.8 +- 1.6% (3 seeds) for the best checkpoint, in
 about 6 minutes of fine-tuning on 2 CPU cores; the recipe and its table:

@@ -120,6 +120,11 @@ def load_config(
   return config
 
 
+def config_overrides() -> set[str]:
+  """The config keys the command line sets (`--config.model.vocab_size=8`: model.vocab_size)."""
+  return set(config_flags.get_override_values(flags.FLAGS["config"]))
+
+
 def config_file_constant(name: str) -> Any:
   """A module-level constant of the --config file (e.g. PUBLISHED_PARAMS, TOPOLOGY), or None."""
   path = config_flags.get_config_filename(flags.FLAGS["config"]).split(":")[0]

@@ -11,16 +11,24 @@ from m6_jax.cli import common
 
 
 def run() -> None:
+  from m6_jax.checkpoint import init_from
+  from m6_jax.errors import CheckpointError
   from m6_jax.train import families, loop, preemption
 
   config = common.load_config("train", workdir_hint="e.g. --workdir=/tmp/m6_base")
+  # Fine-tuning: the model is the checkpoint's, but for the keys the command line sets.
+  starting = init_from.model_of_checkpoint(config, common.WORKDIR.value, common.config_overrides())
+  config = starting.config
   family = families.get(config)
   evaluator = family.evaluator(common.WORKDIR.value) if config.train.eval_every else None
   # Installed for the rest of the process: once the loop has saved and ended, a Ctrl-C that
   # arrives while the process exits is ignored (the loop would put Python's default back).
   flag = preemption.PreemptionFlag()
   flag.install()
-  result = loop.train(config, common.WORKDIR.value, evaluator, preemption=flag)
+  try:
+    result = loop.train(config, common.WORKDIR.value, evaluator, preemption=flag)
+  except CheckpointError as e:
+    raise init_from.explain_shape_error(e, starting.kept) from e
   key = family.headline_loss
   first, last = result.first_metrics, result.last_metrics
   if key in first and key in last:

@@ -55,12 +55,17 @@ def dataset(tmp_path_factory):
   return _prepare(tmp_path_factory.mktemp("user_vqa"), "user_vqa")
 
 
-def _shipped(name, data_dir, tfds_name, **train):
-  """configs/<name>.py:runlocal on the prepared dataset, shrunk to a few steps."""
+def _config_file(name, arg):
+  """get_config(arg) of configs/<name>.py."""
   spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config("runlocal")
+  return module.get_config(arg)
+
+
+def _shipped(name, data_dir, tfds_name, **train):
+  """configs/<name>.py:runlocal on the prepared dataset, shrunk to a few steps."""
+  config = _config_file(name, "runlocal")
   config.data.source, config.data.data_dir, config.data.tfds_name = "tfds", data_dir, tfds_name
   config.data.image_size, config.data.batch_size = 32, 8
   config.data.tokenizer_corpus_examples = 100
@@ -131,3 +136,54 @@ def test_an_eval_metric_the_data_cannot_give_stops_before_training(tmp_path):
   config.data.tfds_name = "no_such_dataset"
   with pytest.raises(ConfigError, match="no prepared dataset 'no_such_dataset'"):
     evaluate.PeriodicEvaluator(config, str(tmp_path / "w"))
+
+
+def test_finetune_vqa_from_a_caption_user_data_cpu_run(dataset, tmp_path, run_main):
+  """docs/your_data.md's path: a `caption_user_data.py:<data>,cpu` run (vocabulary 2048; here
+  also 1 layer of width 32 and 24-token texts, to be quick), then the README's fine-tuning
+  command, `configs/finetune_vqa.py --config.init_from=<that run>`, on the same dataset: the
+  model comes from the checkpoint, not from finetune_vqa.py's defaults (vocabulary 1024)."""
+  pretrained = str(tmp_path / "captions")
+  config = _config_file("caption_user_data", f"{dataset}/user_vqa,cpu")
+  assert config.model.vocab_size == 2048 != _config_file("finetune_vqa", None).model.vocab_size
+  config.data.update(image_size=32, batch_size=8, tokenizer_corpus_examples=100)
+  config.data.update(src_len=24, tgt_len=24, length_bucket=0)
+  config.model.update(num_layers=1, d_model=32, num_heads=2, head_dim=16, mlp_dim=64)
+  config.train.update(steps=2, log_every=1, checkpoint_every=2, warmup_steps=0)
+  loop.train(config, pretrained)
+
+  command = [
+    "--config=configs/finetune_vqa.py:runlocal",
+    f"--config.init_from={pretrained}",
+    "--config.data.source=tfds",
+    f"--config.data.data_dir={dataset}",
+    "--config.data.tfds_name=user_vqa",
+    "--config.data.batch_size=8",
+    "--config.train.steps=2",
+    "--config.train.eval_every=2",
+    f"--config.train.eval_examples={NUM_VALIDATION}",
+  ]
+  proc = run_main(*command, f"--workdir={tmp_path / 'vqa'}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / "vqa" / "config.json") as f:
+    saved = json.load(f)
+  assert saved["model"] == json.loads(json.dumps(config.model.to_dict())), saved["model"]
+  assert (saved["data"]["src_len"], saved["data"]["image_size"]) == (24, 32)
+  assert saved["data"]["task_weights"]["vqa"] == 1.0  # the fine-tuning config's own keys
+  assert "model.vocab_size=2048 (the config had 1024)" in proc.stderr
+  best = checkpoints.open_steps(checkpoints.best_dir(str(tmp_path / "vqa"))).steps()
+  assert best == [2]
+
+  # Resumed, it takes the model of its own checkpoint (init_from may be gone by then).
+  os.rename(pretrained, f"{pretrained}.moved")
+  more = [*command[:-3], "--config.train.steps=3", "--config.train.eval_every=0"]
+  proc = run_main(*more, f"--workdir={tmp_path / 'vqa'}")
+  assert proc.returncode == 0 and "Resumed from step 2" in proc.stderr, proc.stderr[-3000:]
+  os.rename(f"{pretrained}.moved", pretrained)
+
+  # A model key set on the command line is the user's: one error line when it cannot fit.
+  proc = run_main(*command, "--config.model.vocab_size=1024", f"--workdir={tmp_path / 'other'}")
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+  assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+  assert "has shape (2048, 32) in the checkpoint but (1024, 32) in the model" in errors[0]
+  assert "--config.model.vocab_size=1024 (the checkpoint's: 2048)" in errors[0], errors[0]
