@@ -21,10 +21,9 @@ def run() -> None:
   config = starting.config
   family = families.get(config)
   evaluator = family.evaluator(common.WORKDIR.value) if config.train.eval_every else None
-  # Installed for the rest of the process: once the loop has saved and ended, a Ctrl-C that
-  # arrives while the process exits is ignored (the loop would put Python's default back).
+  # Ours, so that its handlers stay after the loop: a Ctrl-C once the run has saved and ended
+  # is ignored while the process exits (the loop's own would put Python's default back).
   flag = preemption.PreemptionFlag()
-  flag.install()
   try:
     result = loop.train(config, common.WORKDIR.value, evaluator, preemption=flag)
   except CheckpointError as e:

@@ -145,8 +145,9 @@ def train(
   by `train.eval_metric` is kept in `<workdir>/best`. `should_stop(step)` lets a caller end
   the run early after a step (the state is saved first), exactly as SIGTERM preemption does.
   A divergence rolls back to the newest good checkpoint (m6_jax/train/recovery.py).
-  `preemption`: a flag the caller installed and keeps (the command line, until the process
-  exits); by default the loop installs one and puts the previous signal handlers back.
+  `preemption`: the flag whose signal handlers the loop installs (default: a new one, whose
+  handlers the loop replaces by the previous ones at the end); a caller's stays installed
+  after the loop (the command line's, until the process exits).
   """
   config_lib.validate(config, jax.device_count(), jax.process_count())
   preflight.check_workdir(workdir)
@@ -174,11 +175,9 @@ def train(
   mesh_peak = peak * setup.mesh.devices.size if peak else None
   record = progress.Progress(setup.family, start_step, writer, mesh_peak)
   recovery = recovery_lib.Recovery.start(ckpts, writer, t, state)
-  if preemption is None:
-    preemption = PreemptionFlag()
-    restore_signal = preemption.install()
-  else:
-    restore_signal = lambda: None  # noqa: E731 (the caller's to restore)
+  owns_flag = preemption is None
+  preemption = PreemptionFlag() if owns_flag else preemption
+  restore_signal = preemption.install()
   seen_shapes: set[tuple[int, int]] = set()
   poisoned = set(config_lib.parse_positions(t.debug_nonfinite_batches))  # fault injection
 
@@ -224,7 +223,8 @@ def train(
       writer.close()
       preemption.end()
     finally:
-      restore_signal()
+      if owns_flag:
+        restore_signal()
 
   logging.info(
     "Finished at step %d in %s.", step, progress.format_duration(time.perf_counter() - began)
