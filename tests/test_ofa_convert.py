@@ -15,6 +15,7 @@ from m6_jax.checkpoint import checkpoints
 from m6_jax.data import images as images_lib
 from m6_jax.data import wordpiece
 from m6_jax.infer import ofa_convert
+from m6_jax.model.m6 import M6Config
 
 # Multi-process / end-to-end: left out of the inner loop (pytest -m 'not slow').
 pytestmark = pytest.mark.slow
@@ -193,3 +194,56 @@ def test_wordpiece_tokenizes_as_ofa_cn(ofa_dir, converted):
   # Lines split as a text-mode file splits them (transformers' load_vocab), not at U+2028.
   assert wordpiece.read_vocab(os.path.join(ofa_dir[1], "vocab.txt")) == ofa_utils.tiny_vocab()
   assert wordpiece._pieces("a\r\nb\rc\u2028d\n".encode()) == ["a", "b", "c\u2028d"]
+
+
+def _folder_with(directory, target, write_weights):
+  """`target`: the checkpoint folder's config.json, vocab.txt and configuration.json, and the
+  weights as `write_weights(target)` writes them."""
+  os.makedirs(target)
+  for name in ("config.json", "vocab.txt", "configuration.json"):
+    shutil.copyfile(os.path.join(directory, name), os.path.join(target, name))
+  write_weights(str(target))
+  return str(target)
+
+
+def test_weights_as_users_have_them(ofa_dir, tmp_path, run_main):
+  """model.safetensors (safetensors' save_model: the tensor the encoder and decoder share is
+  stored once, under the decoder's name), save_pretrained's shards with their index, and a
+  ModelScope trainer's epoch_N.pth ({"meta", "state_dict"}, names under "model.") convert to
+  the parameters pytorch_model.bin converts to."""
+  from safetensors.torch import save_model
+
+  model, directory, _ = ofa_dir
+  perm = ofa_convert.special_order(ofa_utils.TINY_CONFIG, ofa_utils.tiny_vocab())
+  config = ofa_convert.m6_config(ofa_utils.TINY_CONFIG, {"patch_image_size": IMAGE_SIZE})
+  c = M6Config.from_config(config)
+
+  def params(weights):
+    return ofa_convert.convert_params(ofa_convert.load_state_dict(weights), c, perm)
+
+  expected = ofa_convert._flat(params(os.path.join(directory, "pytorch_model.bin")))
+  state = model.state_dict()
+  trainer = {"meta": {"modelscope": "1.4.2", "epoch": 3}, "state_dict": {}}
+  trainer["state_dict"] = {f"model.{k}": v for k, v in state.items()}
+  writers = {
+    "safetensors": lambda d: save_model(model, os.path.join(d, "model.safetensors")),
+    "shards": lambda d: model.save_pretrained(d, max_shard_size="1MB", safe_serialization=False),
+    "trainer": lambda d: (
+      torch.save(trainer, os.path.join(d, "epoch_3.pth")),
+      torch.save({"meta": {}, "optimizer": {}}, os.path.join(d, "epoch_3_trainer_state.pth")),
+    ),
+  }
+  for name, write in writers.items():
+    folder = _folder_with(directory, tmp_path / name, write)
+    got = ofa_convert._flat(params(ofa_convert.find_weights(folder)[1]))
+    assert sorted(got) == sorted(expected), name
+    for key in expected:
+      np.testing.assert_array_equal(got[key], expected[key], err_msg=f"{name}: {key}")
+  assert len([n for n in os.listdir(tmp_path / "shards") if n.endswith(".bin")]) > 2
+  # Several trainer checkpoints: the folder is ambiguous, a file in it is not.
+  torch.save(trainer, tmp_path / "trainer" / "epoch_4.pth")
+  err = _convert_cli([f"--input={tmp_path / 'trainer'}", f"--output={tmp_path / 'o'}"], run_main)
+  assert "epoch_3.pth, epoch_4.pth" in err and "epoch_4.pth" in err.split("--input=")[-1]
+  assert ofa_convert.find_weights(str(tmp_path / "trainer" / "epoch_3.pth"))[1].endswith(
+    "epoch_3.pth"
+  )
