@@ -35,6 +35,7 @@ from m6_jax import config as config_lib
 from m6_jax.checkpoint import checkpoints
 from m6_jax.data import wordpiece
 from m6_jax.errors import CheckpointError
+from m6_jax.model import ofa
 from m6_jax.model.m6 import M6, M6Config, dummy_batch
 
 RESNET_LAYERS = {"resnet18": (2, 2, 2), "resnet34": (3, 4, 6), "resnet50": (3, 4, 6)}
@@ -231,6 +232,29 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
   return out
 
 
+def interpolate_image_positions(sd: dict, cfg: dict, image_size: int) -> dict:
+  """`sd` with the image position rows of an `image_size` image as OFA computes them with
+  interpolate_position=true (modeling_ofa.py's get_patch_images_info): a patch grid larger
+  than orig_patch_image_size's takes that grid's embeddings bilinearly resized (torch's
+  F.interpolate, as OFA) instead of its own rows. The image size is fixed at conversion, so
+  the resized embeddings are written into the rows the converted model reads."""
+  orig, grid = int(cfg.get("orig_patch_image_size", 224)) // 16, image_size // 16
+  if not cfg.get("interpolate_position", False) or grid * grid <= orig * orig:
+    return sd
+  import torch
+
+  bucket = int(cfg.get("image_bucket_size", 42))
+  table = sd["encoder.embed_image_positions.weight"]
+  old = torch.from_numpy(table[ofa.image_position_ids(bucket, (orig, orig))])
+  old = old.reshape(1, orig, orig, -1).permute(0, 3, 1, 2)
+  new = torch.nn.functional.interpolate(old, size=(grid, grid), mode="bilinear")
+  table = table.copy()
+  table[ofa.image_position_ids(bucket, (grid, grid))] = (
+    new[0].permute(1, 2, 0).reshape(grid * grid, -1).numpy()
+  )
+  return sd | {"encoder.embed_image_positions.weight": table}
+
+
 def _linear(sd, name, heads=None, out=False):
   """torch Linear `name` -> our kernel (and bias): [in, out], or per-head shapes."""
   w = sd[f"{name}.weight"].T
@@ -396,7 +420,7 @@ def convert(input_dir: str, output_dir: str) -> dict[str, Any]:
   model = M6(M6Config.from_config(config))
   vocab = wordpiece.read_vocab(vocab_path)
   perm = special_order(cfg, vocab)
-  sd = load_state_dict(weights)
+  sd = interpolate_image_positions(load_state_dict(weights), cfg, int(config.data.image_size))
   try:
     params = convert_params(sd, model.config, perm)
   except KeyError as e:
