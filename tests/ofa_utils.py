@@ -119,6 +119,9 @@ def tiny_vocab(rows: int = TINY_CONFIG["vocab_size"]) -> list[str]:
   """An OFA-CN-shaped vocab.txt: OFA's special pieces, then Chinese characters and words."""
   words = ["一", "只", "猫", "狗", "在", "草", "地", "上", "图", "片", "描", "述", "了", "什", "么"]
   words += ["内", "容", "?", "red", "cat", "##s", "cafe", "u", "##mlaut", ",", "!"]
+  # What the joining of decoded pieces treats apart: digits, ASCII and full-width punctuation,
+  # English contractions.
+  words += ["果", "现", "里", "1", "-", "'", "%", "(", ")", "，", "。", "a", "do", "n", "t", "s"]
   pieces = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"] + words
   return pieces + [f"[unused{i}]" for i in range(rows - len(pieces))]
 

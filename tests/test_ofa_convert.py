@@ -2,8 +2,11 @@
 ModelScope's code, tests/ofa_utils.py) converted and captioning an image through
 `--mode=generate`, as OFA itself captions it; bad input folders end in one `error:` line."""
 
+import importlib
+import importlib.util
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -37,9 +40,32 @@ def ofa_dir(tmp_path_factory):
   return model, directory, str(image)
 
 
+def _modelscope_detokenizer():
+  """The pattern of ModelScope's OFA-CN post-processing (OfaForAllTasks.detokenizer), read
+  from its installed source: ofa_for_all_tasks.py imports the speech model, which needs
+  fairseq."""
+  root = os.path.dirname(importlib.util.find_spec("modelscope").origin)
+  with open(os.path.join(root, "models", "multi_modal", "ofa_for_all_tasks.py")) as f:
+    return re.compile(re.search(r"pattern_str = '(.+)'", f.read()).group(1))
+
+
+def _modelscope_text(directory, ofa_ids, clean_up: bool = True) -> str:
+  """OFA ids as ModelScope's captioning pipeline makes them text: OFATokenizerZH's
+  batch_decode (special tokens skipped), stripped, then its Chinese detokenizer.
+  `clean_up`: the clean_up_tokenization_spaces its transformers applies (True before 4.45)."""
+  ofa_utils.load_modules()
+  tokenization = importlib.import_module(f"{ofa_utils.PACKAGE}.tokenization_ofa")
+  tok = tokenization.OFATokenizerZH(os.path.join(directory, "vocab.txt"))
+  text = tok.batch_decode(
+    [list(map(int, ofa_ids))], skip_special_tokens=True, clean_up_tokenization_spaces=clean_up
+  )[0]
+  return _modelscope_detokenizer().sub("", text.strip())
+
+
 def _ofa_greedy_caption(model, out_dir, image_path) -> str:
-  """What OFA's own model generates greedily for the image and the prompt, decoded by the
-  converted tokenizer: the tokens m6-jax may generate (no special or unused rows) only."""
+  """What OFA's own model generates greedily for the image and the prompt, made text as
+  ModelScope's pipeline makes it: the tokens m6-jax may generate (no special or unused
+  rows) only."""
   tok = wordpiece.WordPieceTokenizer.from_file(os.path.join(out_dir, checkpoints.WORDPIECE_FILE))
   vocab = ofa_utils.tiny_vocab()
   perm = np.asarray(ofa_convert.special_order(ofa_utils.TINY_CONFIG, vocab))  # ours -> OFA id
@@ -62,7 +88,7 @@ def _ofa_greedy_caption(model, out_dir, image_path) -> str:
       tokens = torch.cat([tokens, torch.tensor([[nxt]])], 1)
       if nxt == 2:  # OFA's </s>
         break
-  return tok.decode(np.argsort(perm)[tokens[0, 1:].numpy()])
+  return _modelscope_text(os.path.dirname(image_path) + "/ofa", tokens[0, 1:].numpy())
 
 
 @pytest.fixture(scope="module")
@@ -247,3 +273,33 @@ def test_weights_as_users_have_them(ofa_dir, tmp_path, run_main):
   assert ofa_convert.find_weights(str(tmp_path / "trainer" / "epoch_3.pth"))[1].endswith(
     "epoch_3.pth"
   )
+
+
+def test_text_is_joined_as_modelscope_joins_it(ofa_dir, converted):
+  """Decoded text equals ModelScope's pipeline's on the same ids (random rows of text pieces,
+  and punctuation, contractions and digits between Chinese), with BERT's clean-up of spaces
+  before punctuation (the default: data.clean_up_tokenization_spaces) and without (as
+  ModelScope decodes under transformers >= 4.45); generation loads the config's choice."""
+  from m6_jax.infer import generate
+
+  directory, out = ofa_dir[1], converted[0]
+  perm = np.asarray(ofa_convert.special_order(ofa_utils.TINY_CONFIG, ofa_utils.tiny_vocab()))
+  vocab = os.path.join(out, checkpoints.WORDPIECE_FILE)
+  default = wordpiece.WordPieceTokenizer.from_file(vocab)
+  texts = ["果现1, 1里", "a - b (猫) 's do n't, 一只猫。 red cats!", "1 % ， 。 ' ?"]
+  rows = [default.encode(t) for t in texts]
+  text_ids = np.flatnonzero(default.text_token_mask(len(perm)))
+  text_ids = text_ids[text_ids != default.eos_id]
+  rng = np.random.default_rng(0)
+  rows += [rng.choice(text_ids, rng.integers(1, 12)) for _ in range(200)]
+  for row in rows:
+    assert default.decode(row) == _modelscope_text(directory, perm[row]), row
+  assert default.decode(rows[0]) == "果现1, 1里"
+  spaced = wordpiece.WordPieceTokenizer.from_file(vocab, clean_up_spaces=False)
+  for row in rows:
+    assert spaced.decode(row) == _modelscope_text(directory, perm[row], False), row
+  assert spaced.decode(rows[0]) == "果现1 , 1里"
+  assert generate.load_model(out).tokenizer.clean_up_spaces
+  config = generate.workdir_config(out)
+  config.data.clean_up_tokenization_spaces = False
+  assert not generate.load_model(out, config=config).tokenizer.clean_up_spaces

@@ -142,7 +142,7 @@ def load_model(
     raise CheckpointError(
       f"no tokenizer at {path}: the workdir must hold the tokenizer its model was trained with."
     )
-  tokenizer = tokenizer_lib.load_tokenizer(path)
+  tokenizer = tokenizer_lib.load_tokenizer(path, bool(config.data.clean_up_tokenization_spaces))
   target = abstract_params(model, mesh, rules)
   loaded = checkpoints.load_params(source, target, step, tokenizer, path)
   return LoadedModel(
