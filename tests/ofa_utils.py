@@ -69,6 +69,26 @@ def load_modules() -> tuple[types.ModuleType, types.ModuleType]:
   return modeling, configuration
 
 
+def load_sequence_generator() -> types.ModuleType:
+  """ModelScope's OFA sequence_generator module (the fairseq beam search its pipelines run).
+  It imports its siblings by their modelscope names, which would run the package's
+  __init__ (fairseq): those names point at the modules loaded here while it is imported."""
+  load_modules()
+  name = f"{PACKAGE}.generate.sequence_generator"
+  if name not in sys.modules:
+    real = "modelscope.models.multi_modal.ofa.generate"
+    aliases = {real: importlib.import_module(f"{PACKAGE}.generate")}
+    for sub in ("search", "ngram_repeat_block"):
+      aliases[f"{real}.{sub}"] = importlib.import_module(f"{PACKAGE}.generate.{sub}")
+    sys.modules.update(aliases)
+    try:
+      importlib.import_module(name)
+    finally:
+      for alias in aliases:
+        del sys.modules[alias]
+  return sys.modules[name]
+
+
 def tiny_ofa(seed: int = 0, **overrides):
   """A random OFA model (eval mode) of TINY_CONFIG with `overrides`, and its config dict.
 

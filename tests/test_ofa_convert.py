@@ -303,3 +303,45 @@ def test_text_is_joined_as_modelscope_joins_it(ofa_dir, converted):
   config = generate.workdir_config(out)
   config.data.clean_up_tokenization_spaces = False
   assert not generate.load_model(out, config=config).tokenizer.clean_up_spaces
+
+
+def test_ofa_caption_is_modelscopes_caption(ofa_dir, converted, tmp_path):
+  """--decoding=ofa_caption captions as ModelScope's captioning does: its SequenceGenerator
+  with OfaForAllTasks' settings (beam 5, max_len_b 16, min_len 1, no_repeat_ngram_size 3) on
+  the same pixels and prompt, made text by its post-processing. Without the trigram blocking
+  its captions differ: the blocking is exercised."""
+  from PIL import Image
+
+  from m6_jax.infer import generate
+
+  model, directory, image = ofa_dir
+  second = tmp_path / "second.png"
+  Image.fromarray(np.random.RandomState(2).randint(0, 256, (64, 64, 3), np.uint8)).save(second)
+  paths = [image, str(second)]
+  loaded = generate.load_model(converted[0])
+  rows = generate.generate(loaded, images=paths, decoding_method="ofa_caption")
+
+  tokenization = importlib.import_module(f"{ofa_utils.PACKAGE}.tokenization_ofa")
+  generator = ofa_utils.load_sequence_generator()
+  settings = dict(beam_size=5, max_len_b=16, min_len=1)
+  perm = np.asarray(ofa_convert.special_order(ofa_utils.TINY_CONFIG, ofa_utils.tiny_vocab()))
+  pixels = np.stack([images_lib.load_image_file(p, IMAGE_SIZE) for p in paths]) / 255.0
+  src = torch.tensor(perm[loaded.tokenizer.encode_source(PROMPT)])[None].repeat(2, 1)
+  sample = {
+    "net_input": {
+      "input_ids": src,
+      "patch_images": torch.tensor(pixels * 2 - 1, dtype=torch.float32).permute(0, 3, 1, 2),
+      "patch_masks": torch.tensor([True, True]),
+    }
+  }
+
+  def modelscope(**blocking):
+    tok = tokenization.OFATokenizerZH(os.path.join(directory, "vocab.txt"))
+    search = generator.SequenceGenerator(tokenizer=tok, **settings, **blocking)
+    return [hypos[0]["tokens"].numpy() for hypos in search.generate([model], sample)]
+
+  expected = modelscope(no_repeat_ngram_size=3)
+  assert [len(t) for t in expected] == [17, 17]  # 16 tokens and EOS: max_len_b reached
+  assert [r["output"] for r in rows] == [_modelscope_text(directory, t) for t in expected]
+  unblocked = modelscope()
+  assert any(not np.array_equal(a, b) for a, b in zip(expected, unblocked))
