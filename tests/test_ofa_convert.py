@@ -2,6 +2,7 @@
 ModelScope's code, tests/ofa_utils.py) converted and captioning an image through
 `--mode=generate`, as OFA itself captions it; bad input folders end in one `error:` line."""
 
+import functools
 import importlib
 import importlib.util
 import json
@@ -49,14 +50,18 @@ def _modelscope_detokenizer():
     return re.compile(re.search(r"pattern_str = '(.+)'", f.read()).group(1))
 
 
+@functools.cache
+def _modelscope_tokenizer(directory):
+  ofa_utils.load_modules()
+  tokenization = importlib.import_module(f"{ofa_utils.PACKAGE}.tokenization_ofa")
+  return tokenization.OFATokenizerZH(os.path.join(directory, "vocab.txt"))
+
+
 def _modelscope_text(directory, ofa_ids, clean_up: bool = True) -> str:
   """OFA ids as ModelScope's captioning pipeline makes them text: OFATokenizerZH's
   batch_decode (special tokens skipped), stripped, then its Chinese detokenizer.
   `clean_up`: the clean_up_tokenization_spaces its transformers applies (True before 4.45)."""
-  ofa_utils.load_modules()
-  tokenization = importlib.import_module(f"{ofa_utils.PACKAGE}.tokenization_ofa")
-  tok = tokenization.OFATokenizerZH(os.path.join(directory, "vocab.txt"))
-  text = tok.batch_decode(
+  text = _modelscope_tokenizer(directory).batch_decode(
     [list(map(int, ofa_ids))], skip_special_tokens=True, clean_up_tokenization_spaces=clean_up
   )[0]
   return _modelscope_detokenizer().sub("", text.strip())
@@ -299,8 +304,8 @@ def test_text_is_joined_as_modelscope_joins_it(ofa_dir, converted):
   for row in rows:
     assert spaced.decode(row) == _modelscope_text(directory, perm[row], False), row
   assert spaced.decode(rows[0]) == "果现1 , 1里"
-  assert generate.load_model(out).tokenizer.clean_up_spaces
   config = generate.workdir_config(out)
+  assert config.data.clean_up_tokenization_spaces
   config.data.clean_up_tokenization_spaces = False
   assert not generate.load_model(out, config=config).tokenizer.clean_up_spaces
 
