@@ -9,10 +9,9 @@ search copies it per beam and reorders it when beams are pruned). `position` is 
 position (0 is the BOS slot), the same for all rows. M6 decodes through one table of
 strategies (`STRATEGIES`: greedy, beam, sample, the uncached reference, and the preset
 ofa_caption, ModelScope's OFA captioning) and one jitted entry point (`decode`): a new
-strategy is one table entry. The cached ones encode the prefix
-once with `M6.encode_prefix` and close over it: their state is only the target part of the
-KV cache, so beams of one example share one copy of the prefix cache and beam search
-gathers only the target cache.
+strategy is one table entry. The cached ones encode the prefix once with `M6.encode_prefix`
+and close over it: their state is only the target part of the KV cache, so beams of one
+example share one copy of the prefix cache and beam search gathers only the target cache.
 
 `allowed` (bool [vocab], default all) masks the tokens a search may choose: generation passes
 the tokenizer's text pieces and EOS, so a caption, an answer or a continuation never holds a
