@@ -69,6 +69,26 @@ def load_modules() -> tuple[types.ModuleType, types.ModuleType]:
   return modeling, configuration
 
 
+def load_sequence_generator() -> types.ModuleType:
+  """ModelScope's OFA sequence_generator module (the fairseq beam search its pipelines run).
+  It imports its siblings by their modelscope names, which would run the package's
+  __init__ (fairseq): those names point at the modules loaded here while it is imported."""
+  load_modules()
+  name = f"{PACKAGE}.generate.sequence_generator"
+  if name not in sys.modules:
+    real = "modelscope.models.multi_modal.ofa.generate"
+    aliases = {real: importlib.import_module(f"{PACKAGE}.generate")}
+    for sub in ("search", "ngram_repeat_block"):
+      aliases[f"{real}.{sub}"] = importlib.import_module(f"{PACKAGE}.generate.{sub}")
+    sys.modules.update(aliases)
+    try:
+      importlib.import_module(name)
+    finally:
+      for alias in aliases:
+        del sys.modules[alias]
+  return sys.modules[name]
+
+
 def tiny_ofa(seed: int = 0, **overrides):
   """A random OFA model (eval mode) of TINY_CONFIG with `overrides`, and its config dict.
 
@@ -119,6 +139,9 @@ def tiny_vocab(rows: int = TINY_CONFIG["vocab_size"]) -> list[str]:
   """An OFA-CN-shaped vocab.txt: OFA's special pieces, then Chinese characters and words."""
   words = ["一", "只", "猫", "狗", "在", "草", "地", "上", "图", "片", "描", "述", "了", "什", "么"]
   words += ["内", "容", "?", "red", "cat", "##s", "cafe", "u", "##mlaut", ",", "!"]
+  # What the joining of decoded pieces treats apart: digits, ASCII and full-width punctuation,
+  # English contractions.
+  words += ["果", "现", "里", "1", "-", "'", "%", "(", ")", "，", "。", "a", "do", "n", "t", "s"]
   pieces = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"] + words
   return pieces + [f"[unused{i}]" for i in range(rows - len(pieces))]
 

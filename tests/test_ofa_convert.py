@@ -2,8 +2,12 @@
 ModelScope's code, tests/ofa_utils.py) converted and captioning an image through
 `--mode=generate`, as OFA itself captions it; bad input folders end in one `error:` line."""
 
+import functools
+import importlib
+import importlib.util
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -15,6 +19,7 @@ from m6_jax.checkpoint import checkpoints
 from m6_jax.data import images as images_lib
 from m6_jax.data import wordpiece
 from m6_jax.infer import ofa_convert
+from m6_jax.model.m6 import M6Config
 
 # Multi-process / end-to-end: left out of the inner loop (pytest -m 'not slow').
 pytestmark = pytest.mark.slow
@@ -36,9 +41,36 @@ def ofa_dir(tmp_path_factory):
   return model, directory, str(image)
 
 
+def _modelscope_detokenizer():
+  """The pattern of ModelScope's OFA-CN post-processing (OfaForAllTasks.detokenizer), read
+  from its installed source: ofa_for_all_tasks.py imports the speech model, which needs
+  fairseq."""
+  root = os.path.dirname(importlib.util.find_spec("modelscope").origin)
+  with open(os.path.join(root, "models", "multi_modal", "ofa_for_all_tasks.py")) as f:
+    return re.compile(re.search(r"pattern_str = '(.+)'", f.read()).group(1))
+
+
+@functools.cache
+def _modelscope_tokenizer(directory):
+  ofa_utils.load_modules()
+  tokenization = importlib.import_module(f"{ofa_utils.PACKAGE}.tokenization_ofa")
+  return tokenization.OFATokenizerZH(os.path.join(directory, "vocab.txt"))
+
+
+def _modelscope_text(directory, ofa_ids, clean_up: bool = True) -> str:
+  """OFA ids as ModelScope's captioning pipeline makes them text: OFATokenizerZH's
+  batch_decode (special tokens skipped), stripped, then its Chinese detokenizer.
+  `clean_up`: the clean_up_tokenization_spaces its transformers applies (True before 4.45)."""
+  text = _modelscope_tokenizer(directory).batch_decode(
+    [list(map(int, ofa_ids))], skip_special_tokens=True, clean_up_tokenization_spaces=clean_up
+  )[0]
+  return _modelscope_detokenizer().sub("", text.strip())
+
+
 def _ofa_greedy_caption(model, out_dir, image_path) -> str:
-  """What OFA's own model generates greedily for the image and the prompt, decoded by the
-  converted tokenizer: the tokens m6-jax may generate (no special or unused rows) only."""
+  """What OFA's own model generates greedily for the image and the prompt, made text as
+  ModelScope's pipeline makes it: the tokens m6-jax may generate (no special or unused
+  rows) only."""
   tok = wordpiece.WordPieceTokenizer.from_file(os.path.join(out_dir, checkpoints.WORDPIECE_FILE))
   vocab = ofa_utils.tiny_vocab()
   perm = np.asarray(ofa_convert.special_order(ofa_utils.TINY_CONFIG, vocab))  # ours -> OFA id
@@ -61,7 +93,7 @@ def _ofa_greedy_caption(model, out_dir, image_path) -> str:
       tokens = torch.cat([tokens, torch.tensor([[nxt]])], 1)
       if nxt == 2:  # OFA's </s>
         break
-  return tok.decode(np.argsort(perm)[tokens[0, 1:].numpy()])
+  return _modelscope_text(os.path.dirname(image_path) + "/ofa", tokens[0, 1:].numpy())
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +225,128 @@ def test_wordpiece_tokenizes_as_ofa_cn(ofa_dir, converted):
   # Lines split as a text-mode file splits them (transformers' load_vocab), not at U+2028.
   assert wordpiece.read_vocab(os.path.join(ofa_dir[1], "vocab.txt")) == ofa_utils.tiny_vocab()
   assert wordpiece._pieces("a\r\nb\rc\u2028d\n".encode()) == ["a", "b", "c\u2028d"]
+
+
+def _folder_with(directory, target, write_weights):
+  """`target`: the checkpoint folder's config.json, vocab.txt and configuration.json, and the
+  weights as `write_weights(target)` writes them."""
+  os.makedirs(target)
+  for name in ("config.json", "vocab.txt", "configuration.json"):
+    shutil.copyfile(os.path.join(directory, name), os.path.join(target, name))
+  write_weights(str(target))
+  return str(target)
+
+
+def test_weights_as_users_have_them(ofa_dir, tmp_path, run_main):
+  """model.safetensors (safetensors' save_model: the tensor the encoder and decoder share is
+  stored once, under the decoder's name), save_pretrained's shards with their index, and a
+  ModelScope trainer's epoch_N.pth ({"meta", "state_dict"}, names under "model.") convert to
+  the parameters pytorch_model.bin converts to."""
+  from safetensors.torch import save_model
+
+  model, directory, _ = ofa_dir
+  perm = ofa_convert.special_order(ofa_utils.TINY_CONFIG, ofa_utils.tiny_vocab())
+  config = ofa_convert.m6_config(ofa_utils.TINY_CONFIG, {"patch_image_size": IMAGE_SIZE})
+  c = M6Config.from_config(config)
+
+  def params(weights):
+    return ofa_convert.convert_params(ofa_convert.load_state_dict(weights), c, perm)
+
+  expected = ofa_convert._flat(params(os.path.join(directory, "pytorch_model.bin")))
+  state = model.state_dict()
+  trainer = {"meta": {"modelscope": "1.4.2", "epoch": 3}, "state_dict": {}}
+  trainer["state_dict"] = {f"model.{k}": v for k, v in state.items()}
+  writers = {
+    "safetensors": lambda d: save_model(model, os.path.join(d, "model.safetensors")),
+    "shards": lambda d: model.save_pretrained(d, max_shard_size="1MB", safe_serialization=False),
+    "trainer": lambda d: (
+      torch.save(trainer, os.path.join(d, "epoch_3.pth")),
+      torch.save({"meta": {}, "optimizer": {}}, os.path.join(d, "epoch_3_trainer_state.pth")),
+    ),
+  }
+  for name, write in writers.items():
+    folder = _folder_with(directory, tmp_path / name, write)
+    got = ofa_convert._flat(params(ofa_convert.find_weights(folder)[1]))
+    assert sorted(got) == sorted(expected), name
+    for key in expected:
+      np.testing.assert_array_equal(got[key], expected[key], err_msg=f"{name}: {key}")
+  assert len([n for n in os.listdir(tmp_path / "shards") if n.endswith(".bin")]) > 2
+  # Several trainer checkpoints: the folder is ambiguous, a file in it is not.
+  torch.save(trainer, tmp_path / "trainer" / "epoch_4.pth")
+  err = _convert_cli([f"--input={tmp_path / 'trainer'}", f"--output={tmp_path / 'o'}"], run_main)
+  assert "epoch_3.pth, epoch_4.pth" in err and "epoch_4.pth" in err.split("--input=")[-1]
+  assert ofa_convert.find_weights(str(tmp_path / "trainer" / "epoch_3.pth"))[1].endswith(
+    "epoch_3.pth"
+  )
+
+
+def test_text_is_joined_as_modelscope_joins_it(ofa_dir, converted):
+  """Decoded text equals ModelScope's pipeline's on the same ids (random rows of text pieces,
+  and punctuation, contractions and digits between Chinese), with BERT's clean-up of spaces
+  before punctuation (the default: data.clean_up_tokenization_spaces) and without (as
+  ModelScope decodes under transformers >= 4.45); generation loads the config's choice."""
+  from m6_jax.infer import generate
+
+  directory, out = ofa_dir[1], converted[0]
+  perm = np.asarray(ofa_convert.special_order(ofa_utils.TINY_CONFIG, ofa_utils.tiny_vocab()))
+  vocab = os.path.join(out, checkpoints.WORDPIECE_FILE)
+  default = wordpiece.WordPieceTokenizer.from_file(vocab)
+  texts = ["果现1, 1里", "a - b (猫) 's do n't, 一只猫。 red cats!", "1 % ， 。 ' ?"]
+  rows = [default.encode(t) for t in texts]
+  text_ids = np.flatnonzero(default.text_token_mask(len(perm)))
+  text_ids = text_ids[text_ids != default.eos_id]
+  rng = np.random.default_rng(0)
+  rows += [rng.choice(text_ids, rng.integers(1, 12)) for _ in range(200)]
+  for row in rows:
+    assert default.decode(row) == _modelscope_text(directory, perm[row]), row
+  assert default.decode(rows[0]) == "果现1, 1里"
+  spaced = wordpiece.WordPieceTokenizer.from_file(vocab, clean_up_spaces=False)
+  for row in rows:
+    assert spaced.decode(row) == _modelscope_text(directory, perm[row], False), row
+  assert spaced.decode(rows[0]) == "果现1 , 1里"
+  config = generate.workdir_config(out)
+  assert config.data.clean_up_tokenization_spaces
+  config.data.clean_up_tokenization_spaces = False
+  assert not generate.load_model(out, config=config).tokenizer.clean_up_spaces
+
+
+def test_ofa_caption_is_modelscopes_caption(ofa_dir, converted, tmp_path):
+  """--decoding=ofa_caption captions as ModelScope's captioning does: its SequenceGenerator
+  with OfaForAllTasks' settings (beam 5, max_len_b 16, min_len 1, no_repeat_ngram_size 3) on
+  the same pixels and prompt, made text by its post-processing. Without the trigram blocking
+  its captions differ: the blocking is exercised."""
+  from PIL import Image
+
+  from m6_jax.infer import generate
+
+  model, directory, image = ofa_dir
+  second = tmp_path / "second.png"
+  Image.fromarray(np.random.RandomState(2).randint(0, 256, (64, 64, 3), np.uint8)).save(second)
+  paths = [image, str(second)]
+  loaded = generate.load_model(converted[0])
+  rows = generate.generate(loaded, images=paths, decoding_method="ofa_caption")
+
+  tokenization = importlib.import_module(f"{ofa_utils.PACKAGE}.tokenization_ofa")
+  generator = ofa_utils.load_sequence_generator()
+  settings = dict(beam_size=5, max_len_b=16, min_len=1)
+  perm = np.asarray(ofa_convert.special_order(ofa_utils.TINY_CONFIG, ofa_utils.tiny_vocab()))
+  pixels = np.stack([images_lib.load_image_file(p, IMAGE_SIZE) for p in paths]) / 255.0
+  src = torch.tensor(perm[loaded.tokenizer.encode_source(PROMPT)])[None].repeat(2, 1)
+  sample = {
+    "net_input": {
+      "input_ids": src,
+      "patch_images": torch.tensor(pixels * 2 - 1, dtype=torch.float32).permute(0, 3, 1, 2),
+      "patch_masks": torch.tensor([True, True]),
+    }
+  }
+
+  def modelscope(**blocking):
+    tok = tokenization.OFATokenizerZH(os.path.join(directory, "vocab.txt"))
+    search = generator.SequenceGenerator(tokenizer=tok, **settings, **blocking)
+    return [hypos[0]["tokens"].numpy() for hypos in search.generate([model], sample)]
+
+  expected = modelscope(no_repeat_ngram_size=3)
+  assert [len(t) for t in expected] == [17, 17]  # 16 tokens and EOS: max_len_b reached
+  assert [r["output"] for r in rows] == [_modelscope_text(directory, t) for t in expected]
+  unblocked = modelscope()
+  assert any(not np.array_equal(a, b) for a, b in zip(expected, unblocked))

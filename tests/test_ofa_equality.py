@@ -26,6 +26,7 @@ def _convert(model, cfg):
   m6 = M6(M6Config.from_config(config))
   perm = ofa_convert.special_order(cfg, vocab)
   sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+  sd = ofa_convert.interpolate_image_positions(sd, cfg, IMAGE_SIZE)
   params = ofa_convert.convert_params(sd, m6.config, perm)
   ofa_convert.check_shapes(params, m6)
   return m6, params, np.argsort(perm)  # ours[ofa id]
@@ -50,7 +51,8 @@ def _ofa_logits(model, image, src, tgt):
   return out.logits.numpy()
 
 
-# OFA-CN's form with an untied head, with a tied head, and the other options' other values.
+# OFA-CN's form with an untied head, with a tied head, the other options' other values, and
+# image positions interpolated from a smaller grid's (config.json's interpolate_position).
 VARIANTS = {
   "untied": {},
   "tied": {"share_decoder_input_output_embed": True},
@@ -64,6 +66,8 @@ VARIANTS = {
     "activation_function": "relu",
     "attn_scale_factor": 1.0,
   },
+  # A 4 x 4 patch grid from the 2 x 2 grid's position embeddings, bilinearly resized.
+  "interpolated_positions": {"interpolate_position": True, "orig_patch_image_size": 32},
 }
 
 

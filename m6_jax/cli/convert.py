@@ -14,7 +14,9 @@ from absl import flags
 from m6_jax.errors import exit_with
 
 FROM = flags.DEFINE_enum("from", None, ["ofa"], "The format of the --input checkpoint.")
-INPUT = flags.DEFINE_string("input", None, "The checkpoint folder to convert.")
+INPUT = flags.DEFINE_string(
+  "input", None, "The checkpoint folder to convert, or the weights file in it to convert."
+)
 OUTPUT = flags.DEFINE_string("output", None, "A new folder for the m6-jax checkpoint.")
 
 

@@ -41,11 +41,22 @@ TEXT = flags.DEFINE_multi_string(
   "The text input of the --task (one for all --image(s), or one per image), for tasks whose "
   "text is not a --question or a --prompt (e.g. a phrase to locate).",
 )
-DECODING = flags.DEFINE_enum("decoding", "greedy", ["greedy", "beam", "sample"], "How to decode.")
+DECODING = flags.DEFINE_enum(
+  "decoding",
+  "greedy",
+  ["greedy", "beam", "sample", "ofa_caption"],
+  "How to decode (ofa_caption: ModelScope's OFA captioning, beam 5 over every token, no "
+  "repeated trigram, at most 16 tokens, fairseq's scoring).",
+)
 MAX_LEN = flags.DEFINE_integer(
-  "max_len", 0, "Most tokens to generate, EOS included (0: the config's data.tgt_len)."
+  "max_len",
+  0,
+  "Most tokens to generate, EOS included (0: the config's data.tgt_len; ofa_caption: 17).",
 )
 BEAM_SIZE = flags.DEFINE_integer("beam_size", 4, "Beams for --decoding=beam.")
+NO_REPEAT_NGRAM_SIZE = flags.DEFINE_integer(
+  "no_repeat_ngram_size", 0, "--decoding=beam repeats no n-gram of this size (0: off)."
+)
 LENGTH_PENALTY = flags.DEFINE_float(
   "length_penalty", 0.6, "GNMT length penalty alpha for --decoding=beam."
 )
@@ -157,6 +168,7 @@ def run() -> None:
     decoding_method=DECODING.value,
     max_len=MAX_LEN.value,
     beam_size=BEAM_SIZE.value,
+    no_repeat_ngram_size=NO_REPEAT_NGRAM_SIZE.value,
     length_penalty=LENGTH_PENALTY.value,
     temperature=TEMPERATURE.value,
     top_k=TOP_K.value,

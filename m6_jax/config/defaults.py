@@ -131,6 +131,10 @@ def default_config() -> ml_collections.ConfigDict:
   # "sentencepiece" (tokenizer/spm.model) or "wordpiece": a BERT-style vocab.txt
   # (tokenizer/vocab.txt; OFA-CN's, m6_jax/data/wordpiece.py), never trained here.
   c.data.tokenizer_kind = "sentencepiece"
+  # wordpiece: decoding removes the spaces BERT's joining leaves before punctuation ("1 , 1" ->
+  # "1, 1"), as OFA's evaluation and ModelScope's pipeline (transformers < 4.45) do; False: as
+  # ModelScope's pipeline under later transformers (docs/ofa.md).
+  c.data.clean_up_tokenization_spaces = True
   # The source text of captioning in --mode=generate and evaluation ("": none; a converted
   # OFA-CN model is prompted as OFA prompts it).
   c.data.caption_prompt = ""

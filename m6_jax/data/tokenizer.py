@@ -243,13 +243,16 @@ class Tokenizer:
     return self._sentinel_ids.index(int(i))
 
 
-def load_tokenizer(path: str) -> "Tokenizer | wordpiece.WordPieceTokenizer":
-  """The tokenizer saved at `path`: a WordPiece vocab.txt (data.tokenizer_kind="wordpiece")
-  or a sentencepiece model."""
+def load_tokenizer(
+  path: str, clean_up_spaces: bool = True
+) -> "Tokenizer | wordpiece.WordPieceTokenizer":
+  """The tokenizer saved at `path`: a WordPiece vocab.txt (data.tokenizer_kind="wordpiece";
+  `clean_up_spaces`: data.clean_up_tokenization_spaces, how it decodes) or a sentencepiece
+  model."""
   if path.endswith(".txt"):
     if not os.path.exists(path):
       raise FileNotFoundError(f"wordpiece vocabulary not found at {path!r}.")
-    return wordpiece.WordPieceTokenizer.from_file(path)
+    return wordpiece.WordPieceTokenizer.from_file(path, clean_up_spaces)
   return Tokenizer.from_file(path)
 
 

@@ -9,8 +9,12 @@ writes OFA's vocabulary in that order (OFA's own is <s>, <pad>, </s>, <unk>) and
 the embedding rows to match. Pieces after the text vocabulary (OFA's <code_i> image codes
 and <bin_i> location bins; <extra_i>: rows no piece names) are never generated as text.
 
-Decoding joins pieces as BERT does and then removes the spaces next to Han characters, as
-OFA-CN's Chinese detokenizer does (一 只 猫 -> 一只猫).
+Decoding is ModelScope's OFA-CN pipeline's: pieces joined as BERT joins them, BERT's clean-up
+of the spaces before punctuation (`clean_up_spaces`: "1 , 1" -> "1, 1", as OFA's fairseq
+evaluation and ModelScope under transformers < 4.45 decode; off, as ModelScope decodes under
+later transformers), then its Chinese detokenizer: the spaces next to any character but ASCII
+letters, digits and . , : ! ? go (一 只 猫 -> 一只猫). tests/test_ofa_convert.py compares both
+with ModelScope's code.
 """
 
 from __future__ import annotations
@@ -25,11 +29,14 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 from m6_jax.data.special_ids import BOS_ID, EOS_ID, PAD_ID, UNK_ID, ids_to_decode
 
-HAN_CHARACTERS = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
 SPECIAL_PIECES = ("<pad>", "</s>", "<s>", "<unk>")  # at ids 0..3
 MASK_PIECE = "<mask>"
 _NOT_TEXT = re.compile(r"^<(code|bin|extra)_\d+>$")
-_HAN_SPACE = re.compile(f"(?<=[{HAN_CHARACTERS}]) | (?=[{HAN_CHARACTERS}])")
+# ModelScope's OFA-CN detokenizer (OfaForAllTasks.detokenizer's pattern).
+_DETOKENIZE = re.compile(r"((?<=[^ a-zA-Z0-9.,:!?]) +| +(?=[^ a-zA-Z0-9.,:!?]))")
+# transformers' clean_up_tokenization, in its order.
+_CLEAN_UP = [(" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't")]
+_CLEAN_UP += [(" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")]
 
 
 def read_vocab(path: str) -> list[str]:
@@ -48,16 +55,16 @@ def _pieces(data: bytes) -> list[str]:
 class WordPieceTokenizer:
   """The interface of m6_jax.data.tokenizer.Tokenizer over a WordPiece vocabulary."""
 
-  def __init__(self, vocab_bytes: bytes):
-    self._load(vocab_bytes)
+  def __init__(self, vocab_bytes: bytes, clean_up_spaces: bool = True):
+    self._load(vocab_bytes, clean_up_spaces)
 
   @classmethod
-  def from_file(cls, path: str) -> "WordPieceTokenizer":
+  def from_file(cls, path: str, clean_up_spaces: bool = True) -> "WordPieceTokenizer":
     with open(path, "rb") as f:
-      return cls(f.read())
+      return cls(f.read(), clean_up_spaces)
 
-  def _load(self, vocab_bytes: bytes) -> None:
-    self._bytes = bytes(vocab_bytes)
+  def _load(self, vocab_bytes: bytes, clean_up_spaces: bool) -> None:
+    self._bytes, self.clean_up_spaces = bytes(vocab_bytes), bool(clean_up_spaces)
     pieces = _pieces(self._bytes)
     if tuple(pieces[:4]) != SPECIAL_PIECES:
       raise ValueError(
@@ -71,17 +78,17 @@ class WordPieceTokenizer:
       clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True
     )
     self._hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    self._hf.decoder = decoders.WordPiece(prefix="##")
+    self._hf.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # _CLEAN_UP's, or none
     specials = [p for p in pieces if p in SPECIAL_PIECES + (MASK_PIECE,) or _NOT_TEXT.match(p)]
     self._hf.add_special_tokens(specials)  # whole pieces, never split
     self._not_text = {i for i, p in enumerate(pieces) if _NOT_TEXT.match(p) or p == MASK_PIECE}
     self._mask_id = vocab.get(MASK_PIECE, UNK_ID)
 
   def __getstate__(self) -> dict:
-    return {"vocab_bytes": self._bytes}
+    return {"vocab_bytes": self._bytes, "clean_up_spaces": self.clean_up_spaces}
 
   def __setstate__(self, state: dict) -> None:
-    self._load(state["vocab_bytes"])
+    self._load(state["vocab_bytes"], state.get("clean_up_spaces", True))
 
   @property
   def model_proto(self) -> bytes:
@@ -96,9 +103,13 @@ class WordPieceTokenizer:
     return [BOS_ID, *self.encode(text), EOS_ID]
 
   def decode(self, ids: Sequence[int]) -> str:
-    out = [i for i in ids_to_decode(ids) if i < len(self._pieces)]
+    skipped = (UNK_ID, self._mask_id)  # what ModelScope's skip_special_tokens also drops
+    out = [i for i in ids_to_decode(ids) if i < len(self._pieces) and i not in skipped]
     text = self._hf.decode(out, skip_special_tokens=False)
-    return _HAN_SPACE.sub("", text).strip()
+    if self.clean_up_spaces:
+      for spaced, joined in _CLEAN_UP:
+        text = text.replace(spaced, joined)
+    return _DETOKENIZE.sub("", text.strip()).strip()
 
   def id_to_piece(self, i: int) -> str:
     return self._pieces[int(i)]

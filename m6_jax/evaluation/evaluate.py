@@ -133,7 +133,8 @@ class PeriodicEvaluator:
   def __call__(self, step: int, params: Any) -> dict[str, float]:
     if self._tokenizer is None:  # the loop has made the workdir's tokenizer by now
       path = gen.tokenizer_path(self.workdir, self.config)
-      self._tokenizer = tokenizer_lib.load_tokenizer(path)
+      clean_up = bool(self.config.data.clean_up_tokenization_spaces)
+      self._tokenizer = tokenizer_lib.load_tokenizer(path, clean_up)
     mesh = jax.tree.leaves(params)[0].sharding.mesh
     rules = partitioning.logical_rules(self.config)
     model = gen.LoadedModel(

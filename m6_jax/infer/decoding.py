@@ -7,21 +7,23 @@ The searches are written against a generic step function
 where `state` is any pytree whose leaves all have the batch as their leading dimension (beam
 search copies it per beam and reorders it when beams are pruned). `position` is the target
 position (0 is the BOS slot), the same for all rows. M6 decodes through one table of
-strategies (`STRATEGIES`: greedy, beam, sample, and the uncached reference) and one jitted
-entry point (`decode`): a new strategy is one table entry. The cached ones encode the prefix
-once with `M6.encode_prefix` and close over it: their state is only the target part of the
-KV cache, so beams of one example share one copy of the prefix cache and beam search
-gathers only the target cache.
+strategies (`STRATEGIES`: greedy, beam, sample, the uncached reference, and the preset
+ofa_caption, ModelScope's OFA captioning) and one jitted entry point (`decode`): a new
+strategy is one table entry. The cached ones encode the prefix once with `M6.encode_prefix`
+and close over it: their state is only the target part of the KV cache, so beams of one
+example share one copy of the prefix cache and beam search gathers only the target cache.
 
 `allowed` (bool [vocab], default all) masks the tokens a search may choose: generation passes
 the tokenizer's text pieces and EOS, so a caption, an answer or a continuation never holds a
-sentinel, <mask>, <unk> or an embedding row beyond the tokenizer's pieces.
+sentinel, <mask>, <unk> or an embedding row beyond the tokenizer's pieces (ofa_caption
+excepted: it decodes over every token, as ModelScope does).
 
 All outputs hold the generated tokens without BOS: [.., max_len] int32, EOS included, and
 padding (id 0) after EOS. Everything runs inside one `jax.jit` with a `lax.while_loop` that
 stops as soon as every row (every example, for beam search) is finished; bos_id, eos_id and
 a strategy's traced options (length_penalty, the sampling key) are traced (no recompile per
-value), max_len and its static options (beam_size, temperature, top_k, top_p) are static.
+value), max_len and its static options (beam_size, no_repeat_ngram_size, temperature, top_k,
+top_p; a preset's options) are static.
 Under a mesh, the caches and decoding buffers carry "batch" logical constraints, so they
 stay sharded over the batch like the model's activations.
 """
@@ -172,9 +174,27 @@ def categorical(rng: jax.Array, t: jax.Array, logits: jax.Array) -> jax.Array:
   return jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, logits)
 
 
-def length_penalty_factor(length: jax.Array, alpha: float) -> jax.Array:
-  """GNMT length penalty ((5 + length) / 6) ** alpha; scores are log-prob / this."""
-  return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
+def length_penalty_factor(length: jax.Array, alpha: float, scoring: str = "gnmt") -> jax.Array:
+  """What a finished hypothesis's log-prob is divided by: GNMT's ((5 + length) / 6) ** alpha,
+  or fairseq's length ** alpha (scoring="fairseq")."""
+  length = jnp.asarray(length, jnp.float32)
+  return length**alpha if scoring == "fairseq" else ((5.0 + length) / 6.0) ** alpha
+
+
+def banned_ngrams(seqs: jax.Array, t: jax.Array, bos_id: int, n: int, vocab_size: int) -> jax.Array:
+  """bool [R, vocab]: the tokens that would repeat an n-gram of a row, as fairseq's
+  NGramRepeatBlock bans them. `seqs` [R, L]: the tokens generated so far (positions < t);
+  a row's history is BOS then them, and token x is banned at step t when the history's last
+  n - 1 tokens followed by x already occur in it."""
+  rows, length = seqs.shape
+  hist = jnp.concatenate([jnp.full((rows, 1), bos_id, seqs.dtype), seqs], axis=1)
+  last = jax.lax.dynamic_slice_in_dim(hist, jnp.maximum(t - n + 2, 0), n - 1, axis=1)
+  starts = jnp.arange(length + 2 - n)
+  windows = hist[:, starts[:, None] + jnp.arange(n)[None, :]]  # [R, W, n]
+  match = jnp.all(windows[:, :, :-1] == last[:, None, :], axis=-1)
+  match &= (starts + n - 1 <= t)[None, :]  # windows within the history
+  banned = jnp.zeros((rows, vocab_size), bool)
+  return banned.at[jnp.arange(rows)[:, None], windows[:, :, -1]].max(match)
 
 
 def _gather_beams(tree: Any, parent: jax.Array, batch_size: int, beam_size: int) -> Any:
@@ -199,6 +219,9 @@ def generic_beam_search(
   bos_id: int,
   eos_id: int,
   length_penalty: float = 0.6,
+  no_repeat_ngram_size: int = 0,
+  min_len: int = 0,
+  scoring: str = "gnmt",
 ) -> tuple[jax.Array, jax.Array]:
   """Beam search: (sequences [b, k, max_len], scores [b, k] float32), best first.
 
@@ -211,10 +234,20 @@ def generic_beam_search(
   extensions stay alive. An example is done once k hypotheses have finished; the loop stops
   when all are. At max_len the alive beams of examples not yet done compete (unfinished,
   scored with len = max_len) for the remaining places. With k = 1 this is exactly greedy.
+
+  `no_repeat_ngram_size` n > 0: no beam repeats an n-gram (`banned_ngrams`). `min_len`: EOS
+  is barred before step min_len. `scoring="fairseq"` is fairseq's SequenceGenerator (what
+  OFA's and ModelScope's captioning run): the step function's logits normalized over every
+  token (the allowed mask, if any, taken before; pass none to decode as fairseq does) with
+  PAD barred, scores divided by length ** length_penalty, and the last step (max_len - 1)
+  ending every beam with EOS, so that max_len counts the EOS fairseq appends after max_len_b
+  tokens.
   """
   b, k = batch_size, beam_size
   if k < 1:
     raise ValueError(f"beam_size must be >= 1, got {k}")
+  if scoring not in ("gnmt", "fairseq"):
+    raise ValueError(f"scoring must be 'gnmt' or 'fairseq', got {scoring!r}")
   state = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), state)
   beam_axes = ("batch", None, "length")
 
@@ -226,6 +259,15 @@ def generic_beam_search(
     logits, state = step_fn(c["tokens"].reshape(b * k), t, c["state"])
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     vocab = logp.shape[-1]
+    token_ids = jnp.arange(vocab)[None, :]
+    barred = (t < min_len) & (token_ids == eos_id)
+    if scoring == "fairseq":
+      barred |= token_ids == PAD_ID
+      barred |= (t == max_len - 1) & (token_ids != eos_id)
+    if no_repeat_ngram_size > 0:
+      history = c["alive_seqs"].reshape(b * k, max_len)
+      barred = barred | banned_ngrams(history, t, bos_id, no_repeat_ngram_size, vocab)
+    logp = jnp.where(barred, NEG_INF, logp)
     candidates = (c["alive_logp"][:, :, None] + logp.reshape(b, k, vocab)).reshape(b, k * vocab)
     top_logp, top_idx = jax.lax.top_k(candidates, min(2 * k, k * vocab))
     parent, token = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)
@@ -237,7 +279,8 @@ def generic_beam_search(
     done = c["finished_count"] >= k
     rank = jnp.arange(top_logp.shape[1])
     newly = is_eos & (rank < k)[None] & ~done[:, None] & (top_logp > NEG_INF)
-    new_scores = jnp.where(newly, top_logp / length_penalty_factor(t + 1, length_penalty), NEG_INF)
+    penalty = length_penalty_factor(t + 1, length_penalty, scoring)
+    new_scores = jnp.where(newly, top_logp / penalty, NEG_INF)
     all_scores = jnp.concatenate([c["finished_scores"], new_scores], axis=1)
     all_seqs = jnp.concatenate([c["finished_seqs"], seqs], axis=1)
     finished_scores, fidx = jax.lax.top_k(all_scores, k)
@@ -273,7 +316,7 @@ def generic_beam_search(
 
   # Examples still open at max_len: their alive (unfinished) beams compete for the places.
   done = c["finished_count"] >= k
-  alive_scores = c["alive_logp"] / length_penalty_factor(max_len, length_penalty)
+  alive_scores = c["alive_logp"] / length_penalty_factor(max_len, length_penalty, scoring)
   alive_scores = jnp.where(done[:, None], NEG_INF, alive_scores)
   all_scores = jnp.concatenate([c["finished_scores"], alive_scores], axis=1)
   all_seqs = jnp.concatenate([c["finished_seqs"], c["alive_seqs"]], axis=1)
@@ -361,7 +404,10 @@ class Strategy:
   shape the program (name -> type; one compilation per value), `traced` ones are passed as
   values (name -> conversion; no compilation per value). `cached`: the KV-cached step
   function, else the uncached reference (`m6_uncached_step_fn`). `best(output)`: the best
-  tokens [b, max_len] of the search's output.
+  tokens [b, max_len] of the search's output. A preset fixes options (`preset`: name ->
+  value, static, not the caller's), may give a length (`max_len`, EOS included) for callers
+  that have none, and `every_token` tells callers that restrict the tokens (generation's text
+  pieces) to pass no mask: the decoder it reproduces chooses among all of them.
   """
 
   search: Callable[..., Any]
@@ -369,6 +415,9 @@ class Strategy:
   traced: Mapping[str, Callable[[Any], Any]] = dataclasses.field(default_factory=dict)
   cached: bool = True
   best: Callable[[Any], jax.Array] = lambda output: output
+  preset: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  max_len: int = 0
+  every_token: bool = False
 
   @property
   def options(self) -> tuple[str, ...]:
@@ -382,9 +431,25 @@ STRATEGIES: dict[str, Strategy] = {
   # -> (sequences [b, beam, max_len], scores [b, beam]), best first.
   "beam": Strategy(
     generic_beam_search,
-    static={"beam_size": int},
+    static={"beam_size": int, "no_repeat_ngram_size": int},
     traced={"length_penalty": float},
     best=lambda output: output[0][:, 0],
+  ),
+  # ModelScope's OFA captioning (OfaForAllTasks' SequenceGenerator): beam 5, no repeated
+  # trigram, at least one token, max_len_b 16 tokens then EOS, fairseq's scoring over every
+  # token, length penalty 1.
+  "ofa_caption": Strategy(
+    generic_beam_search,
+    best=lambda output: output[0][:, 0],
+    preset={
+      "beam_size": 5,
+      "no_repeat_ngram_size": 3,
+      "min_len": 1,
+      "length_penalty": 1.0,
+      "scoring": "fairseq",
+    },
+    max_len=17,
+    every_token=True,
   ),
   # rng: one key, or one per row (see `generic_sample`); temperature 0 is greedy.
   "sample": Strategy(
@@ -412,7 +477,8 @@ def _options(name: str, given: Mapping[str, Any]) -> tuple[tuple, dict]:
     if value is inspect.Parameter.empty:
       raise TypeError(f"decoding '{name}' needs the option '{option}'.")
     values[option] = value
-  static = tuple(sorted((k, convert(values[k])) for k, convert in strategy.static.items()))
+  static = [(k, convert(values[k])) for k, convert in strategy.static.items()]
+  static = tuple(sorted(static + list(strategy.preset.items())))
   traced = {k: convert(values[k]) for k, convert in strategy.traced.items()}
   return static, traced
 

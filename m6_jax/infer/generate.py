@@ -16,8 +16,9 @@ source text. Without a task the inputs pick the first registered task that takes
 image alone is captioned (image_to_text), an image and a question give the answer (vqa), a
 text prompt (with or without an image) is continued (text_lm). Images are read by
 the loader training uses (m6_jax/data/images.py), so they get the same pixels. Decoding is
-greedy, beam search (`beam_size`, `length_penalty`) or sampling (`temperature`, `top_k`,
-`top_p`, `seed`), all with the KV cache of `m6_jax.infer.decoding`.
+greedy, beam search (`beam_size`, `length_penalty`, `no_repeat_ngram_size`), sampling
+(`temperature`, `top_k`, `top_p`, `seed`) or ModelScope's OFA captioning (`ofa_caption`),
+all with the KV cache of `m6_jax.infer.decoding`.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from m6_jax.infer import decoding
 from m6_jax.model.m6 import M6, M6Config, dummy_batch
 from m6_jax.parallel import axes, multihost, partitioning
 
-DECODINGS = ("greedy", "beam", "sample")
+DECODINGS = ("greedy", "beam", "sample", "ofa_caption")
 
 __all__ = ["GenerationError", "LoadedModel", "load_model", "generate", "decode"]
 
@@ -142,7 +143,7 @@ def load_model(
     raise CheckpointError(
       f"no tokenizer at {path}: the workdir must hold the tokenizer its model was trained with."
     )
-  tokenizer = tokenizer_lib.load_tokenizer(path)
+  tokenizer = tokenizer_lib.load_tokenizer(path, bool(config.data.clean_up_tokenization_spaces))
   target = abstract_params(model, mesh, rules)
   loaded = checkpoints.load_params(source, target, step, tokenizer, path)
   logging.info("%s", partitioning.describe_placement(mesh, loaded.params))
@@ -203,26 +204,37 @@ def decode(
   top_k: int = 0,
   top_p: float = 1.0,
   seed: int = 0,
+  no_repeat_ngram_size: int = 0,
 ) -> list[str]:
   """Decodes every row of `batch` on the model's mesh; returns the texts (EOS and padding
   removed). Every process passes the whole batch and gets every text."""
-  max_len = int(max_len) or int(model.config.data.tgt_len)
-  tok = model.tokenizer
-  # Never a special token, nor an image code.
-  allowed = tok.text_token_mask(model.model.config.total_vocab_size)
   if decoding_method not in DECODINGS:
     raise GenerationError(f"unknown decoding '{decoding_method}'; one of {DECODINGS}.")
+  strategy = decoding.STRATEGIES[decoding_method]
+  tgt_len = int(model.config.data.tgt_len)
+  max_len = int(max_len) or strategy.max_len or tgt_len
+  if not 1 <= max_len <= tgt_len:
+    raise GenerationError(
+      f"--max_len={max_len} must be in [1, {tgt_len}]: the model has data.tgt_len={tgt_len} "
+      "target positions."
+    )
+  tok = model.tokenizer
+  # Never a special token, nor an image code (a preset reproducing a decoder that chooses
+  # among every token excepted).
+  allowed = None
+  if not strategy.every_token:
+    allowed = tok.text_token_mask(model.model.config.total_vocab_size)
   with model.mesh_context():
     inputs, rows = partitioning.put_full_batch(batch, model.mesh, model.rules)
     offered = dict(
       beam_size=beam_size,
+      no_repeat_ngram_size=no_repeat_ngram_size,
       length_penalty=length_penalty,
       rng=jax.random.PRNGKey(seed),
       temperature=temperature,
       top_k=top_k,
       top_p=top_p,
     )
-    strategy = decoding.STRATEGIES[decoding_method]
     options = {k: v for k, v in offered.items() if k in strategy.options}
     output = decoding.decode(
       model.model,

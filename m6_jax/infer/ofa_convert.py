@@ -1,9 +1,11 @@
 """`--mode=convert --from=ofa`: an OFA / OFA-CN PyTorch checkpoint -> an m6-jax checkpoint.
 
-The input folder is what ModelScope ships for an OFA model: the weights (pytorch_model.bin,
-or a .pt holding the state dict, possibly under "model" / "state_dict"), config.json
-(OFA's OFAConfig) and vocab.txt (OFA-CN's BERT-style vocabulary), and optionally
-configuration.json (ModelScope's pipeline settings: the image size and the caption prompt).
+The input folder is what ModelScope ships for an OFA model, or what users make of one: the
+weights (pytorch_model.bin, model.safetensors, a sharded checkpoint's index and shards, or a
+.pt / .pth state dict such as a ModelScope trainer's epoch_N.pth, possibly under "model" /
+"state_dict"), config.json (OFA's OFAConfig) and vocab.txt (OFA-CN's BERT-style
+vocabulary), and optionally configuration.json (ModelScope's pipeline settings: the image
+size and the caption prompt).
 Parameter names follow ModelScope's modeling_ofa.py. The output is an export-shaped folder
 (`checkpoints/0/params`, `config.json`, `tokenizer/vocab.txt`) that --mode=generate, --mode=eval
 and config.init_from read like a workdir.
@@ -33,11 +35,14 @@ from m6_jax import config as config_lib
 from m6_jax.checkpoint import checkpoints
 from m6_jax.data import wordpiece
 from m6_jax.errors import CheckpointError
+from m6_jax.model import ofa
 from m6_jax.model.m6 import M6, M6Config, dummy_batch
 
 RESNET_LAYERS = {"resnet18": (2, 2, 2), "resnet34": (3, 4, 6), "resnet50": (3, 4, 6)}
 RESNET_LAYERS |= {"resnet101": (3, 4, 23), "resnet152": (3, 8, 36)}
-WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.pt", "model.pt")
+WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors", "pytorch_model.pt", "model.pt")
+INDEX_FILES = ("pytorch_model.bin.index.json", "model.safetensors.index.json")  # sharded
+TRAINER_STATE_SUFFIX = "_trainer_state.pth"  # ModelScope's optimizer state beside epoch_N.pth
 SRC_LEN, TGT_LEN = 64, 32  # the converted position tables' sizes (text maxima)
 DEFAULT_IMAGE_SIZE, DEFAULT_PROMPT = 480, " what does the image describe?"  # ModelScope's
 
@@ -46,17 +51,38 @@ def _fail(message: str) -> None:
   raise CheckpointError(message)
 
 
-def find_weights(directory: str) -> str:
-  if not os.path.isdir(directory):
-    _fail(f"--input={directory} is not a directory; pass an OFA checkpoint folder.")
-  names = [n for n in WEIGHT_FILES if os.path.isfile(os.path.join(directory, n))]
-  names += sorted(n for n in os.listdir(directory) if n.endswith(".pt") and n not in names)
+def find_weights(path: str) -> tuple[str, str]:
+  """(the checkpoint folder, its weights file) for --input: a folder, or a weights file in one.
+
+  A folder's weights are the first of WEIGHT_FILES, else of INDEX_FILES (a sharded
+  checkpoint), else its one .pt / .pth state dict (a ModelScope trainer's epoch_N.pth; its
+  *_trainer_state.pth holds no weights)."""
+  if os.path.isfile(path):
+    directory, names = os.path.dirname(os.path.abspath(path)), [os.path.basename(path)]
+  elif os.path.isdir(path):
+    directory = path
+    names = [n for n in WEIGHT_FILES + INDEX_FILES if os.path.isfile(os.path.join(path, n))][:1]
+    if not names:
+      names = sorted(
+        n
+        for n in os.listdir(path)
+        if n.endswith((".pt", ".pth")) and not n.endswith(TRAINER_STATE_SUFFIX)
+      )
+      if len(names) > 1:
+        _fail(
+          f"{path} holds several state dicts ({', '.join(names)}); pass the one to convert "
+          f"as --input={os.path.join(path, names[-1])}"
+        )
+  else:
+    _fail(f"--input={path} is neither a directory nor a file; pass an OFA checkpoint folder.")
   if not names or not os.path.isfile(os.path.join(directory, "config.json")):
     _fail(
-      f"{directory} is not an OFA checkpoint: it needs pytorch_model.bin (or a .pt state dict) "
-      "and config.json."
+      f"{directory} is not an OFA checkpoint: it needs config.json, vocab.txt and the weights: "
+      "pytorch_model.bin, model.safetensors, a sharded checkpoint's pytorch_model.bin.index.json "
+      "or model.safetensors.index.json with its shards, or one .pt / .pth state dict (e.g. a "
+      "ModelScope trainer's epoch_N.pth)."
     )
-  return os.path.join(directory, names[0])
+  return directory, os.path.join(directory, names[0])
 
 
 def read_ofa_config(directory: str) -> tuple[dict, dict]:
@@ -152,15 +178,47 @@ def full_vocab(vocab: list[str], rows: int) -> list[str]:
   return vocab + [f"<extra_{i}>" for i in range(extra)]  # rows no piece names
 
 
-def load_state_dict(path: str) -> dict[str, np.ndarray]:
+def _read_file(path: str) -> dict:
+  """One weights file's tensors: safetensors, or a torch.save'd (state) dict."""
   try:
+    if path.endswith(".safetensors"):
+      from safetensors.torch import load_file
+
+      return load_file(path)
     import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
   except ImportError:
     _fail("reading PyTorch weights needs torch: pip install -r requirements-ofa.txt")
-  try:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # a truncated or foreign file: torch says why in many ways
+  except Exception as e:  # a truncated or foreign file: torch and safetensors say why in many ways
     _fail(f"cannot read {path} as a PyTorch state dict: {str(e).splitlines()[0]}")
+
+
+def _read_shards(index_path: str) -> dict:
+  """A sharded checkpoint's tensors, merged by its index's weight_map (name -> shard file)."""
+  try:
+    with open(index_path, encoding="utf-8") as f:
+      weight_map = json.load(f)["weight_map"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    _fail(f"cannot read {index_path} as a sharded checkpoint's index (a weight_map): {e}")
+  state, directory = {}, os.path.dirname(index_path)
+  for shard in sorted(set(weight_map.values())):
+    if not os.path.isfile(os.path.join(directory, shard)):
+      _fail(f"{index_path} names the shard {shard}, which is not in {directory}.")
+    tensors = _read_file(os.path.join(directory, shard))
+    state |= {k: v for k, v in tensors.items() if weight_map.get(k) == shard}
+  missing = sorted(set(weight_map) - set(state))
+  if missing:
+    _fail(f"{missing[0]} is not in {weight_map[missing[0]]}, where {index_path} says it is.")
+  return state
+
+
+def load_state_dict(path: str) -> dict[str, np.ndarray]:
+  """The weights at `path` (a file, or a sharded checkpoint's index) in modeling_ofa.py's
+  names, as float32 numpy arrays: a trainer checkpoint's "model" / "state_dict" unwrapped, a
+  leading "model." stripped, and the encoder's token embedding (one tensor with the
+  decoder's in OFAModel, which safetensors stores under one name) restored."""
+  state = _read_shards(path) if path.endswith(".index.json") else _read_file(path)
   for key in ("model", "state_dict"):
     if isinstance(state, dict) and isinstance(state.get(key), dict):
       state = state[key]
@@ -168,7 +226,33 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
   for k, v in state.items():
     if hasattr(v, "numpy"):
       out[re.sub(r"^model\.", "", k)] = v.detach().float().numpy()
+  tied = "decoder.embed_tokens.weight"
+  if "encoder.embed_tokens.weight" not in out and tied in out:
+    out["encoder.embed_tokens.weight"] = out[tied]
   return out
+
+
+def interpolate_image_positions(sd: dict, cfg: dict, image_size: int) -> dict:
+  """`sd` with the image position rows of an `image_size` image as OFA computes them with
+  interpolate_position=true (modeling_ofa.py's get_patch_images_info): a patch grid larger
+  than orig_patch_image_size's takes that grid's embeddings bilinearly resized (torch's
+  F.interpolate, as OFA) instead of its own rows. The image size is fixed at conversion, so
+  the resized embeddings are written into the rows the converted model reads."""
+  orig, grid = int(cfg.get("orig_patch_image_size", 224)) // 16, image_size // 16
+  if not cfg.get("interpolate_position", False) or grid * grid <= orig * orig:
+    return sd
+  import torch
+
+  bucket = int(cfg.get("image_bucket_size", 42))
+  table = sd["encoder.embed_image_positions.weight"]
+  old = torch.from_numpy(table[ofa.image_position_ids(bucket, (orig, orig))])
+  old = old.reshape(1, orig, orig, -1).permute(0, 3, 1, 2)
+  new = torch.nn.functional.interpolate(old, size=(grid, grid), mode="bilinear")
+  table = table.copy()
+  table[ofa.image_position_ids(bucket, (grid, grid))] = (
+    new[0].permute(1, 2, 0).reshape(grid * grid, -1).numpy()
+  )
+  return sd | {"encoder.embed_image_positions.weight": table}
 
 
 def _linear(sd, name, heads=None, out=False):
@@ -323,7 +407,7 @@ def check_shapes(params: dict, model: M6) -> None:
 
 def convert(input_dir: str, output_dir: str) -> dict[str, Any]:
   """Converts the OFA checkpoint folder `input_dir` into `output_dir`; returns a summary."""
-  weights = find_weights(input_dir)
+  input_dir, weights = find_weights(input_dir)
   cfg, pipeline = read_ofa_config(input_dir)
   vocab_path = os.path.join(input_dir, "vocab.txt")
   if not os.path.isfile(vocab_path):
@@ -336,7 +420,7 @@ def convert(input_dir: str, output_dir: str) -> dict[str, Any]:
   model = M6(M6Config.from_config(config))
   vocab = wordpiece.read_vocab(vocab_path)
   perm = special_order(cfg, vocab)
-  sd = load_state_dict(weights)
+  sd = interpolate_image_positions(load_state_dict(weights), cfg, int(config.data.image_size))
   try:
     params = convert_params(sd, model.config, perm)
   except KeyError as e:

@@ -212,6 +212,33 @@ def test_unfinished_beams_are_returned_at_max_len():
   np.testing.assert_allclose(np.asarray(scores)[0], [_LOGP[BOS, A], _LOGP[BOS, B]], atol=1e-6)
 
 
+def test_banned_ngrams_are_the_repeats_fairseq_bans():
+  # History BOS A B A B C A B: after "A B" the trigram blocker bans what followed "A B"
+  # before (A, C); after "B C" nothing; the bigram blocker after "B" bans A and C.
+  seqs = jnp.asarray([[A, B, A, B, C, A, B, 0]])
+  banned = lambda t, n: set(np.flatnonzero(decoding.banned_ngrams(seqs, t, BOS, n, 6)[0]))  # noqa: E731
+  assert banned(7, 3) == {A, C}
+  assert banned(5, 3) == set()  # last two: B C, never seen before
+  assert banned(7, 2) == {A, C}
+  assert banned(1, 3) == set() and banned(0, 2) == set()  # no complete n-gram yet
+
+
+def test_no_repeat_ngrams_and_min_len_in_beam_search():
+  # A model that would end at once or say A A A ...: with min_len 1 it cannot end at step 0,
+  # and repeating no bigram it says A A once.
+  logp = _markov_logp({BOS: {EOS: 0.6, A: 0.4}, A: {A: 0.9, EOS: 0.1}})
+  step = functools.partial(_fake_step, logp=logp)
+  kw = dict(batch_size=1, beam_size=1, max_len=5, bos_id=BOS, eos_id=EOS, length_penalty=0.0)
+  seqs, _ = decoding.generic_beam_search(step, _fake_state(1), **kw)
+  np.testing.assert_array_equal(np.asarray(seqs)[0, 0], [EOS, 0, 0, 0, 0])
+  seqs, _ = decoding.generic_beam_search(step, _fake_state(1), min_len=1, **kw)
+  np.testing.assert_array_equal(np.asarray(seqs)[0, 0], [A, A, A, A, A])
+  seqs, _ = decoding.generic_beam_search(
+    step, _fake_state(1), min_len=1, no_repeat_ngram_size=2, **kw
+  )
+  np.testing.assert_array_equal(np.asarray(seqs)[0, 0], [A, A, EOS, 0, 0])
+
+
 # --------------------------------------------------------------------------------------
 # Sampling
 # --------------------------------------------------------------------------------------
@@ -339,7 +366,8 @@ def test_one_compilation_per_strategy_shape_and_static_options(tiny_config, rand
   decode("sample", BOS, EOS, rng=jax.random.PRNGKey(0), top_k=5)
   assert compiled() == before + 4
   with pytest.raises(
-    TypeError, match=r"'beam' takes the options \('beam_size', 'length_penalty'\)"
+    TypeError,
+    match=r"'beam' takes the options \('beam_size', 'no_repeat_ngram_size', 'length_penalty'\)",
   ):
     decode("beam", BOS, EOS, beam_size=2, top_k=3)
   with pytest.raises(TypeError, match="'sample' needs the option 'rng'"):
