@@ -1,12 +1,11 @@
 """The files text-to-image writes: one PNG per image and a grid PNG, each with the prompt in
-its text metadata (the grid also shows it, drawn with a system font that has its glyphs, when
-one exists), and an index JSON with the prompt, seed, settings and files.
+its text metadata (the grid also shows it, drawn with a font that has its glyphs:
+m6_jax/infer/fonts.py), and an index JSON with the prompt, seed, settings and files.
 
     OUT/<slug>_<i>.png   OUT/<slug>_grid.png   OUT/<slug>.json
 
 The slug is the prompt's ASCII words ('image' for a prompt without any, e.g. a Chinese one).
-Fonts come from fontconfig (`fc-list :charset=...`): a Chinese prompt is drawn only where a
-CJK font is installed; `prompt_drawn_on_grid` in the JSON says whether it was.
+`prompt_drawn_on_grid` in the JSON says whether the prompt is drawn on the grid.
 """
 
 from __future__ import annotations
@@ -14,14 +13,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import subprocess
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from m6_jax.errors import GenerationError
+from m6_jax.infer import fonts
 
 GRID_CELL = 192  # grid cells are upscaled (nearest) to this many pixels: 48 px is tiny to look at
 
@@ -32,30 +30,10 @@ def slug(prompt: str) -> str:
   return "-".join(words)[:48].strip("-") or "image"
 
 
-def _fc_list_font(text: str) -> str | None:
-  """A font file fontconfig says covers every character of `text`, regular styles first."""
-  if not shutil.which("fc-list"):
-    return None
-  charset = " ".join(f"{ord(ch):x}" for ch in sorted(set(text)) if not ch.isspace())
-  try:
-    out = subprocess.run(
-      ["fc-list", "--format=%{file}\\n", f":charset={charset}"],
-      capture_output=True,
-      text=True,
-      timeout=20,
-    ).stdout
-  except (OSError, subprocess.SubprocessError):
-    return None
-  files = sorted({f for f in out.splitlines() if f.endswith((".ttf", ".otf", ".ttc"))})
-  styled = lambda f: any(s in os.path.basename(f) for s in ("Bold", "Italic", "Oblique", "Light"))
-  files.sort(key=styled)
-  return files[0] if files else None
-
-
 def prompt_font(text: str, size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont | None:
-  """A font that draws every character of `text` (CJK needs a system font with its glyphs),
-  or None when there is none."""
-  path = _fc_list_font(text)
+  """A font that draws every character of `text` (a system font, else the package's CJK
+  subset: m6_jax/infer/fonts.py), or None when there is none."""
+  path = fonts.font_file(text)
   if path:
     try:
       return ImageFont.truetype(path, size)
