@@ -2,14 +2,18 @@
 its text metadata (the grid also shows it, drawn with a font that has its glyphs:
 m6_jax/infer/fonts.py), and an index JSON with the prompt, seed, settings and files.
 
-    OUT/<slug>_<i>.png   OUT/<slug>_grid.png   OUT/<slug>.json
+    OUT/<stem>_<i>.png   OUT/<stem>_grid.png   OUT/<stem>.json
 
-The slug is the prompt's ASCII words ('image' for a prompt without any, e.g. a Chinese one).
-`prompt_drawn_on_grid` in the JSON says whether the prompt is drawn on the grid.
+The stem is the prompt's ASCII words (`image` for a prompt without any, e.g. a Chinese one)
+and a short hash of the whole prompt, so that two prompts never share a file. A file that
+exists already is an error unless the request says `overwrite`. The index records the
+model's workdir as the caller gave it and the VQGAN's as given or relative to the workdir,
+so that no path the caller did not write ends up in it (`provenance`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -25,9 +29,42 @@ GRID_CELL = 192  # grid cells are upscaled (nearest) to this many pixels: 48 px 
 
 
 def slug(prompt: str) -> str:
-  """A file-name stem from the prompt's ASCII letters and digits ('image' when none)."""
+  """The prompt's ASCII letters and digits ('image' when none)."""
   words = re.findall(r"[a-z0-9]+", prompt.lower())
   return "-".join(words)[:48].strip("-") or "image"
+
+
+def stem(prompt: str) -> str:
+  """The file-name stem of a prompt's outputs: its slug and a hash of the whole prompt."""
+  return f"{slug(prompt)}-{hashlib.sha256(prompt.encode('utf-8')).hexdigest()[:8]}"
+
+
+def output_names(prompt: str, num_images: int) -> list[str]:
+  """Every file a request writes: the images, the grid, then the index JSON."""
+  name = stem(prompt)
+  return [f"{name}_{i}.png" for i in range(num_images)] + [f"{name}_grid.png", f"{name}.json"]
+
+
+def check_not_written(output_dir: str, prompt: str, num_images: int, overwrite: bool) -> None:
+  """GenerationError naming the first of the request's files that exists (unless `overwrite`)."""
+  if overwrite:
+    return
+  for name in output_names(prompt, num_images):
+    path = os.path.join(output_dir, name)
+    if os.path.exists(path):
+      raise GenerationError(
+        f"{path} exists (this prompt was drawn into --output_dir before); pass --overwrite "
+        "to replace it, or another --output_dir."
+      )
+
+
+def provenance(workdir: str, step: int, vqgan_workdir: str, vqgan_given: bool) -> dict[str, Any]:
+  """The index's record of what drew: the workdir as the caller gave it, and the VQGAN as
+  given (`vqgan_given`) or, found through the model's codes (an absolute path of this
+  machine), relative to the workdir."""
+  if not vqgan_given:
+    vqgan_workdir = os.path.relpath(os.path.abspath(vqgan_workdir), os.path.abspath(workdir))
+  return {"workdir": workdir, "step": step, "vqgan_workdir": vqgan_workdir}
 
 
 def prompt_font(text: str, size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont | None:
@@ -73,19 +110,19 @@ def _png_info(fields: dict[str, Any]) -> PngImagePlugin.PngInfo:
 
 def write_outputs(result: Any, req: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
   """Writes `result` (text_to_image.GeneratedImages) for `req` (its ImageRequest) and returns
-  the index: prompt, seed, settings, files, the candidates kept and their reranking scores. The prompt is also in every PNG's
-  text metadata, and drawn above the grid when a font has its glyphs."""
-  out, stem = req.output_dir, slug(req.prompt)
+  the index: prompt, seed, settings, files, the candidates kept and their reranking scores,
+  and `extra` (`provenance`). The prompt is also in every PNG's text metadata, and drawn
+  above the grid when a font has its glyphs. Nothing is written when one of the files
+  exists, unless `req.overwrite`."""
+  out = req.output_dir
+  *files, grid_name, index_name = output_names(req.prompt, len(result.images))
+  check_not_written(out, req.prompt, len(result.images), req.overwrite)
   try:
     os.makedirs(out, exist_ok=True)
-    files = []
-    for i, image in enumerate(result.images):
-      name = f"{stem}_{i}.png"
+    for i, (name, image) in enumerate(zip(files, result.images)):
       meta = {"prompt": req.prompt, "seed": req.seed, "candidate": int(result.candidates[i])}
       Image.fromarray(image).save(os.path.join(out, name), pnginfo=_png_info(meta))
-      files.append(name)
     grid, drawn = grid_image(result.images, req.prompt)
-    grid_name = f"{stem}_grid.png"
     grid.save(os.path.join(out, grid_name), pnginfo=_png_info({"prompt": req.prompt}))
     index = {
       "prompt": req.prompt,
@@ -100,7 +137,7 @@ def write_outputs(result: Any, req: Any, extra: dict[str, Any] | None = None) ->
     }
     if result.scores is not None:
       index["scores"] = [float(s) for s in result.scores]
-    with open(os.path.join(out, f"{stem}.json"), "w", encoding="utf-8") as f:
+    with open(os.path.join(out, index_name), "w", encoding="utf-8") as f:
       json.dump(index, f, ensure_ascii=False, indent=2)
   except OSError as e:
     raise GenerationError(f"cannot write to --output_dir={out}: {e}") from None
