@@ -109,21 +109,11 @@ def visible(text: str) -> str:
 
 def wrap(text: str, width: int) -> str:
   """`text` with each line cut to at most `width` columns (a CJK character counts two), at
-  spaces or between CJK characters (Chinese has no spaces)."""
-  out = []
-  for line in text.split("\n"):
-    current, columns = "", 0
-    for token in re.findall(
-      r"[\u2e80-\u9fff\uff00-\uffef]|[^\s\u2e80-\u9fff\uff00-\uffef]+|\s+", line
-    ):
-      size = sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in token)
-      if current.strip() and not token.isspace() and columns + size > width:
-        out.append(current.rstrip())
-        current, columns = "", 0
-      if current or not token.isspace():
-        current, columns = current + token, columns + size
-    out.append(current.rstrip())
-  return "\n".join(out)
+  spaces or between CJK characters (m6_jax/infer/fonts.py `wrap`)."""
+  from m6_jax.infer import fonts
+
+  columns = lambda line: sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in line)
+  return "\n".join(fonts.wrap(text, lambda line: columns(line) <= width))
 
 
 def show_images(

@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 import subprocess
+from typing import Callable
 
 CJK_SUBSET = os.path.join(os.path.dirname(__file__), "cjk_font", "M6CJKSubset-Regular.otf")
 CJK_SUBSET_FAMILY = "M6 CJK Subset"  # its family name, as matplotlib's font manager knows it
 _CJK_CHARACTERS = os.path.join(os.path.dirname(__file__), "cjk_font", "characters.txt")
+_CJK = "\u2e80-\u9fff\uff00-\uffef"  # CJK characters and punctuation, full-width forms
+# A line may break before a CJK character (Chinese has no spaces), a word, or spaces.
+_TOKENS = re.compile(rf"[{_CJK}]|[^\s{_CJK}]+|\s+")
 
 
 @functools.cache
@@ -51,3 +56,19 @@ def font_file(text: str) -> str | None:
   if set(text) - {" ", "\t", "\n"} <= subset_characters():
     return CJK_SUBSET
   return None
+
+
+def wrap(text: str, fits: Callable[[str], bool]) -> list[str]:
+  """`text` cut into lines that `fits` accepts, at spaces or between CJK characters (a word
+  too long for a line gets a line of its own); its own newlines are kept."""
+  lines = []
+  for paragraph in text.split("\n"):
+    current = ""
+    for token in _TOKENS.findall(paragraph):
+      if current.strip() and not token.isspace() and not fits((current + token).rstrip()):
+        lines.append(current.rstrip())
+        current = token
+      elif current or not token.isspace():
+        current += token
+    lines.append(current.rstrip())
+  return lines

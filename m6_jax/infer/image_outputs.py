@@ -83,17 +83,20 @@ def prompt_font(text: str, size: int) -> ImageFont.FreeTypeFont | ImageFont.Imag
 
 def grid_image(images: np.ndarray, prompt: str) -> tuple[Image.Image, bool]:
   """(the images in a near-square grid, cells upscaled to GRID_CELL px, under a band with the
-  prompt; whether the prompt could be drawn)."""
+  prompt, wrapped to the grid's width; whether the prompt could be drawn)."""
   n = len(images)
   cols = int(np.ceil(np.sqrt(n)))
   rows = -(-n // cols)
   cell, pad = GRID_CELL, 4
   font = prompt_font(prompt, 20)
-  band = 36 if font is not None else 0
   width = cols * (cell + pad) + pad
-  grid = Image.new("RGB", (width, band + rows * (cell + pad) + pad), (255, 255, 255))
+  lines = []
   if font is not None:
-    ImageDraw.Draw(grid).text((pad + 2, 6), prompt, fill=(0, 0, 0), font=font)
+    lines = fonts.wrap(prompt, lambda line: font.getlength(line) <= width - 2 * pad - 4)
+  band = 12 + 24 * len(lines) if lines else 0
+  grid = Image.new("RGB", (width, band + rows * (cell + pad) + pad), (255, 255, 255))
+  for i, line in enumerate(lines):
+    ImageDraw.Draw(grid).text((pad + 2, 6 + 24 * i), line, fill=(0, 0, 0), font=font)
   for i, image in enumerate(images):
     tile = Image.fromarray(image).resize((cell, cell), Image.Resampling.NEAREST)
     r, c = divmod(i, cols)

@@ -47,3 +47,21 @@ def test_a_chinese_prompt_is_drawn_without_a_system_font(monkeypatch, tmp_path):
   font = ImageFont.truetype(fonts.font_file(PROMPT), 20)
   masks = {bytes(font.getmask(ch)) for ch in "左上角紫色三"}
   assert len(masks) == 6
+
+
+def test_a_long_prompt_wraps_within_the_grid():
+  prompt = "a large green star on the right and a small yellow cross at the bottom."
+  images = np.full((8, 48, 48, 3), 200, np.uint8)
+  grid, drawn = image_outputs.grid_image(images, prompt)
+  band = np.asarray(grid)[: grid.height - 3 * (image_outputs.GRID_CELL + 4) - 4]
+  ink = (band < 128).all(-1)
+  columns, rows = np.where(ink.any(0))[0], np.where(ink.any(1))[0]
+  assert drawn and columns.max() < grid.width - 4  # nothing runs past the right edge
+  assert np.diff(rows).max() > 4  # two lines, blank rows between them
+  lines = fonts.wrap(prompt, lambda line: len(line) <= 40)
+  assert " ".join(lines) == prompt and len(lines) == 2
+  assert fonts.wrap("左上角有一个大的紫色三角形", lambda line: len(line) <= 5) == [
+    "左上角有一",
+    "个大的紫色",
+    "三角形",
+  ]
