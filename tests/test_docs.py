@@ -1,5 +1,6 @@
 """The documentation holds together: every relative link resolves, every flag of every mode is
-in docs/cli.md, and the README keeps the two set-up commands that CI runs.
+in docs/cli.md, the README keeps the two set-up commands that CI runs, and the results kept
+under docs/ and experiments/ name no directory of the machine that made them.
 
 The flags come from `python -m m6_jax.main --mode=<mode> --helpfull` in a subprocess, one per
 mode: each mode module defines absl flags, and two of them define flags of the same name
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import json
 import os
 import re
 import subprocess
@@ -146,3 +148,34 @@ def test_readme_keeps_the_setup_commands():
     assert command in lines, f"README.md lost the set-up command line: {command}"
   with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as f:
     assert SETUP_COMMANDS[1] in f.read().splitlines()
+
+
+def _strings(value):
+  if isinstance(value, dict):
+    for v in value.values():
+      yield from _strings(v)
+  elif isinstance(value, list):
+    for v in value:
+      yield from _strings(v)
+  elif isinstance(value, str):
+    yield value
+
+
+def test_committed_results_record_no_machine_paths():
+  """Results kept under docs/ and experiments/ (JSON, CSV; the notebooks are code, saved
+  without outputs) name paths relative to a workdir or the repository, never a directory of
+  the machine that made them."""
+  found = []
+  for folder in ("docs", "experiments"):
+    for path in sorted(glob.glob(os.path.join(ROOT, folder, "**", "*"), recursive=True)):
+      if path.endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+          values = list(_strings(json.load(f)))
+      elif path.endswith(".csv"):
+        with open(path, encoding="utf-8") as f:
+          values = f.read().replace("\n", ",").split(",")
+      else:
+        continue
+      bad = [v for v in values if os.path.isabs(v) or "/tmp/" in v or v.startswith("~")]
+      found += [f"{os.path.relpath(path, ROOT)}: {v}" for v in bad]
+  assert not found, found

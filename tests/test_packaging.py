@@ -50,8 +50,8 @@ def test_the_test_extra_is_what_the_readme_test_command_installs():
 
 @pytest.mark.slow
 def test_pip_install_gives_the_m6_jax_command(tmp_path):
-  """`pip install .` (dependencies from this environment) installs every subpackage and an
-  `m6-jax` command that runs the program."""
+  """`pip install .` (dependencies from this environment) installs every subpackage, the
+  package data, and an `m6-jax` command that runs the program."""
   venv = tmp_path / "venv"
   subprocess.run(
     [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True
@@ -94,3 +94,18 @@ def test_pip_install_gives_the_m6_jax_command(tmp_path):
   )
   assert run.returncode == 0, run.stderr
   assert (tmp_path / "w" / "train.jsonl").read_text().count("\n") == 2
+  # Package data: the CJK font subset (with its license) that draws Chinese prompts.
+  font = subprocess.run(
+    [str(venv / "bin" / "python"), "-c", "from m6_jax.infer import fonts; print(fonts.CJK_SUBSET)"],
+    cwd=tmp_path,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert font.returncode == 0, font.stderr
+  installed = pathlib.Path(font.stdout.strip())
+  assert str(venv) in str(installed) and installed.is_file()
+  assert (installed.parent / "OFL.txt").is_file() and (
+    installed.parent / "characters.txt"
+  ).is_file()

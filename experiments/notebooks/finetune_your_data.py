@@ -1,7 +1,9 @@
 # ---
 # jupyter:
+#   accelerator: TPU
 #   jupytext:
 #     formats: ipynb,py:percent
+#     notebook_metadata_filter: accelerator
 #     text_representation:
 #       extension: .py
 #       format_name: percent
@@ -14,6 +16,8 @@
 # %% [markdown]
 # # M6 in JAX: fine-tune on your own images
 #
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/YOUR_ORG/m6-jax/blob/main/experiments/notebooks/finetune_your_data.ipynb)
+#
 # Your data is a folder of images and a JSONL file, one line per image:
 # `{"image": "rel/path.jpg", "caption": "...", "question": "...", "answer": "..."}`.
 # This notebook makes a small such folder (replace it with yours), converts it with
@@ -22,24 +26,26 @@
 # their images.
 #
 # Start from the quickstart's workdir (`PRETRAINED`; the same model and tokenizer) or, with
-# `PRETRAINED = ""`, from scratch (a tokenizer is then trained on your texts). On Colab clone
-# the repository first, e.g. `!git clone <the repository's URL> /content/m6-jax`.
+# `PRETRAINED = ""`, from scratch (a tokenizer is then trained on your texts). The notebook
+# asks Colab for a TPU runtime; on Colab, set `REPO_URL` below to the repository's git URL
+# (replace `YOUR_ORG` in it and in the badge's link): the first cell clones it.
 
 # %% tags=["parameters"]
 # Parameters (the test suite runs this notebook with small values: tests/experiments/).
+REPO_URL = "https://github.com/YOUR_ORG/m6-jax.git"  # cloned on Colab; unused in a checkout
 INSTALL = True  # pip install the pinned requirements from the checkout
 DATA = "/tmp/m6_my_data"  # the image folder + JSONL (made below; point it at yours)
 WORKDIR = "/tmp/m6_finetune"  # the fine-tune's checkpoints and metrics
 PRETRAINED = "/tmp/m6_quickstart"  # a workdir to start from; "" = from scratch
 NUM_IMAGES = 400  # images of the example folder (a tenth held out)
-STEPS = 600  # fine-tuning steps
+STEPS = 600  # fine-tuning steps (the first tenth warm the learning rate up)
 OVERRIDES = {}  # more config overrides, e.g. {"train.lr": 5e-4}
 NUM_SHOWN = 8  # held-out images shown with their predictions
 
 # %%
-# Set-up: find the checkout (this notebook lives in experiments/notebooks/), make it the
-# working directory (config paths are relative to it) and importable, and install its pinned
-# requirements: the TPU ones where there is a TPU chip.
+# The checkout: the one this notebook lives in (experiments/notebooks/), else a clone of
+# REPO_URL in /content/m6-jax (Colab opens the notebook alone). It becomes the working
+# directory (config paths are relative to it) and importable.
 import os
 import subprocess
 import sys
@@ -52,22 +58,34 @@ def find_repo():
       if os.path.isfile(os.path.join(path, "m6_jax", "main.py")):
         return path
       path = os.path.dirname(path)
-  raise FileNotFoundError("no m6-jax checkout here: clone it to /content/m6-jax first")
+  return None
 
 
 REPO = find_repo()
+if REPO is None:
+  if "YOUR_ORG" in REPO_URL:
+    raise ValueError("set REPO_URL (the parameters cell) to the m6-jax repository's git URL")
+  subprocess.run(["git", "clone", "--depth=1", REPO_URL, "/content/m6-jax"], check=True)
+  REPO = find_repo()
 os.chdir(REPO)
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
+print(f"the checkout: {REPO}")
+
+# %%
+# Install the pinned requirements (the TPU ones where there is a TPU chip) and what the
+# notebook adds (matplotlib); the runtime's own Jupyter packages stay as they are. Then the
+# set-up every notebook shares: quiet library logging, a font for Chinese.
+from experiments.notebooks import helpers
 from m6_jax.cli import bootstrap
 
 if INSTALL:
   requirements = "requirements-tpu.txt" if bootstrap.has_tpu_chip() else "requirements.txt"
   subprocess.run(
-    [sys.executable, "-m", "pip", "install", "-q", "-r", requirements]
-    + ["-r", "requirements-experiments.txt"],
+    [sys.executable, "-m", "pip", "install", "-q", "-r", requirements, *helpers.pins("matplotlib")],
     check=True,
   )
+helpers.setup()
 
 # %% [markdown]
 # ## An image folder and its JSONL
@@ -127,20 +145,21 @@ assert done.returncode == 0, done.stderr[-3000:]
 
 # %%
 import jax
-from absl import logging
 
-from experiments.notebooks import helpers
 from m6_jax.train import loop
 
 bootstrap.choose_platform()
 print(jax.devices())
-logging.set_verbosity(logging.INFO)
 model_keys = helpers.load_config("configs/base.py").model.to_dict()
 config = helpers.load_config(f"configs/caption_user_data.py:{DATA}/tfds/my_data")
 config.model.update(model_keys)  # the base model, as pretrained
 config.data.image_size = 48
 config.data.task_weights.update({"image_to_text": 1.0, "vqa": 1.0, "multimodal_to_text": 0.0})
-config.train.update({"steps": STEPS, "log_every": 20, "checkpoint_every": STEPS})
+# The warm-up of caption_user_data.py (1000 steps) is longer than this whole run: a tenth.
+warmup = max(1, STEPS // 10)
+config.train.update(
+  {"steps": STEPS, "warmup_steps": warmup, "log_every": 20, "checkpoint_every": STEPS}
+)
 if PRETRAINED:
   config.init_from = PRETRAINED
 helpers.apply_overrides(config, OVERRIDES)

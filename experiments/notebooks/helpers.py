@@ -1,12 +1,56 @@
-"""What the notebooks share: configs with overrides, metrics.jsonl curves, image grids and
-markdown tables. Kept out of the notebooks so that each reads as the steps it shows."""
+"""What the notebooks share: their set-up (what to install, quiet logging, a font for Chinese),
+configs with overrides, metrics.jsonl curves, image grids and markdown tables. Kept out of
+the notebooks so that each reads as the steps it shows."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import re
+import unicodedata
 from typing import Any, Iterable, Mapping, Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def pins(*names: str) -> list[str]:
+  """The pins of `names` in requirements-experiments.txt (e.g. `matplotlib==3.11.2`): what
+  a notebook installs beyond requirements.txt, so that a Colab runtime keeps its own Jupyter
+  packages (ipykernel, jupyter-client, tornado) while it runs."""
+  with open(os.path.join(REPO, "requirements-experiments.txt")) as f:
+    lines = [line.split("#", 1)[0].strip() for line in f]
+  found = [line for line in lines if re.split(r"[=<>~!\[ ]", line, maxsplit=1)[0] in names]
+  if len(found) != len(names):
+    raise KeyError(f"requirements-experiments.txt pins {found}, not all of {names}")
+  return found
+
+
+def setup() -> None:
+  """What every notebook does once its packages are installed: INFO logging with the
+  libraries' INFO lines (checkpointing, data loading) dropped, by the command line's own
+  filter (m6_jax/cli/bootstrap.py), and Chinese drawable in figures (`use_cjk_font`). Call
+  it before JAX starts: it initialises nothing of JAX."""
+  from m6_jax.cli import bootstrap
+
+  bootstrap.quiet_libraries()
+  if importlib.util.find_spec("matplotlib"):  # pod_scale draws no figure and installs none
+    use_cjk_font()
+
+
+def use_cjk_font() -> None:
+  """Registers the package's CJK subset (m6_jax/infer/fonts.py) with matplotlib as the
+  fallback after its default sans-serif font (DejaVu Sans, which has no Chinese glyphs)."""
+  import matplotlib.pyplot as plt
+  from matplotlib import font_manager
+
+  from m6_jax.infer import fonts
+
+  if fonts.CJK_SUBSET_FAMILY not in {f.name for f in font_manager.fontManager.ttflist}:
+    font_manager.fontManager.addfont(fonts.CJK_SUBSET)
+  family = list(plt.rcParams["font.family"])
+  if fonts.CJK_SUBSET_FAMILY not in family:
+    plt.rcParams["font.family"] = family + [fonts.CJK_SUBSET_FAMILY]
 
 
 def load_config(spec: str, overrides: Mapping[str, Any] | None = None):
@@ -54,19 +98,55 @@ def plot_curves(workdir: str, keys: Iterable[str], title: str = ""):
   plt.show()
 
 
-def show_images(images: Sequence, titles: Sequence[str], cols: int = 4, size: float = 2.6):
-  """A grid of images (arrays or file paths) with a title under each."""
+def visible(text: str) -> str:
+  """`text` with control characters (no font draws them; an undertrained model's byte
+  pieces decode to them) written as escapes, e.g. `\\x10`; newlines kept."""
+  return "".join(
+    c if c == "\n" or unicodedata.category(c) != "Cc" else c.encode("unicode_escape").decode()
+    for c in text
+  )
+
+
+def wrap(text: str, width: int) -> str:
+  """`text` with each line cut to at most `width` columns (a CJK character counts two), at
+  spaces or between CJK characters (m6_jax/infer/fonts.py `wrap`)."""
+  from m6_jax.infer import fonts
+
+  columns = lambda line: sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in line)
+  return "\n".join(fonts.wrap(text, lambda line: columns(line) <= width))
+
+
+def show_images(
+  images: Sequence, titles: Sequence[str], cols: int = 4, size: float = 2.6, fontsize: int = 7
+):
+  """A grid of images (arrays or file paths), each under its title, the titles wrapped to
+  the image's width and each row as tall as its longest title needs."""
   import matplotlib.pyplot as plt
   from PIL import Image
 
+  use_cjk_font()
   rows = (len(images) + cols - 1) // cols
-  fig, axes = plt.subplots(rows, cols, figsize=(cols * size, rows * (size + 0.6)), squeeze=False)
+  width = int(size * 72 / (0.6 * fontsize))  # columns of a title line: a glyph is ~0.6 em
+  titles = [wrap(visible(t), width) for t in titles]
+  lines = [
+    max((t.count("\n") + 1 for t in titles[r * cols : (r + 1) * cols]), default=1)
+    for r in range(rows)
+  ]
+  heights = [size + 1.35 * fontsize * n / 72 + 0.1 for n in lines]  # inches: image + title
+  fig, axes = plt.subplots(
+    rows,
+    cols,
+    figsize=(cols * size, sum(heights)),
+    squeeze=False,
+    gridspec_kw={"height_ratios": heights},
+    layout="constrained",
+  )
   for ax in axes.flat:
     ax.axis("off")
+    ax.set_anchor("S")  # a square image sits at the bottom of its cell, its title just above
   for ax, image, title in zip(axes.flat, images, titles):
     ax.imshow(Image.open(image) if isinstance(image, str) else image)
-    ax.set_title(title, fontsize=7, wrap=True)
-  plt.tight_layout()
+    ax.set_title(title, fontsize=fontsize)
   plt.show()
 
 

@@ -14,17 +14,21 @@
 # %% [markdown]
 # # M6 in JAX: pod scale
 #
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/YOUR_ORG/m6-jax/blob/main/experiments/notebooks/pod_scale.ipynb)
+#
 # 1. **Ahead-of-time report** for a paper config on a TPU topology: the real train step,
 #    compiled by libtpu's compiler on this machine's CPU (no TPU needed), with its memory per
 #    chip, FLOPs, collectives and an MFU estimate (`--mode=aot`, `m6_jax/aot/report.py`).
 # 2. **Sharding** of a tiny model over 8 devices (a 2 x 2 x 2 data x fsdp x tensor mesh),
 #    simulated on the CPU: which slice of each parameter every device holds.
 #
-# Everything here runs on the CPU, on any runtime. On Colab clone the repository first,
-# e.g. `!git clone <the repository's URL> /content/m6-jax`.
+# Everything here runs on the CPU, so the notebook asks Colab for no accelerator. On Colab,
+# set `REPO_URL` below to the repository's git URL (replace `YOUR_ORG` in it and in the
+# badge's link): the first cell clones it.
 
 # %% tags=["parameters"]
 # Parameters (the test suite runs this notebook with small values: tests/experiments/).
+REPO_URL = "https://github.com/YOUR_ORG/m6-jax.git"  # cloned on Colab; unused in a checkout
 INSTALL = True  # pip install the pinned requirements (and libtpu's compiler) from the checkout
 AOT_CONFIG = "configs/m6_base.py"  # a paper config: m6_base, m6_large, m6_10b, m6_100b, ...
 AOT_TOPOLOGY = ""  # e.g. "v5p:4x4x4"; "" = the config file's TOPOLOGY
@@ -33,10 +37,9 @@ WORKDIR = "/tmp/m6_pod_scale"
 SHARDING_OVERRIDES = {}  # overrides of the tiny model of the sharding demo
 
 # %%
-# Set-up: find the checkout (this notebook lives in experiments/notebooks/), make it the
-# working directory (config paths are relative to it) and importable, and install its pinned
-# requirements with libtpu's compiler (requirements-aot.txt). JAX runs on 8 simulated CPU
-# devices: set before JAX starts.
+# The checkout: the one this notebook lives in (experiments/notebooks/), else a clone of
+# REPO_URL in /content/m6-jax (Colab opens the notebook alone). It becomes the working
+# directory (config paths are relative to it) and importable.
 import os
 import subprocess
 import sys
@@ -49,19 +52,33 @@ def find_repo():
       if os.path.isfile(os.path.join(path, "m6_jax", "main.py")):
         return path
       path = os.path.dirname(path)
-  raise FileNotFoundError("no m6-jax checkout here: clone it to /content/m6-jax first")
+  return None
 
 
 REPO = find_repo()
+if REPO is None:
+  if "YOUR_ORG" in REPO_URL:
+    raise ValueError("set REPO_URL (the parameters cell) to the m6-jax repository's git URL")
+  subprocess.run(["git", "clone", "--depth=1", REPO_URL, "/content/m6-jax"], check=True)
+  REPO = find_repo()
 os.chdir(REPO)
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
+print(f"the checkout: {REPO}")
+
+# %%
+# Install the pinned requirements with libtpu's compiler (requirements-aot.txt); the
+# runtime's own Jupyter packages stay as they are. Then the set-up every notebook shares
+# (quiet library logging). JAX runs on 8 simulated CPU devices: set before JAX starts.
+from experiments.notebooks import helpers
+
 if INSTALL:
   subprocess.run(
     [sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt"]
-    + ["-r", "requirements-aot.txt", "-r", "requirements-experiments.txt"],
+    + ["-r", "requirements-aot.txt"],
     check=True,
   )
+helpers.setup()
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -79,8 +96,6 @@ print(jax.devices())
 
 # %%
 import json
-
-from experiments.notebooks import helpers
 
 aot_json = os.path.join(WORKDIR, "aot.json")
 command = [sys.executable, "-m", "m6_jax.main", "--mode=aot", f"--config={AOT_CONFIG}"]

@@ -1,7 +1,9 @@
 # ---
 # jupyter:
+#   accelerator: TPU
 #   jupytext:
 #     formats: ipynb,py:percent
+#     notebook_metadata_filter: accelerator
 #     text_representation:
 #       extension: .py
 #       format_name: percent
@@ -14,20 +16,21 @@
 # %% [markdown]
 # # M6 in JAX: quickstart
 #
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/YOUR_ORG/m6-jax/blob/main/experiments/notebooks/quickstart.ipynb)
+#
 # Trains the tiny base M6 (about 1M parameters, `configs/base.py`) on the embedded synthetic
-# bilingual image-text world, plots its loss curves, then captions a few held-out scenes and
-# answers questions about them.
+# bilingual image-text world, plots its loss curves, captions a few held-out scenes and
+# answers questions about them, then shows what the text-to-image recipe draws from a prompt.
 #
-# **Runtime.** On Colab choose a TPU runtime (one v5e or v6e chip) for speed; any CPU runtime
-# works too (800 steps take 2 to 4 minutes on 2 cores). Clone the repository first (it is
-# not on PyPI), e.g. `!git clone <the repository's URL> /content/m6-jax`, then run the cells
-# top to bottom.
-#
-# **Text-to-image** (a grid of generated images) will be shown here once it has landed in
-# the project; it has not yet.
+# **Runtime.** The notebook asks Colab for a TPU runtime (one v5e or v6e chip); any CPU
+# runtime works too (800 steps take 2 to 4 minutes on 2 cores). On Colab, set `REPO_URL`
+# below to the repository's git URL (it is not on PyPI; replace `YOUR_ORG` in it and in the
+# badge's link); the first cell clones it to `/content/m6-jax`. Then run the cells top to
+# bottom.
 
 # %% tags=["parameters"]
 # Parameters (the test suite runs this notebook with small values: tests/experiments/).
+REPO_URL = "https://github.com/YOUR_ORG/m6-jax.git"  # cloned on Colab; unused in a checkout
 INSTALL = True  # pip install the pinned requirements from the checkout
 WORKDIR = "/tmp/m6_quickstart"  # checkpoints, metrics.jsonl, tokenizer; a rerun resumes
 STEPS = 800  # train.steps of the base config
@@ -35,9 +38,9 @@ OVERRIDES = {}  # more config overrides, e.g. {"train.lr": 1e-3}
 NUM_SCENES = 8  # held-out scenes to caption and question
 
 # %%
-# Set-up: find the checkout (this notebook lives in experiments/notebooks/), make it the
-# working directory (config paths are relative to it) and importable, and install its pinned
-# requirements: the TPU ones where there is a TPU chip.
+# The checkout: the one this notebook lives in (experiments/notebooks/), else a clone of
+# REPO_URL in /content/m6-jax (Colab opens the notebook alone). It becomes the working
+# directory (config paths are relative to it) and importable.
 import os
 import subprocess
 import sys
@@ -50,24 +53,36 @@ def find_repo():
       if os.path.isfile(os.path.join(path, "m6_jax", "main.py")):
         return path
       path = os.path.dirname(path)
-  raise FileNotFoundError("no m6-jax checkout here: clone it to /content/m6-jax first")
+  return None
 
 
 REPO = find_repo()
+if REPO is None:
+  if "YOUR_ORG" in REPO_URL:
+    raise ValueError("set REPO_URL (the parameters cell) to the m6-jax repository's git URL")
+  subprocess.run(["git", "clone", "--depth=1", REPO_URL, "/content/m6-jax"], check=True)
+  REPO = find_repo()
 os.chdir(REPO)
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
+print(f"the checkout: {REPO}")
+
+# %%
+# Install the pinned requirements (the TPU ones where there is a TPU chip) and what the
+# notebook adds (matplotlib); the runtime's own Jupyter packages stay as they are. Then the
+# set-up every notebook shares: quiet library logging, a font for Chinese.
+from experiments.notebooks import helpers
 from m6_jax.cli import bootstrap
 
 on_tpu = bootstrap.has_tpu_chip()
 if INSTALL:
   requirements = "requirements-tpu.txt" if on_tpu else "requirements.txt"
   subprocess.run(
-    [sys.executable, "-m", "pip", "install", "-q", "-r", requirements]
-    + ["-r", "requirements-experiments.txt"],
+    [sys.executable, "-m", "pip", "install", "-q", "-r", requirements, *helpers.pins("matplotlib")],
     check=True,
   )
 bootstrap.choose_platform()  # CPU where libtpu is installed but there is no TPU chip
+helpers.setup()
 
 import jax
 
@@ -85,12 +100,8 @@ else:
 # checkpoints to the workdir, and resumes from its latest checkpoint when rerun.
 
 # %%
-from absl import logging
-
-from experiments.notebooks import helpers
 from m6_jax.train import loop
 
-logging.set_verbosity(logging.INFO)
 config = helpers.load_config("configs/base.py", {"train.steps": STEPS, **OVERRIDES})
 if jax.default_backend() == "tpu":
   config.model.dtype = "bfloat16"  # the MXU's type; parameters stay float32
@@ -136,3 +147,36 @@ helpers.show_images(
     for c, q, a in zip(captions, questions, answers)
   ],
 )
+
+# %% [markdown]
+# ## Text to image
+# A VQGAN turns an image into a 12 x 12 grid of codes, M6 learns to generate the codes from
+# a caption, and the VQGAN decodes them back into pixels
+# ([docs/text_to_image.md](../../docs/text_to_image.md)). Training the two takes about 22
+# minutes on 2 CPU cores, far longer than this notebook, so the grids below are the ones the
+# recipe of that page drew and committed to `docs/text_to_image/`: for each prompt, the best
+# 8 of 32 samples by the model's own image-to-text likelihood of the prompt, best first,
+# read here through the index JSON that `--mode=generate` writes beside each grid. After the
+# recipe's training commands, draw your own prompt with
+#
+# ```
+# python -m m6_jax.main --mode=generate --workdir=/tmp/m6_t2i --prompt="一个红色的圆" \
+#   --num_images=8 --guidance_scale=1 --rerank=32 --output_dir=/tmp/m6_t2i_images
+# ```
+#
+# and show the grid it prints, as below.
+
+# %%
+import glob
+import json
+
+grids, titles = [], []
+for path in sorted(glob.glob("docs/text_to_image/*/*.json")):
+  with open(path, encoding="utf-8") as f:
+    index = json.load(f)
+  grids.append(os.path.join(os.path.dirname(path), index["grid"]))
+  titles.append(
+    f"{index['prompt']}\n(step {index['step']}, guidance {index['settings']['guidance_scale']},"
+    f" best {len(index['files'])} of {index['num_candidates']})"
+  )
+helpers.show_images(grids, titles, cols=2, size=4.5, fontsize=9)

@@ -74,6 +74,17 @@ class QuietLibraries(pylogging.Filter):
     )
 
 
+def quiet_libraries() -> None:
+  """INFO logging with QuietLibraries, for the command line and the notebooks alike: on
+  absl's handler (which prints on the command line) and on absl's logger, through which
+  the libraries' absl records pass whatever handler prints them (a notebook's is the one
+  `logging.basicConfig` adds)."""
+  logging.set_verbosity(logging.INFO)
+  for target in (logging.get_absl_handler(), logging.get_absl_logger()):
+    if not any(isinstance(f, QuietLibraries) for f in target.filters):
+      target.addFilter(QuietLibraries())
+
+
 # --------------------------------------------------------------------------------------
 # Huge pages
 # --------------------------------------------------------------------------------------
@@ -165,8 +176,7 @@ def choose_platform() -> str | None:
 def start() -> None:
   """Logging, huge pages (may restart the process), platform, then jax.distributed when the
   flags ask for it; a DistributedError for flags that cannot start it."""
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(QuietLibraries())
+  quiet_libraries()
   if HUGE_PAGES.value:  # first: it may restart the process
     try:
       logging.info(restart_with_huge_pages())

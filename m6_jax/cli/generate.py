@@ -77,9 +77,15 @@ RERANK = flags.DEFINE_integer(
 VQGAN_WORKDIR = flags.DEFINE_string(
   "vqgan_workdir", None, "The VQGAN that decodes the codes (default: the model's)."
 )
+OVERWRITE = flags.DEFINE_bool(
+  "overwrite",
+  False,
+  "Replace the files of an earlier drawing of the same --prompt in --output_dir (default: "
+  "an error naming the existing file).",
+)
 # Flags that ask for images: with a --prompt on a model without image codes they are an
 # error, not a text continuation.
-_DRAWING = (NUM_IMAGES, OUTPUT_DIR, GUIDANCE_SCALE, RERANK, VQGAN_WORKDIR)
+_DRAWING = (NUM_IMAGES, OUTPUT_DIR, GUIDANCE_SCALE, RERANK, VQGAN_WORKDIR, OVERWRITE)
 
 
 def _draws_images(config) -> bool:
@@ -125,6 +131,7 @@ def _draw(config) -> None:
     top_p=TOP_P.value,
     seed=SEED.value,
     vqgan_workdir=VQGAN_WORKDIR.value or "",
+    overwrite=OVERWRITE.value,
   )
   step, best = checkpoint_flags.CHECKPOINT_STEP.value, checkpoint_flags.BEST.value
   index = text_to_image.run(request, common.WORKDIR.value, config, step, best)
@@ -134,12 +141,12 @@ def _draw(config) -> None:
     print(os.path.join(request.output_dir, name))
   print(
     f"wrote {len(index['files'])} image(s) for {request.prompt!r}, the grid {index['grid']} "
-    f"and {image_outputs.slug(request.prompt)}.json to {request.output_dir}"
+    f"and {image_outputs.stem(request.prompt)}.json to {request.output_dir}"
   )
   if not index["prompt_drawn_on_grid"]:
     print(
-      "no installed font has the prompt's glyphs, so the grid does not show it; it is in the "
-      "JSON and in every PNG's text metadata."
+      "neither an installed font nor the package's CJK subset has every glyph of the prompt, so "
+      "the grid does not show it; it is in the JSON and in every PNG's text metadata."
     )
 
 

@@ -1,61 +1,76 @@
 """The files text-to-image writes: one PNG per image and a grid PNG, each with the prompt in
-its text metadata (the grid also shows it, drawn with a system font that has its glyphs, when
-one exists), and an index JSON with the prompt, seed, settings and files.
+its text metadata (the grid also shows it, drawn with a font that has its glyphs:
+m6_jax/infer/fonts.py), and an index JSON with the prompt, seed, settings and files.
 
-    OUT/<slug>_<i>.png   OUT/<slug>_grid.png   OUT/<slug>.json
+    OUT/<stem>_<i>.png   OUT/<stem>_grid.png   OUT/<stem>.json
 
-The slug is the prompt's ASCII words ('image' for a prompt without any, e.g. a Chinese one).
-Fonts come from fontconfig (`fc-list :charset=...`): a Chinese prompt is drawn only where a
-CJK font is installed; `prompt_drawn_on_grid` in the JSON says whether it was.
+The stem is the prompt's ASCII words (`image` for a prompt without any, e.g. a Chinese one)
+and a short hash of the whole prompt, so that two prompts never share a file. A file that
+exists already is an error unless the request says `overwrite`. The index records the
+model's workdir as the caller gave it and the VQGAN's as given or relative to the workdir,
+so that no path the caller did not write ends up in it (`provenance`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
-import shutil
-import subprocess
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from m6_jax.errors import GenerationError
+from m6_jax.infer import fonts
 
 GRID_CELL = 192  # grid cells are upscaled (nearest) to this many pixels: 48 px is tiny to look at
 
 
 def slug(prompt: str) -> str:
-  """A file-name stem from the prompt's ASCII letters and digits ('image' when none)."""
+  """The prompt's ASCII letters and digits ('image' when none)."""
   words = re.findall(r"[a-z0-9]+", prompt.lower())
   return "-".join(words)[:48].strip("-") or "image"
 
 
-def _fc_list_font(text: str) -> str | None:
-  """A font file fontconfig says covers every character of `text`, regular styles first."""
-  if not shutil.which("fc-list"):
-    return None
-  charset = " ".join(f"{ord(ch):x}" for ch in sorted(set(text)) if not ch.isspace())
-  try:
-    out = subprocess.run(
-      ["fc-list", "--format=%{file}\\n", f":charset={charset}"],
-      capture_output=True,
-      text=True,
-      timeout=20,
-    ).stdout
-  except (OSError, subprocess.SubprocessError):
-    return None
-  files = sorted({f for f in out.splitlines() if f.endswith((".ttf", ".otf", ".ttc"))})
-  styled = lambda f: any(s in os.path.basename(f) for s in ("Bold", "Italic", "Oblique", "Light"))
-  files.sort(key=styled)
-  return files[0] if files else None
+def stem(prompt: str) -> str:
+  """The file-name stem of a prompt's outputs: its slug and a hash of the whole prompt."""
+  return f"{slug(prompt)}-{hashlib.sha256(prompt.encode('utf-8')).hexdigest()[:8]}"
+
+
+def output_names(prompt: str, num_images: int) -> list[str]:
+  """Every file a request writes: the images, the grid, then the index JSON."""
+  name = stem(prompt)
+  return [f"{name}_{i}.png" for i in range(num_images)] + [f"{name}_grid.png", f"{name}.json"]
+
+
+def check_not_written(output_dir: str, prompt: str, num_images: int, overwrite: bool) -> None:
+  """GenerationError naming the first of the request's files that exists (unless `overwrite`)."""
+  if overwrite:
+    return
+  for name in output_names(prompt, num_images):
+    path = os.path.join(output_dir, name)
+    if os.path.exists(path):
+      raise GenerationError(
+        f"{path} exists (this prompt was drawn into --output_dir before); pass --overwrite "
+        "to replace it, or another --output_dir."
+      )
+
+
+def provenance(workdir: str, step: int, vqgan_workdir: str, vqgan_given: bool) -> dict[str, Any]:
+  """The index's record of what drew: the workdir as the caller gave it, and the VQGAN as
+  given (`vqgan_given`) or, found through the model's codes (an absolute path of this
+  machine), relative to the workdir."""
+  if not vqgan_given:
+    vqgan_workdir = os.path.relpath(os.path.abspath(vqgan_workdir), os.path.abspath(workdir))
+  return {"workdir": workdir, "step": step, "vqgan_workdir": vqgan_workdir}
 
 
 def prompt_font(text: str, size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont | None:
-  """A font that draws every character of `text` (CJK needs a system font with its glyphs),
-  or None when there is none."""
-  path = _fc_list_font(text)
+  """A font that draws every character of `text` (a system font, else the package's CJK
+  subset: m6_jax/infer/fonts.py), or None when there is none."""
+  path = fonts.font_file(text)
   if path:
     try:
       return ImageFont.truetype(path, size)
@@ -68,17 +83,20 @@ def prompt_font(text: str, size: int) -> ImageFont.FreeTypeFont | ImageFont.Imag
 
 def grid_image(images: np.ndarray, prompt: str) -> tuple[Image.Image, bool]:
   """(the images in a near-square grid, cells upscaled to GRID_CELL px, under a band with the
-  prompt; whether the prompt could be drawn)."""
+  prompt, wrapped to the grid's width; whether the prompt could be drawn)."""
   n = len(images)
   cols = int(np.ceil(np.sqrt(n)))
   rows = -(-n // cols)
   cell, pad = GRID_CELL, 4
   font = prompt_font(prompt, 20)
-  band = 36 if font is not None else 0
   width = cols * (cell + pad) + pad
-  grid = Image.new("RGB", (width, band + rows * (cell + pad) + pad), (255, 255, 255))
+  lines = []
   if font is not None:
-    ImageDraw.Draw(grid).text((pad + 2, 6), prompt, fill=(0, 0, 0), font=font)
+    lines = fonts.wrap(prompt, lambda line: font.getlength(line) <= width - 2 * pad - 4)
+  band = 12 + 24 * len(lines) if lines else 0
+  grid = Image.new("RGB", (width, band + rows * (cell + pad) + pad), (255, 255, 255))
+  for i, line in enumerate(lines):
+    ImageDraw.Draw(grid).text((pad + 2, 6 + 24 * i), line, fill=(0, 0, 0), font=font)
   for i, image in enumerate(images):
     tile = Image.fromarray(image).resize((cell, cell), Image.Resampling.NEAREST)
     r, c = divmod(i, cols)
@@ -95,19 +113,19 @@ def _png_info(fields: dict[str, Any]) -> PngImagePlugin.PngInfo:
 
 def write_outputs(result: Any, req: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
   """Writes `result` (text_to_image.GeneratedImages) for `req` (its ImageRequest) and returns
-  the index: prompt, seed, settings, files, the candidates kept and their reranking scores. The prompt is also in every PNG's
-  text metadata, and drawn above the grid when a font has its glyphs."""
-  out, stem = req.output_dir, slug(req.prompt)
+  the index: prompt, seed, settings, files, the candidates kept and their reranking scores,
+  and `extra` (`provenance`). The prompt is also in every PNG's text metadata, and drawn
+  above the grid when a font has its glyphs. Nothing is written when one of the files
+  exists, unless `req.overwrite`."""
+  out = req.output_dir
+  *files, grid_name, index_name = output_names(req.prompt, len(result.images))
+  check_not_written(out, req.prompt, len(result.images), req.overwrite)
   try:
     os.makedirs(out, exist_ok=True)
-    files = []
-    for i, image in enumerate(result.images):
-      name = f"{stem}_{i}.png"
+    for i, (name, image) in enumerate(zip(files, result.images)):
       meta = {"prompt": req.prompt, "seed": req.seed, "candidate": int(result.candidates[i])}
       Image.fromarray(image).save(os.path.join(out, name), pnginfo=_png_info(meta))
-      files.append(name)
     grid, drawn = grid_image(result.images, req.prompt)
-    grid_name = f"{stem}_grid.png"
     grid.save(os.path.join(out, grid_name), pnginfo=_png_info({"prompt": req.prompt}))
     index = {
       "prompt": req.prompt,
@@ -122,7 +140,7 @@ def write_outputs(result: Any, req: Any, extra: dict[str, Any] | None = None) ->
     }
     if result.scores is not None:
       index["scores"] = [float(s) for s in result.scores]
-    with open(os.path.join(out, f"{stem}.json"), "w", encoding="utf-8") as f:
+    with open(os.path.join(out, index_name), "w", encoding="utf-8") as f:
       json.dump(index, f, ensure_ascii=False, indent=2)
   except OSError as e:
     raise GenerationError(f"cannot write to --output_dir={out}: {e}") from None

@@ -75,6 +75,7 @@ class ImageRequest:
   seed: int = 0
   vqgan_workdir: str = ""  # empty: the one in the model's data.image_codes_dir
   batch_size: int = DEFAULT_BATCH_SIZE  # images sampled per decoding call
+  overwrite: bool = False  # replace the files of an earlier drawing of the prompt
 
   def settings(self) -> dict[str, Any]:
     keys = ("guidance_scale", "rerank", "temperature", "top_k", "top_p", "batch_size")
@@ -108,6 +109,7 @@ def check_request(req: ImageRequest) -> None:
     raise GenerationError("text-to-image needs --output_dir, a directory for the PNG files.")
   if os.path.exists(req.output_dir) and not os.path.isdir(req.output_dir):
     raise GenerationError(f"--output_dir={req.output_dir} exists and is not a directory.")
+  image_outputs.check_not_written(req.output_dir, req.prompt, req.num_images, req.overwrite)
   if req.rerank < 0 or 0 < req.rerank < req.num_images:
     raise GenerationError(
       f"--rerank={req.rerank} must be 0 (no reranking) or at least --num_images="
@@ -438,7 +440,7 @@ def run(
   check_image_tokenizer(vqgan, model_config.model, vqgan_dir)
   model = gen.load_model(workdir, step, config, best=best)
   result = generate_images(model, vqgan, req)
-  extra = {"workdir": workdir, "step": model.step, "vqgan_workdir": vqgan_dir}
+  extra = image_outputs.provenance(workdir, model.step, vqgan_dir, bool(req.vqgan_workdir))
   if not multihost.is_primary():  # every process samples the same images; one writes them
     return extra
   return image_outputs.write_outputs(result, req, extra)

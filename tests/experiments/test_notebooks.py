@@ -7,6 +7,7 @@ small values, as papermill injects parameters, in a few lines here instead of pa
 extra dependencies (and its own notebook rewriting) for that one feature.
 """
 
+import json
 import os
 
 import jupytext
@@ -82,6 +83,13 @@ def _images(notebook):
   return sum("image/png" in o.get("data", {}) for c in notebook.cells for o in c.get("outputs", []))
 
 
+def _assert_quiet(text):
+  """No checkpoint-library INFO lines (the command line's filter) and no missing glyphs."""
+  noisy = [l for l in text.splitlines() if "orbax" in l.lower() or "CheckpointManager" in l]
+  assert not noisy, noisy[:5]
+  assert "missing from font" not in text
+
+
 def test_quickstart_then_finetune_your_data_from_its_workdir(tmp_path, tokenizer_path):
   """One test: the fine-tune starts from the quickstart's workdir (init_from), as a user
   running both would."""
@@ -94,7 +102,9 @@ def test_quickstart_then_finetune_your_data_from_its_workdir(tmp_path, tokenizer
   text = _text(nb)
   assert "CpuDevice" in text and "No TPU here: running on CPU" in text
   assert "finished at step 4" in text
-  assert _images(nb) == 2  # the loss curves and the captioned scenes
+  assert f"the checkout: {REPO}" in text  # found, not cloned
+  assert _images(nb) == 3  # the loss curves, the captioned scenes, the text-to-image grids
+  _assert_quiet(text)
 
   parameters = {
     "INSTALL": False,
@@ -111,8 +121,12 @@ def test_quickstart_then_finetune_your_data_from_its_workdir(tmp_path, tokenizer
   assert "VQA accuracy (held-out)" in text and "caption BLEU-4" in text
   assert os.path.isdir(tmp_path / "data" / "tfds" / "my_data")
   assert _images(nb) == 2  # the fine-tuning curves and the predictions
+  _assert_quiet(text)
   with open(tmp_path / "finetune" / "config.json") as f:
-    assert f.read().count(pretrained) == 1  # init_from
+    saved = f.read()
+  assert saved.count(pretrained) == 1  # init_from
+  train = json.loads(saved)["train"]
+  assert 0 < train["warmup_steps"] < train["steps"] == 4  # the learning rate peaks in the run
 
 
 def test_pod_scale(tmp_path):
@@ -126,6 +140,7 @@ def test_pod_scale(tmp_path):
     "SHARDING_OVERRIDES": tiny_model,
   }
   text = _text(_execute("pod_scale", parameters))
+  _assert_quiet(text)
   assert "v5e:2x2 (4 x TPU v5 lite)" in text and "MFU estimate" in text
   assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2" in text
   assert "device 7: [" in text

@@ -300,10 +300,16 @@ def test_cli_errors_are_one_line(code_config, tmp_path, run_main):
   text_only = code_config.copy_and_resolve_references()
   text_only.model.code_vocab_size = 0
   assert "has no image codes" in _run_error(ok, workdir, text_only)
+  drawn = tmp_path / "drawn"  # a drawing of the prompt is there already
+  drawn.mkdir()
+  (drawn / f"{image_outputs.stem('a red circle')}_0.png").write_bytes(b"")
+  assert "pass --overwrite" in _run_error(replace(output_dir=str(drawn)), workdir, code_config)
   # The same checks through main: exit status 2 and one `error:` line, before any loading.
   for flags, needle in (
     (["--prompt=", "--num_images=2"], "prompt is empty"),
     (["--prompt=a red circle", "--num_images=-1"], "--num_images=-1 must be positive"),
+    (["--prompt=a red circle", f"--output_dir={drawn}"], "_0.png exists"),
+    (["--prompt=a red circle", f"--output_dir={drawn}", "--overwrite"], "no checkpoint in"),
   ):
     proc = run_main("--mode=generate", f"--workdir={workdir}", f"--output_dir={tmp_path}", *flags)
     errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
@@ -358,19 +364,20 @@ def test_train_and_generate_pngs(code_config, tokenizer_path, tmp_path):
   loader = lambda d, s: loads.append(d) or StandInImageTokenizer.load(d, s)
   index = t2i.run(request, workdir, image_tokenizer_loader=loader)
   assert loads == [vqgan_dir]  # found through data.image_codes_dir/codes_info.json
-  assert index["files"] == ["image_0.png", "image_1.png", "image_2.png"]
+  stem = image_outputs.stem("一个红色的圆")
+  assert stem.startswith("image-") and index["files"] == [f"{stem}_{i}.png" for i in range(3)]
   assert index["prompt"] == "一个红色的圆" and index["seed"] == 0 and index["step"] == 3
   assert index["settings"]["rerank"] == 4 and len(index["scores"]) == 3
   assert index["scores"] == sorted(index["scores"], reverse=True)
-  assert json.load(open(os.path.join(out, "image.json"), encoding="utf-8")) == index
+  assert json.load(open(os.path.join(out, f"{stem}.json"), encoding="utf-8")) == index
+  # The workdir as given, the VQGAN (an absolute path in codes_info.json) relative to it.
+  assert index["workdir"] == workdir and index["vqgan_workdir"] == "../vqgan"
   for name in index["files"]:
     with Image.open(os.path.join(out, name)) as img:
       assert img.size == (48, 48) and img.text["prompt"] == "一个红色的圆"
   with Image.open(os.path.join(out, index["grid"])) as grid:
     assert grid.width >= 2 * image_outputs.GRID_CELL and grid.text["prompt"] == "一个红色的圆"
-  assert index["prompt_drawn_on_grid"] == (
-    image_outputs.prompt_font("一个红色的圆", 20) is not None
-  )
+  assert index["prompt_drawn_on_grid"]  # by a system font, else the package's CJK subset
   _judged_against_the_scenes(workdir, vqgan)
 
 
