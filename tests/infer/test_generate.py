@@ -70,8 +70,11 @@ MODEL_FLAGS = [
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
+  """The test model trained STEPS steps, with checkpoints at STEPS // 2 and STEPS."""
   path = str(tmp_path_factory.mktemp("trained"))
-  loop.train(_config(), path)
+  config = _config()
+  config.train.checkpoint_every = STEPS // 2
+  loop.train(config, path)
   return path
 
 
@@ -410,21 +413,15 @@ def test_decoding_never_emits_special_tokens(workdir, method):
 # -- damaged checkpoints: generate / eval / export verify them as training does ---------------
 
 
-@pytest.fixture(scope="module")
-def two_steps(tmp_path_factory):
-  """The test model trained 4 steps, with checkpoints at steps 2 and 4."""
-  path = str(tmp_path_factory.mktemp("two_steps"))
-  c = _config()
-  c.train.steps, c.train.checkpoint_every = 4, 2
-  loop.train(c, path)
-  return path
+LATEST, BEFORE = STEPS, STEPS // 2  # the workdir's two checkpoint steps
 
 
-def _damaged_copy(two_steps, tmp_path, kind):
-  workdir = tmp_path / kind
-  shutil.copytree(two_steps, workdir)
-  damage_step(str(workdir / "checkpoints" / "4"), kind)
-  return workdir
+def _damaged_copy(workdir, tmp_path, kind):
+  """A copy of the workdir whose latest step has damage `kind`."""
+  copy = tmp_path / kind
+  shutil.copytree(workdir, copy)
+  damage_step(str(copy / "checkpoints" / str(LATEST)), kind)
+  return copy
 
 
 # Inference reads no data-iterator position: that damage leaves its parameters readable.
@@ -433,86 +430,87 @@ INFERENCE_DAMAGE = [k for k in DAMAGE if k != "deleted_data_iterator"] + ["unver
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", INFERENCE_DAMAGE)
-def test_inference_falls_back_past_a_damaged_latest_step(two_steps, tmp_path, kind, caplog, capfd):
-  """The latest step of a workdir is the newest intact one: a damaged step 4 is one warning
-  line naming it and what is wrong, left in place, and step 2 is loaded; nothing of the
-  failed read on the screen. Asked for by number, the damaged step is one DamagedCheckpoint
-  naming it. A step without checksums is loaded, with a warning that it cannot be verified."""
-  workdir = _damaged_copy(two_steps, tmp_path, kind)
+def test_inference_falls_back_past_a_damaged_latest_step(workdir, tmp_path, kind, caplog, capfd):
+  """The latest step of a workdir is the newest intact one: a damaged latest step is one
+  warning line naming it and what is wrong, left in place, and the step before is loaded;
+  nothing of the failed read on the screen. Asked for by number, the damaged step is one
+  DamagedCheckpoint naming it. A step without checksums is loaded, with a warning line that
+  it cannot be verified."""
+  damaged = _damaged_copy(workdir, tmp_path, kind)
   capfd.readouterr()
   with caplog.at_level(logging.INFO):
-    model = generate.load_model(str(workdir), devices=jax.devices()[:1])
+    model = generate.load_model(str(damaged), devices=jax.devices()[:1])
     gc.collect()
   warnings, noise = warnings_and_noise(caplog.records, capfd.readouterr().err)
   assert noise == [] and len(warnings) == 1, (warnings, noise)
+  line, source = warnings[0], f"{damaged}/checkpoints (step {LATEST})"
   if kind == "unverifiable_flip":
-    assert model.step == 4 and "(step 4) has no checksums, so it cannot be verified" in warnings[0]
+    assert model.step == LATEST and f"{source} has no checksums, so it cannot be verified" in line
     return
-  assert model.step == 2
-  line = warnings[0]
-  assert (
-    line.startswith(f"Checkpoint damaged, {workdir}/checkpoints (step 4): ")
-    and DAMAGE[kind] in line
-  )
-  assert "left it in place and fall back to step 2" in line, line
-  assert os.path.lexists(workdir / "checkpoints" / "4")
+  assert model.step == BEFORE
+  assert line.startswith(f"Checkpoint damaged, {source}: ") and DAMAGE[kind] in line, line
+  assert f"left it in place and fall back to step {BEFORE}" in line, line
+  assert os.path.lexists(damaged / "checkpoints" / str(LATEST))
   with pytest.raises(DamagedCheckpoint) as error:
-    generate.load_model(str(workdir), step=4, devices=jax.devices()[:1])
+    generate.load_model(str(damaged), step=LATEST, devices=jax.devices()[:1])
   message = str(error.value)
-  assert message.startswith(f"damaged checkpoint {workdir}/checkpoints (step 4): ")
-  assert DAMAGE[kind] in message
-  assert "load another step (others here: 2)" in message and "\n" not in message
+  assert message.startswith(f"damaged checkpoint {source}: ") and DAMAGE[kind] in message
+  assert f"load another step (others here: {BEFORE})" in message and "\n" not in message
 
 
 @pytest.mark.slow
-def test_a_damaged_best_step_is_one_error(two_steps, tmp_path):
+def test_a_damaged_best_step_is_one_error(workdir, tmp_path):
   """--best asks for one step: damaged, it is an error naming it, not a fallback."""
-  workdir = tmp_path / "best"
-  shutil.copytree(two_steps, workdir)
-  model = generate.load_model(str(workdir), devices=jax.devices()[:1])
-  best = checkpoints.Checkpoints(checkpoints.best_dir(str(workdir)), 1, "loss", "min")
+  copy = tmp_path / "best"
+  shutil.copytree(workdir, copy)
+  model = generate.load_model(str(copy), devices=jax.devices()[:1])
+  best = checkpoints.Checkpoints(checkpoints.best_dir(str(copy)), 1, "loss", "min")
   best.save(
-    4, config=model.config, tokenizer=model.tokenizer, params=model.params, metrics={"loss": 1}
+    LATEST, config=model.config, tokenizer=model.tokenizer, params=model.params, metrics={"loss": 1}
   )
   best.wait()
-  damage_step(os.path.join(best.directory, "4"), "flipped_byte")
-  with pytest.raises(DamagedCheckpoint, match=r"\(step 4\): array 'params/.*checksum.*best one"):
-    generate.load_model(str(workdir), best=True, devices=jax.devices()[:1])
+  damage_step(os.path.join(best.directory, str(LATEST)), "flipped_byte")
+  with pytest.raises(DamagedCheckpoint, match=r"array 'params/.*checksum.*instead of the best one"):
+    generate.load_model(str(copy), best=True, devices=jax.devices()[:1])
 
 
-# Per mode: the damage of the latest step (a byte flipped inside an array, which only the
-# checksums show, or in the index every array is read through, which fails the read).
+# Per mode, the damage of the latest step: a byte flipped inside a parameter, which only the
+# checksums show, or in the index every array is read through, which fails the read.
 CLI_DAMAGE = {"generate": "flipped_byte", "eval": "flipped_index_byte", "export": "flipped_byte"}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", list(CLI_DAMAGE))
 def test_generate_eval_and_export_verify_the_checkpoint(
-  mode, two_steps, image_path, tmp_path, run_main
+  mode, workdir, image_path, tmp_path, run_main
 ):
   """On a workdir whose latest step is damaged, --mode=generate / eval / export fall back to
   the newest intact step with one warning line (export writes that step's parameters, never
-  the damaged ones under fresh checksums); --checkpoint_step=4 is one error line naming it."""
-  workdir = _damaged_copy(two_steps, tmp_path, CLI_DAMAGE[mode])
+  the damaged ones under fresh checksums); --checkpoint_step=<the damaged step> is one error
+  line naming it."""
+  damaged = _damaged_copy(workdir, tmp_path, CLI_DAMAGE[mode])
+  for written in ("generate.jsonl", "eval_metrics.json"):  # by other tests, into the original
+    (damaged / written).unlink(missing_ok=True)
   extra = {
     "generate": [f"--image={image_path}"],
     "eval": ["--num_eval_examples=2"],
     "export": [f"--export_dir={tmp_path / 'export'}"],
   }[mode]
-  proc = run_main(f"--mode={mode}", f"--workdir={workdir}", *extra)
+  proc = run_main(f"--mode={mode}", f"--workdir={damaged}", *extra)
   assert proc.returncode == 0, proc.stderr[-3000:]
   noise = [l for l in proc.stderr.splitlines() if any(n in l for n in LIBRARY_NOISE)]
   warnings = [l for l in proc.stderr.splitlines() if l.startswith("W")]
   assert noise == [] and len(warnings) == 1, proc.stderr[-3000:]
-  assert "(step 4): " in warnings[0] and DAMAGE[CLI_DAMAGE[mode]] in warnings[0]
-  assert "fall back to step 2" in warnings[0]
-  done = {
-    "generate": lambda: json.loads((workdir / "generate.jsonl").read_text())["step"] == 2,
-    "eval": lambda: json.loads((workdir / "eval_metrics.json").read_text())["step"] == 2,
-    "export": lambda: "exported step 2 " in proc.stdout,
-  }[mode]
-  assert done(), proc.stdout
+  assert f"(step {LATEST}): " in warnings[0] and DAMAGE[CLI_DAMAGE[mode]] in warnings[0]
+  assert f"fall back to step {BEFORE}" in warnings[0]
+  if mode == "export":
+    assert f"exported step {BEFORE} " in proc.stdout, proc.stdout
+    assert os.listdir(tmp_path / "export" / "checkpoints") == [str(BEFORE)]
+  elif mode == "generate":
+    assert json.loads((damaged / "generate.jsonl").read_text())["step"] == BEFORE
+  else:
+    assert json.loads((damaged / "eval_metrics.json").read_text())["step"] == BEFORE
 
-  extra = [a + "_of_step_4" if a.startswith("--export_dir") else a for a in extra]
-  proc = run_main(f"--mode={mode}", f"--workdir={workdir}", "--checkpoint_step=4", *extra)
-  _assert_one_error_line(proc, "damaged checkpoint", "(step 4)", DAMAGE[CLI_DAMAGE[mode]])
+  extra = [f"--export_dir={tmp_path / 'export_2'}" if mode == "export" else a for a in extra]
+  proc = run_main(f"--mode={mode}", f"--workdir={damaged}", f"--checkpoint_step={LATEST}", *extra)
+  _assert_one_error_line(proc, "damaged checkpoint", f"(step {LATEST})", DAMAGE[CLI_DAMAGE[mode]])
