@@ -14,7 +14,8 @@ loop is closed with the other reads still in flight: their TensorStore results t
 on a closed loop ("RuntimeError: Event loop is closed", printed from TensorStore's threads)
 or fail unretrieved ("Future exception was never retrieved", logged when the garbage
 collector finds them), long after the read was reported, hundreds of lines of it. Within
-`reading()`, the loops Orbax makes finish their pending tasks before they close, and what
+`reading()` (an asyncio event-loop policy installed for its duration), the loops Orbax
+makes finish their pending tasks before they close, and what
 the libraries log is held back: it goes into the damage's detail when the read fails (the
 detail file, `damage_log`), and is passed on (warnings and above) when it succeeds.
 """
