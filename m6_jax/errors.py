@@ -23,7 +23,14 @@ class CheckpointError(UserError, ValueError):
 
 
 class DamagedCheckpoint(CheckpointError):
-  """A checkpoint step that cannot be read, or whose arrays differ from their checksums."""
+  """A checkpoint step that cannot be read, or whose arrays differ from their checksums.
+
+  The message says what is wrong in one line; `detail` keeps the rest (tracebacks, what the
+  libraries logged), for a file rather than the screen."""
+
+  def __init__(self, message: str, detail: str = ""):
+    super().__init__(message)
+    self.detail = detail
 
 
 class DataPreparationError(UserError, ValueError):

@@ -24,11 +24,19 @@ tokenizer fingerprint with the tokenizer in use; a mismatch is one CheckpointErr
 both sides. Orbax writes each step into a temporary folder and renames it when complete, so
 a crash mid-save never leaves a half-written step that a resume would pick up.
 
-A resume takes the newest step that restores and matches its checksums; a damaged one
-(truncated or missing files, changed bytes) is reported in one line, moved to
-`checkpoints.damaged/` and the step before it is used. Training steps are rotated here: the
-newest `keep` steps stay, and so does the newest *good* step (`good_steps.json`: steps the
-run confirmed by training on without diverging, m6_jax/train/divergence.py).
+Every read of a step (resume, generation, evaluation, export, init_from) checks it: its
+files first (m6_jax/checkpoint/integrity.py), then, after the arrays are read, their
+checksums. A damaged step (a truncated, changed or missing file, missing metadata or a
+missing item, an empty step folder) is reported in one warning line that says what is wrong;
+the detail (tracebacks, what Orbax and TensorStore logged) goes to
+`<directory>.damaged/<step>.log`. Asking for the latest step means the newest *intact* one:
+a resume moves the damaged step to `checkpoints.damaged/` and takes the step before; a
+reader (generate, eval, export) leaves it where it is and reads the step before. A damaged
+step asked for by number, or the best step, is one DamagedCheckpoint (an `error:` line). A
+step without checksums (written before they were recorded) is used, with a warning line
+that it cannot be verified. Training steps are rotated here: the newest `keep` steps stay,
+and so does the newest *good* step (`good_steps.json`: steps the run confirmed by training
+on without diverging, m6_jax/train/divergence.py).
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ import hashlib
 import json
 import os
 import shutil
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import grain
 import jax
@@ -47,15 +55,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from m6_jax.checkpoint.checksums import checksums, verify_checksums
+from m6_jax.checkpoint import integrity
+from m6_jax.checkpoint.checksums import checksums, unverifiable, verify_checksums
 from m6_jax.errors import CheckpointError, DamagedCheckpoint
 from m6_jax.parallel import multihost
 
-__all__ = ["CheckpointError", "Checkpoints", "DamagedCheckpoint", "load_params"]
+__all__ = ["CheckpointError", "Checkpoints", "DamagedCheckpoint", "load_intact", "load_params"]
 
 TOKENIZER_FILE = os.path.join("tokenizer", "spm.model")
 WORDPIECE_FILE = os.path.join("tokenizer", "vocab.txt")  # data.tokenizer_kind="wordpiece"
 GOOD_STEPS_FILE = "good_steps.json"
+T = TypeVar("T")
 
 
 def _array_handlers() -> ocp.type_handlers.TypeHandlerRegistry:
@@ -188,12 +198,6 @@ def check_state_structure(expected: Any, saved: Any, source: str, workdir: str) 
   )
 
 
-def _short(e: Exception) -> str:
-  """The first line of an exception, for a one-line report."""
-  text = str(e).strip().splitlines()
-  return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
-
-
 def _restore_args(target: Any) -> Any:
   return ocp.checkpoint_utils.construct_restore_args(target)
 
@@ -227,6 +231,16 @@ class Checkpoints:
     # Training checkpoints are rotated here (`_rotate`), so that the newest good step is
     # never deleted by newer ones; best-by-metric rotation is Orbax's.
     self.keep = keep
+    # What the libraries logged while listing the steps, for the detail of a damaged one.
+    self._listing_log: list[str] = []
+    if create:  # a writer sets aside what a save of that step would delete without a word
+      for step in self.stray_files():
+        moved = self._move_aside(step)
+        logging.warning(
+          "Checkpoint damaged, %s: it is a file, not a checkpoint step folder; moved it to %s.",
+          self.source(step),
+          moved,
+        )
     options = ocp.CheckpointManagerOptions(
       max_to_keep=keep if best_metric else None,
       create=create,
@@ -235,11 +249,32 @@ class Checkpoints:
       enable_async_checkpointing=async_save,
       **best,
     )
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
+    with integrity.listing(self._listing_log):
+      self.manager = ocp.CheckpointManager(
+        self.directory, options=options, item_handlers=_handlers()
+      )
     self._rotating = not best_metric and keep is not None
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
+
+  def source(self, step: int) -> str:
+    """'<directory> (step N)', for messages."""
+    return f"{self.directory} (step {step})"
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def stray_files(self) -> list[int]:
+    """Steps that are plain files, not folders (Orbax lists no such step, and a save of that
+    step would delete the file without a word)."""
+    if not os.path.isdir(self.directory):
+      return []
+    return sorted(
+      int(name)
+      for name in os.listdir(self.directory)
+      if name.isdigit() and not os.path.isdir(os.path.join(self.directory, name))
+    )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -327,8 +362,8 @@ class Checkpoints:
 
   # -- integrity -------------------------------------------------------------------------------
 
-  def _quarantine(self, step: int) -> str:
-    """Moves a damaged step out of the directory (kept for inspection, never resumed from)."""
+  def _move_aside(self, step: int) -> str:
+    """Moves a damaged step out of the directory (kept for inspection, never read again)."""
     target_root = self.directory.rstrip("/") + ".damaged"
     target = os.path.join(target_root, str(step))
     n = 1
@@ -337,27 +372,67 @@ class Checkpoints:
       target = os.path.join(target_root, f"{step}.{n}")
     if jax.process_index() == 0:
       os.makedirs(target_root, exist_ok=True)
-      shutil.move(os.path.join(self.directory, str(step)), target)
+      shutil.move(self.step_dir(step), target)
     multihost.sync(f"quarantine_{step}")
-    self.manager.reload()
     return target
 
+  def _quarantine(self, step: int) -> str:
+    target = self._move_aside(step)
+    with integrity.listing(self._listing_log):
+      self.manager.reload()
+    return target
+
+  def log_damage(self, step: int, damage: DamagedCheckpoint) -> str:
+    """Writes the damage's detail to `<directory>.damaged/<step>.log`; returns ' (details
+    in <that file>)' for the report line, or '' where it cannot be written."""
+    detail = "\n".join([damage.detail, *self._listing_log]).strip()
+    if not detail:  # the report line says all there is
+      return ""
+    path = integrity.damage_log(self.directory, step, str(damage), detail)
+    return f" (details in {path})" if path else ""
+
+  def check_files(self, step: int, items: tuple[str, ...]) -> None:
+    """DamagedCheckpoint naming what the step lacks for reading `items`."""
+    what = integrity.missing_part(self.step_dir(step), items)
+    if what is not None:
+      raise DamagedCheckpoint(f"{self.source(step)}: {what}")
+
+  def warn_unverifiable(self, step: int, meta: dict | None, tokenizer: bool) -> None:
+    """One warning line for a step that cannot be verified (no checksums; no tokenizer
+    fingerprint, for a model with a tokenizer): it is used as it is."""
+    missing = unverifiable(meta, tokenizer)
+    if missing:
+      logging.warning(
+        "Checkpoint %s has %s, so it cannot be verified (written before they were recorded, "
+        "or its meta item was edited); using it as it is.",
+        self.source(step),
+        missing,
+      )
+
+  def parameter_item(self, step: int) -> str:
+    """'params' for a step of parameters alone (best step, export), else 'state'."""
+    recorded = integrity.recorded_items(self.step_dir(step))
+    if recorded is not None:
+      return "params" if "params" in recorded else "state"
+    return "params" if self.has(step, "params") else "state"
+
   def saved_json(self, step: int, item: str) -> dict | None:
-    """The step's `config` or `meta` (None if it has none)."""
+    """The step's `config` or `meta` (None if it has none); DamagedCheckpoint if unreadable."""
     if not self.has(step, item):
       return None
-    return self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[
-      item
-    ]
+    with integrity.reading(self.source(step)):
+      args = ocp.args.Composite(**{item: ocp.args.JsonRestore()})
+      return self.manager.restore(step, args=args)[item]
 
   def saved_tree(self, step: int, item: str) -> Any:
     """The tree of an item's saved array metadata (shapes, dtypes), read without its arrays."""
-    metadata = self.manager.item_metadata(step)[item]
-    return metadata.tree if hasattr(metadata, "tree") else metadata
+    with integrity.reading(self.source(step)):
+      metadata = self.manager.item_metadata(step)[item]
+      return metadata.tree if hasattr(metadata, "tree") else metadata
 
   def saved_param_shapes(self, step: int) -> Any:
     """The tree of saved parameter metadata (shapes, dtypes), read without loading arrays."""
-    if self.has(step, "params"):
+    if self.parameter_item(step) == "params":
       return self.saved_tree(step, "params")
     return self.saved_tree(step, "state")["params"]
 
@@ -370,28 +445,25 @@ class Checkpoints:
     tokenizer_path: str = "",
   ) -> tuple[Any, dict]:
     """(TrainState, meta) of `step`, onto the shardings in `abstract_state` (any mesh),
-    rewinding `data_iter` to where it was. Before any array is read, the parameter shapes
-    and (when given) the tokenizer are checked against the checkpoint (CheckpointError);
-    after, the arrays' checksums. A damaged step raises DamagedCheckpoint."""
-    source = f"{self.directory} (step {step})"
-    try:
-      saved = self.saved_tree(step, "state")
-      saved_params = saved["params"]
-      meta = self.saved_json(step, "meta") or {}
-    except Exception as e:  # noqa: BLE001 - any unreadable metadata is damage
-      raise DamagedCheckpoint(f"{source}: {_short(e)}") from e
-    check_param_shapes(abstract_state.params, saved_params, source)
+    rewinding `data_iter` to where it was. Before any array is read, the step's files are
+    checked, and the parameter shapes and (when given) the tokenizer against the checkpoint
+    (CheckpointError); after, the arrays' checksums. A damaged step raises
+    DamagedCheckpoint."""
+    source = self.source(step)
+    self.check_files(step, ("state", "meta") + ("data",) * (data_iter is not None))
+    saved = self.saved_tree(step, "state")
+    meta = self.saved_json(step, "meta") or {}
+    check_param_shapes(abstract_state.params, saved["params"], source)
     check_state_structure(abstract_state, saved, source, os.path.dirname(self.directory))
     if tokenizer is not None:
       check_tokenizer(meta, tokenizer, tokenizer_path, source)
     items = {"state": ocp.args.PyTreeRestore(abstract_state, _restore_args(abstract_state))}
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-    try:
+    with integrity.reading(source):
       state = self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
-    except Exception as e:  # noqa: BLE001 - a truncated or missing file is damage
-      raise DamagedCheckpoint(f"{source}: {_short(e)}") from e
     verify_checksums({"state": state}, meta, source)
+    self.warn_unverifiable(step, meta, tokenizer is not None)
     return state, meta
 
   def restore_intact_train_state(
@@ -408,24 +480,27 @@ class Checkpoints:
         )
         return state, step, meta
       except DamagedCheckpoint as e:
+        details = self.log_damage(step, e)
         moved = self._quarantine(step)
         older = self.latest_step()
         logging.warning(
-          "Checkpoint damaged, %s; moved it to %s and %s.",
+          "Checkpoint damaged, %s; moved it to %s and %s%s.",
           e,
           moved,
           f"fall back to step {older}" if older is not None else "no older step is left",
+          details,
         )
     return None, None, None
 
   def restore_params(self, step: int, target: Any) -> Any:
     """The parameters alone (no optimizer state is read) onto `target`'s shardings."""
-    if self.has(step, "params"):
-      args = ocp.args.PyTreeRestore(target, _restore_args(target))
-      return self.manager.restore(step, args=ocp.args.Composite(params=args))["params"]
-    item = {"params": target}
-    args = ocp.args.PyTreeRestore(item, _restore_args(item), partial_restore=True)
-    return self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
+    with integrity.reading(self.source(step)):
+      if self.parameter_item(step) == "params":
+        args = ocp.args.PyTreeRestore(target, _restore_args(target))
+        return self.manager.restore(step, args=ocp.args.Composite(params=args))["params"]
+      item = {"params": target}
+      args = ocp.args.PyTreeRestore(item, _restore_args(item), partial_restore=True)
+      return self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -451,19 +526,31 @@ def open_steps(path: str) -> Checkpoints:
   """The checkpoint directory of a workdir, export or checkpoint path, for reading;
   CheckpointError if it holds no checkpoint."""
   directory = resolve(path)
+  strays = []
   if os.path.isdir(directory):
     ckpts = Checkpoints(directory, create=False, async_save=False)
     if ckpts.steps():
       return ckpts
+    strays = ckpts.stray_files()
   where = path if os.path.abspath(path) == directory else f"{path} (looked in {directory})"
+  files = f" ({', '.join(map(str, strays))}: a file, not a step folder)" if strays else ""
   raise CheckpointError(
-    f"no checkpoint in {where}; train first with --mode=train --workdir={path}, or point at "
-    "a workdir that holds one."
+    f"no checkpoint in {where}{files}; train first with --mode=train --workdir={path}, or "
+    "point at a workdir that holds one."
   )
 
 
-def saved_config(ckpts: Checkpoints, step: int, workdir: str) -> dict:
-  """The config a checkpoint step was saved with (older steps: the workdir's config.json)."""
+def saved_config(ckpts: Checkpoints, step: int | None, workdir: str) -> dict:
+  """The config a checkpoint step was saved with (older steps: the workdir's config.json);
+  `step` None: the newest step whose config reads (a damaged step is reported when its
+  parameters are read)."""
+  if step is None:
+    for newer in reversed(ckpts.steps()[1:]):
+      try:
+        return saved_config(ckpts, newer, workdir)
+      except DamagedCheckpoint:
+        continue
+    step = ckpts.steps()[0]
   saved = ckpts.saved_json(step, "config")
   if saved is None:
     path = os.path.join(workdir, "config.json")
@@ -474,6 +561,78 @@ def saved_config(ckpts: Checkpoints, step: int, workdir: str) -> dict:
   return saved
 
 
+def load_intact(
+  path: str,
+  load: Callable[[Checkpoints, int], T],
+  step: int | None = None,
+  fall_back: bool = True,
+  instead: str = "",
+) -> T:
+  """`load(checkpoints, step)` on a workdir / export / checkpoint path, for `step`, or
+  (None) for the latest step, which with `fall_back` is the newest intact one: each damaged
+  newer step is reported in one warning line (the detail in `<directory>.damaged/<step>.log`)
+  and left where it is (a reader changes no workdir). A damaged step asked for by number, or
+  without `fall_back`, is one DamagedCheckpoint naming it and, after the detail file, what to
+  load `instead` (default: another step, or the newest intact one)."""
+  ckpts = open_steps(path)
+  strays = ckpts.stray_files()
+  steps = sorted(set(ckpts.steps()) | set(strays))
+
+  def checked_load(step: int) -> T:
+    if step in strays:  # Orbax lists no such step: name it rather than pass over it
+      raise DamagedCheckpoint(f"{ckpts.source(step)}: it is a file, not a checkpoint step folder")
+    return load(ckpts, step)
+
+  if step is not None or not fall_back:
+    step = steps[-1] if step is None else step
+    if step not in steps:
+      raise CheckpointError(f"no checkpoint step {step} in {ckpts.directory}; available: {steps}.")
+    try:
+      return checked_load(step)
+    except DamagedCheckpoint as e:
+      details = ckpts.log_damage(step, e)
+      others = ", ".join(str(s) for s in steps if s != step) or "none"
+      instead = instead or (
+        f"load another step (others here: {others}), or name no step to load the newest intact one"
+      )
+      raise DamagedCheckpoint(f"damaged checkpoint {e}{details}; {instead}.", e.detail) from None
+  for i in reversed(range(len(steps))):
+    try:
+      return checked_load(steps[i])
+    except DamagedCheckpoint as e:
+      details = ckpts.log_damage(steps[i], e)
+      older = f"fall back to step {steps[i - 1]}" if i else "no older step is left"
+      logging.warning("Checkpoint damaged, %s; left it in place and %s%s.", e, older, details)
+  raise DamagedCheckpoint(
+    f"every checkpoint step in {ckpts.directory} is damaged ({', '.join(map(str, steps))}); "
+    f"the warnings above say what is wrong with each."
+  )
+
+
+def read_params(
+  ckpts: Checkpoints, step: int, target: Any, tokenizer=None, tokenizer_path: str = ""
+) -> LoadedParams:
+  """The parameters of one step onto the shardings of `target` (a tree of
+  ShapeDtypeStructs with shardings; a tree without shardings gives host arrays): the step's
+  files checked first, its parameter shapes against `target` and `tokenizer` (when given)
+  against the one it was trained with (CheckpointError), and after the read the parameters'
+  checksums (DamagedCheckpoint)."""
+  source = ckpts.source(step)
+  item = ckpts.parameter_item(step)
+  ckpts.check_files(step, (item, "meta", "config"))
+  shapes = ckpts.saved_param_shapes(step)
+  meta = ckpts.saved_json(step, "meta")
+  config = ckpts.saved_json(step, "config")
+  check_param_shapes(target, shapes, source)
+  if tokenizer is not None:
+    check_tokenizer(meta, tokenizer, tokenizer_path, source)
+  params = ckpts.restore_params(step, target)
+  # A training step's checksums are the whole state's: its parameters are under 'state/'.
+  verify_checksums({"params": params}, meta, source, prefix="" if item == "params" else "state/")
+  ckpts.warn_unverifiable(step, meta, tokenizer is not None)
+  return LoadedParams(params, int(step), config, ckpts.directory)
+
+
 def load_params(
   path: str,
   target: Any,
@@ -481,24 +640,9 @@ def load_params(
   tokenizer=None,
   tokenizer_path: str = "",
 ) -> LoadedParams:
-  """The parameters of `step` (None: the latest) of a workdir / export / checkpoint path,
-  restored onto the shardings of `target` (a tree of ShapeDtypeStructs with shardings; a
-  tree without shardings gives host arrays). Their shapes are checked against `target`, and
-  `tokenizer` (when given) against the one the checkpoint was trained with."""
-  ckpts = open_steps(path)
-  steps = ckpts.steps()
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    raise CheckpointError(f"no checkpoint step {step} in {ckpts.directory}; available: {steps}.")
-  source = f"{ckpts.directory} (step {step})"
-  check_param_shapes(target, ckpts.saved_param_shapes(step), source)
-  if tokenizer is not None:
-    check_tokenizer(ckpts.saved_json(step, "meta"), tokenizer, tokenizer_path, source)
-  params = ckpts.restore_params(step, target)
-  if ckpts.has(step, "params"):  # a training step's checksums cover the whole state
-    verify_checksums({"params": params}, ckpts.saved_json(step, "meta"), source)
-  return LoadedParams(params, int(step), ckpts.saved_json(step, "config"), ckpts.directory)
+  """The parameters of `step` (None: the newest intact step) of a workdir / export /
+  checkpoint path, read and checked by `read_params`."""
+  return load_intact(path, lambda c, s: read_params(c, s, target, tokenizer, tokenizer_path), step)
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:

@@ -48,14 +48,25 @@ def checksums(tree: Any) -> dict[str, int]:
   }
 
 
-def verify_checksums(tree: Any, meta: dict | None, source: str) -> None:
-  """DamagedCheckpoint unless every array of `tree` has the checksum saved in `meta`
-  (checkpoints written before checksums were recorded are not checked)."""
+def verify_checksums(tree: Any, meta: dict | None, source: str, prefix: str = "") -> None:
+  """DamagedCheckpoint unless every array of `tree` has the checksum saved in `meta` under
+  its name with `prefix` (the parameters of a train state: 'state/'). A checkpoint without
+  checksums is not checked (`unverifiable` names it)."""
   saved = (meta or {}).get("checksums")
   if not saved:
     return
   for name, value in checksums(tree).items():
+    name = prefix + name
     if name in saved and saved[name] != value:
       raise DamagedCheckpoint(
-        f"{source}: array '{name}' does not match its checksum (the file was changed on disk)"
+        f"{source}: array '{name}' does not match its checksum (its bytes were changed on disk)"
       )
+
+
+def unverifiable(meta: dict | None, tokenizer: bool) -> str | None:
+  """What a checkpoint's `meta` lacks to be verified, in words ('no checksums', ...; the
+  tokenizer fingerprint counts for a model with a `tokenizer`), or None."""
+  meta = meta or {}
+  missing = ["no checksums"] * (not meta.get("checksums"))
+  missing += ["no tokenizer fingerprint"] * (tokenizer and "tokenizer_sha256" not in meta)
+  return " and ".join(missing) or None

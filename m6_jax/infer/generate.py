@@ -73,7 +73,6 @@ def workdir_config(workdir: str, step: int | None = None, best: bool = False):
   """The config a checkpoint of `workdir` was trained with (keys added since at their
   defaults), read without loading any parameters: what a caller checks before long work."""
   ckpts = checkpoints.open_steps(checkpoints.best_dir(workdir) if best else workdir)
-  step = ckpts.latest_step() if step is None else step
   return config_lib.merged_with_defaults(checkpoints.saved_config(ckpts, step, workdir))
 
 
@@ -125,31 +124,41 @@ def load_model(
   best: bool = False,
   devices: Sequence[jax.Device] | None = None,
 ) -> LoadedModel:
-  """The checkpoint `step` (None: latest; `best`: the kept best one) of `workdir` (a trained
-  workdir or an export) with its tokenizer, its parameters on the config's mesh over
-  `devices` (default: all). `config` None uses the checkpoint's own config; a given config
-  must match the checkpoint's parameter shapes (else CheckpointError naming the first
-  mismatch) and the tokenizer the checkpoint's fingerprint."""
-  source = checkpoints.best_dir(workdir) if best else workdir
-  ckpts = checkpoints.open_steps(source)
-  step = ckpts.latest_step() if step is None else step
+  """The checkpoint `step` (None: the newest intact one; `best`: the kept best one) of
+  `workdir` (a trained workdir or an export) with its tokenizer, its parameters on the
+  config's mesh over `devices` (default: all). `config` None uses the checkpoint's own
+  config; a given config must match the checkpoint's parameter shapes (else CheckpointError
+  naming the first mismatch) and the tokenizer the checkpoint's fingerprint. A damaged
+  latest step is one warning line and the step before it is loaded; a damaged `step` or
+  best step is a DamagedCheckpoint (m6_jax/checkpoint/checkpoints.py)."""
   devices = list(devices if devices is not None else jax.devices())
-  config = inference_config(checkpoints.saved_config(ckpts, step, workdir), config, len(devices))
-  mesh = partitioning.make_mesh(config, devices)
-  rules = partitioning.logical_rules(config)
-  model = M6(M6Config.from_config(config))
-  path = tokenizer_path(workdir, config)
-  if not os.path.exists(path):
-    raise CheckpointError(
-      f"no tokenizer at {path}: the workdir must hold the tokenizer its model was trained with."
+  given = config
+
+  def load(ckpts: checkpoints.Checkpoints, step: int) -> LoadedModel:
+    saved = checkpoints.saved_config(ckpts, step, workdir)
+    config = inference_config(saved, given, len(devices))
+    mesh = partitioning.make_mesh(config, devices)
+    rules = partitioning.logical_rules(config)
+    model = M6(M6Config.from_config(config))
+    path = tokenizer_path(workdir, config)
+    if not os.path.exists(path):
+      raise CheckpointError(
+        f"no tokenizer at {path}: the workdir must hold the tokenizer its model was trained with."
+      )
+    tokenizer = tokenizer_lib.load_tokenizer(path, bool(config.data.clean_up_tokenization_spaces))
+    target = abstract_params(model, mesh, rules)
+    loaded = checkpoints.read_params(ckpts, step, target, tokenizer, path)
+    return LoadedModel(
+      config, model, loaded.params, tokenizer, loaded.step, workdir, mesh, rules, loaded.directory
     )
-  tokenizer = tokenizer_lib.load_tokenizer(path, bool(config.data.clean_up_tokenization_spaces))
-  target = abstract_params(model, mesh, rules)
-  loaded = checkpoints.load_params(source, target, step, tokenizer, path)
-  logging.info("%s", partitioning.describe_placement(mesh, loaded.params))
-  return LoadedModel(
-    config, model, loaded.params, tokenizer, loaded.step, workdir, mesh, rules, loaded.directory
-  )
+
+  if best:  # the best step is one step: nothing to fall back to
+    instead = "load the workdir's latest intact step instead of the best one"
+    loaded = checkpoints.load_intact(checkpoints.best_dir(workdir), load, step, False, instead)
+  else:
+    loaded = checkpoints.load_intact(workdir, load, step)
+  logging.info("%s", partitioning.describe_placement(loaded.mesh, loaded.params))
+  return loaded
 
 
 def init_model(

@@ -80,29 +80,29 @@ class ImageTokenizer:
     checkpoint_step: int | None = None,
     devices: Sequence[jax.Device] | None = None,
   ) -> ImageTokenizer:
-    """The VQGAN of `workdir`'s checkpoint `checkpoint_step` (None: the latest), on the mesh
-    of its config over `devices` (default: all). CheckpointError when the workdir holds no
-    checkpoint (or not that step), ConfigError when it holds another model family."""
-    ckpts = checkpoints.open_steps(workdir)
-    step = ckpts.latest_step() if checkpoint_step is None else int(checkpoint_step)
-    if step not in ckpts.steps():
-      raise checkpoints.CheckpointError(
-        f"no checkpoint step {step} in {ckpts.directory}; available: {ckpts.steps()}."
-      )
-    saved = checkpoints.saved_config(ckpts, step, workdir)
-    family = saved.get("model", {}).get("family", "m6")
-    if family != "vqgan":
-      raise ConfigError(
-        f"{workdir} holds a model of family '{family}', not a VQGAN (model.family='vqgan'); "
-        "point at a workdir trained with --config=configs/vqgan.py."
-      )
+    """The VQGAN of `workdir`'s checkpoint `checkpoint_step` (None: the newest intact one),
+    on the mesh of its config over `devices` (default: all). CheckpointError when the workdir
+    holds no checkpoint (or not that step, or that step is damaged), ConfigError when it
+    holds another model family."""
     devices = list(devices if devices is not None else jax.devices())
-    config = generate.inference_config(saved, None, len(devices))
-    mesh = partitioning.make_mesh(config, devices)
-    rules = partitioning.logical_rules(config)
-    target = abstract_params(vqgan_lib.VQGANConfig.from_config(config), mesh, rules)
-    loaded = checkpoints.load_params(workdir, target, step)
-    return cls(config, loaded.params["generator"], loaded.step, workdir, mesh, rules)
+
+    def load(ckpts: checkpoints.Checkpoints, step: int) -> ImageTokenizer:
+      saved = checkpoints.saved_config(ckpts, step, workdir)
+      family = saved.get("model", {}).get("family", "m6")
+      if family != "vqgan":
+        raise ConfigError(
+          f"{workdir} holds a model of family '{family}', not a VQGAN (model.family='vqgan'); "
+          "point at a workdir trained with --config=configs/vqgan.py."
+        )
+      config = generate.inference_config(saved, None, len(devices))
+      mesh = partitioning.make_mesh(config, devices)
+      rules = partitioning.logical_rules(config)
+      target = abstract_params(vqgan_lib.VQGANConfig.from_config(config), mesh, rules)
+      loaded = checkpoints.read_params(ckpts, step, target)
+      return cls(config, loaded.params["generator"], loaded.step, workdir, mesh, rules)
+
+    step = None if checkpoint_step is None else int(checkpoint_step)
+    return checkpoints.load_intact(workdir, load, step)
 
   def _in_batches(self, fn, inputs: np.ndarray, dtype, item_shape) -> np.ndarray:
     """fn(params, batch) over `inputs` in padded batches of `batch_size`, on the mesh."""

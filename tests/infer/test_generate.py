@@ -1,21 +1,25 @@
 """--mode=generate / eval / export and fine-tuning (init_from) on one tiny trained workdir:
 inference on a mesh, exports, and the tokenizer check."""
 
+import gc
 import json
 import logging
 import os
 import re
+import shutil
 
 import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 from PIL import Image
+from testing_utils import DAMAGE, LIBRARY_NOISE, damage_step, warnings_and_noise
 
 from m6_jax.checkpoint import checkpoints
 from m6_jax.config import ConfigError, default_config
 from m6_jax.data import synthetic
 from m6_jax.data import tokenizer as tokenizer_lib
+from m6_jax.errors import DamagedCheckpoint
 from m6_jax.evaluation import evaluate
 from m6_jax.infer import decoding, generate
 from m6_jax.parallel import partitioning
@@ -66,8 +70,11 @@ MODEL_FLAGS = [
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
+  """The test model trained STEPS steps, with checkpoints at STEPS // 2 and STEPS."""
   path = str(tmp_path_factory.mktemp("trained"))
-  loop.train(_config(), path)
+  config = _config()
+  config.train.checkpoint_every = STEPS // 2
+  loop.train(config, path)
   return path
 
 
@@ -415,3 +422,109 @@ def test_decoding_never_emits_special_tokens(workdir, method):
   assert allowed[emitted].all(), sorted(set(emitted[~allowed[emitted]].tolist()))
   for text in generate.decode(untrained, batch, method):
     assert "<extra_id" not in text and "<mask>" not in text and "<unk>" not in text
+
+
+# -- damaged checkpoints: generate / eval / export verify them as training does ---------------
+
+
+LATEST, BEFORE = STEPS, STEPS // 2  # the workdir's two checkpoint steps
+
+
+def _damaged_copy(workdir, tmp_path, kind):
+  """A copy of the workdir whose latest step has damage `kind`."""
+  copy = tmp_path / kind
+  shutil.copytree(workdir, copy)
+  damage_step(str(copy / "checkpoints" / str(LATEST)), kind)
+  return copy
+
+
+# Inference reads no data-iterator position: that damage leaves its parameters readable.
+INFERENCE_DAMAGE = [k for k in DAMAGE if k != "deleted_data_iterator"] + ["unverifiable_flip"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", INFERENCE_DAMAGE)
+def test_inference_falls_back_past_a_damaged_latest_step(workdir, tmp_path, kind, caplog, capfd):
+  """The latest step of a workdir is the newest intact one: a damaged latest step is one
+  warning line naming it and what is wrong, left in place, and the step before is loaded;
+  nothing of the failed read on the screen. Asked for by number, the damaged step is one
+  DamagedCheckpoint naming it. A step without checksums is loaded, with a warning line that
+  it cannot be verified."""
+  damaged = _damaged_copy(workdir, tmp_path, kind)
+  capfd.readouterr()
+  with caplog.at_level(logging.INFO):
+    model = generate.load_model(str(damaged), devices=jax.devices()[:1])
+    gc.collect()
+  warnings, noise = warnings_and_noise(caplog.records, capfd.readouterr().err)
+  assert noise == [] and len(warnings) == 1, (warnings, noise)
+  line, source = warnings[0], f"{damaged}/checkpoints (step {LATEST})"
+  if kind == "unverifiable_flip":
+    assert model.step == LATEST and f"{source} has no checksums, so it cannot be verified" in line
+    return
+  assert model.step == BEFORE
+  assert line.startswith(f"Checkpoint damaged, {source}: ") and DAMAGE[kind] in line, line
+  assert f"left it in place and fall back to step {BEFORE}" in line, line
+  assert os.path.lexists(damaged / "checkpoints" / str(LATEST))
+  with pytest.raises(DamagedCheckpoint) as error:
+    generate.load_model(str(damaged), step=LATEST, devices=jax.devices()[:1])
+  message = str(error.value)
+  assert message.startswith(f"damaged checkpoint {source}: ") and DAMAGE[kind] in message
+  assert f"load another step (others here: {BEFORE})" in message and "\n" not in message
+
+
+@pytest.mark.slow
+def test_a_damaged_best_step_is_one_error(workdir, tmp_path):
+  """--best asks for one step: damaged, it is an error naming it, not a fallback."""
+  copy = tmp_path / "best"
+  shutil.copytree(workdir, copy)
+  model = generate.load_model(str(copy), devices=jax.devices()[:1])
+  best = checkpoints.Checkpoints(checkpoints.best_dir(str(copy)), 1, "loss", "min")
+  best.save(
+    LATEST, config=model.config, tokenizer=model.tokenizer, params=model.params, metrics={"loss": 1}
+  )
+  best.wait()
+  damage_step(os.path.join(best.directory, str(LATEST)), "flipped_byte")
+  with pytest.raises(DamagedCheckpoint, match=r"array 'params/.*checksum.*instead of the best one"):
+    generate.load_model(str(copy), best=True, devices=jax.devices()[:1])
+
+
+# Per mode, the damage of the latest step: a byte flipped inside a parameter, which only the
+# checksums show, or in the index every array is read through, which fails the read.
+CLI_DAMAGE = {"generate": "flipped_byte", "eval": "flipped_index_byte", "export": "flipped_byte"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", list(CLI_DAMAGE))
+def test_generate_eval_and_export_verify_the_checkpoint(
+  mode, workdir, image_path, tmp_path, run_main
+):
+  """On a workdir whose latest step is damaged, --mode=generate / eval / export fall back to
+  the newest intact step with one warning line (export writes that step's parameters, never
+  the damaged ones under fresh checksums); --checkpoint_step=<the damaged step> is one error
+  line naming it."""
+  damaged = _damaged_copy(workdir, tmp_path, CLI_DAMAGE[mode])
+  for written in ("generate.jsonl", "eval_metrics.json"):  # by other tests, into the original
+    (damaged / written).unlink(missing_ok=True)
+  extra = {
+    "generate": [f"--image={image_path}"],
+    "eval": ["--num_eval_examples=2"],
+    "export": [f"--export_dir={tmp_path / 'export'}"],
+  }[mode]
+  proc = run_main(f"--mode={mode}", f"--workdir={damaged}", *extra)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  noise = [l for l in proc.stderr.splitlines() if any(n in l for n in LIBRARY_NOISE)]
+  warnings = [l for l in proc.stderr.splitlines() if l.startswith("W")]
+  assert noise == [] and len(warnings) == 1, proc.stderr[-3000:]
+  assert f"(step {LATEST}): " in warnings[0] and DAMAGE[CLI_DAMAGE[mode]] in warnings[0]
+  assert f"fall back to step {BEFORE}" in warnings[0]
+  if mode == "export":
+    assert f"exported step {BEFORE} " in proc.stdout, proc.stdout
+    assert os.listdir(tmp_path / "export" / "checkpoints") == [str(BEFORE)]
+  elif mode == "generate":
+    assert json.loads((damaged / "generate.jsonl").read_text())["step"] == BEFORE
+  else:
+    assert json.loads((damaged / "eval_metrics.json").read_text())["step"] == BEFORE
+
+  extra = [f"--export_dir={tmp_path / 'export_2'}" if mode == "export" else a for a in extra]
+  proc = run_main(f"--mode={mode}", f"--workdir={damaged}", f"--checkpoint_step={LATEST}", *extra)
+  _assert_one_error_line(proc, "damaged checkpoint", f"(step {LATEST})", DAMAGE[CLI_DAMAGE[mode]])

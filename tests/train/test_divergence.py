@@ -2,21 +2,22 @@
 back to the newest good checkpoint and finishes, a damaged latest checkpoint falls back to
 the one before it, and a workdir or config that cannot work is one error line."""
 
-import glob
+import gc
 import json
+import logging
 import os
+import re
 import shutil
 
 import jax
-import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from testing_utils import assert_every_step_once
+from testing_utils import DAMAGE, assert_every_step_once, damage_step, warnings_and_noise
 
 from m6_jax.checkpoint import checkpoints
-from m6_jax.data import tokenizer as tokenizer_lib
+from m6_jax.config import default_config
 from m6_jax.errors import CheckpointError, DamagedCheckpoint, WorkdirError
 from m6_jax.train import divergence, loop, preflight
 from m6_jax.train import setup as setup_lib
@@ -104,64 +105,102 @@ def test_a_forced_divergence_rolls_back_skips_batches_and_finishes(run_main, tmp
   assert all(_all_finite(os.path.join(ckpts.directory, str(s))) for s in ckpts.steps())
 
 
-def _damage(step_dir, kind):
-  largest = max(glob.glob(f"{step_dir}/state/ocdbt.process_0/d/*"), key=os.path.getsize)
-  if kind == "truncated_file":
-    with open(largest, "r+b") as f:
-      f.truncate(os.path.getsize(largest) // 2)
-  elif kind == "deleted_metadata":
-    os.remove(f"{step_dir}/state/_METADATA")
-  elif kind == "deleted_data_iterator":
-    os.remove(f"{step_dir}/data/process_0-of-1.json")
-  elif kind == "empty_step":
-    shutil.rmtree(step_dir)
-    os.makedirs(step_dir)
-  elif kind == "flipped_byte":
-    with open(largest, "r+b") as f:
-      f.seek(os.path.getsize(largest) // 2)
-      byte = f.read(1)
-      f.seek(-1, 1)
-      f.write(bytes([byte[0] ^ 0x10]))
+def _small_config(tokenizer_path, steps):
+  """A model with many small arrays (a failed read leaves many reads in flight), a
+  checkpoint every 2 steps, all kept."""
+  c = default_config()
+  c.model.vocab_size, c.model.d_model, c.model.num_layers = 512, 32, 4
+  c.model.num_heads, c.model.head_dim, c.model.mlp_dim = 2, 16, 64
+  c.data.tokenizer_path = tokenizer_path
+  c.data.batch_size, c.data.num_train_examples = 8, 64
+  c.data.src_len, c.data.tgt_len, c.data.image_size, c.model.patch_size = 12, 10, 32, 16
+  c.train.steps, c.train.checkpoint_every, c.train.log_every = steps, 2, 1
+  c.train.keep_checkpoints = 10
+  return c
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tokenizer_path):
+  """A run of 8 steps, with checkpoints at steps 2, 4, 6 and 8."""
+  path = tmp_path_factory.mktemp("trained") / "run"
+  loop.train(_small_config(tokenizer_path, 8), str(path))
+  return path
+
+
+def _resume_damaged(trained, tokenizer_path, workdir, damage, caplog, capfd):
+  """Resumes a copy of `trained` whose steps have damage ({step: kind}) to step 9; returns
+  the result, the warning lines and the library noise on the screen."""
+  shutil.copytree(trained, workdir)
+  for step, kind in damage.items():
+    damage_step(str(workdir / "checkpoints" / str(step)), kind)
+  capfd.readouterr()
+  with caplog.at_level(logging.INFO):
+    result = loop.train(_small_config(tokenizer_path, 9), str(workdir))
+    gc.collect()  # a failed read's late errors surface when its futures are collected
+  return (result, *warnings_and_noise(caplog.records, capfd.readouterr().err))
+
+
+# Three kinds of damage per run, on steps 8, 6 and 4: each is met in turn by the fallback.
+DAMAGE_RUNS = [
+  ("truncated_file", "garbage_file", "flipped_index_byte"),  # reads that fail
+  ("flipped_byte", "deleted_metadata", "deleted_meta_item"),
+  ("deleted_data_iterator", "empty_step", "plain_file"),
+]
 
 
 @pytest.mark.slow
-def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, run_main):
-  trained = tmp_path / "trained"
-  flags = (*BASE, "--config.train.steps=4", "--config.train.checkpoint_every=2")
-  proc = run_main(*flags, f"--workdir={trained}")
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  config = ml_collections.ConfigDict(json.loads((trained / "config.json").read_text()))
-  setup = setup_lib.build(config, jax.devices()[:1])
-  tokenizer = tokenizer_lib.Tokenizer.from_file(str(trained / "tokenizer" / "spm.model"))
-  for kind in ("truncated_file", "deleted_metadata", "deleted_data_iterator", "empty_step"):
-    workdir = tmp_path / kind
-    shutil.copytree(trained, workdir)
-    _damage(str(workdir / "checkpoints" / "4"), kind)
-    ckpts = checkpoints.Checkpoints(checkpoints.checkpoint_dir(str(workdir)), 3)
-    data_iter = loop._data_iterator(config, tokenizer)
-    state, step, _ = ckpts.restore_intact_train_state(setup.abstract_state(), data_iter)
-    assert (step, int(state.step), data_iter.get_state()["next_index"]) == (2, 2, 2), kind
-    assert ckpts.steps() == [2], kind
-    assert os.listdir(workdir / "checkpoints.damaged") == ["4"], kind
+@pytest.mark.parametrize("kinds", DAMAGE_RUNS, ids=lambda kinds: "+".join(kinds))
+def test_each_damaged_step_is_one_warning_line_and_training_falls_back(
+  trained, tokenizer_path, tmp_path, kinds, caplog, capfd
+):
+  """Each damaged step: one warning line naming the step and what is wrong, nothing of the
+  failed read on the screen (the detail of a failed read is in checkpoints.damaged/N.log);
+  the run moves the step to checkpoints.damaged/, resumes from the intact step 2 and
+  finishes."""
+  workdir = tmp_path / "run"
+  damage = dict(zip((8, 6, 4), kinds))
+  result, warnings, noise = _resume_damaged(trained, tokenizer_path, workdir, damage, caplog, capfd)
+  assert noise == [], noise
+  assert len(warnings) == 3, warnings
+  by_step = {int(re.search(r"\(step (\d+)\)", line).group(1)): line for line in warnings}
+  for step, kind in damage.items():
+    line = by_step[step]
+    assert line.startswith(f"Checkpoint damaged, {workdir}/checkpoints (step {step}): "), line
+    assert DAMAGE[kind] in line, line
+    if kind == "plain_file":  # set aside when the directory is opened, before any restore
+      continue
+    below = max(s for s in (2, 4, 6) if s < step and damage.get(s) != "plain_file")
+    assert f"fall back to step {below}" in line, line
+    if kind in DAMAGE_RUNS[0]:
+      log = workdir / "checkpoints.damaged" / f"{step}.log"
+      assert f"(details in {log})" in line and "Traceback" in log.read_text()
+  assert (result.resumed_from, result.final_step) == (2, 9)
+  assert {"4", "6", "8"} <= set(os.listdir(workdir / "checkpoints.damaged"))
 
-  # Flipped bytes restore without an error; only the checksums show them. The whole path:
-  # a rerun reports the damage in one line, resumes from step 2 and trains to the end.
-  workdir = tmp_path / "flipped_byte"
-  shutil.copytree(trained, workdir)
-  _damage(str(workdir / "checkpoints" / "4"), "flipped_byte")
-  proc = run_main(*flags, f"--workdir={workdir}", "--config.train.steps=5")
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  damaged = [l for l in proc.stderr.splitlines() if "Checkpoint damaged" in l]
-  assert len(damaged) == 1 and "does not match its checksum" in damaged[0], proc.stderr
-  assert "fall back to step 2" in damaged[0] and "Resumed from step 2" in proc.stderr
-  assert "Finished at step 5" in proc.stderr
 
-  # A config that does not fit the checkpoint: one line naming the parameter.
-  proc = run_main(*flags, f"--workdir={trained}", "--config.model.d_model=32")
-  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-  assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
-  assert "does not fit this config: parameter" in errors[0] and "(32,)" in errors[0]
-  assert "Traceback" not in proc.stderr and "Resumed" not in proc.stderr
+@pytest.mark.slow
+def test_a_step_without_checksums_is_named_and_resumed_from(
+  trained, tokenizer_path, tmp_path, caplog, capfd
+):
+  """A flipped byte with the checksums deleted from the step's meta: it cannot be verified,
+  which the first warning line says; training goes on from it (a step of a version before
+  checksums has nothing better to fall back to: no older step has checksums either)."""
+  workdir = tmp_path / "unverifiable"
+  args = (trained, tokenizer_path, workdir, {8: "unverifiable_flip"}, caplog, capfd)
+  result, warnings, noise = _resume_damaged(*args)
+  assert noise == [], noise
+  assert "(step 8) has no checksums, so it cannot be verified" in warnings[0], warnings
+  assert not any("Checkpoint damaged" in line for line in warnings), warnings
+  assert result.resumed_from == 8  # (its flipped byte then diverges: the rollback's warnings)
+
+
+@pytest.mark.slow
+def test_a_config_that_does_not_fit_the_checkpoint_names_the_parameter(trained, tokenizer_path):
+  config = _small_config(tokenizer_path, 9)
+  config.model.d_model = 64
+  with pytest.raises(CheckpointError, match=r"does not fit this config: parameter .*\(64,\)"):
+    loop.train(config, str(trained))
+  assert not os.path.exists(f"{trained}/checkpoints.damaged")
 
 
 def test_a_checkpoint_of_the_old_optimizer_state_is_one_error_not_damage(tiny_config, tmp_path):

@@ -91,5 +91,4 @@ def of_workdir(workdir: str, best: bool = False) -> type:
     ckpts = checkpoints.open_steps(checkpoints.best_dir(workdir) if best else workdir)
   except checkpoints.CheckpointError:
     return M6Family
-  step = ckpts.latest_step()
-  return of_saved_config(checkpoints.saved_config(ckpts, step, workdir))
+  return of_saved_config(checkpoints.saved_config(ckpts, None, workdir))
