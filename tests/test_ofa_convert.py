@@ -18,6 +18,7 @@ import torch
 from m6_jax.checkpoint import checkpoints
 from m6_jax.data import images as images_lib
 from m6_jax.data import wordpiece
+from m6_jax.errors import UserError
 from m6_jax.infer import ofa_convert
 from m6_jax.model.m6 import M6Config
 
@@ -130,6 +131,15 @@ def _convert_cli(args, run_main) -> str:
   return err
 
 
+def _convert_error(source: str, output: str) -> str:
+  """The one-line UserError the converter raises for `source` (in this process: the CLI
+  turns it into the `error:` line, as `_convert_cli` checks)."""
+  with pytest.raises(UserError) as error:
+    ofa_convert.convert(source, output)
+  assert "\n" not in str(error.value), error.value
+  return str(error.value)
+
+
 def _copy(directory, target, skip=()):
   """A copy of the checkpoint folder (the weights linked, not copied) without `skip`."""
   os.makedirs(target)
@@ -142,21 +152,21 @@ def _copy(directory, target, skip=()):
 
 def test_bad_inputs_are_one_error_line(ofa_dir, tmp_path, run_main):
   _, directory, image = ofa_dir
-  out = f"--output={tmp_path / 'out'}"
-  err = _convert_cli([f"--input={os.path.dirname(image)}", out], run_main)
+  out = str(tmp_path / "out")
+  err = _convert_cli([f"--input={os.path.dirname(image)}", f"--output={out}"], run_main)
   assert "is not an OFA checkpoint" in err and "pytorch_model.bin" in err
   no_vocab = _copy(directory, tmp_path / "no_vocab", skip=("vocab.txt",))
-  assert "has no vocab.txt" in _convert_cli([f"--input={no_vocab}", out], run_main)
+  assert "has no vocab.txt" in _convert_error(no_vocab, out)
   wrong = _copy(directory, tmp_path / "wrong_shapes", skip=("config.json",))
   with open(os.path.join(directory, "config.json")) as f:
     cfg = json.load(f)
   cfg["encoder_ffn_dim"] = cfg["decoder_ffn_dim"] = 48  # the weights have 64
   with open(os.path.join(wrong, "config.json"), "w") as f:
     json.dump(cfg, f)
-  err = _convert_cli([f"--input={wrong}", out], run_main)
+  err = _convert_error(wrong, out)
   assert "mlp" in err and "(64,)" in err and "config.json gives (48,)" in err
-  assert "--input" in _convert_cli([out], run_main)  # no --input at all
-  assert not os.path.exists(tmp_path / "out")
+  assert "--input" in _convert_cli([f"--output={out}"], run_main)  # no --input at all
+  assert not os.path.exists(out)
 
 
 def test_init_from_and_captioning_task_read_the_converted_model(ofa_dir, converted, tmp_path):
@@ -237,7 +247,7 @@ def _folder_with(directory, target, write_weights):
   return str(target)
 
 
-def test_weights_as_users_have_them(ofa_dir, tmp_path, run_main):
+def test_weights_as_users_have_them(ofa_dir, tmp_path):
   """model.safetensors (safetensors' save_model: the tensor the encoder and decoder share is
   stored once, under the decoder's name), save_pretrained's shards with their index, and a
   ModelScope trainer's epoch_N.pth ({"meta", "state_dict"}, names under "model.") convert to
@@ -273,7 +283,7 @@ def test_weights_as_users_have_them(ofa_dir, tmp_path, run_main):
   assert len([n for n in os.listdir(tmp_path / "shards") if n.endswith(".bin")]) > 2
   # Several trainer checkpoints: the folder is ambiguous, a file in it is not.
   torch.save(trainer, tmp_path / "trainer" / "epoch_4.pth")
-  err = _convert_cli([f"--input={tmp_path / 'trainer'}", f"--output={tmp_path / 'o'}"], run_main)
+  err = _convert_error(str(tmp_path / "trainer"), str(tmp_path / "o"))
   assert "epoch_3.pth, epoch_4.pth" in err and "epoch_4.pth" in err.split("--input=")[-1]
   assert ofa_convert.find_weights(str(tmp_path / "trainer" / "epoch_3.pth"))[1].endswith(
     "epoch_3.pth"
