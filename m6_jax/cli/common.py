@@ -87,6 +87,9 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing for `app.run(..., flags_parser=parse_flags)`: a bad or missing flag,
   or a config that fails to load, is one `error:` line and status 2, not absl's usage dump;
   asking for help succeeds (status 0)."""
+  path = _config_file(argv)
+  if path and not os.path.isfile(path):  # config files load lazily: say it before JAX starts
+    fail_config(argv, FileNotFoundError(path))
   try:
     return flags.FLAGS(argv)
   except SystemExit as e:  # absl exits with 1 after printing the help that was asked for

@@ -38,7 +38,7 @@ from absl import logging
 from m6_jax.data import pipeline, tasks
 from m6_jax.data import tokenizer as tokenizer_lib
 from m6_jax.errors import EvaluationError
-from m6_jax.evaluation import baselines, eval_kinds
+from m6_jax.evaluation import baselines, eval_kinds, tensorboard
 from m6_jax.evaluation import held_out as held_out_lib
 from m6_jax.infer import generate as gen
 from m6_jax.model import loss as loss_lib
@@ -182,9 +182,7 @@ def write_results(workdir: str, result: dict[str, Any]) -> None:
   os.replace(path + ".tmp", path)
   with open(os.path.join(workdir, "eval_metrics.jsonl"), "a") as f:
     f.write(json.dumps(result, sort_keys=True) + "\n")
-  import tensorboardX
-
-  tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+  tb = tensorboard.summary_writer(os.path.join(workdir, "tensorboard"))
   for name, value in result["metrics"].items():
     tb.add_scalar(f"eval/{name}", value, result["step"])
   tb.close()

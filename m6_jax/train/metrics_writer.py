@@ -6,7 +6,7 @@ import json
 import os
 import time
 
-import tensorboardX
+from m6_jax.evaluation.tensorboard import summary_writer
 
 
 class MetricsWriter:
@@ -37,9 +37,7 @@ class MetricsWriter:
     self._jsonl = open(self._path, "a")
     # TensorBoard drops the events at or after purge_step when the writer starts.
     purge = None if step is None else step + 1
-    self._tb = tensorboardX.SummaryWriter(
-      os.path.join(self._workdir, "tensorboard"), purge_step=purge
-    )
+    self._tb = summary_writer(os.path.join(self._workdir, "tensorboard"), purge)
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:
