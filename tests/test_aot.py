@@ -80,6 +80,20 @@ def test_tiny_moe_compiles_for_v5p(tiny_config, tmp_path):
   assert (tmp_path / "aot.json").exists() and (tmp_path / "aot.hlo.txt").exists()
 
 
+@pytest.mark.slow
+def test_splash_attention_compiles_for_v5p(tiny_config):
+  """model.attention_impl=splash lowers through Mosaic for a TPU, batch and heads split over
+  the mesh: the encoder's bidirectional, the decoder's causal and the cross-attention each
+  run as a forward and two backward (dq, dkv) kernels, one encoder and one decoder layer."""
+  c = tiny_config
+  c.model.architecture, c.model.dtype = "encoder_decoder", "bfloat16"
+  c.model.attention_impl = "splash"
+  c.model.num_encoder_layers = c.model.num_decoder_layers = 1
+  c.mesh.data, c.mesh.tensor = 2, 2
+  compiled = aot.compile_train_step(c, aot.topology_devices("v5p:2x2x1"))
+  assert compiled.as_text().count('custom_call_target="tpu_custom_call"') == 9
+
+
 @pytest.mark.parametrize(
   "terms, bound",
   [((1e12, 1e12, 1e9, 1e8), "compute"), ((1e9, 1e9, 1e12, 1e8), "memory"),

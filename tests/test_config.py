@@ -60,6 +60,14 @@ def test_mesh_minus_one_fills_the_devices():
     (lambda c: setattr(c.train, "spike_factor", 0.5), r"train.spike_factor=0.5 must be 0"),
     (lambda c: setattr(c.train, "debug_nonfinite_batches", "3,x"), r"comma-separated"),
     (
+      lambda c: setattr(c.model, "attention_impl", "flash"),
+      r"model.attention_impl='flash' is not one of \('xla', 'splash', 'cudnn', 'auto'\)",
+    ),
+    (
+      lambda c: setattr(c.model, "attention_interpret", True),
+      r"model.attention_interpret=True .* needs model.attention_impl='splash' \(got 'xla'\)",
+    ),
+    (
       lambda c: setattr(c.model, "moe_num_experts", 4) or setattr(c.model, "moe_dispatch", "sort"),
       r"model.moe_dispatch='sort' is not one of \('einsum', 'sorted'\)",
     ),

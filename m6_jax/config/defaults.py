@@ -27,6 +27,7 @@ REMAT_POLICIES = (
   "dots_and_attention_saveable",
 )
 MOE_DISPATCH_MODES = ("einsum", "sorted")  # m6_jax/model/moe_dispatch.py (no jax import here)
+ATTENTION_IMPLS = ("xla", "splash", "cudnn", "auto")  # m6_jax/model/attention.py IMPLS
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -76,6 +77,13 @@ def default_config() -> ml_collections.ConfigDict:
   # dots_with_no_batch_dims_saveable (save weight matmuls only).
   c.model.scan_layers = False
   c.model.remat_policy = "none"
+  # The attention kernel (m6_jax/model/attention.py): xla (masked softmax in XLA), splash
+  # (Pallas, TPU), cudnn (jax.nn.dot_product_attention; cuDNN on GPU in bfloat16), auto (by
+  # the devices' platform: splash on TPU, cudnn on GPU, xla on CPU and wherever attention
+  # dropout is on). OFA's position-biased attention and decoding steps always run in XLA.
+  # attention_interpret runs splash in Pallas interpret mode on any platform (slow; tests).
+  c.model.attention_impl = "xla"
+  c.model.attention_interpret = False
   # Text-to-image: K discrete image codes (a VQGAN's codebook) appended to the vocabulary
   # (code c is token id vocab_size + c; see m6_jax/model/m6.py), generated as a grid of
   # h x w codes with learned row / column embeddings. 0: a text-only model.

@@ -13,6 +13,7 @@ import ml_collections
 
 from m6_jax.config.defaults import (
   ARCHITECTURES,
+  ATTENTION_IMPLS,
   DTYPES,
   FAMILIES,
   IMAGE_STEMS,
@@ -100,6 +101,15 @@ def _validate_moe_and_stack(config: ml_collections.ConfigDict) -> None:
   _require(
     m.remat_policy in REMAT_POLICIES,
     f"model.remat_policy='{m.remat_policy}' is not one of {REMAT_POLICIES}.",
+  )
+  _require(
+    m.attention_impl in ATTENTION_IMPLS,
+    f"model.attention_impl='{m.attention_impl}' is not one of {ATTENTION_IMPLS}.",
+  )
+  _require(
+    not m.attention_interpret or m.attention_impl == "splash",
+    "model.attention_interpret=True runs the splash kernel in Pallas interpret mode; it needs "
+    f"model.attention_impl='splash' (got '{m.attention_impl}').",
   )
   e = m.moe_num_experts
   _require(e >= 0, f"model.moe_num_experts={e} must be >= 0 (0 = dense feed-forward).")

@@ -4,7 +4,8 @@ Every parameter is created with `nn.with_logical_partitioning` and the main acti
 constrained with `nn.with_logical_constraint`, so the mesh layout is decided by the config's
 logical axis rules alone. Softmax and normalisation statistics run in float32 whatever the
 compute dtype. The kernels with hand-written gradients (layer norm, the attention core, the
-dense matmul, GELU) are in m6_jax/model/ops.py.
+dense matmul, GELU) are in m6_jax/model/ops.py; the attention kernels a config may choose
+(`model.attention_impl`: XLA, Pallas splash, cuDNN) in m6_jax/model/attention.py.
 
 Incremental decoding: attention and the block run in one of three modes, all with the same
 parameters. The default maps a whole sequence to a sequence; `return_kv=True` also returns
@@ -27,10 +28,10 @@ import jax.numpy as jnp
 from flax import struct
 
 from m6_jax.model import moe as moe_lib
+from m6_jax.model.attention import AttentionMask, attention
 from m6_jax.model.ops import (
   ACTIVATIONS,
   MASK_BIAS,
-  attention_core,
   biased_attention,
   constrain,
   dense,
@@ -46,20 +47,6 @@ default_kernel_init = nn.initializers.xavier_uniform()
 
 KV_AXES = ("batch", "length", "heads", "kv")
 HEAD_MAJOR_AXES = ("batch", "heads", "length", "kv")
-
-
-@struct.dataclass
-class AttentionMask:
-  """A boolean attention mask and the block structure the attention core may skip.
-
-  `allowed` [b, q, k]: query q may attend key k. `prefix_len` (static) promises that the
-  first `prefix_len` queries attend to none of the keys at or after `prefix_len`, as in the
-  prefix-LM mask (m6.prefix_lm_mask); 0 promises nothing. The layers accept a plain boolean
-  array wherever they accept this.
-  """
-
-  allowed: jax.Array
-  prefix_len: int = struct.field(pytree_node=False, default=0)
 
 
 @struct.dataclass
@@ -102,7 +89,7 @@ class CrossInput:
   cached encoder keys/values."""
 
   encoded: jax.Array | None = None
-  mask: jax.Array | None = None
+  mask: Any = None  # an AttentionMask (attention.AttentionMask.cross) or a boolean array
   step: StepCache | None = None
   bias: jax.Array | None = None  # [1, heads, Lq, S]: OFA's position bias (model/ofa.py)
 
@@ -142,6 +129,8 @@ class MultiHeadAttention(nn.Module):
   dtype: Dtype = jnp.float32
   scale_factor: float = 1.0  # queries times (head_dim * scale_factor) ** -0.5
   head_scale: bool = False  # a learned scale per head on the output (OFA's c_attn)
+  attention_impl: str = "xla"  # model.attention_impl (m6_jax/model/attention.py)
+  attention_interpret: bool = False  # model.attention_interpret: Pallas interpret mode
 
   @nn.compact
   def __call__(
@@ -169,7 +158,8 @@ class MultiHeadAttention(nn.Module):
     the output bias) rather than an average of padding, which would depend on how much
     padding the batch has.
 
-    `bias` [1, heads, q, k] (k: all cached keys in step mode) is added to the logits.
+    `bias` [1, heads, q, k] (k: all cached keys in step mode) is added to the logits; that
+    attention (OFA's) and step mode run in XLA whatever `attention_impl` says.
     """
     source = x if context is None else context
     d_model = source.shape[-1]
@@ -218,7 +208,8 @@ class MultiHeadAttention(nn.Module):
       if not isinstance(mask, AttentionMask):
         mask = AttentionMask(mask)
       if bias is None:
-        out = attention_core(q, k, v, mask.allowed, self.dtype, dropout, mask.prefix_len)
+        impl, interpret = self.attention_impl, self.attention_interpret
+        out = attention(q, k, v, mask, self.dtype, dropout, impl, interpret)
       else:
         out = biased_attention(q, k, v, mask.allowed, bias, self.dtype, dropout)
       if context is not None:
@@ -385,6 +376,8 @@ class TransformerBlock(nn.Module):
   cross_attention: bool = False
   ofa: Any = None
   relative: tuple[int, int] = (0, 0)
+  attention_impl: str = "xla"  # model.attention_impl (m6_jax/model/attention.py)
+  attention_interpret: bool = False
 
   @nn.compact
   def __call__(
@@ -486,7 +479,14 @@ class TransformerBlock(nn.Module):
     if self.ofa is not None:
       options = {"scale_factor": self.ofa.attn_scale_factor, "head_scale": self.ofa.head_scale}
     return MultiHeadAttention(
-      self.num_heads, self.head_dim, self.dropout_rate, self.dtype, name=name, **options
+      self.num_heads,
+      self.head_dim,
+      self.dropout_rate,
+      self.dtype,
+      attention_impl=self.attention_impl,
+      attention_interpret=self.attention_interpret,
+      name=name,
+      **options,
     )
 
   def _cross_attention(self) -> MultiHeadAttention:

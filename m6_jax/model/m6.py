@@ -56,8 +56,9 @@ import ml_collections
 from flax import struct
 
 from m6_jax.model import embeddings, features, ofa
+from m6_jax.model.attention import AttentionMask, prefix_lm_mask  # noqa: F401
 from m6_jax.model.embeddings import ImageEmbedding, PositionEmbedding, embed_init
-from m6_jax.model.layers import AttentionMask, LayerKV, LayerNorm, default_kernel_init
+from m6_jax.model.layers import LayerKV, LayerNorm, default_kernel_init
 from m6_jax.model.moe import MoeOptions
 from m6_jax.model.ofa_options import OfaOptions
 from m6_jax.model.ops import constrain
@@ -112,6 +113,8 @@ class M6Config:
   num_encoder_layers: int = 0  # encoder_decoder: the encoder's depth; 0: num_layers
   num_decoder_layers: int = 0  # encoder_decoder: the decoder's depth; 0: num_layers
   ofa: OfaOptions = OfaOptions()  # OFA's architecture options (m6_jax/model/ofa.py)
+  attention_impl: str = "xla"  # xla, splash, cudnn or auto (m6_jax/model/attention.py)
+  attention_interpret: bool = False  # splash in Pallas interpret mode (tests on CPU)
 
   @property
   def is_encoder_decoder(self) -> bool:
@@ -209,24 +212,9 @@ class M6Config:
       num_encoder_layers=m.num_encoder_layers,
       num_decoder_layers=m.num_decoder_layers,
       ofa=OfaOptions.from_model_config(m),
+      attention_impl=m.attention_impl,
+      attention_interpret=m.attention_interpret,
     )
-
-
-def prefix_lm_mask(prefix_valid: jax.Array, target_valid: jax.Array) -> jax.Array:
-  """Boolean attention mask [b, L, L] for the sequence [prefix ; target].
-
-  Query q may attend key k when k is a real (non-padding) position and either k is in the
-  prefix and q is in the prefix (bidirectional encoder), or q is in the target and k is in
-  the prefix or at or before q in the target (causal decoder). Prefix queries never see
-  target keys.
-  """
-  valid = jnp.concatenate([prefix_valid, target_valid], axis=1).astype(bool)
-  p, t = prefix_valid.shape[1], target_valid.shape[1]
-  is_prefix = jnp.arange(p + t) < p
-  pos = jnp.arange(p + t)
-  causal = pos[None, :] <= pos[:, None]
-  structure = is_prefix[None, :] | (~is_prefix[:, None] & causal)  # [q, k]
-  return structure[None] & valid[:, None, :]
 
 
 def _check_text_lengths(c: M6Config, batch: Mapping[str, jax.Array]) -> None:
@@ -238,12 +226,6 @@ def _check_text_lengths(c: M6Config, batch: Mapping[str, jax.Array]) -> None:
         f"batch['{key}'] has {batch[key].shape[1]} positions; the model takes {low} to "
         f"data.{name}={high} (a shorter batch means the same as the padded one)."
       )
-
-
-def cross_attention_mask(prefix_valid: jax.Array, target_len: int) -> jax.Array:
-  """Boolean mask [b, Lt, P] of the decoder's cross-attention: every real encoder position."""
-  b, p = prefix_valid.shape
-  return jnp.broadcast_to(prefix_valid.astype(bool)[:, None, :], (b, target_len, p))
 
 
 @struct.dataclass
@@ -399,7 +381,7 @@ class M6(nn.Module):
     x = self.embedding_dropout(x, deterministic=deterministic)
     shared = {
       "mode": StackMode("full", deterministic),
-      "mask": prefix_lm_mask(prefix_valid, prefix_valid[:, :0]),  # the real positions
+      "mask": AttentionMask.prefix_lm(prefix_valid, prefix_valid[:, :0]),  # bidirectional
       "token_mask": prefix_valid,
       **self._ofa_biases(x.shape[1]),
     }
@@ -419,16 +401,16 @@ class M6(nn.Module):
       x = self.embedding_dropout(x, deterministic=deterministic)
       shared = {
         "mode": mode,
-        "mask": prefix_lm_mask(prefix_valid[:, :0], target_valid),  # causal, real targets
+        "mask": AttentionMask.prefix_lm(prefix_valid[:, :0], target_valid),  # causal
         "token_mask": target_valid,
         "encoded": encoded,
-        "cross_mask": cross_attention_mask(prefix_valid, tokens.shape[1]),
+        "cross_mask": AttentionMask.cross(prefix_valid, tokens.shape[1]),
         **self._ofa_biases(encoded.shape[1], jnp.arange(tokens.shape[1])),
       }
       x, _ = run_stack(self, "decoder", x, shared)
       return self.logits(x)
     x, prefix_valid = self.embed_inputs(batch)
-    mask = AttentionMask(prefix_lm_mask(prefix_valid, target_valid), prefix_valid.shape[1])
+    mask = AttentionMask.prefix_lm(prefix_valid, target_valid)
     token_mask = jnp.concatenate([prefix_valid, target_valid], axis=1)
     x = self.embedding_dropout(x, deterministic=deterministic)
     x, _ = run_stack(self, "unified", x, {"mode": mode, "mask": mask, "token_mask": token_mask})
@@ -452,7 +434,7 @@ class M6(nn.Module):
       x, prefix_valid = self.embed_prefix(batch)
       # The prefix rows of the full prefix-LM mask: prefix queries see exactly the real
       # prefix keys, never the target, so the prefix can be computed before any target.
-      mask = prefix_lm_mask(prefix_valid, prefix_valid[:, :0])
+      mask = AttentionMask.prefix_lm(prefix_valid, prefix_valid[:, :0])
       shared = {"mode": StackMode("prefix"), "mask": mask, "token_mask": prefix_valid}
       x, layers = run_stack(self, "unified", x, shared)
     prefix = KVCache(tuple(layers), prefix_valid).constrain()

@@ -78,6 +78,8 @@ def make_block(c: M6Config, index: int, name: str, cross_attention: bool) -> Tra
     cross_attention=cross_attention,
     ofa=None if c.ofa == ofa_options.OfaOptions() else c.ofa,
     relative=relative,
+    attention_impl=c.attention_impl,
+    attention_interpret=c.attention_interpret,
     name=name,
   )
 

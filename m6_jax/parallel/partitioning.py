@@ -8,7 +8,7 @@ those names onto the mesh axes built here.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -55,6 +55,45 @@ def mesh_context(mesh: Mesh, rules: Rules) -> Iterator[None]:
   """Activates the mesh and the logical rules, so activation constraints resolve."""
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     yield
+
+
+def logical_shard_map(
+  fn: Callable, in_names: Sequence[tuple[str | None, ...]], out_names: tuple[str | None, ...]
+) -> Callable:
+  """`fn` run per shard of the context mesh (`mesh_context`): its arguments (one tuple of
+  logical axis names each, None for a dimension kept whole) and its one result are split as
+  the context's logical rules map those names; `fn` itself where no mesh is set.
+
+  A name whose mesh axes do not divide every dimension it names (the batch of 1 that
+  initialisation traces) is kept whole instead, in the arguments and the result alike.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return fn
+
+  def run(*args):
+    split = {}
+    for names, x in zip(in_names, args):
+      for name, axes, size in zip(names, nn.logical_to_mesh_axes(names), x.shape):
+        shards = int(np.prod([mesh.shape[a] for a in _axis_tuple(axes)]))
+        split[name] = split.get(name, True) and size % shards == 0
+
+    def spec(names):
+      axes = nn.logical_to_mesh_axes(names)
+      return PartitionSpec(*(a if split.get(n, False) else None for n, a in zip(names, axes)))
+
+    in_specs = tuple(spec(names) for names in in_names)
+    mapped = jax.shard_map(
+      fn, mesh=mesh, in_specs=in_specs, out_specs=spec(out_names), check_vma=False
+    )
+    return mapped(*args)
+
+  return run
+
+
+def _axis_tuple(axes: Any) -> tuple[str, ...]:
+  """A PartitionSpec entry (None, a mesh axis name or a tuple of them) as a tuple."""
+  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
 
 
 def logical_to_shardings(abstract_boxed_tree: Any, mesh: Mesh, rules: Rules) -> Any:
