@@ -18,7 +18,24 @@ pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _start(workdir, steps, log_every=1000, checkpoint_every=100000):
+# A tiny model on short texts and small images, with the session's tokenizer (conftest.py)
+# instead of one trained in every workdir: each run is mostly start-up, and every run of this
+# file compiles the same programs (the session's compilation cache has them after the first).
+TINY = {
+  "model.num_layers": 1,
+  "model.d_model": 32,
+  "model.num_heads": 2,
+  "model.head_dim": 16,
+  "model.mlp_dim": 64,
+  "model.vocab_size": 512,
+  "data.image_size": 32,
+  "data.batch_size": 8,
+  "data.src_len": 16,
+  "data.tgt_len": 16,
+}
+
+
+def _start(workdir, steps, tokenizer, log_every=1000, checkpoint_every=100000):
   """A tiny base run; a constant learning rate, so that a step's update does not depend on
   train.steps (which differs between the runs compared here)."""
   return subprocess.Popen(
@@ -34,7 +51,8 @@ def _start(workdir, steps, log_every=1000, checkpoint_every=100000):
       "--config.train.keep_checkpoints=100",
       "--config.train.schedule=constant",
       "--config.train.warmup_steps=0",
-      "--config.model.num_layers=1",
+      *(f"--config.{k}={v}" for k, v in TINY.items()),
+      f"--config.data.tokenizer_path={tokenizer}",
       "--config.model.dropout_rate=0.1",  # so resuming must also reproduce the dropout masks
     ],
     cwd=REPO,
@@ -68,7 +86,7 @@ def _state_checksums(workdir, step):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
-def test_a_stopped_run_resumes_bit_exactly_and_logs_every_step_once(tmp_path, sig):
+def test_a_stopped_run_resumes_bit_exactly_and_logs_every_step_once(tmp_path, sig, tokenizer_path):
   """SIGTERM at a step that is not a logging step (log_every=1000) saves and logs the steps
   since the last record. SIGKILL with a checkpoint every step (so that it nearly always
   lands during a save) leaves a temporary folder and records after the last checkpoint,
@@ -76,9 +94,9 @@ def test_a_stopped_run_resumes_bit_exactly_and_logs_every_step_once(tmp_path, si
   workdir = tmp_path / "run"
   kill = sig == signal.SIGKILL
   options = dict(log_every=1, checkpoint_every=1) if kill else {}
-  proc = _start(workdir, steps=100000, **options)
+  proc = _start(workdir, 100000, tokenizer_path, **options)
   _wait_for(proc, "step 8/" if kill else "step 1/")
-  time.sleep(0 if kill else 1.0)  # SIGTERM some steps after the only record so far
+  time.sleep(0 if kill else 0.3)  # SIGTERM some steps after the only record so far
   proc.send_signal(sig)
   _, err = proc.communicate(timeout=120)
   steps = [int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit()]
@@ -88,7 +106,7 @@ def test_a_stopped_run_resumes_bit_exactly_and_logs_every_step_once(tmp_path, si
     assert proc.returncode == 0 and "SIGTERM received" in err and "state saved" in err, err
     assert_every_step_once(_records(workdir), max(steps))
   end = max(steps) + 2
-  proc = _start(workdir, steps=end, **options)
+  proc = _start(workdir, end, tokenizer_path, **options)
   _, err = proc.communicate(timeout=240)
   assert proc.returncode == 0, err
   assert f"Resumed from step {max(steps)}" in err
@@ -97,16 +115,16 @@ def test_a_stopped_run_resumes_bit_exactly_and_logs_every_step_once(tmp_path, si
   assert not [s for s in os.listdir(workdir / "checkpoints") if "tmp" in s]
   if kill:  # resuming from a checkpoint is the same path; bit-exactness is checked once
     return
-  reference = _start(tmp_path / "uninterrupted", steps=end, **options)
+  reference = _start(tmp_path / "uninterrupted", end, tokenizer_path, **options)
   _, err = reference.communicate(timeout=240)
   assert reference.returncode == 0, err
   assert _state_checksums(workdir, end) == _state_checksums(tmp_path / "uninterrupted", end)
 
 
-def test_ctrl_c_saves_and_exits_with_one_line(tmp_path):
+def test_ctrl_c_saves_and_exits_with_one_line(tmp_path, tokenizer_path):
   """A first Ctrl-C saves and stops; Ctrl-C again once the state is saved, at any moment of
   the shutdown (every 20 ms until the process exits), changes nothing: exit status 0."""
-  proc = _start(tmp_path / "run", steps=100000)
+  proc = _start(tmp_path / "run", 100000, tokenizer_path)
   _wait_for(proc, "step 1/")
   proc.send_signal(signal.SIGINT)
   _wait_for(proc, "state saved")
