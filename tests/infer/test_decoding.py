@@ -307,7 +307,9 @@ def test_sampling_follows_the_filtered_distribution():
 
 @pytest.mark.slow  # multi-device: left out of the inner loop
 def test_decoding_on_a_2x2x2_mesh_matches_one_device(tiny_config, random_batch):
-  model, params, batch = model_and_batch(tiny_config, random_batch, batch_size=8)
+  """(The one-device decodes are those of the tests above: the same model, batch and options,
+  compiled once; the batch of 4 is one row per (data, fsdp) shard.)"""
+  model, params, batch = model_and_batch(tiny_config, random_batch)
   max_len = model.config.tgt_len
   eos, _ = _pick_eos(model, params, batch, max_len)
   greedy = np.asarray(decoding.decode(model, params, batch, "greedy", max_len, BOS, eos))

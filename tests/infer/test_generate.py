@@ -17,9 +17,10 @@ from testing_utils import DAMAGE, LIBRARY_NOISE, damage_step, warnings_and_noise
 
 from m6_jax.checkpoint import checkpoints
 from m6_jax.config import ConfigError, default_config
+from m6_jax.data import images as images_lib
 from m6_jax.data import synthetic
 from m6_jax.data import tokenizer as tokenizer_lib
-from m6_jax.errors import DamagedCheckpoint
+from m6_jax.errors import DamagedCheckpoint, UserError
 from m6_jax.evaluation import evaluate
 from m6_jax.infer import decoding, generate
 from m6_jax.parallel import partitioning
@@ -173,38 +174,38 @@ def test_generate_caption_vqa_and_prompt(workdir, image_path, tmp_path, run_main
   assert row["task"] == "text_lm" and row["prompt"] == "a small red circle"
 
 
+def _user_error(call, *args, **kwargs) -> str:
+  """The one-line UserError `call` raises (in this process: the CLI turns it into its one
+  `error:` line and status 2, as the launches of the tests here check)."""
+  with pytest.raises(UserError) as error:
+    call(*args, **kwargs)
+  assert "\n" not in str(error.value), error.value
+  return str(error.value)
+
+
 @pytest.mark.slow
 def test_generate_errors_are_one_line(workdir, image_path, tmp_path, run_main):
-  corrupt = tmp_path / "corrupt.png"
-  corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really an image")
-  _assert_one_error_line(
-    run_main("--mode=generate", f"--workdir={workdir}", f"--image={tmp_path / 'nope.png'}"),
-    "image file not found",
-    "nope.png",
-  )
-  _assert_one_error_line(
-    run_main("--mode=generate", f"--workdir={workdir}", f"--image={corrupt}"),
-    "cannot read image",
-    "corrupt.png",
-  )
+  """The CLI's own check (an empty prompt) through the CLI; the errors it meets in the code
+  it runs (an image, the task, the checkpoint), from that code: each one a UserError of one
+  line."""
   _assert_one_error_line(
     run_main("--mode=generate", f"--workdir={workdir}", "--prompt= "), "prompt is empty"
   )
-  _assert_one_error_line(
-    run_main("--mode=generate", f"--workdir={workdir}", "--task=text_lm", "--prompt=a red"),
-    "was not trained on task 'text_lm' (data.task_weights.text_lm=0)",
-  )
-  _assert_one_error_line(
-    run_main("--mode=generate", f"--workdir={tmp_path / 'empty'}", f"--image={image_path}"),
-    "no checkpoint in",
-  )
+  corrupt = tmp_path / "corrupt.png"
+  corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really an image")
+  line = _user_error(images_lib.load_image_file, str(tmp_path / "nope.png"), 8)
+  assert "image file not found" in line and "nope.png" in line, line
+  line = _user_error(images_lib.load_image_file, str(corrupt), 8)
+  assert "cannot read image" in line and "corrupt.png" in line, line
+  line = _user_error(generate.named_task, generate.workdir_config(workdir), "text_lm", workdir)
+  assert "was not trained on task 'text_lm' (data.task_weights.text_lm=0)" in line, line
+  line = _user_error(generate.load_model, str(tmp_path / "empty"), devices=jax.devices()[:1])
+  assert "no checkpoint in" in line, line
   # Another config than the checkpoint's: the first mismatching parameter and both shapes.
-  line = _assert_one_error_line(
-    _generate_with_config(run_main, workdir, image_path, "--config.model.mlp_dim=48"),
-    "does not fit this config",
-    "(64,)",
-    "(48,)",
-  )
+  config = _config()
+  config.model.mlp_dim = 48
+  line = _user_error(generate.load_model, workdir, config=config, devices=jax.devices()[:1])
+  assert "does not fit this config" in line and "(64,)" in line and "(48,)" in line, line
   assert "mlp" in line.lower()
 
 
@@ -389,15 +390,21 @@ def test_inference_uses_the_training_mesh_where_it_fits():
     generate.inference_config(saved, given, num_devices=2)  # a given mesh is not replaced
 
 
+@pytest.fixture(scope="module")
+def untrained(workdir):
+  """The workdir's model (on one device) with fresh parameters (the decoding methods share
+  it)."""
+  trained = generate.load_model(workdir, devices=jax.devices()[:1])
+  return generate.init_model(trained.config, trained.tokenizer, seed=3, mesh=trained.mesh)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["greedy", "beam", "sample"])
-def test_decoding_never_emits_special_tokens(workdir, method):
+def test_decoding_never_emits_special_tokens(untrained, method):
   """Not even an untrained model: captions, answers and continuations hold text pieces and
   EOS only (no sentinel, <mask>, <unk>, PAD/BOS, or embedding row past the pieces)."""
-  trained = generate.load_model(workdir, devices=jax.devices()[:1])
-  untrained = generate.init_model(trained.config, trained.tokenizer, seed=3, mesh=trained.mesh)
-  tok = trained.tokenizer
-  allowed = tok.text_token_mask(trained.config.model.vocab_size)
+  tok = untrained.tokenizer
+  allowed = tok.text_token_mask(untrained.config.model.vocab_size)
   assert allowed[tok.eos_id] and not allowed[tok.sentinel_id(0)] and not allowed[tok.mask_id]
   assert not allowed[tok.vocab_size :].any() and not allowed[[0, 2, 3]].any()
   images, questions = _scenes(4)
@@ -525,6 +532,13 @@ def test_generate_eval_and_export_verify_the_checkpoint(
   else:
     assert json.loads((damaged / "eval_metrics.json").read_text())["step"] == BEFORE
 
-  extra = [f"--export_dir={tmp_path / 'export_2'}" if mode == "export" else a for a in extra]
-  proc = run_main(f"--mode={mode}", f"--workdir={damaged}", f"--checkpoint_step={LATEST}", *extra)
-  _assert_one_error_line(proc, "damaged checkpoint", f"(step {LATEST})", DAMAGE[CLI_DAMAGE[mode]])
+  needles = ("damaged checkpoint", f"(step {LATEST})", DAMAGE[CLI_DAMAGE[mode]])
+  if mode == "generate":  # the CLI's one error line; the other modes load the step as it does
+    proc = run_main(f"--mode={mode}", f"--workdir={damaged}", f"--checkpoint_step={LATEST}", *extra)
+    _assert_one_error_line(proc, *needles)
+    return
+  if mode == "eval":
+    line = _user_error(evaluate.run_eval, str(damaged), LATEST, num_examples=2)
+  else:  # export reads the step with load_model before it writes anything
+    line = _user_error(generate.load_model, str(damaged), LATEST)
+  assert all(n in line for n in needles), line

@@ -33,6 +33,12 @@ def stack_layers(params, config):
   return out
 
 
+# Jitted once for the module, the model a static argument: the cases that share a model (the
+# unrolled dense reference, the scanned ones of the same config) share its compilation.
+_GRAD = jax.jit(jax.value_and_grad(moe_objective, argnums=1, has_aux=True), static_argnums=0)
+_INIT = jax.jit(lambda model, rng, batch: model.init(rng, batch), static_argnums=0)
+
+
 @pytest.mark.parametrize(
   "moe, scan, remat",
   [
@@ -46,8 +52,7 @@ def test_scan_and_remat_match_unrolled(tiny_config, random_batch, moe, scan, rem
   c = _moe(tiny_config) if moe else tiny_config
   batch = random_batch(4, c)
   plain = M6(M6Config.from_config(c))
-  params = jax.jit(plain.init)(jax.random.PRNGKey(0), dummy_batch(plain.config))["params"]
-  params = nn.unbox(params)
+  params = nn.unbox(_INIT(plain, jax.random.PRNGKey(0), dummy_batch(plain.config))["params"])
   c.model.scan_layers, c.model.remat_policy = scan, remat
   other = M6(M6Config.from_config(c))
   other_params = stack_layers(params, other.config) if scan else params
@@ -55,9 +60,8 @@ def test_scan_and_remat_match_unrolled(tiny_config, random_batch, moe, scan, rem
   shapes = jax.eval_shape(other.init, jax.random.PRNGKey(0), dummy_batch(other.config))
   assert jax.tree.structure(nn.unbox(shapes["params"])) == jax.tree.structure(other_params)
 
-  grad = jax.jit(jax.value_and_grad(moe_objective, argnums=1, has_aux=True), static_argnums=0)
-  (want, want_terms), want_grads = grad(plain, params, batch)
-  (got, got_terms), got_grads = grad(other, other_params, batch)
+  (want, want_terms), want_grads = _GRAD(plain, params, batch)
+  (got, got_terms), got_grads = _GRAD(other, other_params, batch)
   assert float(got) == pytest.approx(float(want), abs=1e-5)
   assert (
     set(got_terms)
@@ -89,7 +93,7 @@ def test_scanned_decoding_matches_forward(tiny_config, random_batch, moe):
   c.model.moe_eval_capacity_factor = 8.0  # no dropping, so teacher forcing == decoding
   batch = random_batch(3, c, seed=1)
   model = M6(M6Config.from_config(c))
-  params = jax.jit(model.init)(jax.random.PRNGKey(0), dummy_batch(model.config))["params"]
+  params = _INIT(model, jax.random.PRNGKey(0), dummy_batch(model.config))["params"]
   variables = {"params": params}
   full = jax.jit(model.apply)(variables, batch)
   cache = jax.jit(lambda v, b: model.apply(v, b, method=M6.encode_prefix))(variables, batch)

@@ -29,7 +29,7 @@ def _images(n, size, seed=0):
 def test_the_quantizer_outputs_the_nearest_codebook_entry_exactly(l2_normalize):
   config = vqgan_lib.VQGANConfig(**{**TINY.__dict__, "l2_normalize": l2_normalize})
   params = _params(config)
-  out = vqgan_lib.VQGAN(config).apply({"params": params["generator"]}, _images(3, 16))
+  out = jax.jit(vqgan_lib.VQGAN(config).apply)({"params": params["generator"]}, _images(3, 16))
   codebook = np.asarray(params["generator"]["quantizer"]["codebook"])
   z = np.asarray(out["z"]).reshape(-1, config.code_dim)
   codes = np.asarray(out["codes"]).reshape(-1)
@@ -46,7 +46,7 @@ def test_the_straight_through_gradient_reaches_the_encoder_and_not_the_codebook(
   def loss(p):
     return vqgan_loss.loss_and_metrics(p, _images(4, 16), jnp.int32(0), model, weights)[0]
 
-  grads = jax.grad(loss)(params)["generator"]
+  grads = jax.jit(jax.grad(loss))(params)["generator"]
   assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads["encoder"]))
   assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads["decoder"]))
   # The codebook is the EMA's alone (m6_jax/model/vqgan.py).
@@ -62,10 +62,11 @@ def test_encoder_codes_decoder_shapes(factor, grid):
   assert config.grid == (grid, grid)
   model = vqgan_lib.VQGAN(config)
   variables = {"params": _params(config)["generator"]}
-  codes = model.apply(variables, _images(2, 48), method="tokenize")
+  apply = jax.jit(model.apply, static_argnames="method")
+  codes = apply(variables, _images(2, 48), method="tokenize")
   assert codes.shape == (2, grid, grid) and codes.dtype == jnp.int32
   assert int(codes.min()) >= 0 and int(codes.max()) < config.codebook_size
-  images = model.apply(variables, codes, method="decode_codes")
+  images = apply(variables, codes, method="decode_codes")
   assert images.shape == (2, 48, 48, 3)
   assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
 
@@ -127,8 +128,11 @@ def test_the_gan_counts_from_disc_start_with_a_finite_adaptive_weight():
   weights = vqgan_loss.LossWeights(disc_weight=0.8, disc_start=5)
   images = _images(4, 16)
 
+  # Jitted, as the train step runs it (op by op it took seconds): the step is traced, so
+  # steps 4 and 5 are one compilation.
+  fn = jax.jit(jax.value_and_grad(vqgan_loss.loss_and_metrics, has_aux=True), static_argnums=(3, 4))
+
   def run(step):
-    fn = jax.value_and_grad(vqgan_loss.loss_and_metrics, has_aux=True)
     (objective, (metrics, _)), grads = fn(params, images, jnp.int32(step), model, weights)
     return float(objective), metrics, grads
 
@@ -136,10 +140,12 @@ def test_the_gan_counts_from_disc_start_with_a_finite_adaptive_weight():
   assert before == pytest.approx(float(metrics["loss"]))  # reconstruction + commitment only
   assert float(metrics["disc_factor"]) == 0.0
   assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads["discriminator"]))
-  without_gan = jax.grad(
-    lambda p: vqgan_loss.loss_and_metrics(
-      p, images, jnp.int32(4), vqgan_lib.VQGAN(TINY), vqgan_loss.LossWeights()
-    )[0]
+  without_gan = jax.jit(
+    jax.grad(
+      lambda p: vqgan_loss.loss_and_metrics(
+        p, images, jnp.int32(4), vqgan_lib.VQGAN(TINY), vqgan_loss.LossWeights()
+      )[0]
+    )
   )({"generator": params["generator"]})
   for a, b in zip(jax.tree.leaves(grads["generator"]), jax.tree.leaves(without_gan)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
