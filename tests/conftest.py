@@ -38,18 +38,6 @@ from m6_jax.data.tasks import random_features_batch  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-  """The tests of a module that share a module-scoped fixture (a trained workdir, a converted
-  model) run on one xdist worker, which builds it once: pyproject.toml's --dist=loadgroup
-  keeps an xdist_group together; every other test is scheduled on its own."""
-  for item in items:
-    fixtures = getattr(item, "_fixtureinfo", None)
-    defs = fixtures.name2fixturedefs.values() if fixtures else ()
-    if any(d[-1].scope == "module" for d in defs):
-      item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-
-
 def pytest_sessionfinish(session):
   """The session's compilation cache goes with it."""
   if _MADE_CACHE is not None:
