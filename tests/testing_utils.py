@@ -10,6 +10,22 @@ import os
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
+# The config overrides of a tiny model on short texts and small images, for tests that train
+# through the command line and assert nothing of the model's size.
+TINY_RUN = {
+  "model.num_layers": 1,
+  "model.d_model": 32,
+  "model.num_heads": 2,
+  "model.head_dim": 16,
+  "model.mlp_dim": 64,
+  "model.vocab_size": 512,
+  "data.image_size": 32,
+  "data.batch_size": 8,
+  "data.src_len": 16,
+  "data.tgt_len": 16,
+}
+
+
 def cpu_env(devices: int = 1, platforms: str | None = "cpu") -> dict[str, str]:
   """The environment of a subprocess the tests start: `devices` CPU devices and the tests'
   compile flags; `platforms=None` leaves JAX_PLATFORMS unset (as a user would)."""

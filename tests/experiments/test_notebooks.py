@@ -14,7 +14,7 @@ import jupytext
 import nbformat
 import pytest
 from nbclient import NotebookClient
-from testing_utils import cpu_env
+from testing_utils import TINY_RUN, cpu_env
 
 # Multi-process / end-to-end: left out of the inner loop (pytest -m 'not slow').
 pytestmark = pytest.mark.slow
@@ -24,16 +24,7 @@ NOTEBOOKS = os.path.join(REPO, "experiments", "notebooks")
 NAMES = ("quickstart", "finetune_your_data", "pod_scale")
 # A tiny model and a tokenizer trained once per session (tests/conftest.py).
 TINY = {
-  "model.num_layers": 1,
-  "model.d_model": 32,
-  "model.num_heads": 2,
-  "model.head_dim": 16,
-  "model.mlp_dim": 64,
-  "model.vocab_size": 512,
-  "data.image_size": 32,
-  "data.batch_size": 8,
-  "data.src_len": 16,
-  "data.tgt_len": 16,
+  **TINY_RUN,
   "data.length_bucket": 0,
   "train.log_every": 2,
 }

@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from testing_utils import assert_every_step_once, cpu_env
+from testing_utils import TINY_RUN, assert_every_step_once, cpu_env
 
 # Multi-process / end-to-end: left out of the inner loop (pytest -m 'not slow').
 pytestmark = pytest.mark.slow
@@ -21,18 +21,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # A tiny model on short texts and small images, with the session's tokenizer (conftest.py)
 # instead of one trained in every workdir: each run is mostly start-up, and every run of this
 # file compiles the same programs (the session's compilation cache has them after the first).
-TINY = {
-  "model.num_layers": 1,
-  "model.d_model": 32,
-  "model.num_heads": 2,
-  "model.head_dim": 16,
-  "model.mlp_dim": 64,
-  "model.vocab_size": 512,
-  "data.image_size": 32,
-  "data.batch_size": 8,
-  "data.src_len": 16,
-  "data.tgt_len": 16,
-}
 
 
 def _start(workdir, steps, tokenizer, log_every=1000, checkpoint_every=100000):
@@ -51,7 +39,7 @@ def _start(workdir, steps, tokenizer, log_every=1000, checkpoint_every=100000):
       "--config.train.keep_checkpoints=100",
       "--config.train.schedule=constant",
       "--config.train.warmup_steps=0",
-      *(f"--config.{k}={v}" for k, v in TINY.items()),
+      *(f"--config.{k}={v}" for k, v in TINY_RUN.items()),
       f"--config.data.tokenizer_path={tokenizer}",
       "--config.model.dropout_rate=0.1",  # so resuming must also reproduce the dropout masks
     ],
