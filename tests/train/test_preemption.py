@@ -18,14 +18,12 @@ pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-# A tiny model on short texts and small images, with the session's tokenizer (conftest.py)
-# instead of one trained in every workdir: each run is mostly start-up, and every run of this
-# file compiles the same programs (the session's compilation cache has them after the first).
-
-
 def _start(workdir, steps, tokenizer, log_every=1000, checkpoint_every=100000):
   """A tiny base run; a constant learning rate, so that a step's update does not depend on
-  train.steps (which differs between the runs compared here)."""
+  train.steps (which differs between the runs compared here). The tiny model and the
+  session's tokenizer (conftest.py) instead of one trained in every workdir: each run is
+  mostly start-up, and every run of this file compiles the same programs (the session's
+  compilation cache has them after the first)."""
   return subprocess.Popen(
     [
       sys.executable,
