@@ -56,7 +56,7 @@ import ml_collections
 from flax import struct
 
 from m6_jax.model import embeddings, features, ofa
-from m6_jax.model.attention import AttentionMask, prefix_lm_mask  # noqa: F401
+from m6_jax.model.attention import AttentionMask
 from m6_jax.model.embeddings import ImageEmbedding, PositionEmbedding, embed_init
 from m6_jax.model.layers import LayerKV, LayerNorm, default_kernel_init
 from m6_jax.model.moe import MoeOptions

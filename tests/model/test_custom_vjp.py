@@ -43,7 +43,7 @@ def test_prefix_split_matches_the_dense_core(dtype, tol):
   """With `prefix_len` the core skips the prefix-to-target block of a prefix-LM mask: the
   outputs and gradients of every real query are those of the dense core, and the score
   matmuls are [prefix x prefix] and [target x all] instead of [all x all]."""
-  from m6_jax.model.m6 import prefix_lm_mask
+  from m6_jax.model.attention import prefix_lm_mask
 
   rng = np.random.default_rng(4)
   b, h, p, t, d = 2, 3, 7, 5, 8

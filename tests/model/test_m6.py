@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m6_jax.model.m6 import M6, M6Config, dummy_batch, prefix_lm_mask
+from m6_jax.model.attention import prefix_lm_mask
+from m6_jax.model.m6 import M6, M6Config, dummy_batch
 
 
 def test_mask_prefix_never_sees_target_and_target_is_causal():
