@@ -67,42 +67,34 @@ def test_pip_install_gives_the_m6_jax_command(tmp_path):
     [*pip, "--no-deps", "--no-build-isolation", str(source)], check=True, cwd=tmp_path, timeout=300
   )
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-  out = subprocess.run(
-    [str(venv / "bin" / "m6-jax"), "--mode=export_world", "--helpshort"],
-    cwd=tmp_path,  # not the repository: the installed package, not the source tree
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
+
+  def installed(program, *args):
+    """A program of the venv, run outside the repository: the installed package, not the
+    source tree."""
+    return subprocess.run(
+      [str(venv / "bin" / program), *args],
+      cwd=tmp_path,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120,
+    )
+
+  out = installed("m6-jax", "--mode=export_world", "--helpshort")
   assert out.returncode == 0, out.stderr
   assert "--output_dir" in out.stdout and "--mode" in out.stdout
-  run = subprocess.run(
-    [
-      str(venv / "bin" / "m6-jax"),
-      "--mode=export_world",
-      f"--output_dir={tmp_path / 'w'}",
-      "--num_train=2",
-      "--num_validation=1",
-      "--nohuge_pages",
-    ],
-    cwd=tmp_path,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=120,
+  run = installed(
+    "m6-jax",
+    "--mode=export_world",
+    f"--output_dir={tmp_path / 'w'}",
+    "--num_train=2",
+    "--num_validation=1",
+    "--nohuge_pages",
   )
   assert run.returncode == 0, run.stderr
   assert (tmp_path / "w" / "train.jsonl").read_text().count("\n") == 2
   # Package data: the CJK font subset (with its license) that draws Chinese prompts.
-  font = subprocess.run(
-    [str(venv / "bin" / "python"), "-c", "from m6_jax.infer import fonts; print(fonts.CJK_SUBSET)"],
-    cwd=tmp_path,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
+  font = installed("python", "-c", "from m6_jax.infer import fonts; print(fonts.CJK_SUBSET)")
   assert font.returncode == 0, font.stderr
   installed = pathlib.Path(font.stdout.strip())
   assert str(venv) in str(installed) and installed.is_file()
