@@ -4,8 +4,9 @@
       [--no-torch-compile] [--no-huge-pages] [--json=benchmarks/results/train_step.json]
 
 For each model size: steady-state step time (after compilation; median and spread of
-`--reps` steps), tokens/s, model FLOPs per step (analytic count, and XLA's cost_analysis of
-the compiled step as a cross-check), and MFU against a float32 matmul peak measured in the
+`--reps` steps), tokens/s, model FLOPs per step (the analytic count of
+m6_jax/model/param_count.py, as the progress line and the AOT report take it, and XLA's
+cost_analysis of the compiled step as a cross-check), and MFU against a float32 matmul peak measured in the
 same run on the same device (before and after the sizes; the better of the two). The PyTorch
 reference (benchmarks/torch_reference.py: the same layers, sizes, batch, AdamW and clipping)
 runs in the same process on the same CPU threads, in float32, with denormals flushed to
@@ -32,6 +33,7 @@ import numpy as np  # noqa: E402
 
 from configs import base  # noqa: E402
 from m6_jax.cli import bootstrap  # noqa: E402
+from m6_jax.model import param_count  # noqa: E402
 from m6_jax.model.m6 import M6Config  # noqa: E402
 
 
@@ -64,21 +66,6 @@ SIZES = {"base": base.get_config, "medium": medium_config, "medium_scan": medium
 # Sizes that differ from another only in how JAX compiles the stack: the PyTorch reference
 # is the same model, so it is timed once and shared.
 SAME_TORCH_MODEL = {"medium_scan": "medium"}
-
-
-def model_flops_per_step(c: M6Config, batch: int) -> float:
-  """Matmul FLOPs of one train step (forward x 3: backward costs two forwards)."""
-  inner = c.num_heads * c.head_dim
-  seq = c.seq_len
-  per_token_layer = 2 * (3 * c.d_model * inner + inner * c.d_model + 2 * c.d_model * c.mlp_dim)
-  forward = batch * (
-    seq * c.num_layers * per_token_layer
-    # scores and weighted sum over the (query, key) pairs the prefix-LM mask allows blockwise
-    + c.num_layers * 2 * 2 * c.attention_pairs * inner
-    + c.num_patches * 2 * (c.patch_size**2 * 3) * c.d_model  # patch projection
-    + c.tgt_len * 2 * c.d_model * c.vocab_size  # LM head on the target positions
-  )
-  return 3.0 * forward
 
 
 def measured_peak_flops(n: int = 2048, reps: int = 10) -> float:
@@ -174,10 +161,10 @@ def main() -> None:
     config = SIZES[name]()
     c = M6Config.from_config(config)
     batch = config.data.batch_size
-    flops = model_flops_per_step(c, batch)
+    flops = param_count.train_flops(config, param_count.count_params(config))
     ours = bench_jax(config, args.reps)
     row = {"jax": ours, "model_flops": flops, "seq_len": c.seq_len, "batch": batch}
-    row["params"] = _num_params(config)
+    row["params"] = param_count.count_params(config)["total"]
     row["tokens_per_sec"] = batch * c.seq_len / ours["median_s"]
     shared = results["sizes"].get(SAME_TORCH_MODEL.get(name, ""), {})
     if not args.no_torch and "torch_eager" in shared:
@@ -229,14 +216,6 @@ def main() -> None:
     "analytic FLOPs (a scanned stack's loop body is counted once by XLA)"
   )
   common.write_json(args.json, results)
-
-
-def _num_params(config) -> int:
-  from m6_jax.model.m6 import M6, dummy_batch
-
-  c = M6Config.from_config(config)
-  shapes = jax.eval_shape(M6(c).init, jax.random.PRNGKey(0), dummy_batch(c))
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
 
 
 if __name__ == "__main__":

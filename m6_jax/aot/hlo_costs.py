@@ -19,6 +19,13 @@ accessed under-count a scanned model by nearly the layer count. Here:
   writes a reduce-scatter as an `all-reduce-scatter` fusion (an all-reduce whose result is
   sliced to this chip's part); it is counted as the reduce-scatter it runs as.
 
+- Kernels: XLA counts neither FLOPs nor bytes for a Pallas kernel (a `tpu_custom_call`), so
+  `kernel_costs` adds the splash attention kernels' analytically: per call, the [q, k] x
+  head_dim matmuls of the blocks it visits (forward 2, dq 3, dkv 4) and its operands and
+  results read or written once, the arrays it streams re-read once per block row; the block
+  grid and the blocks visited come from the named scope `model/attention.py` puts around
+  the call.
+
 A compile with the loops unrolled (`model.scan_layers=False`) has no loop, so XLA's own
 figures are exact there; `tests/test_hlo_costs.py` checks the two agree.
 """
@@ -254,3 +261,78 @@ def per_step_costs(hlo_text: str) -> dict[str, Any]:
     if name != module.entry and runs[name] > 1:
       bodies.append({"computation": name, "runs": runs[name], **own})
   return {"once": inclusive[module.entry], "per_step": per_step, "loops": bodies}
+
+
+# Splash kernels: name prefix -> [q, k] x head_dim matmuls per visited (query, key) pair.
+SPLASH_MATMULS = {"splash_mha_fwd": 2, "splash_mha_dq": 3, "splash_mha_dkv": 4}
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*)$")
+_KERNEL_SCOPE = re.compile(r"splash_blocks_(\d+)x(\d+)_visited_(\d+)")
+_OPERANDS = re.compile(
+  r"operand_layout_constraints=\{(.*?)\}, (?:frontend_attributes|metadata|backend_config)="
+)
+
+
+def _instructions(lines: list[str]) -> list[tuple[str, str]]:
+  """(name, text) of each instruction of a computation, continuation lines joined."""
+  out: list[tuple[str, str]] = []
+  for line in lines:
+    m = _INSTRUCTION.match(line)
+    if m:
+      out.append((m.group(1), m.group(2)))
+    elif out:
+      out[-1] = (out[-1][0], out[-1][1] + " " + line.strip())
+  return out
+
+
+def _shapes(type_text: str) -> list[tuple[str, tuple[int, ...]]]:
+  return [(t, tuple(int(d) for d in dims.split(",") if d)) for t, dims in _ARRAY.findall(type_text)]
+
+
+def _nbytes(shape: tuple[str, tuple[int, ...]]) -> float:
+  return float(np.prod(shape[1])) * _DTYPE_BYTES.get(shape[0], 1)
+
+
+def splash_call_costs(name: str, text: str) -> dict[str, float] | None:
+  """FLOPs and HBM bytes of one splash kernel call (None: not a splash kernel)."""
+  kind = next((k for k in SPLASH_MATMULS if name.startswith(k)), None)
+  scope = _KERNEL_SCOPE.search(text)
+  operands = _OPERANDS.search(text)
+  if kind is None or 'custom_call_target="tpu_custom_call"' not in text or not operands:
+    return None
+  if scope is None:
+    raise ValueError(f"splash kernel {name} has no block-grid scope (model/attention.py)")
+  n_q, n_k, visited = (int(g) for g in scope.groups())
+  args = _shapes(operands.group(1))
+  rank = max(len(dims) for _, dims in args)
+  q, k, v = [a for a in args if len(a[1]) == rank][:3]
+  results = [r for r in _shapes(text.split(" custom-call(")[0]) if len(r[1]) == rank]
+  pairs_per_head = q[1][-2] * k[1][-2] * visited / (n_q * n_k)
+  flops = 2.0 * SPLASH_MATMULS[kind] * np.prod(q[1][:-2]) * pairs_per_head * q[1][-1]
+  hbm = sum(map(_nbytes, args)) + sum(map(_nbytes, results))
+  # The arrays of the inner loop are read once per block row of the outer one: keys and
+  # values per query block (forward, dq), queries and the other per-query arrays per key
+  # block (dkv).
+  if kind == "splash_mha_dkv":
+    streamed = [a for a in args if len(a[1]) == rank and a not in (k, v)]
+    hbm += sum(map(_nbytes, streamed)) * (visited / n_k - 1)
+  else:
+    hbm += (_nbytes(k) + _nbytes(v)) * (visited / n_q - 1)
+  return {"flops": float(flops), "bytes": float(hbm)}
+
+
+def kernel_costs(hlo_text: str) -> dict[str, Any]:
+  """FLOPs and HBM bytes per step of the Pallas kernels XLA's cost analysis leaves out
+  (splash attention), each call counted as often as its computation runs; and the calls
+  per step by kernel."""
+  module = parse(hlo_text)
+  total = {"flops": 0.0, "bytes": 0.0, "calls": {}}
+  for computation, runs in runs_per_step(module).items():
+    for name, text in _instructions(module.computations[computation]):
+      costs = splash_call_costs(name, text)
+      if costs is None:
+        continue
+      kind = next(k for k in SPLASH_MATMULS if name.startswith(k))
+      total["calls"][kind] = total["calls"].get(kind, 0) + runs
+      total["flops"] += runs * costs["flops"]
+      total["bytes"] += runs * costs["bytes"]
+  return total

@@ -12,7 +12,10 @@ temporaries, total against the chip's HBM), the compiled FLOPs and HBM bytes, th
 collectives in the compiled HLO with the bytes each chip sends in them (all three with
 every while-loop body counted once per iteration, m6_jax/aot/hlo_costs.py), the step time each
 of them implies, which one bounds the step, and an MFU estimate; we print them and write
-them as JSON.
+them as JSON. The MFU's model FLOPs are the analytic count of `model/param_count.py`, the
+one the progress line and the benchmarks use; XLA's cost analysis gives the executed FLOPs
+and the bytes, to which the Pallas kernels' (splash attention), which it does not see, are
+added analytically. Each report names the attention that ran.
 
 Environment: JAX_PLATFORMS is forced to cpu (the TPU platform is only used through the
 topology), so that no TPU backend is initialised; TPU_WORKER_HOSTNAMES=localhost quiets
@@ -91,9 +94,10 @@ def roofline(
 ) -> dict[str, Any]:
   """Step time per chip from three terms, and which one bounds the step.
 
-  compute: the FLOPs XLA compiled (remat's recomputation and MoE dispatch einsums included;
-  never less than the model's) at the chip's peak; memory: the HBM bytes XLA's cost analysis
-  counts, at the HBM bandwidth; communication: the bytes the chip sends in collectives, at
+  compute: the FLOPs XLA compiled (remat's recomputation and MoE dispatch einsums included)
+  plus the kernels' analytic FLOPs (hlo_costs.kernel_costs), never less than the model's, at
+  the chip's peak; memory: the HBM bytes XLA's cost analysis counts plus the kernels', at
+  the HBM bandwidth; communication: the bytes the chip sends in collectives, at
   its ICI bandwidth. Overlap: compute and HBM traffic overlap (roofline: the larger of the
   two). Communication is either not overlapped at all (the step estimate) or overlapped
   fully (the lower bound on the step); XLA's async collectives and the latency-hiding
@@ -151,12 +155,20 @@ def analyse(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
   bytes_once = float(cost.get("bytes accessed", 0.0))
   flops = flops_once * (per_step["flops"] / once["flops"] if once["flops"] else 1.0)
   hbm_bytes = bytes_once * (per_step["bytes"] / once["bytes"] if once["bytes"] else 1.0)
+  # XLA counts nothing for a Pallas kernel: add the splash kernels' analytic FLOPs and bytes.
+  kernels = hlo_costs.kernel_costs(hlo)
 
   counts = param_count.count_params(config)
   chips = len(devices)
   model_flops = param_count.train_flops(config, counts)
   traffic = hlo_costs.collective_traffic(hlo, chips)
-  times = roofline(flops, model_flops / chips, hbm_bytes, sum(traffic.values()), chip)
+  times = roofline(
+    flops + kernels["flops"],
+    model_flops / chips,
+    hbm_bytes + kernels["bytes"],
+    sum(traffic.values()),
+    chip,
+  )
   return {
     "config": {
       "d_model": config.model.d_model,
@@ -167,6 +179,10 @@ def analyse(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
       "batch_size": config.data.batch_size,
       "tokens_per_chip": config.data.batch_size * M6Config.from_config(config).seq_len // chips,
       "remat_policy": config.model.remat_policy,
+      # What ran, read from the program: "auto" and OFA's biased attention may not be splash.
+      "attention": "splash"
+      if kernels["calls"]
+      else config.model.attention_impl.replace("auto", "xla"),
       "moe_capacity_factor": config.model.moe_capacity_factor,
       "mesh": partitioning.make_mesh(config, devices).shape,
     },
@@ -186,12 +202,16 @@ def analyse(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
       "fits": bool(total <= hbm_gib),
     },
     "flops_per_step": {
-      "compiled_per_chip": flops,
+      "compiled_per_chip": flops + kernels["flops"],
+      "xla_per_chip": flops,
+      "kernels_per_chip": kernels["flops"],
       "compiled_per_chip_loop_bodies_once": flops_once,
       "model_analytic_total": model_flops,
       "model_analytic_per_chip": model_flops / chips,
     },
-    "bytes_accessed_per_chip": hbm_bytes,
+    "bytes_accessed_per_chip": hbm_bytes + kernels["bytes"],
+    "bytes_accessed_per_chip_kernels": kernels["bytes"],
+    "kernel_calls_per_step": kernels["calls"],
     "bytes_accessed_per_chip_loop_bodies_once": bytes_once,
     "loop_bodies": loops["loops"],
     "roofline": times,
@@ -208,7 +228,7 @@ def format_report(r: dict[str, Any]) -> str:
   lines = [
     f"AOT train step on {r['topology']} ({r['chips']} x {r['device_kind']}), mesh "
     f"{dict(c['mesh'])}, {c['tokens_per_chip']:,} tokens per chip, remat "
-    f"{c['remat_policy']}, compiled in {r['compile_seconds']:.1f}s",
+    f"{c['remat_policy']}, attention {c['attention']}, compiled in {r['compile_seconds']:.1f}s",
     f"params {r['params']:,} (active per token {r['active_params_per_token']:,})",
     f"memory per chip (GiB): arguments {m['arguments']:.2f}, outputs {m['outputs']:.2f} "
     f"(aliased {m['aliased']:.2f}), temporaries {m['temporaries']:.2f}; total {m['total']:.2f} "
@@ -220,9 +240,11 @@ def format_report(r: dict[str, Any]) -> str:
       "(a bigger topology or mesh.fsdp / mesh.expert), a smaller batch, or more remat."
     )
   lines += [
-    f"per chip and step (loop bodies counted per iteration): XLA FLOPs "
-    f"{f['compiled_per_chip']:.3e} (model {f['model_analytic_per_chip']:.3e}), HBM bytes "
-    f"{r['bytes_accessed_per_chip'] / 1e9:.2f} GB, sent in collectives {comm_gb:.2f} GB",
+    f"per chip and step (loop bodies counted per iteration): FLOPs {f['compiled_per_chip']:.3e}"
+    f" (XLA {f['xla_per_chip']:.3e} + kernels {f['kernels_per_chip']:.3e}; model "
+    f"{f['model_analytic_per_chip']:.3e}), HBM bytes {r['bytes_accessed_per_chip'] / 1e9:.2f} GB"
+    f" (kernels {r['bytes_accessed_per_chip_kernels'] / 1e9:.2f}), sent in collectives "
+    f"{comm_gb:.2f} GB",
     f"step time per chip: compute {rl['compute_step_s'] * 1e3:.1f} ms (at "
     f"{rl['peak_tflops_per_chip']} TFLOP/s; model FLOPs alone {rl['model_flops_step_s'] * 1e3:.1f}"
     f" ms), memory {rl['memory_step_s'] * 1e3:.1f} ms (at {rl['hbm_tb_per_s']} TB/s), "

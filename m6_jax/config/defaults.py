@@ -13,6 +13,7 @@ from m6_jax.model import ofa_options as ofa
 from m6_jax.parallel import axes
 
 SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
+ADAM_MU_DTYPES = ("float32", "bfloat16")
 IMAGE_STEMS = ("linear", "resnet", "ofa_resnet")
 TOKENIZER_KINDS = ("sentencepiece", "wordpiece")
 # Model families the train loop, evaluation and checkpoints serve (m6_jax/train/families/).
@@ -48,7 +49,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.num_heads = 4
   c.model.head_dim = 32
   c.model.mlp_dim = 512
-  c.model.dropout_rate = 0.0
+  c.model.dropout_rate = 0.0  # embeddings, residual branches, FFN hidden, attention probs
+  # Dropout on the attention probabilities alone; None: model.dropout_rate. Only the xla
+  # kernel drops them, so splash / cudnn need 0 here (MaxText has no attention dropout).
+  c.model.attention_dropout_rate = ml_collections.config_dict.placeholder(float)
   c.model.image_stem = "linear"  # linear patch projection or a small ResNet-style stem
   c.model.stem_channels = 32  # width of the ResNet-style stem
   c.model.patch_size = 16
@@ -174,6 +178,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.b1 = 0.9
   c.train.b2 = 0.98
   c.train.eps = 1e-8
+  # dtype of Adam's first moment (optax.adamw's mu_dtype): "bfloat16" halves that state's
+  # memory and HBM traffic (the second moment stays float32, as in MaxText).
+  c.train.adam_mu_dtype = "float32"
   c.train.weight_decay = 0.01
   c.train.decay_embeddings = False
   c.train.decay_norms_and_biases = False

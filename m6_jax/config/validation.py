@@ -12,6 +12,7 @@ from typing import Any
 import ml_collections
 
 from m6_jax.config.defaults import (
+  ADAM_MU_DTYPES,
   ARCHITECTURES,
   ATTENTION_IMPLS,
   DTYPES,
@@ -251,6 +252,10 @@ def validate(
   )
   _require(m.dtype in DTYPES, f"model.dtype='{m.dtype}' is not one of {DTYPES}.")
   _require(t.schedule in SCHEDULES, f"train.schedule='{t.schedule}' is not one of {SCHEDULES}.")
+  _require(
+    t.get("adam_mu_dtype", "float32") in ADAM_MU_DTYPES,
+    f"train.adam_mu_dtype='{t.get('adam_mu_dtype')}' is not one of {ADAM_MU_DTYPES}.",
+  )
   for key in (
     "d_model",
     "num_layers",
@@ -265,6 +270,10 @@ def validate(
     _require(d[key] > 0, f"data.{key}={d[key]} must be positive.")
   _require(t.steps > 0, f"train.steps={t.steps} must be positive.")
   _require(0.0 <= m.dropout_rate < 1.0, f"model.dropout_rate={m.dropout_rate} must be in [0, 1).")
+  _require(
+    m.get("attention_dropout_rate") is None or 0.0 <= m.attention_dropout_rate < 1.0,
+    f"model.attention_dropout_rate={m.get('attention_dropout_rate')} must be in [0, 1) or None.",
+  )
   _require(
     d.image_size % m.patch_size == 0,
     f"data.image_size={d.image_size} is not divisible by model.patch_size={m.patch_size}; "

@@ -44,6 +44,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 from jax.ad_checkpoint import checkpoint_name
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
@@ -153,8 +154,9 @@ def resolve(impl: str, interpret: bool, dropout: bool, structured: bool = True) 
   if dropout and impl != "xla":
     raise ConfigError(
       f"model.attention_impl='{impl}' does not drop attention probabilities, and this call "
-      "trains with model.dropout_rate > 0; use model.attention_impl='xla' or 'auto' (which "
-      "keeps xla wherever dropout is on), or set model.dropout_rate=0."
+      "trains with attention dropout (model.attention_dropout_rate, or model.dropout_rate when "
+      "that is None) > 0; use model.attention_impl='xla' or 'auto' (which keeps xla wherever "
+      "attention dropout is on), or set model.attention_dropout_rate=0."
     )
   if impl == "splash" and here not in (None, "tpu") and not interpret:
     raise ConfigError(
@@ -232,6 +234,18 @@ class PrefixLmMask(splash_mask._ComputableMask):  # a private base; MaxText's ma
     return hash((type(self), self.shape, self.prefix_len))
 
 
+KERNEL_SCOPE = "splash_blocks_{}x{}_visited_{}"  # hlo_costs.kernel_costs reads it back
+
+
+def visited_blocks(shape: tuple[int, int], blocks: tuple[int, int], prefix_len: int) -> int:
+  """(query block, key block) pairs of a `PrefixLmMask` of `shape` that hold an allowed pair:
+  the blocks the kernel computes (it skips the others), for the analytic kernel FLOPs."""
+  (lq, lk), (bq, bk) = shape, blocks
+  first_key = np.arange(0, lk, bk)[None, :]
+  last_query = np.minimum(np.arange(bq, lq + bq, bq), lq)[:, None] - 1
+  return int(np.sum((first_key < prefix_len) | (first_key <= last_query)))
+
+
 def _padded(length: int) -> tuple[int, int]:
   """(the length rounded up to a multiple of LANES, the kernel's block along it)."""
   padded = -(-length // LANES) * LANES
@@ -284,4 +298,8 @@ def splash_attention(
   heads = ("batch", "heads", None, None)
   ids = ("batch", None)
   run = partitioning.logical_shard_map(per_shard, (heads, heads, heads, ids, ids), heads)
-  return run(q, k, v, q_ids, k_ids)[:, :, :lq]
+  # XLA's cost analysis counts no FLOPs or bytes for a kernel; the AOT report adds them
+  # analytically and reads the block grid and the blocks visited from this scope's name.
+  visited = visited_blocks((pq, pk), (bq, bk), mask.prefix_len)
+  with jax.named_scope(KERNEL_SCOPE.format(pq // bq, pk // bk, visited)):
+    return run(q, k, v, q_ids, k_ids)[:, :, :lq]

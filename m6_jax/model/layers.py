@@ -378,6 +378,7 @@ class TransformerBlock(nn.Module):
   relative: tuple[int, int] = (0, 0)
   attention_impl: str = "xla"  # model.attention_impl (m6_jax/model/attention.py)
   attention_interpret: bool = False
+  attention_dropout_rate: float | None = None  # None: dropout_rate
 
   @nn.compact
   def __call__(
@@ -478,10 +479,11 @@ class TransformerBlock(nn.Module):
     options = {}
     if self.ofa is not None:
       options = {"scale_factor": self.ofa.attn_scale_factor, "head_scale": self.ofa.head_scale}
+    rate = self.attention_dropout_rate
     return MultiHeadAttention(
       self.num_heads,
       self.head_dim,
-      self.dropout_rate,
+      self.dropout_rate if rate is None else rate,
       self.dtype,
       attention_impl=self.attention_impl,
       attention_interpret=self.attention_interpret,

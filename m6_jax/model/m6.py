@@ -84,6 +84,7 @@ class M6Config:
   src_len: int  # maxima: a batch may have fewer text columns (see the module docstring)
   tgt_len: int
   dropout_rate: float = 0.0
+  attention_dropout_rate: float | None = None  # None: dropout_rate
   image_stem: str = "linear"
   stem_channels: int = 32
   tie_embeddings: bool = True
@@ -189,6 +190,7 @@ class M6Config:
       src_len=d.src_len,
       tgt_len=d.tgt_len,
       dropout_rate=m.dropout_rate,
+      attention_dropout_rate=m.get("attention_dropout_rate"),
       image_stem=m.image_stem,
       stem_channels=m.stem_channels,
       tie_embeddings=m.tie_embeddings,

@@ -18,8 +18,10 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 
+from m6_jax.model import embeddings
 from m6_jax.model.m6 import M6, M6Config, dummy_batch
 
 COMPONENTS = ("embeddings", "image stem", "attention", "FFN dense", "experts", "router", "norms")
@@ -65,6 +67,7 @@ def count_params(config: ml_collections.ConfigDict) -> dict[str, int]:
   encoder's, a target token through the decoder's)."""
   counts = dict.fromkeys(COMPONENTS, 0)
   stacks = {"encoder": [0, 0], "decoder": [0, 0]}  # [all, experts]
+  cross_kv = 0  # the decoder's cross-attention key/value projections (run on prefix tokens)
   for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params(config))[0]:
     names = tuple(str(p.key) for p in path if isinstance(p, jax.tree_util.DictKey))
     part = component(names)
@@ -73,11 +76,14 @@ def count_params(config: ml_collections.ConfigDict) -> dict[str, int]:
     if stack in stacks and "layer" in names[0]:
       stacks[stack][0] += math.prod(leaf.shape)
       stacks[stack][1] += math.prod(leaf.shape) if part == "experts" else 0
+      if "cross_attention" in names and names[-1] in ("key", "value", "value_bias"):
+        cross_kv += math.prod(leaf.shape)
   counts["total"] = sum(counts[c] for c in COMPONENTS)
   counts["active per token"] = _active(config.model, counts["total"], counts["experts"])
   if config.model.architecture == "encoder_decoder":
     for stack, (total, experts) in stacks.items():
       counts[f"{stack} active per token"] = _active(config.model, total, experts)
+    counts["decoder cross-attention key/value"] = cross_kv
   return counts
 
 
@@ -86,6 +92,31 @@ def _active(m: ml_collections.ConfigDict, total: int, experts: int) -> int:
   if m.moe_num_experts <= 0:
     return total
   return int(total - experts * (1 - m.moe_num_groups * m.moe_top_k / m.moe_num_experts))
+
+
+def stem_forward_flops(config: ml_collections.ConfigDict) -> float:
+  """Forward FLOPs of the image stem on one image: 2 x kernel size x output positions of every
+  convolution and projection in it (shapes from a shape-only trace; a convolution's weights
+  apply at each of its output positions, not once per token as a layer's do)."""
+  c = M6Config.from_config(config)
+  flops = [0.0]
+
+  def count(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    params = context.module.variables.get("params", {}) if context.method_name == "__call__" else {}
+    kernel = params.get("kernel")
+    if kernel is not None and hasattr(out, "shape"):
+      kernel = kernel.unbox() if isinstance(kernel, nn.meta.AxisMetadata) else kernel
+      flops[0] += 2.0 * math.prod(kernel.shape) * math.prod(out.shape[:-1])
+    return out
+
+  stem = embeddings.ImageEmbedding(
+    c.d_model, c.patch_size, c.image_stem, c.stem_channels, jnp.float32, True, c.ofa.resnet_layers
+  )
+  image = jnp.zeros((1, c.image_size, c.image_size, 3), jnp.float32)
+  with nn.intercept_methods(count):
+    jax.eval_shape(lambda: stem.init(jax.random.PRNGKey(0), image))
+  return flops[0]
 
 
 def train_flops(
@@ -98,8 +129,10 @@ def train_flops(
   """Analytic model FLOPs of one train step (forward + backward = 3x forward, no remat).
 
   6 * (active non-embedding params) per token over the whole sequence (encoder-decoder:
-  the encoder's per prefix token, the decoder's per target token, the rest per token), + the
-  LM head on the target positions, + attention scores and mixing (12 * heads * head_dim per
+  the encoder's per prefix token, the decoder's per target token but its cross-attention
+  key/value projections per prefix token, the rest per token; the
+  image stem's 3x its forward FLOPs per image, `stem_forward_flops`), + the LM head on the
+  target positions, + attention scores and mixing (12 * heads * head_dim per
   (query, key) pair a layer scores blockwise, M6Config.total_attention_pairs, fwd+bwd).
   `counts` is `count_params(config)`; the batch size and text lengths default to the
   config's (a length-bucketed batch passes its own).
@@ -108,14 +141,18 @@ def train_flops(
   c = M6Config.from_config(config)
   c = dataclasses.replace(c, src_len=src_len or c.src_len, tgt_len=tgt_len or c.tgt_len)
   b = batch_size or d.batch_size
-  dense_params = counts["active per token"] - counts["embeddings"]
+  dense_params = counts["active per token"] - counts["embeddings"] - counts["image stem"]
   if c.is_encoder_decoder:
     encoder, decoder = counts["encoder active per token"], counts["decoder active per token"]
     prefix_tokens = c.seq_len - c.tgt_len
     flops = 6.0 * (dense_params - encoder - decoder) * b * c.seq_len
     flops += 6.0 * (encoder * prefix_tokens + decoder * c.tgt_len) * b
+    # The decoder's cross-attention keys and values are projected from the prefix tokens.
+    cross_kv = counts["decoder cross-attention key/value"]
+    flops += 6.0 * cross_kv * (prefix_tokens - c.tgt_len) * b
   else:
     flops = 6.0 * dense_params * b * c.seq_len
+  flops += 3.0 * stem_forward_flops(config) * b
   flops += 6.0 * c.total_vocab_size * m.d_model * b * c.tgt_len
   flops += 12.0 * c.total_attention_pairs * m.num_heads * m.head_dim * b
   return flops

@@ -80,6 +80,7 @@ def make_block(c: M6Config, index: int, name: str, cross_attention: bool) -> Tra
     relative=relative,
     attention_impl=c.attention_impl,
     attention_interpret=c.attention_interpret,
+    attention_dropout_rate=c.attention_dropout_rate,
     name=name,
   )
 

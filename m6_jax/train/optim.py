@@ -77,6 +77,7 @@ def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransforma
         eps=train.eps,
         weight_decay=train.weight_decay,
         mask=lambda p: weight_decay_mask(p, train),
+        mu_dtype=jnp.dtype(train.get("adam_mu_dtype", "float32")),
       ),
     )
 

@@ -190,3 +190,21 @@ def test_runlocal_train_step_matches(random_batch):
   np.testing.assert_allclose(splash_terms, xla_terms, rtol=1e-5)
   for got, want in zip(jax.tree.leaves(splash_params), jax.tree.leaves(xla_params)):
     np.testing.assert_allclose(got, want, atol=TOL)
+
+
+@pytest.mark.parametrize(
+  "shape, blocks, prefix_len",
+  [((512, 512), (512, 512), 324), ((512, 512), (128, 128), 324), ((512, 512), (128, 128), 0),
+   ((384, 256), (128, 128), 256), ((640, 640), (128, 128), 640)],
+)  # fmt: skip
+def test_visited_blocks_are_the_blocks_the_kernel_keeps(shape, blocks, prefix_len):
+  """The blocks the AOT report's kernel FLOPs count are those splash's own mask processing
+  keeps (the others hold no allowed pair and the kernel skips them)."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask_info as info
+
+  mask = sm.MultiHeadMask((attention.PrefixLmMask(shape, prefix_len),))
+  kept, _ = info.process_mask(mask, blocks, shrink_grid=False)
+  grid = (shape[0] // blocks[0]) * (shape[1] // blocks[1])
+  expected = grid if kept.block_mask is None else int(np.count_nonzero(kept.block_mask))
+  assert attention.visited_blocks(shape, blocks, prefix_len) == expected
