@@ -547,7 +547,7 @@ def main(argv=None) -> int:
     + f"); XLA_FLAGS: {env['xla_flags'] or '(none)'}"
   )
   if not on_gpu:
-    print("no GPU (--allow_cpu): tiny sizes on the CPU; a test of the script, not a measurement")
+    print("no GPU (--allow_cpu): on the CPU (tiny sizes by default); a test of the script only")
   peak, source, measured = choose_peak(env["device_kind"], args.peak_flops, on_gpu)
   print(
     f"peak for the MFU: {rate(peak)} per device, {source}; measured "

@@ -1,5 +1,6 @@
 """benchmarks/device_check.py on the CPU: without a GPU one `error:` line and exit status 2;
-with --allow_cpu every section at tiny sizes, both attention impls in the JSON."""
+with --allow_cpu the train step with both attention impls and text to image at tiny sizes
+(decoding, benchmarks/decoding.py's rows at a smaller model, is left out for time)."""
 
 import json
 import math
@@ -43,11 +44,9 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, args, says):
 
 
 @pytest.mark.slow
-def test_allow_cpu_runs_every_section_with_both_attention_impls(tmp_path):
+def test_allow_cpu_measures_both_attention_impls_and_text_to_image(tmp_path):
   out = tmp_path / "check.json"
-  proc = _check(
-    "--allow_cpu", "--reps=2", "--decode_lengths=2,4", "--decode_batch_sizes=1", f"--json={out}"
-  )
+  proc = _check("--allow_cpu", "--reps=2", "--skip=decoding", f"--json={out}")
   assert proc.returncode == 0, proc.stdout + proc.stderr
   results = json.loads(out.read_text())
   assert results["environment"]["jax"] == jax.__version__ and not results["on_gpu"]
@@ -61,7 +60,7 @@ def test_allow_cpu_runs_every_section_with_both_attention_impls(tmp_path):
   # Same parameters and batch: the two impls' first losses agree.
   assert rows["cudnn"]["first_loss"] == pytest.approx(rows["xla"]["first_loss"], rel=1e-3)
   assert "XLA implementation (no GPU)" in rows["cudnn"]["attention"]
-  assert len(results["decoding"]["rows"]) == 4  # cached at 2 lengths, uncached at 2
+  assert "decoding" not in results
   t2i = results["text_to_image"]
   assert t2i["cached_equals_uncached"] and t2i["sampling"] and t2i["vqgan"]
   assert f"jax {jax.__version__}, jaxlib" in proc.stdout and "randomly initialised" in proc.stdout
