@@ -64,12 +64,14 @@ def _time(fn, reps: int) -> float:
   return statistics.median(times)
 
 
-def run(lengths, batch_sizes, reps: int) -> list[dict]:
+def run(lengths, batch_sizes, reps: int, make_config=_config) -> list[dict]:
+  """The rows of the table; `make_config(length)` gives the model's config (default:
+  configs/base.py with data.tgt_len = length)."""
   never = -1  # an id no argmax returns: every row decodes `length` tokens
   rows = []
   models = {}
   for length in lengths:  # data.tgt_len = length: the uncached path reruns exactly that
-    loaded = gen.init_model(_config(length), tokenizer=None)
+    loaded = gen.init_model(make_config(length), tokenizer=None)
     models[length] = (loaded.config, loaded.model, loaded.params)
   for path in ("cached", "uncached"):
     strategy = "greedy" if path == "cached" else "greedy_uncached"

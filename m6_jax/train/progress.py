@@ -21,16 +21,25 @@ from absl import logging
 from m6_jax.data import tasks
 from m6_jax.train import divergence
 
-# Published dense bf16 peak FLOP/s per chip, by jax Device.device_kind prefix (longest first).
+# Published dense bf16 peak FLOP/s per chip (the vendors' data sheets; NVIDIA's "with
+# sparsity" figures halved), by jax Device.device_kind prefix: the first that matches wins,
+# so a kind that another's prefix also matches comes before it.
 PEAK_FLOPS_BY_KIND = (
   ("TPU v6 lite", 918e12),  # v6e
   ("TPU v5 lite", 197e12),  # v5e
   ("TPU v5p", 459e12),
   ("TPU v5", 459e12),  # v5p reports itself as "TPU v5"
   ("TPU v4", 275e12),
+  ("NVIDIA B200", 2250e12),
+  ("NVIDIA GH200", 989e12),
   ("NVIDIA H200", 989e12),
-  ("NVIDIA H100", 989e12),
+  ("NVIDIA H100 PCIe", 756e12),
+  ("NVIDIA H100 NVL", 835e12),
+  ("NVIDIA H100", 989e12),  # SXM: "NVIDIA H100 80GB HBM3"
   ("NVIDIA A100", 312e12),
+  ("NVIDIA L40S", 362e12),
+  ("NVIDIA L40", 181e12),
+  ("NVIDIA L4", 121e12),
 )
 
 # Step metrics that add up over a logging interval (grad_norm is averaged by the step count).

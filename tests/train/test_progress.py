@@ -14,6 +14,9 @@ from m6_jax.train import progress
     ("TPU v5", 0.0, 459e12),  # v5p
     ("TPU v6 lite", 0.0, 918e12),
     ("NVIDIA H100 80GB HBM3", 0.0, 989e12),
+    ("NVIDIA H100 PCIe", 0.0, 756e12),  # not the SXM part's figure
+    ("NVIDIA L40S", 0.0, 362e12),  # not L4's, whose name is its prefix
+    ("NVIDIA L4", 0.0, 121e12),
     ("cpu", 0.0, None),  # unknown: no MFU
     ("cpu", 2e11, 2e11),  # train.peak_flops wins
     ("TPU v4", 1e12, 1e12),
