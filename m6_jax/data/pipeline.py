@@ -69,6 +69,10 @@ Sources (``config.data.source``):
   record lists come from the dataset's metadata, so selecting costs no reading); a task
   with a positive weight but no such record is an error. Records keep fixed positions, so
   everything said above about determinism, sharding and iterator state holds unchanged.
+* ``"shards"``: WebDataset / Parquet shards read in place (``data.shards``, ``data.eval_shards``;
+  m6_jax/data/shard_source.py). Evaluation reads them as above; the train split is an
+  IterDataset of its own (``make_stream_dataset``, m6_jax/data/streams.py): each process reads
+  its own shards, and bad records are dropped before batching.
 * With ``config.data.image_codes_dir`` (written by ``--mode=encode_images``), every example
   of either source also carries ``image_codes`` int32 [h, w], its image's VQGAN code grid,
   by record index (m6_jax/data/image_codes.py checks that the codes fit the source).

@@ -71,30 +71,9 @@ class ShardSource:
     workers = max(1, min(INDEX_THREADS, len(self.paths)))
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
       if self.format == "webdataset":
-        self._tars = list(pool.map(webdataset.index, self.paths))
-        sizes = [len(t.samples) for t in self._tars]
-        for t in self._tars:
-          if t.damaged:
-            logging.warning(
-              "Shard %s is damaged (%s); its last sample is skipped.", t.path, t.damaged
-            )
-        self._reader: Any = webdataset.Reader()
+        sizes = self._index_tars(pool)
       else:
-        footers = list(pool.map(parquet_shards.footer, self.paths))
-        self._layout = parquet_shards.layout(
-          self.paths[0], footers[0][0], image_column, text_column, self._columns
-        )
-        for path, (names, _) in zip(self.paths, footers):
-          missing = [c for c in (self._layout.image, self._layout.text) if c not in names]
-          if missing:
-            raise ConfigError(
-              f"Parquet shard {path} has no column {missing[0]!r} (its columns: {names}), "
-              f"unlike {self.paths[0]}; the shards of one pattern must share their columns."
-            )
-        self._groups = [np.cumsum([0] + rows) for _, rows in footers]
-        sizes = [int(g[-1]) for g in self._groups]
-        names = {path: names for path, (names, _) in zip(self.paths, footers)}
-        self._reader = parquet_shards.Reader(self._layout, names)
+        sizes = self._index_parquet(pool, image_column, text_column)
     self.offsets = np.cumsum([0] + sizes)
     total = int(self.offsets[-1])
     self.num_records = total if max_records is None else min(total, int(max_records))
@@ -103,6 +82,32 @@ class ShardSource:
     self.bad = BadRecords()
     self._masks: dict[str, np.ndarray] | None = None
     self._masks_lock = threading.Lock()
+
+  def _index_tars(self, pool) -> list[int]:
+    self._tars = list(pool.map(webdataset.index, self.paths))
+    for t in self._tars:
+      if t.damaged:
+        logging.warning("Shard %s is damaged (%s); its last sample is skipped.", t.path, t.damaged)
+    self._reader: Any = webdataset.Reader()
+    return [len(t.samples) for t in self._tars]
+
+  def _index_parquet(self, pool, image_column: str, text_column: str) -> list[int]:
+    footers = list(pool.map(parquet_shards.footer, self.paths))
+    self._layout = parquet_shards.layout(
+      self.paths[0], footers[0][0], image_column, text_column, self._columns
+    )
+    for path, (names, _) in zip(self.paths, footers):
+      missing = [c for c in (self._layout.image, self._layout.text) if c not in names]
+      if missing:
+        raise ConfigError(
+          f"Parquet shard {path} has no column {missing[0]!r} (its columns: {names}), "
+          f"unlike {self.paths[0]}; the shards of one pattern must share their columns."
+        )
+    self._groups = [np.cumsum([0] + rows) for _, rows in footers]
+    self._reader = parquet_shards.Reader(
+      self._layout, {p: f[0] for p, f in zip(self.paths, footers)}
+    )
+    return [int(g[-1]) for g in self._groups]
 
   def __len__(self) -> int:
     return self.num_records

@@ -2,8 +2,8 @@
 
 A shard ``00000.tar`` holds samples, each a run of members named ``<key>.<ext>``: the image
 (``.jpg`` / ``.jpeg`` / ``.png`` / ``.webp``), the caption (``.txt``) and the other fields
-(``.json``: an object; its ``question`` / ``answer`` and the columns of task modules' fields
-are read, the rest ignored). ``index(path)`` reads the member headers once (512 bytes each;
+(``.json``: an object; its ``question`` / ``answer``, the columns of task modules' fields and
+``image_key`` / ``url`` (records of one image share it) are read, the rest ignored). ``index(path)`` reads the member headers once (512 bytes each;
 the data is skipped) and records where each sample's members lie, so that any sample is
 then one positioned read per member: random access, as grain's MapDataset wants.
 
