@@ -16,6 +16,7 @@ read with its row group (only the columns above), the last few row groups kept d
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import threading
 
@@ -29,11 +30,13 @@ ROW_GROUP_SIZE = 512  # rows per row group the writer makes: a read decodes one 
 _KEEP_GROUPS = 16  # decoded row groups kept (a few per task stream's window)
 
 
+@contextlib.contextmanager
 def _open(path: str):
   import pyarrow.parquet as pq
   from etils import epath
 
-  return pq.ParquetFile(epath.Path(path).open("rb"))
+  with epath.Path(path).open("rb") as f:
+    yield pq.ParquetFile(f)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,10 +52,10 @@ class Layout:
 
 def footer(path: str) -> tuple[list[str], list[int]]:
   """(column names, rows of each row group) of a shard, from its footer alone."""
-  parquet = _open(path)
-  meta = parquet.metadata
-  rows = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
-  return list(parquet.schema_arrow.names), rows
+  with _open(path) as parquet:
+    meta = parquet.metadata
+    rows = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    return list(parquet.schema_arrow.names), rows
 
 
 def layout(path: str, names, image_column: str, text_column: str, extra_columns) -> Layout:
@@ -83,42 +86,44 @@ def layout(path: str, names, image_column: str, text_column: str, extra_columns)
 
 
 class Reader:
-  """Rows of Parquet shards by (path, row group, row), from many threads; decoded row groups
-  are kept in a small LRU, open files one per shard."""
+  """Rows of Parquet shards by (path, row group, row), from many threads. A row group is read
+  once by the first thread that needs it (each read opens its own file: pyarrow's readers
+  are not shared between threads) and the last few are kept decoded."""
 
   def __init__(self, layout: Layout, names: dict[str, list[str]]):
     """``names``: each shard's columns (the optional ones may be missing from some)."""
     self.layout, self.names = layout, names
     self._lock = threading.Lock()
-    self._files: dict[str, object] = {}
     self._groups: collections.OrderedDict = collections.OrderedDict()
+
+  def _read(self, path: str, group: int) -> dict[str, list]:
+    lay = self.layout
+    columns = [lay.image, lay.text, *lay.extra, lay.key, lay.image_key]
+    columns = [c for c in columns if c and c in self.names[path]]
+    with _open(path) as parquet:
+      table = parquet.read_row_group(group, columns=columns)
+    return {name: table.column(name).to_pylist() for name in columns}
 
   def _group(self, path: str, group: int) -> dict[str, list]:
     with self._lock:
       entry = self._groups.get((path, group))
-      if entry is not None:
+      if entry is None:
+        entry = self._groups[(path, group)] = [threading.Lock(), None]
+        while len(self._groups) > _KEEP_GROUPS:
+          self._groups.popitem(last=False)
+      else:
         self._groups.move_to_end((path, group))
-        return entry
-      if path not in self._files:
-        self._files[path] = _open(path)
-      parquet = self._files[path]
-      lay = self.layout
-      columns = [lay.image, lay.text, *lay.extra, lay.key, lay.image_key]
-      columns = [c for c in columns if c and c in self.names[path]]
-      # One reader per file: pyarrow's ParquetFile is not safe to share between threads.
-      table = parquet.read_row_group(group, columns=columns)
-      entry = {name: table.column(name).to_pylist() for name in columns}
-      self._groups[(path, group)] = entry
-      while len(self._groups) > _KEEP_GROUPS:
-        self._groups.popitem(last=False)
-      return entry
+    with entry[0]:  # other threads wanting this group wait for its one read
+      if entry[1] is None:
+        entry[1] = self._read(path, group)
+      return entry[1]
 
   def row(self, path: str, group: int, row: int) -> dict:
     """{column: value} of one row (None for a null; a column the shard lacks is absent)."""
     entry = self._group(path, group)
     return {name: values[row] for name, values in entry.items()}
 
-  def __getstate__(self):  # a copy (another process) opens its own files
+  def __getstate__(self):  # a copy (another process) keeps no decoded groups
     return {"layout": self.layout, "names": self.names}
 
   def __setstate__(self, state):
