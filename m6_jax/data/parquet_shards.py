@@ -58,10 +58,14 @@ def footer(path: str) -> tuple[list[str], list[int]]:
     return list(parquet.schema_arrow.names), rows
 
 
-def layout(path: str, names, image_column: str, text_column: str, extra_columns) -> Layout:
+def layout(
+  path: str, names, image_column: str, text_column: str, extra_columns, other_names=()
+) -> Layout:
   """The columns to read from the shard at ``path`` with columns ``names``; ConfigError when
-  the image or text column is missing (naming the columns there are)."""
+  the image or text column is missing (naming the columns there are). The optional columns
+  are those of any shard (``other_names``: the other shards' columns)."""
   names = list(names)
+  anywhere = set(names).union(*map(set, other_names))
 
   def pick(wanted: str, candidates, what: str, key: str) -> str:
     if wanted:
@@ -80,9 +84,9 @@ def layout(path: str, names, image_column: str, text_column: str, extra_columns)
 
   image = pick(image_column, IMAGE_COLUMNS, "image", "data.parquet_image_column")
   text = pick(text_column, TEXT_COLUMNS, "caption", "data.parquet_text_column")
-  extra = tuple(c for c in extra_columns if c in names and c not in (image, text))
-  image_key = next((c for c in IMAGE_KEY_COLUMNS if c in names), "")
-  return Layout(image, text, KEY_COLUMN if KEY_COLUMN in names else "", extra, image_key)
+  extra = tuple(c for c in extra_columns if c in anywhere and c not in (image, text))
+  image_key = next((c for c in IMAGE_KEY_COLUMNS if c in anywhere), "")
+  return Layout(image, text, KEY_COLUMN if KEY_COLUMN in anywhere else "", extra, image_key)
 
 
 class Reader:

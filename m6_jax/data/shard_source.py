@@ -94,7 +94,12 @@ class ShardSource:
   def _index_parquet(self, pool, image_column: str, text_column: str) -> list[int]:
     footers = list(pool.map(parquet_shards.footer, self.paths))
     self._layout = parquet_shards.layout(
-      self.paths[0], footers[0][0], image_column, text_column, self._columns
+      self.paths[0],
+      footers[0][0],
+      image_column,
+      text_column,
+      self._columns,
+      [names for names, _ in footers[1:]],
     )
     for path, (names, _) in zip(self.paths, footers):
       missing = [c for c in (self._layout.image, self._layout.text) if c not in names]

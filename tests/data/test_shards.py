@@ -224,6 +224,12 @@ def test_bad_records_are_skipped_and_counted_by_reason(tmp_path):
   par = _source(str(tmp_path / "a.parquet"))
   assert par[0] is not None and par[1] is None
   assert par.bad.snapshot() == (2, {"null_bytes": 1})
+  # Shards of one pattern may differ in their optional columns (key, question, answer).
+  qa = {"jpg": [png], "txt": [""], "question": ["what?"], "answer": ["red"]}
+  pq.write_table(pa.table(qa), tmp_path / "b.parquet")
+  both = _source(str(tmp_path / "*.parquet"))
+  assert both[2]["qa"][0]["answer"] == "red" and both[2]["record_fields"] == ("qa",)
+  assert both.raw(0)["id"] == "p0" and both.raw(2)["id"] == "0"
   with pytest.raises(ConfigError, match="no caption column .*'key', 'jpg'"):
     shard_source.ShardSource(
       shard_files.resolve(str(tmp_path / "a.parquet")), 32, text_column="caption"
