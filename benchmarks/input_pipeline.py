@@ -177,14 +177,15 @@ def main() -> None:
     user = base.get_config()
     user.data.source, user.data.data_dir, user.data.tfds_name = "tfds", data_dir, name
     user.data.task_weights.text_to_text = 0.0
+    user.data.task_weights.vqa = 0.0  # captions only
     rows["tfds JPEG (decode + resize + tokenize + batch)"] = pipeline_rate(
       user, tokenizer, args.batches
     )
     for fmt in ("webdataset", "parquet"):
       streamed = base.get_config()
       streamed.data.source, streamed.data.shards = "shards", make_jpeg_shards(tmp, 512, fmt)
-      streamed.data.task_weights.text_to_text = 0.0
-      rows[f"{fmt} JPEG shards (read + decode + ... + batch)"] = pipeline_rate(
+      streamed.data.task_weights = user.data.task_weights  # the tfds row's tasks
+      rows[f"{fmt} JPEG shards (decode + ... + batch)"] = pipeline_rate(
         streamed, tokenizer, args.batches
       )
     decoded = decode_rate(make_jpeg_shards(tmp + "/one", 512, "webdataset"), 48, 1024)
