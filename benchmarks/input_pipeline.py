@@ -3,8 +3,11 @@
   python benchmarks/input_pipeline.py [--batches=60] [--json=benchmarks/results/input_pipeline.json]
 
 Measures examples/s of the full grain pipeline (render or JPEG-decode + tokenize + task
-features + batch) for the synthetic world and for a prepared TFDS dataset of JPEG files, and
+features + batch) for the synthetic world, for a prepared TFDS dataset of JPEG files and for
+the same JPEGs streamed from WebDataset and Parquet shards (data.source='shards'), and
 examples/s of the jitted train step of configs/base.py on the same machine in the same run.
+For the WebDataset shards also decoded images/s of one thread (read + decode + resize of a
+record, no task): the rate each core adds.
 The pipeline must not be the bottleneck: the printed ratio (pipeline / train step) must be
 above 1. Both run on the same cores here, so the ratio is a conservative bound: on an
 accelerator the step leaves the CPU to the pipeline.
@@ -34,7 +37,14 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from configs import base  # noqa: E402
-from m6_jax.data import pipeline, prepare, synthetic  # noqa: E402
+from m6_jax.data import (  # noqa: E402
+  export_world,
+  pipeline,
+  prepare,
+  shard_files,
+  shard_source,
+  synthetic,
+)
 from m6_jax.data import tokenizer as tokenizer_lib  # noqa: E402
 from m6_jax.parallel import partitioning  # noqa: E402
 
@@ -73,6 +83,21 @@ def make_jpeg_dataset(root: str, count: int) -> tuple[str, str]:
     print_fn=lambda *a, **k: None,
   )
   return data_dir, "bench"
+
+
+def make_jpeg_shards(root: str, count: int, fmt: str) -> str:
+  """`count` JPEG images of the world (96 px) as `fmt` shards of 128 records; their pattern."""
+  paths = export_world.export(os.path.join(root, fmt), count, 1, 96, "en", 1, fmt, 128, "jpg")
+  return paths["train"]
+
+
+def decode_rate(pattern: str, image_size: int, count: int) -> float:
+  """Records/s of one thread reading and decoding shard records (index built before)."""
+  source = shard_source.ShardSource(shard_files.resolve(pattern), image_size)
+  start = time.perf_counter()
+  for i in range(count):
+    source[i % len(source)]
+  return count / (time.perf_counter() - start)
 
 
 def train_step_rate(config, steps: int) -> float:
@@ -152,9 +177,18 @@ def main() -> None:
     user = base.get_config()
     user.data.source, user.data.data_dir, user.data.tfds_name = "tfds", data_dir, name
     user.data.task_weights.text_to_text = 0.0
+    user.data.task_weights.vqa = 0.0  # captions only
     rows["tfds JPEG (decode + resize + tokenize + batch)"] = pipeline_rate(
       user, tokenizer, args.batches
     )
+    for fmt in ("webdataset", "parquet"):
+      streamed = base.get_config()
+      streamed.data.source, streamed.data.shards = "shards", make_jpeg_shards(tmp, 512, fmt)
+      streamed.data.task_weights = user.data.task_weights  # the tfds row's tasks
+      rows[f"{fmt} JPEG shards (decode + ... + batch)"] = pipeline_rate(
+        streamed, tokenizer, args.batches
+      )
+    decoded = decode_rate(make_jpeg_shards(tmp + "/one", 512, "webdataset"), 48, 1024)
   step_rate = train_step_rate(config, args.steps)
 
   print(
@@ -176,6 +210,8 @@ def main() -> None:
       f"{rate:>9.0f} ({rate / plain:.2f}x)"
     )
   results["padding_efficiency"] = padding
+  print(f"\nwebdataset JPEG shards, one thread: {decoded:.0f} decoded images/s (per core)")
+  results["webdataset_jpeg_decoded_images_per_sec_per_core"] = decoded
   bottleneck = [n for n, r in rows.items() if r < step_rate]
   print(
     "pipeline is the bottleneck for: " + ", ".join(bottleneck)

@@ -1,8 +1,12 @@
-"""Image captioning on your own images and captions, prepared into a TFDS dataset.
+"""Image captioning on your own images and captions, prepared into a TFDS dataset or streamed
+from WebDataset / Parquet shards.
 
 The argument is the prepared dataset: ``DATA_DIR/NAME`` (a path, as written by step 1), or
-``NAME`` alone for TFDS's default data_dir ($TFDS_DATA_DIR or ~/tensorflow_datasets);
-append ``,cpu`` for the CPU-sized recipe below, or ``,runlocal`` for a 20-step smoke test.
+``NAME`` alone for TFDS's default data_dir ($TFDS_DATA_DIR or ~/tensorflow_datasets); or a
+folder with ``train/`` and ``validation/`` shard folders (``*.tar`` or ``*.parquet``, as
+``--mode=prepare_data --output_format=webdataset`` writes them), streamed in place
+(docs/your_data.md, "Training on WebDataset / Parquet shards"). Append ``,cpu`` for the
+CPU-sized recipe below, or ``,runlocal`` for a 20-step smoke test.
 
 1. Convert the data once (a folder of images + a JSONL of
    {"image": "rel/path.jpg", "caption": "..."}; see m6_jax/data/prepare.py for the MUGE TSV
@@ -49,6 +53,18 @@ def _dataset(arg: str) -> tuple[str, str]:
   return head, tail
 
 
+def _shards(path: str) -> tuple[str, str] | None:
+  """(train, validation) shard patterns of a folder of ``train/`` and ``validation/`` shards
+  (as --mode=export_world --format=... and --mode=prepare_data --output_format=... write
+  them), or None when ``path`` is not one."""
+  train = os.path.join(path, "train")
+  names = sorted(os.listdir(train)) if os.path.isdir(train) else []
+  ext = next((e for e in (".tar", ".parquet") if any(n.endswith(e) for n in names)), None)
+  if ext is None:
+    return None
+  return os.path.join(train, f"*{ext}"), os.path.join(path, "validation", f"*{ext}")
+
+
 def get_config(arg: str | None = None):
   if not arg:
     raise ValueError(
@@ -59,8 +75,13 @@ def get_config(arg: str | None = None):
   dataset, _, variant = arg.partition(",")
   config = default_config()
   d, m, t = config.data, config.model, config.train
-  d.source = "tfds"
-  d.data_dir, d.tfds_name = _dataset(dataset)
+  shards = _shards(os.path.expanduser(dataset.strip()))
+  if shards:
+    d.source = "shards"
+    d.shards, d.eval_shards = shards
+  else:
+    d.source = "tfds"
+    d.data_dir, d.tfds_name = _dataset(dataset)
   d.task_weights = {
     "text_to_text": 0.0,
     "image_to_text": 1.0,

@@ -37,6 +37,10 @@ class DataPreparationError(UserError, ValueError):
   """Data preparation cannot go on (bad arguments, too many bad records)."""
 
 
+class BadDataError(UserError, ValueError):
+  """More bad records in streamed shards than data.max_bad_fraction allows."""
+
+
 class GenerationError(UserError, ValueError):
   """Bad generation input (missing or unreadable image, empty prompt, ...)."""
 

@@ -1,5 +1,7 @@
 """`--mode=prepare_data`: user images and texts (an image folder + JSONL, or MUGE TSV files)
--> a TFDS array_record dataset at --data_dir/--name (m6_jax/data/prepare.py; no config).
+-> a TFDS array_record dataset at --data_dir/--name (m6_jax/data/prepare.py; no config), or
+with --output_format=webdataset|parquet shards at --data_dir/--name/<split>/
+(m6_jax/data/prepare_shards.py) that data.source='shards' streams.
 
     python -m m6_jax.main --mode=prepare_data --input_format=image_folder_jsonl \\
       --input_path=/data/my_caps/captions.jsonl --validation_fraction=0.02 \\
@@ -7,6 +9,8 @@
 """
 
 from __future__ import annotations
+
+import functools
 
 from absl import flags
 
@@ -46,6 +50,14 @@ MAX_REJECTED_FRACTION = flags.DEFINE_float(
   "Stop with an error when a split rejects more than this share of its records.",
 )
 OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a finished dataset of the same name.")
+OUTPUT_FORMAT = flags.DEFINE_enum(
+  "output_format",
+  "tfds",
+  ["tfds", "webdataset", "parquet"],
+  "tfds (an array_record dataset), or webdataset / parquet shards in img2dataset's layout at "
+  "<data_dir>/<name>/<split>/.",
+)
+SHARD_SIZE = flags.DEFINE_integer("shard_size", 1000, "Records per shard (webdataset, parquet).")
 TASK_MODULES = flags.DEFINE_string(
   "task_modules",
   "",
@@ -55,12 +67,20 @@ TASK_MODULES = flags.DEFINE_string(
 
 
 def run() -> None:
-  from m6_jax.data import prepare, task_modules
+  from m6_jax.data import prepare, prepare_shards, task_modules
 
   if not INPUT_PATH.value or not NAME.value:
     exit_with("--mode=prepare_data needs --input_path and --name (and usually --data_dir).")
   task_modules.import_all(TASK_MODULES.value, "--task_modules")
-  prepare.prepare_data(
+  if OUTPUT_FORMAT.value == "tfds":
+    convert = prepare.prepare_data
+  else:
+    convert = functools.partial(
+      prepare_shards.prepare_shards,
+      output_format=OUTPUT_FORMAT.value,
+      shard_size=SHARD_SIZE.value,
+    )
+  convert(
     INPUT_FORMAT.value,
     INPUT_PATH.value,
     DATA_DIR.value,

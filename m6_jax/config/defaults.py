@@ -156,9 +156,26 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.tokenizer_split_han = True
   c.data.read_threads = 2  # grain threads that decode and tokenize examples
   c.data.prefetch_batches = 4
-  c.data.source = "synthetic"  # "synthetic" (embedded world) or "tfds" (--mode=prepare_data)
+  # "synthetic" (embedded world), "tfds" (--mode=prepare_data) or "shards" (WebDataset /
+  # Parquet shards read in place; m6_jax/data/shard_source.py, docs/your_data.md).
+  c.data.source = "synthetic"
   c.data.tfds_name = ""  # source="tfds": the prepared dataset's name (as given to prepare_data)
   c.data.data_dir = ""  # source="tfds": its TFDS data_dir; empty: TFDS default location
+  # source="shards": the train and validation shards, each a path with brace ranges / lists
+  # and glob wildcards, e.g. "/data/wds/train/{00000..00099}.tar" (m6_jax/data/shard_files.py).
+  c.data.shards = ""
+  c.data.eval_shards = ""
+  c.data.shard_format = "auto"  # "auto" (by extension: .tar, .parquet), "webdataset", "parquet"
+  # Parquet shards: the column of the image bytes and of the caption ("": the first present of
+  # jpg, png, webp, jpeg, image, img, image_bytes / txt, caption, text, TEXT, Caption).
+  c.data.parquet_image_column = ""
+  c.data.parquet_text_column = ""
+  c.data.shuffle_buffer = 1000  # records shuffled together as shards stream (<= 1: none)
+  # Shard records that cannot feed training (corrupt or oversized image, no caption, a cut tar,
+  # null bytes) are skipped and counted; more than this share of the records read stops the
+  # run with one error line.
+  c.data.max_bad_fraction = 0.1
+  c.data.max_image_pixels = 8192 * 8192  # larger shard images are skipped (0: no limit)
   # Code grids written by --mode=encode_images (m6_jax/data/image_codes.py; codes_info.json:
   # codebook_size, grid, image_size, vqgan_workdir, vqgan_step): every example of the data
   # source then carries `image_codes` int32 [h, w]. Needed by the tasks that generate codes

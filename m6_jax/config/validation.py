@@ -24,7 +24,7 @@ from m6_jax.config.defaults import (
   TOKENIZER_KINDS,
   default_config,
 )
-from m6_jax.data import task_modules, tasks
+from m6_jax.data import shard_files, splits, task_modules, tasks
 from m6_jax.data.codes_info import codes_mismatch, read_codes_info
 from m6_jax.errors import ConfigError
 from m6_jax.errors import require as _require
@@ -184,6 +184,40 @@ def _validate_bucketing(d: ml_collections.ConfigDict) -> None:
     )
 
 
+def _validate_source(d: ml_collections.ConfigDict) -> None:
+  _require(d.source in splits.SOURCES, f"data.source='{d.source}' is not one of {splits.SOURCES}.")
+  if d.source != "shards":
+    return
+  _require(
+    bool(str(d.shards).strip()),
+    "data.source='shards' needs data.shards, the train shards' pattern, e.g. "
+    "--config.data.shards='/data/wds/train/{00000..00099}.tar'.",
+  )
+  formats = ("auto", *shard_files.FORMATS)
+  _require(
+    d.shard_format in formats, f"data.shard_format='{d.shard_format}' is not one of {formats}."
+  )
+  _require(
+    0.0 <= d.max_bad_fraction <= 1.0,
+    f"data.max_bad_fraction={d.max_bad_fraction} must be in [0, 1].",
+  )
+  _require(
+    d.shuffle_buffer >= 0 and d.max_image_pixels >= 0,
+    f"data.shuffle_buffer={d.shuffle_buffer} and data.max_image_pixels={d.max_image_pixels} "
+    "must be >= 0.",
+  )
+  _require(
+    d.bucket_window == 0,
+    f"data.bucket_window={d.bucket_window} sorts a prepared dataset's records; streamed shards "
+    "are shuffled by data.shuffle_buffer instead: set data.bucket_window=0.",
+  )
+  _require(
+    not d.image_codes_dir,
+    "data.image_codes_dir (text-to-image codes) reads a prepared dataset or the synthetic "
+    "world; prepare the shards with --mode=prepare_data for text-to-image.",
+  )
+
+
 def parse_positions(text: str) -> tuple[int, ...]:
   """'30,31' -> (30, 31) (train.debug_nonfinite_batches)."""
   return tuple(int(x) for x in str(text).replace(" ", "").split(",") if x)
@@ -285,6 +319,7 @@ def validate(
     d.tokenizer_kind in TOKENIZER_KINDS,
     f"data.tokenizer_kind='{d.tokenizer_kind}' is not one of {TOKENIZER_KINDS}.",
   )
+  _validate_source(d)
   validate_image_codes(config, training)
   axes.check_model_fits_mesh(config, num_devices)
   if training:

@@ -26,7 +26,7 @@ from typing import Callable, Mapping
 
 # Keys of a stored record, or of the example a record becomes, that no column may take.
 RESERVED = ("id", "image_key", "image", "index", "objects", "image_codes")
-RESERVED += ("caption_en", "caption_zh", "qa")
+RESERVED += ("caption_en", "caption_zh", "qa", "record_fields")
 
 
 def _columns_as_they_are(field: "Field") -> Callable[[Mapping[str, str]], dict]:

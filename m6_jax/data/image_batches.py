@@ -35,6 +35,11 @@ def make_dataset(
   config, split: str = "train", process_index: int | None = None, process_count: int | None = None
 ) -> grain.IterDataset:
   """This process's slice of every global batch of images, endless (see the docstring)."""
+  if config.data.get("source", "synthetic") == "shards":
+    raise ValueError(
+      "data.source='shards' streams M6's task mixture; the image batches read a prepared "
+      "dataset (--mode=prepare_data) or the synthetic world"
+    )
   process_index, process_count = pipeline.process_index_and_count(process_index, process_count)
   batch = pipeline.local_batch_size(int(config.data.batch_size), process_count)
   source, _ = pipeline.open_source(config, split, [])

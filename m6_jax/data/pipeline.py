@@ -69,6 +69,10 @@ Sources (``config.data.source``):
   record lists come from the dataset's metadata, so selecting costs no reading); a task
   with a positive weight but no such record is an error. Records keep fixed positions, so
   everything said above about determinism, sharding and iterator state holds unchanged.
+* ``"shards"``: WebDataset / Parquet shards read in place (``data.shards``, ``data.eval_shards``;
+  m6_jax/data/shard_source.py). Evaluation reads them as above; the train split is an
+  IterDataset of its own (``make_stream_dataset``, m6_jax/data/streams.py): each process reads
+  its own shards, and bad records are dropped before batching.
 * With ``config.data.image_codes_dir`` (written by ``--mode=encode_images``), every example
   of either source also carries ``image_codes`` int32 [h, w], its image's VQGAN code grid,
   by record index (m6_jax/data/image_codes.py checks that the codes fit the source).
@@ -90,7 +94,7 @@ from typing import Any, Callable, Mapping
 import grain
 import numpy as np
 
-from m6_jax.data import image_codes, splits, tasks
+from m6_jax.data import image_codes, shard_source, splits, streams, tasks
 
 SPLITS = ("train", "validation", "test")
 
@@ -201,6 +205,8 @@ class _EvalRecord:
     i = int(record) - int(self.offsets[task])
     idx = self.task_indices[task]
     example = self.source[i if idx is None else int(idx[i])]
+    if example is None:  # a bad record of streamed shards (counted by the source)
+      return tasks.empty_features(self.image_shape, self.cfg)
     return tasks.get(self.task_names[task]).build(example, self.tokenizer, rng, self.cfg)
 
 
@@ -389,9 +395,12 @@ def make_map_dataset(
   process_index: int | None = None,
   process_count: int | None = None,
 ) -> grain.MapDataset:
-  """The batched, per-process ``grain.MapDataset`` behind ``make_dataset``."""
+  """The batched, per-process ``grain.MapDataset`` behind ``make_dataset`` (not for the
+  train split of streamed shards, which drops bad records before batching)."""
   if split not in SPLITS:
     raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
+  if split == "train" and _streamed(config):
+    raise ValueError("the train split of streamed shards is an IterDataset: use make_dataset")
   process_index, process_count = process_index_and_count(process_index, process_count)
   data = config.data
   seed = int(config.seed)
@@ -432,6 +441,44 @@ def make_map_dataset(
   return ds.batch(batch, drop_remainder=True)
 
 
+def _streamed(config) -> bool:
+  return _get(config.data, "source", "synthetic") == "shards"
+
+
+def _read_options(data) -> grain.ReadOptions:
+  return grain.ReadOptions(
+    num_threads=int(_get(data, "read_threads", 2)),
+    prefetch_buffer_size=int(_get(data, "prefetch_batches", 4)),
+  )
+
+
+def make_stream_dataset(
+  config, tokenizer, process_index: int | None = None, process_count: int | None = None
+) -> streams.CountedDataset:
+  """The train batches of streamed shards (m6_jax/data/streams.py): this process's shards,
+  each task's stream, mixed, bad records and records a task cannot use dropped, batched."""
+  process_index, process_count = process_index_and_count(process_index, process_count)
+  data = config.data
+  seed = int(config.seed)
+  batch = local_batch_size(int(data.batch_size), process_count)
+  enabled = task_weights(data.task_weights)
+  cfg = task_config(data, int(_get(_get(config, "model", None), "vocab_size", 0)))
+  source = shard_source.open_shards(config, "train", process=(process_index, process_count))
+  buffer = int(_get(data, "shuffle_buffer", 1000))
+  mixed = []
+  for name, _ in enabled:
+    t = tasks.task_id(name)
+    ds = streams.task_stream(source, buffer, derive_seed(seed, 6, t), derive_seed(seed, 1, t))
+    transform = streams.StreamTask(name, tokenizer, cfg)
+    mixed.append(ds.random_map(transform, seed=derive_seed(seed, 2, t)))
+  ds = mixed[0] if len(mixed) == 1 else grain.MapDataset.mix(mixed, [w for _, w in enabled])
+  batches = ds.to_iter_dataset(_read_options(data)).batch(batch, drop_remainder=True)
+  bucket = int(_get(data, "length_bucket", 0))
+  if bucket > 0:
+    batches = batches.map(TrimBatch(bucket, cfg.src_len, cfg.tgt_len))
+  return streams.CountedDataset(batches, source.bad)
+
+
 def make_dataset(
   config,
   tokenizer,
@@ -444,15 +491,12 @@ def make_dataset(
   ``process_index`` / ``process_count`` default to ``jax.process_index()`` /
   ``jax.process_count()``. Elements are computed by ``config.data.read_threads`` threads
   (default 2) with ``config.data.prefetch_batches`` (default 4) batches read ahead; no
-  worker processes.
+  worker processes. The train split of streamed shards: ``make_stream_dataset``.
   """
+  if split == "train" and _streamed(config):
+    return make_stream_dataset(config, tokenizer, process_index, process_count)
   ds = make_map_dataset(config, tokenizer, split, process_index, process_count)
-  data = config.data
-  read_options = grain.ReadOptions(
-    num_threads=int(_get(data, "read_threads", 2)),
-    prefetch_buffer_size=int(_get(data, "prefetch_batches", 4)),
-  )
-  return ds.to_iter_dataset(read_options)
+  return ds.to_iter_dataset(_read_options(config.data))
 
 
 def make_iterator(

@@ -124,7 +124,7 @@ _CHUNK = 256  # input lines whose images are validated together by the worker th
 # --------------------------------------------------------------------------------------
 
 
-class _Generator:
+class Generator:
   """Reads the inputs and yields ``(key, example)`` per split; one object per preparation."""
 
   def __init__(
@@ -334,6 +334,41 @@ class _Generator:
       tsv.close()
 
 
+def checked_inputs(
+  input_format: str,
+  input_path: str | Mapping[str, str],
+  name: str,
+  validation_fraction: float,
+  max_text_chars: int,
+  max_image_size: int,
+  max_rejected_fraction: float,
+  progress_every: int,
+) -> dict[str, Input]:
+  """The inputs of each split, after checking the arguments (DataPreparationError)."""
+  if not _NAME_RE.match(name or ""):
+    raise DataPreparationError(
+      f"dataset name {name!r} must be lower_snake_case (letters, digits, '_'), e.g. 'my_captions'"
+    )
+  if not 0.0 <= validation_fraction < 1.0:
+    raise DataPreparationError(f"validation_fraction={validation_fraction} must be in [0, 1)")
+  if not 0.0 <= max_rejected_fraction <= 1.0:
+    raise DataPreparationError(f"max_rejected_fraction={max_rejected_fraction} must be in [0, 1]")
+  if max_text_chars < 1 or max_image_size < 16 or progress_every < 1:
+    raise DataPreparationError(
+      "max_text_chars and progress_every must be >= 1, max_image_size >= 16"
+    )
+  inputs = resolve_inputs(input_format, input_path)
+  if validation_fraction > 0:
+    if "validation" in inputs:
+      raise DataPreparationError(
+        "validation_fraction > 0 splits the train input, but a validation input is given "
+        "too; use one or the other"
+      )
+    if "train" not in inputs:
+      raise DataPreparationError("validation_fraction > 0 needs a train input")
+  return inputs
+
+
 def prepare_data(
   input_format: str,
   input_path: str | Mapping[str, str],
@@ -377,32 +412,21 @@ def prepare_data(
   import tensorflow_datasets as tfds
 
   start = time.time()
-  if not _NAME_RE.match(name or ""):
-    raise DataPreparationError(
-      f"dataset name {name!r} must be lower_snake_case (letters, digits, '_'), e.g. 'my_captions'"
-    )
   if name in tfds.list_builders(with_community_datasets=False):
     raise DataPreparationError(
       f"dataset name {name!r} is a TFDS catalogue dataset; pick another so that "
       "tfds.builder(name, data_dir=...) finds your data"
     )
-  if not 0.0 <= validation_fraction < 1.0:
-    raise DataPreparationError(f"validation_fraction={validation_fraction} must be in [0, 1)")
-  if not 0.0 <= max_rejected_fraction <= 1.0:
-    raise DataPreparationError(f"max_rejected_fraction={max_rejected_fraction} must be in [0, 1]")
-  if max_text_chars < 1 or max_image_size < 16 or progress_every < 1:
-    raise DataPreparationError(
-      "max_text_chars and progress_every must be >= 1, max_image_size >= 16"
-    )
-  inputs = resolve_inputs(input_format, input_path)
-  if validation_fraction > 0:
-    if "validation" in inputs:
-      raise DataPreparationError(
-        "validation_fraction > 0 splits the train input, but a validation input is given "
-        "too; use one or the other"
-      )
-    if "train" not in inputs:
-      raise DataPreparationError("validation_fraction > 0 needs a train input")
+  inputs = checked_inputs(
+    input_format,
+    input_path,
+    name,
+    validation_fraction,
+    max_text_chars,
+    max_image_size,
+    max_rejected_fraction,
+    progress_every,
+  )
 
   output_dir = os.path.expanduser(output_dir) if output_dir else default_data_dir()
   dataset_root = os.path.join(output_dir, name)
@@ -421,7 +445,7 @@ def prepare_data(
     replaced = tempfile.mkdtemp(prefix=f"replaced.{VERSION}.", dir=dataset_root)
     os.rename(dataset_dir, os.path.join(replaced, VERSION))
 
-  generator = _Generator(
+  generator = Generator(
     input_format,
     inputs,
     validation_fraction,

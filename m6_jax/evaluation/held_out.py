@@ -7,7 +7,8 @@ Two sources, one shape (``HeldOut``: {kind: its items}):
   the validation split by index; each kind extracts its items from scene ``i``
   (``EvalKind.from_example``): e.g. one caption input (references: its caption in each
   language), one VQA input per question it answers, one text prompt.
-* **A prepared dataset** (``data.source='tfds'``, ``--mode=prepare_data``): its
+* **A prepared dataset** (``data.source='tfds'``, ``--mode=prepare_data``) or **streamed
+  shards** (``data.source='shards'``, ``data.eval_shards``): its
   ``validation`` split's records, grouped by each kind as the references of its data are
   (``EvalKind.from_records``): every caption of an image is a reference for that image,
   every answer given to the same question about the same image a reference answer (VQA's
@@ -25,7 +26,7 @@ import dataclasses
 
 import ml_collections
 
-from m6_jax.data import synthetic
+from m6_jax.data import splits, synthetic
 from m6_jax.errors import ConfigError, EvaluationError
 from m6_jax.evaluation import baselines, eval_kinds
 from m6_jax.evaluation.eval_kinds import Item
@@ -54,20 +55,20 @@ def synthetic_held_out(config: ml_collections.ConfigDict, num_examples: int) -> 
   return h
 
 
-def _prepared_source(config: ml_collections.ConfigDict, split: str, why: str):
-  from m6_jax.data import sources  # imports tensorflow_datasets: only for prepared data
+def _has_records(config: ml_collections.ConfigDict) -> bool:
+  """Whether the configured data is records with their own texts (prepared or shards)."""
+  return config.data.get("source", "synthetic") in splits.RECORD_SOURCES
 
-  d = config.data
+
+def _prepared_source(config: ml_collections.ConfigDict, split: str, why: str):
   try:
-    return sources.PreparedSource(d.data_dir, d.tfds_name, split, int(d.image_size))
+    return splits.split_source(config, split)
   except (FileNotFoundError, ValueError) as e:
     raise EvaluationError(f"{why}: {e}") from None
 
 
 def _validation_source(config: ml_collections.ConfigDict):
-  return _prepared_source(
-    config, "validation", "evaluation reads the prepared dataset's validation split"
-  )
+  return _prepared_source(config, "validation", "evaluation reads the validation split")
 
 
 def _text(value) -> str:
@@ -95,7 +96,13 @@ def prepared_held_out(config: ml_collections.ConfigDict, num_examples: int) -> H
 
   def image(key: str):
     if key not in images:
-      images[key] = source[first[key]]["image"]
+      example = source[first[key]]
+      if example is None:  # a shard record whose image cannot be decoded: counted, skipped
+        raise EvaluationError(
+          f"validation image {key} cannot be read ({source.bad.summary()}); remove the "
+          "record from the validation shards."
+        )
+      images[key] = example["image"]
     return images[key]
 
   h = HeldOut()
@@ -137,7 +144,7 @@ def baseline_tables(config: ml_collections.ConfigDict) -> dict[str, dict]:
   """{kind: the most-frequent baseline's table}: fitted on the texts of the first
   data.tokenizer_corpus_examples (at least 2000) training scenes, or of a prepared
   dataset's train split (its first 20,000 records)."""
-  if config.data.get("source", "synthetic") == "tfds":
+  if _has_records(config):
     pairs = prepared_train_pairs(config, 20000)
   else:
     pairs = synthetic_train_pairs(
@@ -151,7 +158,7 @@ def held_out(config: ml_collections.ConfigDict, num_examples: int) -> HeldOut:
   kind = config.data.get("source", "synthetic")
   if kind == "synthetic":
     return synthetic_held_out(config, num_examples)
-  if kind == "tfds":
+  if kind in splits.RECORD_SOURCES:
     return prepared_held_out(config, num_examples)
   raise EvaluationError(f"no held-out data for data.source={kind!r}")
 
@@ -160,7 +167,7 @@ def available_kinds(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """The eval kinds of the registered tasks that the configured data's validation split has
   records for (the synthetic world has every kind)."""
   kinds = [kind for kind, _ in eval_kinds.of_tasks().values()]
-  if config.data.get("source", "synthetic") != "tfds":
+  if not _has_records(config):
     return tuple(k.name for k in kinds)
   source = _validation_source(config)
   return tuple(

@@ -26,7 +26,7 @@ from absl import logging
 
 from m6_jax import config as config_lib
 from m6_jax.checkpoint import checkpoints
-from m6_jax.data import pipeline, sources
+from m6_jax.data import pipeline, shard_source, sources
 from m6_jax.data import tokenizer as tokenizer_lib
 from m6_jax.errors import ConfigError, TrainingError
 from m6_jax.parallel import multihost
@@ -88,8 +88,7 @@ def _tokenizer(config: ml_collections.ConfigDict, workdir: str):
       seed=config.seed,
       num_corpus_examples=d.tokenizer_corpus_examples,
       model_path=d.tokenizer_path or None,
-      # A user dataset trains the tokenizer on its own texts (read lazily, only if needed).
-      corpus=sources.iter_dataset_text(config) if d.source == "tfds" else None,
+      corpus=_corpus(config),
       split_han=bool(d.tokenizer_split_han),
     )
 
@@ -98,6 +97,17 @@ def _tokenizer(config: ml_collections.ConfigDict, workdir: str):
   except ValueError as e:  # a tokenizer that does not fit model.vocab_size
     raise ConfigError(f"{e} (key: model.vocab_size)") from e
   return tokenizer, d.tokenizer_path or os.path.join(workdir, checkpoints.TOKENIZER_FILE)
+
+
+def _corpus(config: ml_collections.ConfigDict):
+  """The texts a new tokenizer is trained on: a user dataset's own (read lazily, only if a
+  tokenizer is trained), or None for the synthetic world's."""
+  source = config.data.source
+  if source == "tfds":
+    return sources.iter_dataset_text(config)
+  if source == "shards":
+    return shard_source.iter_text(config)
+  return None
 
 
 def _data_iterator(config: ml_collections.ConfigDict, tokenizer):
@@ -151,6 +161,7 @@ def train(
   """
   config_lib.validate(config, jax.device_count(), jax.process_count())
   preflight.check_workdir(workdir)
+  preflight.check_shards(config, jax.process_count())
   t = config.train
   setup = setup_lib.build(config)
   logging.info("Mesh: %s", dict(setup.mesh.shape))
@@ -174,6 +185,7 @@ def train(
   peak = progress.peak_flops(device.device_kind, t.peak_flops)
   mesh_peak = peak * setup.mesh.devices.size if peak else None
   record = progress.Progress(setup.family, start_step, writer, mesh_peak)
+  record.bad_records = getattr(data_iter, "bad_records", None)  # streamed shards only
   recovery = recovery_lib.Recovery.start(ckpts, writer, t, state)
   owns_flag = preemption is None
   preemption = PreemptionFlag() if owns_flag else preemption
@@ -187,6 +199,8 @@ def train(
       try:
         with setup.mesh_context():
           host_batch = divergence.poison(next(data_iter), data_iter, poisoned)
+          if record.bad_records is not None:  # past data.max_bad_fraction: one error line
+            record.bad_records.check(float(config.data.max_bad_fraction))
           if config.data.length_bucket > 0:
             host_batch = agree_text_lengths(host_batch)
             _log_new_shape(host_batch, seen_shapes, config.data)
@@ -217,6 +231,7 @@ def train(
         state, data_iter = recovery.roll_back(event, start)
         step = int(state.step)
         record.restart(step)
+        record.bad_records = getattr(data_iter, "bad_records", None)
   finally:
     try:
       ckpts.wait()

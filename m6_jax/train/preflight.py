@@ -2,7 +2,8 @@
 (exit 2) instead of a traceback minutes later.
 
 - the workdir can be created and written;
-- the disk holds at least two more checkpoints (estimated from the state's size).
+- the disk holds at least two more checkpoints (estimated from the state's size);
+- streamed shards: their patterns name files, all of one format, at least one per process.
 
 Whether a checkpoint fits the model and the tokenizer is checked where it is restored,
 before any array is read (`checkpoints.Checkpoints.restore_train_state`), which is also
@@ -18,6 +19,7 @@ import tempfile
 import jax
 import numpy as np
 
+from m6_jax.data import shard_files
 from m6_jax.errors import WorkdirError
 
 CHECKPOINTS_OF_SPACE = 2  # free space asked for, in checkpoints of the current state's size
@@ -58,3 +60,15 @@ def check_disk_space(directory: str, needed: int) -> None:
 def check_room_for_checkpoints(setup, directory: str) -> None:
   """The disk under `directory` holds CHECKPOINTS_OF_SPACE checkpoints of this state."""
   check_disk_space(directory, CHECKPOINTS_OF_SPACE * state_bytes(setup.abstract_state()))
+
+
+def check_shards(config, process_count: int) -> None:
+  """data.shards (and data.eval_shards, when set) name shards of one format, at least one
+  per process for the train shards; ConfigError otherwise."""
+  d = config.data
+  if d.source != "shards":
+    return
+  shards = shard_files.resolve(str(d.shards), str(d.shard_format), "data.shards")
+  shards.for_process(0, process_count, "data.shards")
+  if str(d.eval_shards).strip():
+    shard_files.resolve(str(d.eval_shards), str(d.shard_format), "data.eval_shards")

@@ -147,6 +147,8 @@ class Progress:
     self._pending: tuple | None = None
     self._nonfinite = 0  # steps of this interval whose update was not applied
     self.monitor = divergence.Monitor.from_config(self.config.train)
+    # Streamed shards: the bad records skipped so far (m6_jax/data/bad_records.py), or None.
+    self.bad_records = None
 
   def dispatched(self, step: int, metrics: dict, host_batch: dict[str, np.ndarray]) -> None:
     """Step `step` (on `host_batch`) is queued on the device with these metrics."""
@@ -220,6 +222,8 @@ class Progress:
       summary["tokens_per_sec"] = float(self._sums["text_counts"][0]) / elapsed
     if self.mesh_peak_flops and self._step_flops:
       summary["mfu"] = self._step_flops / elapsed / self.mesh_peak_flops
+    if self.bad_records is not None:
+      summary.update(self.bad_records.metrics())
     summary["steps_averaged"] = self._steps  # finite steps; with the non-finite ones below,
     if self._nonfinite:  # every step since the previous record
       summary["steps_nonfinite"] = self._nonfinite
@@ -247,9 +251,11 @@ class Progress:
         f"ETA {format_duration(eta)}"
       )
     terms = self.family.progress_terms(s)
+    bad = self.bad_records.summary() if self.bad_records is not None else ""
     return (
       f"step {step}/{t.steps} | loss {s['loss']:.4f} | {terms} | "
       f"grad_norm {s['grad_norm']:.3f} | lr {s['learning_rate']:.2e} | {speed}"
+      + (f" | {bad}" if bad else "")
     )
 
   @property
