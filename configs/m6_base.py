@@ -31,6 +31,7 @@ def paper_common(config):
   # No dropout on the attention probabilities: the fused kernels (splash, cuDNN) have no dropout,
   # and MaxText's models train without it; embeddings, residuals and the FFN keep 0.1.
   m.attention_dropout_rate = 0.0
+  m.attention_impl = "auto"  # splash on TPU (docs/performance.md: the AOT table), xla on CPU
   m.dtype = "bfloat16"
   m.scan_layers = True
   m.remat_policy = "dots_with_no_batch_dims_saveable"
