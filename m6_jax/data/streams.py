@@ -243,6 +243,8 @@ class ShardStreamIterator(grain.DatasetIterator):
     self._start(0)
 
   def _start(self, salt: int) -> None:
+    if getattr(self, "_built", None) is not None:
+      self._parent.close()  # the streams of the previous salt, and their reading threads
     self.salt = int(salt)
     self._built = self.dataset.build(self.salt, self.bad_records)
     super().__init__(self._built.batches.__iter__())

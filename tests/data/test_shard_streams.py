@@ -181,17 +181,14 @@ def test_a_resume_on_another_process_count(
   again.set_state(resumed)  # the salt rebuilds the streams: the same count resumes exactly
   assert _equal(next(it), next(again))
 
+  # The synthetic world (as a prepared dataset): every process saved the same position, which
+  # one process takes (test_pipeline.py: the global batches then go on unchanged).
   synthetic = make_config(num_train_examples=24)
   olds = [_iterator(synthetic, tokenizer, (p, 2)) for p in range(2)]
   for old in olds:
     next(old)
   directory = _save(tmp_path / "synthetic", [old.get_state() for old in olds], 2)
-  one = next(_restore(directory, _iterator(synthetic, tokenizer)))
-  halves = [next(old) for old in olds]
-  for key in one:  # process p of 2 had the rows p, p+2, ... of the global batch
-    assert np.array_equal(one[key][0::2], halves[0][key]) and np.array_equal(
-      one[key][1::2], halves[1][key]
-    )
+  assert _restore(directory, _iterator(synthetic, tokenizer)).get_state() == {"next_index": 1}
 
 
 def test_records_that_feed_no_task_stop_the_stream_with_one_line(
