@@ -3,6 +3,7 @@ process, weighted mixtures of several sources, the saved state (position, bad-re
 and a resume on the same or another number of processes."""
 
 import json
+import threading
 
 import grain
 import numpy as np
@@ -139,6 +140,20 @@ def test_a_mixture_of_sources_draws_by_weight_and_resumes_exactly(
   assert again.bad_records.state() == counts  # the counts survive a resume
   assert all(_equal(a, b) for a, b in zip(after, [next(again) for _ in range(2)]))
   assert again.get_state()["bad_records"] == it.get_state()["bad_records"]
+
+
+def test_the_reading_threads_do_not_grow_with_the_sources(tokenizer, make_config, world):
+  """Three sources and two tasks (six streams) are read by data.read_threads threads."""
+  folder = world["root"] / "webdataset" / "train"
+  shards = ";".join(f"{folder}/0000{s}.tar,{s + 1}" for s in range(3))
+  config = _config(make_config, shards, task_weights={"image_to_text": 1.0, "vqa": 1.0})
+  config.data.update(read_threads=3, prefetch_batches=4)
+  before = {t.ident for t in threading.enumerate()}
+  it = _iterator(config, tokenizer)
+  for _ in range(4):
+    next(it)
+  assert len(it.get_state()["position"]) == 6
+  assert len({t.ident for t in threading.enumerate()} - before) <= 3
 
 
 def _save(directory, states, count):
