@@ -12,7 +12,8 @@ Record ``i`` becomes an example in ``synthetic.make_example``'s format
 (``sources.record_to_example``: the caption in both languages, a question/answer pair as a
 ``qa`` entry, task modules' columns under their names) plus ``record_fields``: the record
 fields it has, so that each task takes only the records it can use. A record that cannot feed
-training is None, counted by reason in ``bad`` (``m6_jax.data.bad_records``).
+training is None, counted by reason in ``bad`` (``m6_jax.data.bad_records``); ``read`` gives
+the train stream a ``Dropped`` instead, which the stream counts where it consumes it.
 
 How the train split streams through them: ``m6_jax/data/streams.py``.
 """
