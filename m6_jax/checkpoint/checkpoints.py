@@ -6,7 +6,7 @@ some of these items:
 
   state    the TrainState (params, optimizer state, step, rng)        training checkpoints
   params   the parameters alone                                       best step, export
-  data     the data iterator's position (grain)                       training checkpoints
+  data     the data iterator's position (grain; data_state.py)        training checkpoints
   config   the run's config (JSON)
   meta     the tokenizer's SHA-256 and piece count, a checksum of every array
            (m6_jax/checkpoint/checksums.py), and the run's rollback state (JSON)
@@ -48,14 +48,13 @@ import os
 import shutil
 from typing import Any, Callable, TypeVar
 
-import grain
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from m6_jax.checkpoint import integrity
+from m6_jax.checkpoint import data_state, integrity
 from m6_jax.checkpoint.checksums import checksums, unverifiable, verify_checksums
 from m6_jax.errors import CheckpointError, DamagedCheckpoint
 from m6_jax.parallel import multihost
@@ -94,7 +93,7 @@ def _handlers() -> dict[str, ocp.CheckpointHandler]:
   return {
     "state": ocp.PyTreeCheckpointHandler(type_handler_registry=arrays),
     "params": ocp.PyTreeCheckpointHandler(type_handler_registry=arrays),
-    "data": grain.checkpoint.CheckpointHandler(),
+    "data": data_state.DataIteratorHandler(),
     "config": ocp.JsonCheckpointHandler(),
     "meta": ocp.JsonCheckpointHandler(),
   }
@@ -314,7 +313,7 @@ class Checkpoints:
     if params is not None:
       items["params"] = ocp.args.PyTreeSave(params)
     if data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+      items["data"] = data_state.Save(data_iter)
     metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
     self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics)
 
@@ -459,7 +458,7 @@ class Checkpoints:
       check_tokenizer(meta, tokenizer, tokenizer_path, source)
     items = {"state": ocp.args.PyTreeRestore(abstract_state, _restore_args(abstract_state))}
     if data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+      items["data"] = data_state.Restore(data_iter)
     with integrity.reading(source):
       state = self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
     verify_checksums({"state": state}, meta, source)

@@ -35,6 +35,7 @@ from typing import Iterator
 
 import jax
 
+from m6_jax.checkpoint import data_state
 from m6_jax.errors import CheckpointError, DamagedCheckpoint
 
 STEP_METADATA = "_CHECKPOINT_METADATA"
@@ -62,11 +63,6 @@ def recorded_items(step_dir: str) -> list[str] | None:
     return None
 
 
-def _data_file() -> str:
-  """The data iterator's file of this process (grain's name for it)."""
-  return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-
-
 def missing_part(step_dir: str, needed: tuple[str, ...]) -> str | None:
   """What a step lacks, in words, among what a read of the items `needed` (those the step
   recorded) requires; None when nothing is missing. No array is read."""
@@ -89,8 +85,9 @@ def missing_part(step_dir: str, needed: tuple[str, ...]) -> str | None:
           kind = "metadata" if name == "_METADATA" else "array index"
           return f"missing {kind} ({item}/{name})"
     elif item == "data":
-      if not os.path.exists(os.path.join(where, _data_file())):
-        return f"missing item 'data' ({ITEMS['data']}: data/{_data_file()})"
+      if data_state.saved_files(where) is None:
+        own = data_state.file_name(jax.process_index(), jax.process_count())
+        return f"missing item 'data' ({ITEMS['data']}: data/{own})"
     elif not os.path.exists(os.path.join(where, _JSON_FILE)):
       return f"missing item '{item}' ({ITEMS.get(item, item)}: {item}/{_JSON_FILE})"
   return None

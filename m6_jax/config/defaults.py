@@ -163,6 +163,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.data_dir = ""  # source="tfds": its TFDS data_dir; empty: TFDS default location
   # source="shards": the train and validation shards, each a path with brace ranges / lists
   # and glob wildcards, e.g. "/data/wds/train/{00000..00099}.tar" (m6_jax/data/shard_files.py).
+  # data.shards may mix several sources by weight: "/data/a/*.tar,0.7;/data/b/*.parquet,0.3".
   c.data.shards = ""
   c.data.eval_shards = ""
   c.data.shard_format = "auto"  # "auto" (by extension: .tar, .parquet), "webdataset", "parquet"

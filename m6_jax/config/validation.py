@@ -193,6 +193,12 @@ def _validate_source(d: ml_collections.ConfigDict) -> None:
     "data.source='shards' needs data.shards, the train shards' pattern, e.g. "
     "--config.data.shards='/data/wds/train/{00000..00099}.tar'.",
   )
+  shard_files.parse_sources(str(d.shards))  # the weights of a mixture of sources
+  _require(
+    ";" not in str(d.eval_shards),
+    f"data.eval_shards={d.eval_shards!r} names several patterns; evaluation reads one (a "
+    "mixture of weighted sources is for data.shards): give one pattern, e.g. with {a,b}.",
+  )
   formats = ("auto", *shard_files.FORMATS)
   _require(
     d.shard_format in formats, f"data.shard_format='{d.shard_format}' is not one of {formats}."

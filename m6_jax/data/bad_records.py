@@ -10,6 +10,7 @@ end a run).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 
 from m6_jax.errors import BadDataError
@@ -35,6 +36,20 @@ class Skip(Exception):
     self.reason, self.detail = reason, detail
 
 
+@dataclasses.dataclass(frozen=True)
+class Dropped:
+  """A record a train stream read but does not batch: a bad one (``reason``, a key of
+  REASONS; ``example``: where and what) or, reason "", one its task cannot use. The stream
+  counts it where it is consumed, in order, so the counts match the iterator's position."""
+
+  reason: str = ""
+  example: str = ""
+
+
+def dropped(skip: Skip, where: str) -> Dropped:
+  return Dropped(skip.reason, f"{where}: {skip.detail}" if where else skip.detail)
+
+
 class BadRecords:
   """Thread-safe counts of the records read and of the bad ones by reason."""
 
@@ -45,11 +60,43 @@ class BadRecords:
     self.examples: dict[str, str] = {}  # reason -> the first record skipped for it
 
   def count(self, skip: Skip | None, where: str = "") -> None:
+    if skip is None:
+      self.add("")
+    else:
+      self.add(skip.reason, dropped(skip, where).example)
+
+  def add(self, reason: str, example: str = "") -> None:
+    """One record read; bad for ``reason`` unless it is ""."""
     with self._lock:
       self.read += 1
-      if skip is not None:
-        self.bad[skip.reason] += 1
-        self.examples.setdefault(skip.reason, f"{where}: {skip.detail}" if where else skip.detail)
+      if reason:
+        self.bad[reason] += 1
+        self.examples.setdefault(reason, example)
+
+  def state(self) -> dict:
+    """The counts as JSON, saved with the data iterator's position."""
+    with self._lock:
+      return {"read": self.read, "bad": dict(self.bad), "examples": dict(self.examples)}
+
+  def load(self, state: dict | None) -> None:
+    """The counts of ``state`` (``state()``'s, or ``merged``'s); None: zero."""
+    state = state or {}
+    with self._lock:
+      self.read = int(state.get("read", 0))
+      self.bad = collections.Counter({r: int(n) for r, n in state.get("bad", {}).items()})
+      self.examples = dict(state.get("examples", {}))
+
+  @staticmethod
+  def merged(states: list[dict]) -> dict:
+    """The sum of several ``state()``s (a resume on fewer processes)."""
+    total = BadRecords()
+    for state in states:
+      part = BadRecords()
+      part.load(state)
+      total.read += part.read
+      total.bad.update(part.bad)
+      total.examples = {**part.examples, **total.examples}
+    return total.state()
 
   def snapshot(self) -> tuple[int, dict[str, int]]:
     with self._lock:

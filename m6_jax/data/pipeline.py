@@ -72,7 +72,9 @@ Sources (``config.data.source``):
 * ``"shards"``: WebDataset / Parquet shards read in place (``data.shards``, ``data.eval_shards``;
   m6_jax/data/shard_source.py). Evaluation reads them as above; the train split is an
   IterDataset of its own (``make_stream_dataset``, m6_jax/data/streams.py): each process reads
-  its own shards, and bad records are dropped before batching.
+  its own shards of every source (``data.shards`` may mix several by weight), bad records are
+  dropped and counted before batching, and the batches become global arrays in the train
+  loop as every source's do (``jax.make_array_from_process_local_data``).
 * With ``config.data.image_codes_dir`` (written by ``--mode=encode_images``), every example
   of either source also carries ``image_codes`` int32 [h, w], its image's VQGAN code grid,
   by record index (m6_jax/data/image_codes.py checks that the codes fit the source).
@@ -452,31 +454,60 @@ def _read_options(data) -> grain.ReadOptions:
   )
 
 
+def _stream_tags(task: int, source: int, salt: int) -> tuple[int, ...]:
+  # The first source of a first salt keeps the seeds of one-pattern runs: their checkpoints
+  # resume unchanged.
+  return (task,) if (source, salt) == (0, 0) else (task, source, salt)
+
+
 def make_stream_dataset(
   config, tokenizer, process_index: int | None = None, process_count: int | None = None
-) -> streams.CountedDataset:
-  """The train batches of streamed shards (m6_jax/data/streams.py): this process's shards,
-  each task's stream, mixed, bad records and records a task cannot use dropped, batched."""
+) -> streams.ShardStreamDataset:
+  """The train batches of streamed shards (m6_jax/data/streams.py): this process's shards of
+  every source, a stream per source and task, mixed by weight, the records not trained on
+  dropped and counted, batched."""
   process_index, process_count = process_index_and_count(process_index, process_count)
   data = config.data
   seed = int(config.seed)
   batch = local_batch_size(int(data.batch_size), process_count)
   enabled = task_weights(data.task_weights)
   cfg = task_config(data, int(_get(_get(config, "model", None), "vocab_size", 0)))
-  source = shard_source.open_shards(config, "train", process=(process_index, process_count))
+  opened = shard_source.open_train_sources(config, (process_index, process_count))
   buffer = int(_get(data, "shuffle_buffer", 1000))
-  mixed = []
-  for name, _ in enabled:
-    t = tasks.task_id(name)
-    ds = streams.task_stream(source, buffer, derive_seed(seed, 6, t), derive_seed(seed, 1, t))
-    transform = streams.StreamTask(name, tokenizer, cfg)
-    mixed.append(ds.random_map(transform, seed=derive_seed(seed, 2, t)))
-  ds = mixed[0] if len(mixed) == 1 else grain.MapDataset.mix(mixed, [w for _, w in enabled])
-  batches = ds.to_iter_dataset(_read_options(data)).batch(batch, drop_remainder=True)
   bucket = int(_get(data, "length_bucket", 0))
-  if bucket > 0:
-    batches = batches.map(TrimBatch(bucket, cfg.src_len, cfg.tgt_len))
-  return streams.CountedDataset(batches, source.bad)
+  source_total = sum(spec.weight for spec, _ in opened)
+  infos = [
+    streams.StreamInfo(spec.pattern, tuple(source.paths), name)
+    for spec, source in opened
+    for name, _ in enabled
+  ]
+
+  def build(salt: int, bad) -> streams.Built:
+    orders, mixed, weights = [], [], []
+    for s, (spec, source) in enumerate(opened):
+      for name, weight in enabled:
+        tags = _stream_tags(tasks.task_id(name), s, salt)
+        order, ds = streams.task_stream(
+          source, buffer, derive_seed(seed, 6, *tags), derive_seed(seed, 1, *tags)
+        )
+        transform = streams.StreamTask(name, tokenizer, cfg)
+        mixed.append(ds.random_map(transform, seed=derive_seed(seed, 2, *tags)))
+        orders.append(order)
+        weights.append(spec.weight / source_total * weight)
+    selection = streams.WeightedSelection(weights)
+    ds = grain.MapDataset.select_from_datasets(mixed, selection)
+    ds = streams.CountDropped(ds.to_iter_dataset(_read_options(data)), bad)
+    batches = ds.batch(batch, drop_remainder=True)
+    if bucket > 0:
+      batches = batches.map(TrimBatch(bucket, cfg.src_len, cfg.tgt_len))
+    return streams.Built(batches, orders, selection)
+
+  # What the saved position depends on, besides the seeds: a change is logged on resume.
+  sources = [
+    dict(pattern=spec.pattern, weight=spec.weight, shards=len(source.paths), records=len(source))
+    for spec, source in opened
+  ]
+  return streams.ShardStreamDataset(build, infos, sources, (process_index, process_count))
 
 
 def make_dataset(

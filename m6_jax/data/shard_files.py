@@ -1,4 +1,5 @@
-"""Shard lists: the files a ``data.shards`` pattern names, their format, and this process's.
+"""Shard lists: the files a ``data.shards`` pattern names, their format, and this process's;
+the sources (patterns with weights) of a mixture.
 
 A pattern is a path with brace ranges and lists (``data/shard-{00000..00999}.tar``,
 ``data/{train,extra}/*.tar``) and glob wildcards (``*``, ``?``, ``[...]``), expanded in that
@@ -6,8 +7,12 @@ order; paths go through ``etils.epath``, so ``gs://`` and other file systems wor
 file system package is installed. The files are sorted and must all be of one format, told
 by the extension (``FORMATS``); ``data.shard_format`` may name it instead of ``auto``.
 
-Every mistake here (no file, files of several formats or of no known one, fewer shards than
-processes) is one ``ConfigError`` line, raised before anything compiles.
+``data.shards`` may name several sources mixed by weight, MaxText's ``grain_train_files``
+syntax: ``/data/laion/{00000..00999}.tar,0.7;/data/coyo/*.parquet,0.3`` (``;`` between sources,
+the weight after the last ``,`` outside braces; relative, each > 0; a single pattern needs none).
+
+Every mistake here (a bad weight, no file, files of several formats or of no known one, fewer
+shards than processes) is one ``ConfigError`` line, raised before anything compiles.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import math
 import re
 
 from m6_jax.errors import ConfigError
@@ -119,3 +125,71 @@ def resolve(pattern: str, shard_format: str = "auto", key: str = "data.shards") 
     )
   (fmt,) = by_format
   return ShardList(tuple(paths), fmt)
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One pattern of ``data.shards`` and its weight (relative; 1 for a lone pattern)."""
+
+  pattern: str
+  weight: float
+  label: str  # how messages name it: "data.shards" or "data.shards source 2"
+
+
+def _split_weight(part: str) -> tuple[str, str | None]:
+  """``pattern,weight`` -> (pattern, weight text); a comma inside braces is the pattern's."""
+  depth, last = 0, -1
+  for i, c in enumerate(part):
+    depth += {"{": 1, "}": -1}.get(c, 0)
+    if c == "," and depth == 0:
+      last = i
+  if last < 0:
+    return part, None
+  return part[:last].strip(), part[last + 1 :].strip()
+
+
+def parse_sources(text: str, key: str = "data.shards") -> list[Source]:
+  """The sources of ``text`` (see the module docstring); checks the syntax, not the files."""
+  example = "/data/a/{00000..00099}.tar,0.7;/data/b/*.parquet,0.3"
+  parts = [p.strip() for p in str(text).split(";")]
+  if not any(parts):
+    raise ConfigError(f"{key} is empty; give a shard pattern, e.g. /data/wds/{{00000..00099}}.tar")
+  if not all(parts):
+    raise ConfigError(
+      f"{key}={text!r} has an empty source (two ';' in a row, or one at an end); write "
+      f"pattern,weight;pattern,weight, e.g. {example}."
+    )
+  sources = []
+  for i, part in enumerate(parts):
+    label = key if len(parts) == 1 else f"{key} source {i + 1}"
+    pattern, weight_text = _split_weight(part)
+    if weight_text is None:
+      if len(parts) > 1:
+        raise ConfigError(
+          f"{label} ({pattern!r}) has no weight; with several sources give each one after a "
+          f"comma, e.g. {example}."
+        )
+      weight = 1.0
+    else:
+      try:
+        weight = float(weight_text)
+      except ValueError:
+        weight = math.nan
+      if not (math.isfinite(weight) and weight > 0):
+        raise ConfigError(
+          f"{label} ({pattern!r}) has weight {weight_text!r}; a weight is a number > 0 after "
+          f"the pattern's last comma outside braces, e.g. {example}."
+        )
+    if not pattern:
+      raise ConfigError(f"{label} has a weight but no pattern; e.g. {example}.")
+    sources.append(Source(pattern, weight, label))
+  patterns = [s.pattern for s in sources]
+  twice = sorted({p for p in patterns if patterns.count(p) > 1})
+  if twice:
+    raise ConfigError(f"{key} names {twice[0]!r} twice; give each pattern once, with one weight.")
+  return sources
+
+
+def resolve_sources(text: str, shard_format: str = "auto", key: str = "data.shards"):
+  """[(Source, ShardList)] of every source of ``text``, each resolved and checked."""
+  return [(s, resolve(s.pattern, shard_format, s.label)) for s in parse_sources(text, key)]

@@ -12,7 +12,8 @@ Record ``i`` becomes an example in ``synthetic.make_example``'s format
 (``sources.record_to_example``: the caption in both languages, a question/answer pair as a
 ``qa`` entry, task modules' columns under their names) plus ``record_fields``: the record
 fields it has, so that each task takes only the records it can use. A record that cannot feed
-training is None, counted by reason in ``bad`` (``m6_jax.data.bad_records``).
+training is None, counted by reason in ``bad`` (``m6_jax.data.bad_records``); ``read`` gives
+the train stream a ``Dropped`` instead, which the stream counts where it consumes it.
 
 How the train split streams through them: ``m6_jax/data/streams.py``.
 """
@@ -31,7 +32,7 @@ from absl import logging
 from PIL import Image
 
 from m6_jax.data import fields, parquet_shards, shard_files, sources, tasks, webdataset
-from m6_jax.data.bad_records import BadRecords, Skip
+from m6_jax.data.bad_records import BadRecords, Dropped, Skip, dropped
 from m6_jax.data.images import PILLOW_ERRORS
 from m6_jax.errors import ConfigError, ImageError
 
@@ -205,7 +206,9 @@ class ShardSource:
         "oversized_image", f"{w}x{h} pixels > data.max_image_pixels={self.max_image_pixels}"
       )
 
-  def __getitem__(self, i: int) -> dict[str, Any] | None:
+  def read(self, i: int) -> dict[str, Any] | Dropped:
+    """Example ``i`` with its ``record_fields``, or a ``Dropped`` saying why it is unusable
+    (not counted: the train stream counts it where it consumes it)."""
     try:
       record = self.record(i)
       self._check_size(record["image"])
@@ -214,10 +217,17 @@ class ShardSource:
       except (ImageError, Image.DecompressionBombError) as e:
         raise Skip("corrupt_image", str(e)) from None
     except Skip as skip:
-      self.bad.count(skip, self.where(int(i)))
-      return None
-    self.bad.count(None)
+      return dropped(skip, self.where(int(i)))
     example["record_fields"] = tuple(f.name for f in fields.all_fields() if f.present(record))
+    return example
+
+  def __getitem__(self, i: int) -> dict[str, Any] | None:
+    """Example ``i``, or None for a bad record (counted in ``bad``)."""
+    example = self.read(i)
+    if isinstance(example, Dropped):
+      self.bad.add(example.reason, example.example)
+      return None
+    self.bad.add("")
     return example
 
   def raw(self, i: int) -> dict[str, Any]:
@@ -255,20 +265,8 @@ class ShardSource:
     )
 
 
-def open_shards(config, split: str, max_records: int | None = None, process=None) -> ShardSource:
-  """The ShardSource of ``data.shards`` (train) or ``data.eval_shards`` (other splits);
-  ``process`` = (index, count) reads only that process's shards."""
+def _open(config, shards: shard_files.ShardList, max_records: int | None = None) -> ShardSource:
   d = config.data
-  key = "data.shards" if split == "train" else "data.eval_shards"
-  pattern = str(d.get("shards" if split == "train" else "eval_shards", ""))
-  if not pattern:
-    raise ConfigError(
-      f"data.source='shards' reads the {split} split from {key}, which is empty; set it to "
-      "the shards' pattern, e.g. /data/wds/validation/*.tar."
-    )
-  shards = shard_files.resolve(pattern, str(d.get("shard_format", "auto")), key)
-  if process is not None:
-    shards = shards.for_process(*process, key)
   return ShardSource(
     shards,
     int(d.image_size),
@@ -279,16 +277,57 @@ def open_shards(config, split: str, max_records: int | None = None, process=None
   )
 
 
-def iter_text(config, split: str = "train") -> Iterator[str]:
-  """Texts of about ``data.tokenizer_corpus_examples`` records spread over the shards (the
-  first records of each), for tokenizer training; no image is read."""
-  source = open_shards(config, split)
+def open_train_sources(config, process=None) -> list[tuple[shard_files.Source, ShardSource]]:
+  """Every source of ``data.shards`` with its ShardSource; ``process`` = (index, count) reads
+  only that process's shards of each (every count-th)."""
+  d = config.data
+  out = []
+  fmt = str(d.get("shard_format", "auto"))
+  for spec, shards in shard_files.resolve_sources(str(d.shards), fmt):
+    if process is not None:
+      every = len(shards.paths)
+      shards = shards.for_process(*process, spec.label)
+      logging.info(
+        "Process %d of %d streams %d of the %d shards of %s: %s",
+        *process,
+        len(shards.paths),
+        every,
+        spec.label,
+        ", ".join(shards.paths[:3]) + (", ..." if len(shards.paths) > 3 else ""),
+      )
+    out.append((spec, _open(config, shards)))
+  return out
+
+
+def open_shards(config, split: str, max_records: int | None = None) -> ShardSource:
+  """The ShardSource of ``data.eval_shards`` (validation, test) or of ``data.shards`` (train;
+  one pattern: several are streamed only, ``open_train_sources``), all of their shards."""
+  d = config.data
+  key = "data.shards" if split == "train" else "data.eval_shards"
+  pattern = str(d.get("shards" if split == "train" else "eval_shards", ""))
+  if not pattern:
+    raise ConfigError(
+      f"data.source='shards' reads the {split} split from {key}, which is empty; set it to "
+      "the shards' pattern, e.g. /data/wds/validation/*.tar."
+    )
+  if split == "train" and ";" in pattern:
+    raise ConfigError(
+      "data.shards names several sources, which training streams; this reads one pattern of "
+      "the train split: name one in data.shards (or data.eval_shards)."
+    )
+  shards = shard_files.resolve(pattern, str(d.get("shard_format", "auto")), key)
+  return _open(config, shards, max_records)
+
+
+def iter_text(config) -> Iterator[str]:
+  """Texts of about ``data.tokenizer_corpus_examples`` train records spread over every
+  source's shards (the first records of each), for tokenizer training; no image is read."""
+  opened = [source for _, source in open_train_sources(config)]
   want = int(config.data.tokenizer_corpus_examples)
-  per_shard = max(1, -(-want // len(source.paths)))
-  for s, size in enumerate(source.shard_sizes):
-    start = int(source.offsets[s])
-    for i in range(start, start + min(int(size), per_shard)):
-      if i >= source.num_records:
-        return
-      record = source.raw(i)
-      yield from (record[column] for column in fields.columns() if record[column])
+  per_shard = max(1, -(-want // sum(len(source.paths) for source in opened)))
+  for source in opened:
+    for s, size in enumerate(source.shard_sizes):
+      start = int(source.offsets[s])
+      for i in range(start, min(start + min(int(size), per_shard), source.num_records)):
+        record = source.raw(i)
+        yield from (record[column] for column in fields.columns() if record[column])

@@ -63,12 +63,12 @@ def check_room_for_checkpoints(setup, directory: str) -> None:
 
 
 def check_shards(config, process_count: int) -> None:
-  """data.shards (and data.eval_shards, when set) name shards of one format, at least one
-  per process for the train shards; ConfigError otherwise."""
+  """Each source of data.shards (and data.eval_shards, when set) names shards of one format,
+  at least one per process for each train source; ConfigError otherwise."""
   d = config.data
   if d.source != "shards":
     return
-  shards = shard_files.resolve(str(d.shards), str(d.shard_format), "data.shards")
-  shards.for_process(0, process_count, "data.shards")
+  for source, shards in shard_files.resolve_sources(str(d.shards), str(d.shard_format)):
+    shards.for_process(0, process_count, source.label)
   if str(d.eval_shards).strip():
     shard_files.resolve(str(d.eval_shards), str(d.shard_format), "data.eval_shards")

@@ -1,12 +1,21 @@
-"""Shared fixtures for the data tests: one tokenizer per session, a small data config, and a
-prepared dataset of user images and captions."""
+"""Shared fixtures for the data tests: one tokenizer per session, a small data config, the
+world as files and shards, and a prepared dataset of user images and captions."""
 
 import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
-from user_data import MAX_CHARS, encode, write_jsonl
+from user_data import (
+  IMAGE_SIZE,
+  MAX_CHARS,
+  NUM_TRAIN,
+  NUM_VALIDATION,
+  SHARD_SIZE,
+  encode,
+  write_jsonl,
+)
 
+from m6_jax.data import export_world
 from m6_jax.data import prepare as PREP
 from m6_jax.data import synthetic as S
 from m6_jax.data import tokenizer as tokenizer_lib
@@ -14,6 +23,19 @@ from m6_jax.data import tokenizer as tokenizer_lib
 # The base config's settings: vocab_size 1000 on ~2000 synthetic scenes (trains in < 1 s).
 VOCAB_SIZE = 1000
 CORPUS_EXAMPLES = 2000
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+  """The world as files, WebDataset shards and Parquet shards (12 train, 4 validation)."""
+  root = tmp_path_factory.mktemp("world")
+  out = {}
+  for fmt in ("files", "webdataset", "parquet"):
+    out[fmt] = export_world.export(
+      str(root / fmt), NUM_TRAIN, NUM_VALIDATION, IMAGE_SIZE, "zh", 0, fmt, SHARD_SIZE
+    )
+  out["root"] = root
+  return out
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,6 @@
 """Streamed shards: the writer's layout, shard lists and their errors, the WebDataset and
 Parquet readers, bad records by reason, and the train stream (tasks, state)."""
 
-import io
 import itertools
 import json
 import os
@@ -12,12 +11,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from user_data import encode
+from user_data import IMAGE_SIZE, NUM_TRAIN, NUM_VALIDATION, encode, write_tar
 
 from m6_jax import config as config_lib
 from m6_jax.data import (
   bad_records,
-  export_world,
   pipeline,
   prepare_shards,
   shard_files,
@@ -27,21 +25,6 @@ from m6_jax.data import (
 from m6_jax.data import synthetic as S
 from m6_jax.errors import BadDataError, ConfigError
 from m6_jax.train import preflight
-
-NUM_TRAIN, NUM_VALIDATION, SHARD_SIZE, IMAGE_SIZE = 12, 4, 5, 32
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-  """The world as files, WebDataset shards and Parquet shards (12 train, 4 validation)."""
-  root = tmp_path_factory.mktemp("world")
-  out = {}
-  for fmt in ("files", "webdataset", "parquet"):
-    out[fmt] = export_world.export(
-      str(root / fmt), NUM_TRAIN, NUM_VALIDATION, IMAGE_SIZE, "zh", 0, fmt, SHARD_SIZE
-    )
-  out["root"] = root
-  return out
 
 
 def _source(pattern, **kwargs):
@@ -165,25 +148,12 @@ def test_webdataset_and_parquet_records_are_the_worlds(world):
   assert wds.raw(6)["image_key"] == par.raw(6)["image_key"] == "images/train/6.png"
 
 
-def _sample_tar(path, samples, cut=0):
-  """samples: (key, {ext: bytes}); `cut` bytes dropped from the end."""
-  buf = io.BytesIO()
-  with tarfile.open(fileobj=buf, mode="w") as tar:
-    for key, members in samples:
-      for ext, data in members.items():
-        info = tarfile.TarInfo(f"{key}.{ext}")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-  data = buf.getvalue()
-  path.write_bytes(data[: len(data) - cut] if cut else data)
-
-
 def test_bad_records_are_skipped_and_counted_by_reason(tmp_path):
   png = encode(S.make_example(0, 1, IMAGE_SIZE)["image"], "PNG")
   jpeg = encode(S.make_example(0, 2, 64)["image"], "JPEG")
   big = encode(np.zeros((80, 80, 3), np.uint8), "PNG")
   txt = "a small red circle".encode()
-  _sample_tar(
+  write_tar(
     tmp_path / "a.tar",
     [
       ("good", {"png": png, "txt": txt}),
@@ -278,7 +248,7 @@ def test_stream_batches_resume_and_count(tokenizer, make_config, world):
 def test_a_task_takes_only_the_records_with_its_fields(tokenizer, make_config, tmp_path):
   png = encode(S.make_example(0, 1, IMAGE_SIZE)["image"], "PNG")
   qa = json.dumps({"question": "what colour?", "answer": "red"}).encode()
-  _sample_tar(
+  write_tar(
     tmp_path / "mixed.tar",
     [(f"c{i}", {"png": png, "txt": b"a caption"}) for i in range(6)]
     + [(f"q{i}", {"png": png, "json": qa}) for i in range(2)],

@@ -12,6 +12,9 @@ Run 2: two processes resume from that checkpoint; after a few steps process 1 al
 SIGTERM, and both must agree on the step to stop at, save it and exit cleanly.
 Every logged per-step loss of both runs must match the 1-process run, trained afterwards to
 the step run 2 stopped at (with the tokenizer of run 1: the same file it would train).
+
+Streamed shards: each process reads its own tars; a run stopped by SIGTERM mid-shard and
+resumed ends bit-exactly where an uninterrupted two-process run does; one process resumes it.
 """
 
 import importlib.util
@@ -22,12 +25,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 
 import numpy as np
 import pytest
 from testing_utils import cpu_env
 
+from m6_jax.data import export_world
 from m6_jax.errors import DistributedError
 from m6_jax.parallel import multihost
 from m6_jax.train import loop
@@ -74,7 +79,7 @@ def _reference_config(steps, tokenizer_path):
   return config
 
 
-def _launch(workdir, steps, logs):
+def _launch(workdir, steps, logs, overrides=OVERRIDES):
   """Both processes of a run; their output goes to files (a pipe could fill and block)."""
   port = _free_port()
   env = cpu_env(devices=4)
@@ -88,7 +93,7 @@ def _launch(workdir, steps, logs):
       f"--config={CONFIG}",
       f"--workdir={workdir}",
       f"--config.train.steps={steps}",
-      *(f"--config.{k}={v}" for k, v in OVERRIDES.items()),
+      *(f"--config.{k}={v}" for k, v in overrides.items()),
       f"--coordinator_address=localhost:{port}",
       "--num_processes=2",
       f"--process_id={pid}",
@@ -170,6 +175,100 @@ def test_two_processes_match_one_and_resume_and_stop_together(tmp_path):
   assert sorted(expected) == list(range(1, stop + 1))
   steps = range(1, stop + 1)
   np.testing.assert_allclose([losses[s] for s in steps], [expected[s] for s in steps], rtol=1e-5)
+
+
+# -- streamed shards: each process its own shards, a SIGTERM mid-shard, an exact resume ---------
+
+
+def _shard_run(world, tokenizer_path):
+  """Two sources (weights 3 and 1) of two 13-record tars each, so each process reads one tar
+  of each; two tasks; a window shuffle of 4."""
+  train = os.path.join(world, "train")
+  return {
+    **OVERRIDES,
+    "model.vocab_size": 512,
+    "data.tokenizer_path": tokenizer_path,
+    "data.source": "shards",
+    "data.shards": f"{train}/0000{{0,1}}.tar,3;{train}/0000{{2,3}}.tar,1",
+    "data.shuffle_buffer": 4,
+    "data.task_weights.text_lm": 0,
+    "data.task_weights.text_to_text": 0,
+    "data.task_weights.multimodal_to_text": 0,
+  }
+
+
+def _corrupt_an_image(tar_path):
+  """Zeroes the bytes of the tar's sixth image: a corrupt_image record, the tar still whole."""
+  with tarfile.open(tar_path) as tar:
+    member = [m for m in tar.getmembers() if m.name.endswith(".png")][5]
+  with open(tar_path, "r+b") as f:
+    f.seek(member.offset_data)
+    f.write(b"\0" * member.size)
+
+
+def _data_states(workdir, step):
+  folder = os.path.join(workdir, "checkpoints", str(step), "data")
+  return [json.load(open(os.path.join(folder, f"process_{i}-of-2.json"))) for i in range(2)]
+
+
+def _state_checksums(workdir, step):
+  from m6_jax.checkpoint import checkpoints
+
+  ckpts = checkpoints.Checkpoints(checkpoints.checkpoint_dir(str(workdir)), create=False)
+  return ckpts.saved_json(step, "meta")["checksums"]
+
+
+def test_two_processes_stream_their_own_shards_and_resume_bit_exactly(
+  tmp_path, tokenizer_path, caplog
+):
+  """Run B: two processes on shards written by export_world, SIGTERM mid-shard, resumed to
+  step N; run A: the same, uninterrupted. The final states are bit-identical and so are the
+  data states (positions, bad-record counts). Then one process resumes B's checkpoint."""
+  world = str(tmp_path / "world")
+  export_world.export(world, 52, 4, 32, "en", 0, "webdataset", 13)
+  _corrupt_an_image(os.path.join(world, "train", "00000.tar"))
+  run = _shard_run(world, tokenizer_path)
+  interrupted = str(tmp_path / "interrupted")
+  logs = [str(tmp_path / f"b1_process_{i}.log") for i in range(2)]
+  procs = _launch(interrupted, 1000, logs, run)
+  _wait_for_line(logs, 1, "step 3/1000", procs, timeout=240)
+  procs[1].send_signal(signal.SIGTERM)
+  _wait(procs, logs, timeout=120)
+  stop = int(re.findall(r"Stopping at step (\d+) \(state saved\)", open(logs[0]).read())[0])
+  states = _data_states(interrupted, stop)
+  for p, state in enumerate(states):  # process p reads tars p and p + 2 alone
+    mine = {os.path.join(world, "train", f"0000{k}.tar") for k in (p, p + 2)}
+    assert {s["shard"] for s in state["position"]} <= mine, state["position"]
+    assert any(s["record"] > 0 for s in state["position"]), state["position"]  # mid-shard
+    assert (
+      f"Process {p} of 2 streams 1 of the 2 shards of data.shards source 1" in open(logs[p]).read()
+    )
+
+  end = stop + 2
+  logs = [str(tmp_path / f"b2_process_{i}.log") for i in range(2)]
+  _wait(_launch(interrupted, end, logs, run), logs, timeout=240)
+  assert f"Resumed from step {stop}" in open(logs[0]).read()
+  reference = str(tmp_path / "uninterrupted")
+  logs = [str(tmp_path / f"a_process_{i}.log") for i in range(2)]
+  _wait(_launch(reference, end, logs, run), logs, timeout=240)
+  assert _state_checksums(interrupted, end) == _state_checksums(reference, end)
+  resumed, uninterrupted = _data_states(interrupted, end), _data_states(reference, end)
+  assert resumed == uninterrupted
+  # Process 0's tar 00000 holds the bad record (met by each task's stream): counts kept on resume.
+  assert resumed[0]["bad_records"]["bad"]["corrupt_image"] >= 1
+  assert resumed[1]["bad_records"]["bad"] == {}
+
+  # Another process count: this test's process (8 devices) resumes run B's checkpoint.
+  config = _reference_config(end + 1, tokenizer_path)
+  for key, value in run.items():
+    *path, name = key.split(".")
+    section = config
+    for part in path:
+      section = section[part]
+    section[name] = value
+  result = loop.train(config, interrupted)
+  assert result.resumed_from == end and result.final_step == end + 1
+  assert "saved by 2 process(es) and this run has 1: the shards are dealt anew" in caplog.text
 
 
 BAD_FLAGS = [
