@@ -12,7 +12,8 @@ only the weight matmuls, on the 64 chips of a v5p-128 slice (topology 4x4x4), gl
 512 (3,616 tokens per chip): ZeRO-3 FSDP over 16 chips x 4-way data parallelism (over all 64
 chips libtpu lowers the weight gathers as all-reduces, twice the bytes).
 
-Should reach (--mode=aot): 26.3 of 95 GiB per chip, estimated MFU 82%, bound by compute.
+Should reach (--mode=aot, splash attention): 25.8 of 95 GiB per chip, estimated MFU 80%, bound
+by compute (the xla attention: 82%).
 How the layout was chosen: docs/performance.md.
 """
 

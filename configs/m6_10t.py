@@ -15,7 +15,8 @@ The sorted dispatch (model.moe_dispatch) with 4 sequences per routing group in t
 and capacity factor 1.0 (2.0 at eval, each row routed alone); global batch 16384 (1,808 tokens
 per chip).
 
-Should reach (--mode=aot): 73.7 of 95 GiB per chip, estimated MFU 64%, bound by compute.
+Should reach (--mode=aot, splash attention): 74.6 of 95 GiB per chip, estimated MFU 64%, bound
+by compute (the xla attention: the same).
 How the dispatch, groups and batch were chosen: docs/performance.md.
 """
 
