@@ -52,6 +52,11 @@ MAX_CONNECTIONS = flags.DEFINE_integer(
 DRAIN_TIMEOUT = flags.DEFINE_float(
   "drain_timeout_s", 60.0, "On SIGTERM, the longest wait for the requests in flight."
 )
+DRAW = flags.DEFINE_bool(
+  "draw",
+  True,
+  "On a text-to-image model, serve /v1/image (--nodraw: the text endpoints only, no VQGAN).",
+)
 VQGAN_WORKDIR = flags.DEFINE_string(
   "vqgan_workdir", None, "The VQGAN that decodes drawn codes (default: the model's)."
 )
@@ -95,9 +100,10 @@ def _vqgan(model, workdir: str):
   """The model's VQGAN (None for a model without image codes)."""
   from m6_jax.infer import text_to_image as t2i
 
-  if int(model.config.model.code_vocab_size) <= 0:
+  if int(model.config.model.code_vocab_size) <= 0 or not DRAW.value:
     if VQGAN_WORKDIR.value:
-      exit_with(f"--vqgan_workdir: the model in {workdir} has no image codes; it does not draw.")
+      why = "--nodraw" if not DRAW.value else f"the model in {workdir} has no image codes"
+      exit_with(f"--vqgan_workdir names a VQGAN, but {why}: nothing is drawn.")
     return None
   location, step = t2i.vqgan_location(model.config, VQGAN_WORKDIR.value or "")
   vqgan = t2i.load_image_tokenizer(location, step)

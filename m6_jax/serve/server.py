@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import threading
 from typing import Any, Callable
 
 import uvicorn
@@ -49,7 +50,8 @@ def run(
     limit_concurrency=max_connections,
   )
   server = uvicorn.Server(config)
-  previous = {s: signal.signal(s, lambda *_: None) for s in STOP_SIGNALS}
+  main = threading.current_thread() is threading.main_thread()  # signals: the main thread's
+  previous = {s: signal.signal(s, lambda *_: None) for s in STOP_SIGNALS} if main else {}
   try:
     server.run(sockets=[sock])
   finally:
