@@ -9,9 +9,10 @@ For each workdir the benchmark starts the server (`python -m m6_jax.main --mode=
 --port=0`, warmed up) on localhost, then runs each level for --seconds: every client sends a
 request, waits for its answer and sends the next (captions of rendered validation scenes,
 base64 JSON; drawings of held-out captions, English and Chinese, --draw_images images each,
-guidance 1). The
-"sequential" row is one client against a second server started with --max_batch=1 (each
-request decoded alone, at once). The server's resident memory is read from /proc after the
+the default options, whose programs the warm-up compiled). Before each level, its "sequential" baseline runs as long: one client against
+a second server started with --max_batch=1 (each request decoded alone, at once); the ratio
+is the level's requests/s over that baseline's, so that a drift of the machine's load
+between levels does not enter it. The server's resident memory is read from /proc after the
 warm-up and after the last level. Prints a table and writes JSON (default
 benchmarks/results/serve.json).
 """
@@ -76,6 +77,14 @@ class Server:
     self.start_s = time.perf_counter() - start
     threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # drain stdout
 
+  def batches(self, batcher: str) -> dict[int, int]:
+    """Batch size -> batches the server's `batcher` ran so far (GET /v1/model)."""
+    conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
+    conn.request("GET", "/v1/model")
+    runs = json.loads(conn.getresponse().read())["batches_run"].get(batcher, {})
+    conn.close()
+    return {int(k): v for k, v in runs.items()}
+
   def rss_mib(self) -> float:
     return _rss_mib(self.proc.pid)
 
@@ -102,7 +111,7 @@ def draw_bodies(num_images: int, n: int = 64) -> list[bytes]:
   for i in range(n):
     example = synthetic.make_example(i, synthetic.split_index("validation", i))
     caption = example["caption_zh" if i % 2 else "caption_en"]
-    body = {"prompt": caption, "num_images": num_images, "guidance_scale": 1.0, "seed": i}
+    body = {"prompt": caption, "num_images": num_images, "seed": i}  # default guidance: 3
     bodies.append(json.dumps(body, ensure_ascii=False).encode())
   return bodies
 
@@ -148,7 +157,17 @@ def run_level(server: Server, path: str, bodies: list[bytes], clients: int, seco
   return latencies, errors[0], time.perf_counter() - start
 
 
-def _row(name: str, clients: int, latencies, errors: int, wall: float) -> dict:
+def _level(server: Server, batcher: str, path, bodies, clients: int, seconds: float):
+  """run_level, and the mean rows per batch the server ran meanwhile."""
+  before = server.batches(batcher)
+  measured = run_level(server, path, bodies, clients, seconds)
+  after = server.batches(batcher)
+  ran = {k: v - before.get(k, 0) for k, v in after.items()}
+  mean = sum(k * v for k, v in ran.items()) / max(1, sum(ran.values()))
+  return (*measured, mean)
+
+
+def _row(name: str, clients: int, latencies, errors: int, wall: float, batch: float) -> dict:
   ms = sorted(x * 1000 for x in latencies)
   pick = lambda q: ms[min(len(ms) - 1, int(q * len(ms)))] if ms else float("nan")
   return {
@@ -159,6 +178,7 @@ def _row(name: str, clients: int, latencies, errors: int, wall: float) -> dict:
     "requests_per_s": len(ms) / wall,
     "p50_ms": statistics.median(ms) if ms else float("nan"),
     "p99_ms": pick(0.99),
+    "mean_batch": batch,
   }
 
 
@@ -169,20 +189,24 @@ def measure(workdir: str, kind: str, args, extra: list[str]) -> dict:
     path, bodies = "/v1/image", draw_bodies(args.draw_images)
   log_dir = os.path.dirname(os.path.abspath(args.json))
   os.makedirs(log_dir, exist_ok=True)
-  rows = []
+  batcher = "text" if kind == "caption" else "codes"
   sequential = Server(workdir, extra + ["--max_batch=1"], os.path.join(log_dir, f"{kind}_seq.log"))
-  rows.append(_row("sequential", 1, *run_level(sequential, path, bodies, 1, args.seconds)))
-  sequential.stop()
   server = Server(workdir, extra, os.path.join(log_dir, f"{kind}_server.log"))
   warm_rss = server.rss_mib()
-  for clients in args.clients:
-    rows.append(_row("batched", clients, *run_level(server, path, bodies, clients, args.seconds)))
-    print(_format([rows[-1]], kind), flush=True)
+  rows = []
+  for clients in args.clients:  # each level right after its own baseline: the load drifts
+    base = _row("sequential", 1, *_level(sequential, batcher, path, bodies, 1, args.seconds))
+    row = _row("batched", clients, *_level(server, batcher, path, bodies, clients, args.seconds))
+    row["rss_mib"] = server.rss_mib()  # after the level: a leak grows level after level
+    base["vs_sequential"], row["vs_sequential"] = (
+      1.0,
+      row["requests_per_s"] / base["requests_per_s"],
+    )
+    rows += [base, row]
+    print(_format([base, row], kind), flush=True)
   end_rss = server.rss_mib()
   code = server.stop()
-  base = rows[0]["requests_per_s"]
-  for row in rows:
-    row["vs_sequential"] = row["requests_per_s"] / base
+  sequential.stop()
   return {
     "kind": kind,
     "rows": rows,
@@ -199,12 +223,12 @@ def _format(rows: list[dict], kind: str) -> str:
     lines.append(
       f"{kind:8s} {r['row']:10s} {r['clients']:7d} {r['requests']:8d} {r['errors']:6d} "
       f"{r['requests_per_s']:8.1f} {r['p50_ms']:9.1f} {r['p99_ms']:9.1f} "
-      f"{r.get('vs_sequential', float('nan')):6.2f}x"
+      f"{r['mean_batch']:6.1f} {r.get('vs_sequential', float('nan')):6.2f}x"
     )
   return "\n".join(lines)
 
 
-HEADER = "kind     row        clients requests errors    req/s   p50 ms    p99 ms   ratio"
+HEADER = "kind     row        clients requests errors    req/s    p50 ms    p99 ms  batch   ratio"
 
 
 def main() -> None:

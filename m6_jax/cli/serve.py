@@ -26,7 +26,7 @@ WARMUP = flags.DEFINE_bool(
 )
 MAX_BATCH = flags.DEFINE_integer("max_batch", 16, "Most rows decoded together.")
 MAX_WAIT_MS = flags.DEFINE_float(
-  "max_wait_ms", 5.0, "Longest a request waits for others to share its batch."
+  "max_wait_ms", 2.0, "Longest a request waits for others to share its batch."
 )
 BUCKETS = flags.DEFINE_list(
   "buckets", [], "Batch sizes compiled (default: powers of two up to --max_batch)."

@@ -21,7 +21,6 @@ import logging
 
 import pydantic
 from fastapi import FastAPI, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
@@ -47,6 +46,10 @@ def demo_page() -> str:
 
 
 def create_app(service: Service) -> FastAPI:
+  async def off_loop(fn, *args):
+    """fn(*args) on the service's worker threads (image decoding, drawing's last steps)."""
+    return await asyncio.get_running_loop().run_in_executor(service.workers, fn, *args)
+
   # No /docs or /redoc: their pages load scripts from a CDN; /openapi.json stays.
   app = FastAPI(title="m6-jax", docs_url=None, redoc_url=None)
   max_bytes = service.limits.max_request_bytes
@@ -100,7 +103,7 @@ def create_app(service: Service) -> FastAPI:
       raise RequestError(
         422, "image: required (base64 in JSON, or a file named 'image' in a multipart form)."
       )
-    pixels = None if image is None else await run_in_threadpool(service.pixels, image)
+    pixels = None if image is None else await off_loop(service.pixels, image)
     name = TEXT_KINDS[kind]
     given = getattr(options, name) if name else None
     task, future = service.submit_text(kind, pixels, given, options)
@@ -127,7 +130,7 @@ def create_app(service: Service) -> FastAPI:
       raise RequestError(422, "image: /v1/image draws from a prompt and takes no image.")
     futures = service.submit_draw(req)
     codes = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
-    out = await run_in_threadpool(service.finish_draw, req, codes)
+    out = await off_loop(service.finish_draw, req, codes)
     pngs = [base64.b64encode(p).decode("ascii") for p in out.pop("pngs")]
     settings = req.model_dump(exclude={"prompt", "seed"})
     head = {"prompt": req.prompt, "seed": req.seed, "settings": settings, "images": pngs}

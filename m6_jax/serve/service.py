@@ -2,7 +2,8 @@
 
     service = Service(generate.load_model(workdir), vqgan, Batching(max_batch=16))
     service.warmup()                                   # compiles every bucket
-    text = service.submit_text("caption", pixels, None, schemas.Caption()).result()
+    task, future = service.submit_text("caption", pixels, None, schemas.Caption())
+    text = future.result()
 
 Captions, answers and continuations are one program (the prefix features of generation and
 a decoding strategy), so they share the `text` batcher: a batch holds rows with equal
@@ -16,13 +17,14 @@ its own inputs only: every op of the model is per row; sampling draws row i with
 its own request's seed (text: PRNGKey(seed); image candidate i: fold_in(PRNGKey(seed), i)),
 never the batch's; padded rows are copies, which end when the row they copy ends. Within
 one bucket a row's numbers are bitwise those it has alone; across buckets the matmuls may sum
-in another order (about 1e-6 of the logits on a CPU), which a greedy or sampled token
-follows only where two candidates tie that closely. One bucket (`buckets=(max_batch,)`)
+in another order (the logits' last bits on a CPU), which a greedy or sampled token follows
+only where two candidates tie that closely. One bucket (`buckets=(max_batch,)`)
 makes outputs bitwise independent of the batch, at the cost of padding every batch.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import threading
 from typing import Any, Callable, Sequence
@@ -43,6 +45,7 @@ from m6_jax.serve.inputs import RequestError
 # kind -> the text input it names (as --mode=generate's flags name them)
 TEXT_KINDS = {"caption": None, "answer": "question", "continue": "prompt"}
 DRAW_BATCH = t2i.DEFAULT_BATCH_SIZE  # --mode=generate's VQGAN-decoding and scoring batch
+WORKERS = 4  # threads decoding uploaded images and finishing drawings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +54,7 @@ class Batching:
   `max_wait_ms`, run at bucketed sizes (empty: powers of two up to max_batch)."""
 
   max_batch: int = 16
-  max_wait_ms: float = 5.0
+  max_wait_ms: float = 2.0
   buckets: tuple[int, ...] = ()
 
 
@@ -112,6 +115,9 @@ class Service:
     if vqgan is not None:
       self.codes = Batcher(self._sample_rows, batching.max_batch, wait, device, "codes-batcher")
     self.device = device
+    # Image decoding and drawing's last steps run off the event loop on a few threads of
+    # their own, so that many large uploads at once take no more (docs/serve.md#batching).
+    self.workers = concurrent.futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="serve")
 
   @property
   def draws(self) -> bool:
@@ -286,6 +292,11 @@ class Service:
         "buckets": list(self.buckets),
       },
       "limits": dataclasses.asdict(self.limits),
+      "batches_run": {  # batch size -> batches run since start-up (warm-up excluded)
+        name: {str(k): v for k, v in sorted(b.batch_sizes.items())}
+        for name, b in (("text", self.text), ("codes", self.codes))
+        if b is not None
+      },
     }
 
   def close(self, timeout: float | None = None) -> None:
@@ -293,3 +304,4 @@ class Service:
     self.text.close(timeout)
     if self.codes is not None:
       self.codes.close(timeout)
+    self.workers.shutdown()
