@@ -1,14 +1,18 @@
-"""One tiny trained workdir for the server's tests: a text-to-image model (stand-in VQGAN
-codes) that also captions, answers and continues text, so that every endpoint is served."""
+"""One tiny served workdir for the server's tests: a text-to-image model (stand-in VQGAN
+codes) that also captions, answers and continues text, so that every endpoint is served.
+Its parameters are freshly initialised and exported (no training: what is tested is the
+serving, and sampling from untrained weights gives outputs that differ by seed and input)."""
 
 import pytest
-from infer.image_codes_stand_in import StandInImageTokenizer  # tests/ is on sys.path
+from infer.image_codes_stand_in import (
+  StandInImageTokenizer,
+  write_codes_dir,
+)  # tests/ is on sys.path
 from PIL import Image
 
 from m6_jax.config import default_config
 from m6_jax.data import synthetic
 
-STEPS = 200
 K, GRID = 16, (3, 3)
 
 
@@ -20,31 +24,30 @@ def _config(tokenizer_path: str, codes_dir: str):
   c.model.code_vocab_size, c.model.code_grid = K, GRID
   c.data.image_size = 48  # the stand-in VQGAN's (3 x 3 cells of 16 pixels)
   c.data.src_len, c.data.tgt_len = 12, 10  # 9 codes + EOS
-  c.data.batch_size, c.data.num_train_examples, c.data.num_eval_examples = 8, 64, 4
   c.data.tokenizer_path = tokenizer_path
   c.data.image_codes_dir = codes_dir
   for name in c.data.task_weights:
     c.data.task_weights[name] = 0.0
   weights = c.data.task_weights
   weights.text_to_image, weights.image_to_text, weights.vqa, weights.text_lm = 1.0, 1.0, 1.0, 0.5
-  c.train.steps, c.train.lr, c.train.warmup_steps, c.train.schedule = STEPS, 5e-3, 0, "constant"
-  c.train.log_every, c.train.checkpoint_every, c.train.eval_examples = 20, STEPS, 2
   return c
 
 
 @pytest.fixture(scope="session")
 def served(tmp_path_factory, tokenizer_path):
-  """(workdir, the stand-in VQGAN's workdir) of the trained model."""
-  from m6_jax.data import image_codes
-  from m6_jax.train import loop
+  """(workdir, the stand-in VQGAN's workdir): an export of the model at step 1."""
+  from m6_jax.checkpoint import checkpoints
+  from m6_jax.data import tokenizer as tokenizer_lib
+  from m6_jax.infer import export, generate
 
   root = tmp_path_factory.mktemp("served")
   vqgan = StandInImageTokenizer(K, GRID, image_size=48)
   vqgan_dir = vqgan.save(str(root / "vqgan"))
-  config = _config(tokenizer_path, str(root / "codes"))
-  image_codes.encode_dataset(vqgan, config, config.data.image_codes_dir)
+  config = _config(tokenizer_path, write_codes_dir(str(root / "codes"), vqgan, vqgan_dir))
+  model = generate.init_model(config, tokenizer_lib.Tokenizer.from_file(tokenizer_path), seed=1)
   workdir = str(root / "m6")
-  loop.train(config, workdir)
+  source = checkpoints.checkpoint_dir(workdir)
+  export.export(model.params, 1, source, config, model.tokenizer, tokenizer_path, workdir)
   return workdir, vqgan_dir
 
 
