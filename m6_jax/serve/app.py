@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import importlib.resources
 import logging
 
@@ -41,6 +42,7 @@ def _error(status: int, message: str) -> JSONResponse:
   return JSONResponse({"error": message}, status_code=status)
 
 
+@functools.cache
 def demo_page() -> str:
   return (importlib.resources.files("m6_jax.serve") / "static" / "index.html").read_text("utf-8")
 
