@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import urllib.parse
 from typing import Any
 
 from starlette.datastructures import UploadFile
@@ -19,7 +20,6 @@ from starlette.requests import Request
 
 IMAGE_FIELD = "image"
 MAX_FORM_FIELDS = 32
-FORMS = ("multipart/form-data", "application/x-www-form-urlencoded")  # files: multipart only
 
 
 class RequestError(Exception):
@@ -72,6 +72,23 @@ def decode_base64(text: str) -> bytes:
     raise RequestError(400, f"image: not base64 ({e}).") from None
 
 
+def _urlencoded(body: bytes) -> tuple[dict[str, Any], bytes | None]:
+  """A urlencoded form, UTF-8 whether percent-encoded (browsers) or not (`curl -d`)."""
+  try:
+    pairs = urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True, errors="strict")
+  except UnicodeDecodeError:
+    raise RequestError(400, "the form is not UTF-8.") from None
+  if len(pairs) > MAX_FORM_FIELDS:
+    raise RequestError(422, f"the form has {len(pairs)} fields; at most {MAX_FORM_FIELDS}.")
+  fields: dict[str, Any] = {}
+  for name, value in pairs:
+    if name in fields:
+      raise RequestError(422, f"{name}: given more than once.")
+    fields[name] = value
+  image = fields.pop(IMAGE_FIELD, None)
+  return fields, None if image is None else decode_base64(image)
+
+
 async def _form(
   request: Request, body: bytes, max_bytes: int
 ) -> tuple[dict[str, Any], bytes | None]:
@@ -104,7 +121,9 @@ async def read_request(
   request."""
   body = await read_body(request, max_bytes)
   kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-  if kind in FORMS:
+  if kind == "application/x-www-form-urlencoded":
+    return *_urlencoded(body), True
+  if kind == "multipart/form-data":
     return *(await _form(request, body, max_bytes)), True
   if kind not in ("application/json", ""):
     raise RequestError(415, f"content type {kind!r}: send application/json or multipart/form-data.")

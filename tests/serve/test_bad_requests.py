@@ -65,6 +65,10 @@ CASES = {
   "json_infinity_by_overflow": _raw("/v1/image", b'{"prompt": "a", "temperature": 1e999}'),
   "not_utf8": _raw("/v1/continue", b'{"prompt": "\xff\xfe"}'),
   "text_plain": _raw("/v1/continue", b"a small red", "text/plain"),
+  "form_not_utf8": _raw("/v1/continue", b"prompt=\xff\xfe", "application/x-www-form-urlencoded"),
+  "form_field_twice": _raw(
+    "/v1/continue", b"prompt=a&prompt=b", "application/x-www-form-urlencoded"
+  ),
   "too_large": _raw("/v1/continue", b'{"prompt": "' + b"a" * (2**20 + 10) + b'"}'),
   # fields
   "unknown_field": _json("/v1/continue", {"prompt": "a", "output_dir": "/tmp/x"}),

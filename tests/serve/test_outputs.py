@@ -108,6 +108,23 @@ def test_multipart_upload_equals_base64(app, scene_files):
   assert form.json() == post(app, "/v1/answer", json=body).json()
 
 
+def test_chinese_text_in_every_encoding(app):
+  prompt, want = "左侧有一个", None
+  for kw in (
+    {"json": {"prompt": prompt}},
+    {"files": {"prompt": (None, prompt)}},  # multipart
+    {"data": {"prompt": prompt}},  # urlencoded, percent-encoded as browsers send it
+    {  # urlencoded, raw UTF-8 as `curl -d` sends it
+      "content": f"prompt={prompt}".encode(),
+      "headers": {"content-type": "application/x-www-form-urlencoded"},
+    },
+  ):
+    got = post(app, "/v1/continue", **kw).json()
+    assert got["prompt"] == prompt, (kw, got)
+    want = want or got["output"]
+    assert got["output"] == want
+
+
 def _drawn_by_generate(served, vqgan_loader, tmp_path, **request):
   """The PNG files --mode=generate writes for the drawing request (`t2i.run`)."""
   out = str(tmp_path / f"out_{request['seed']}")
