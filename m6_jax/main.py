@@ -36,6 +36,7 @@ MODES = {
   "export_world": "export_world",
   "scene_judge": "scene_judge",
   "text_to_image_eval": "text_to_image_eval",
+  "serve": "serve",
 }
 MODE = flags.DEFINE_enum("mode", "train", list(MODES), "What to run (one module of m6_jax/cli/).")
 

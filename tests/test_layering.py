@@ -16,6 +16,7 @@ LAYERS = (
   "config",
   "checkpoint",
   "infer",
+  "serve",
   "evaluation",
   "train",
   "aot",

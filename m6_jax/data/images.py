@@ -37,8 +37,15 @@ def oriented_rgb(img: Image.Image) -> Image.Image:
   return to_rgb(ImageOps.exif_transpose(img))
 
 
-# What Pillow raises on bytes it cannot decode.
-PILLOW_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError)
+# What Pillow raises on bytes it cannot decode (or whose size it refuses to decode).
+PILLOW_ERRORS = (
+  UnidentifiedImageError,
+  OSError,
+  ValueError,
+  SyntaxError,
+  EOFError,
+  Image.DecompressionBombError,
+)
 
 # Pillow names an in-memory file by its repr, which tells a user nothing.
 _BUFFER_REPR = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
@@ -51,15 +58,26 @@ def error_reason(error: BaseException) -> str:
   return _BUFFER_REPR.sub("", str(error)).strip() or type(error).__name__
 
 
-def load_image(data: bytes, image_size: int, name: str = "the image bytes") -> np.ndarray:
+def load_image(
+  data: bytes, image_size: int, name: str = "the image bytes", max_pixels: int = 0
+) -> np.ndarray:
   """Image file bytes -> uint8 [image_size, image_size, 3] (see the module docstring); an
   image already of that size is not resampled. ImageError "cannot read <name>: <why>" on
-  bytes Pillow cannot decode."""
+  bytes Pillow cannot decode; with `max_pixels` > 0, an image of more pixels is an
+  ImageError before its pixels are decoded (its header gives its size)."""
   try:
     with Image.open(io.BytesIO(data)) as img:
+      width, height = img.size
+      if max_pixels and width * height > max_pixels:
+        raise ImageError(
+          f"{name} has {width}x{height} = {width * height:,} pixels; at most {max_pixels:,} "
+          "are accepted."
+        )
       if img.format == "JPEG":
         img.draft("RGB", (image_size, image_size))  # fast DCT downscaling, still >= the target
       img = oriented_rgb(img)
+  except ImageError:
+    raise
   except PILLOW_ERRORS as e:
     raise ImageError(f"cannot read {name}: {error_reason(e)}") from e
   if img.size != (image_size, image_size):

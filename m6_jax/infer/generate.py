@@ -24,6 +24,7 @@ all with the KV cache of `m6_jax.infer.decoding`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Sequence
@@ -214,9 +215,13 @@ def decode(
   top_p: float = 1.0,
   seed: int = 0,
   no_repeat_ngram_size: int = 0,
+  row_seeds: Sequence[int] | None = None,
 ) -> list[str]:
   """Decodes every row of `batch` on the model's mesh; returns the texts (EOS and padding
-  removed). Every process passes the whole batch and gets every text."""
+  removed). Every process passes the whole batch and gets every text. Sampling draws the
+  whole batch with the key of `seed`, or, given `row_seeds`, row i with the key of
+  row_seeds[i] alone, so that its text does not depend on the rows beside it (a batch of one
+  row samples the same with either)."""
   if decoding_method not in DECODINGS:
     raise GenerationError(f"unknown decoding '{decoding_method}'; one of {DECODINGS}.")
   strategy = decoding.STRATEGIES[decoding_method]
@@ -235,11 +240,15 @@ def decode(
     allowed = tok.text_token_mask(model.model.config.total_vocab_size)
   with model.mesh_context():
     inputs, rows = partitioning.put_full_batch(batch, model.mesh, model.rules)
+    rng = jax.random.PRNGKey(seed)
+    if row_seeds is not None:
+      keys = np.stack([_seed_key(int(s)) for s in row_seeds])
+      rng = partitioning.put_full_batch({"rng": keys}, model.mesh, model.rules)[0]["rng"]
     offered = dict(
       beam_size=beam_size,
       no_repeat_ngram_size=no_repeat_ngram_size,
       length_penalty=length_penalty,
-      rng=jax.random.PRNGKey(seed),
+      rng=rng,
       temperature=temperature,
       top_k=top_k,
       top_p=top_p,
@@ -258,6 +267,11 @@ def decode(
     )
     ids = multihost.to_host(strategy.best(output))[:rows]
   return [tok.decode(row) for row in np.asarray(ids)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _seed_key(seed: int) -> np.ndarray:
+  return np.asarray(jax.random.PRNGKey(seed))
 
 
 def decode_in_batches(
@@ -345,6 +359,20 @@ def _check_inputs(task: tasks.Task, has_image: bool, text_arg: str | None, named
     raise GenerationError(f"--task={task.name} takes a {g.text_name} ({flags}), not --{text_arg}.")
 
 
+def inputs_task(
+  model: LoadedModel, has_image: bool, text_arg: str | None, task: str | None = None
+) -> tasks.Task:
+  """The task that generates from these inputs (an image or not, a text named `text_arg`:
+  question, prompt, text, or None): `task` when named (trained on and taking them), else the
+  first registered task that takes them; GenerationError otherwise."""
+  if task is None:
+    chosen = _inputs_task(has_image, text_arg)
+  else:
+    chosen = named_task(model.config, task, model.workdir)
+  _check_inputs(chosen, has_image, text_arg, named=task is not None)
+  return chosen
+
+
 def generate(
   model: LoadedModel,
   images: Sequence[str] = (),
@@ -374,11 +402,7 @@ def generate(
   values = given[text_arg] if text_arg else []
   if any(not v.strip() for v in values):
     raise GenerationError(f"a {text_arg} is empty; pass some text with --{text_arg}.")
-  if task is None:
-    chosen = _inputs_task(bool(images), text_arg)
-  else:
-    chosen = named_task(model.config, task, model.workdir)
-  _check_inputs(chosen, bool(images), text_arg, named=task is not None)
+  chosen = inputs_task(model, bool(images), text_arg, task)
   if images and len(values) > 1 and len(values) != len(images):
     raise GenerationError(
       f"got {len(values)} {text_arg}s for {len(images)} images; pass one {text_arg} for all "

@@ -14,6 +14,7 @@ so that no path the caller did not write ends up in it (`provenance`).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -111,6 +112,18 @@ def _png_info(fields: dict[str, Any]) -> PngImagePlugin.PngInfo:
   return info
 
 
+def png_bytes(image: np.ndarray, fields: dict[str, Any]) -> bytes:
+  """The PNG file of one drawn image, `fields` in its text metadata."""
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format="PNG", pnginfo=_png_info(fields))
+  return buffer.getvalue()
+
+
+def image_fields(req: Any, candidate: int) -> dict[str, Any]:
+  """The text metadata of a drawn image: the prompt, the seed and its candidate index."""
+  return {"prompt": req.prompt, "seed": req.seed, "candidate": int(candidate)}
+
+
 def write_outputs(result: Any, req: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
   """Writes `result` (text_to_image.GeneratedImages) for `req` (its ImageRequest) and returns
   the index: prompt, seed, settings, files, the candidates kept and their reranking scores,
@@ -123,8 +136,8 @@ def write_outputs(result: Any, req: Any, extra: dict[str, Any] | None = None) ->
   try:
     os.makedirs(out, exist_ok=True)
     for i, (name, image) in enumerate(zip(files, result.images)):
-      meta = {"prompt": req.prompt, "seed": req.seed, "candidate": int(result.candidates[i])}
-      Image.fromarray(image).save(os.path.join(out, name), pnginfo=_png_info(meta))
+      with open(os.path.join(out, name), "wb") as f:
+        f.write(png_bytes(image, image_fields(req, result.candidates[i])))
     grid, drawn = grid_image(result.images, req.prompt)
     grid.save(os.path.join(out, grid_name), pnginfo=_png_info({"prompt": req.prompt}))
     index = {

@@ -193,6 +193,17 @@ def example_keys(seed: int, indices: Sequence[int]) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(indices, jnp.uint32))
 
 
+def row_keys(seeds: Sequence[int], indices: Sequence[int]) -> np.ndarray:
+  """uint32 [n, 2]: row i's key fold_in(PRNGKey(seeds[i]), indices[i]), the key image
+  indices[i] of a request with seed seeds[i] has (`example_keys`), whatever the other rows."""
+  seeds, indices = [int(s) for s in seeds], [int(i) for i in indices]
+  keys = np.zeros((len(seeds), 2), np.uint32)
+  for seed in sorted(set(seeds)):
+    rows = [r for r, s in enumerate(seeds) if s == seed]
+    keys[rows] = np.asarray(example_keys(seed, [indices[r] for r in rows]))
+  return keys
+
+
 def guided_step_fn(
   step_fn: decoding.StepFn, guidance_scale: jax.Array | None, allowed: jax.Array
 ) -> decoding.StepFn:
@@ -263,9 +274,11 @@ def sample_codes(
   top_k: int = 0,
   top_p: float = 1.0,
   cached: bool = True,
+  seeds: Sequence[int] | None = None,
 ) -> np.ndarray:
   """Codes int32 [n, h, w] for prompts[i] sampled with the key of image indices[i]
-  (`example_keys`), on the model's mesh; cached=False: the uncached reference decoder."""
+  (`example_keys`; of seed `seed`, or of seeds[i] when `seeds` is given: `row_keys`), on
+  the model's mesh; cached=False: the uncached reference decoder."""
   c = model.model.config
   if c.code_vocab_size <= 0:
     raise GenerationError("the model has no image codes (model.code_vocab_size=0).")
@@ -284,7 +297,8 @@ def sample_codes(
   if guided:
     prefixes += [empty] * padded
   batch = {k: np.stack([r[k] for r in prefixes]) for k in decoding.PREFIX_KEYS}
-  keys = np.asarray(example_keys(seed, list(indices) + [0] * (padded - rows)))
+  keys = row_keys(list(seeds) if seeds is not None else [seed] * rows, indices)
+  keys = np.concatenate([keys, np.zeros((padded - rows, 2), np.uint32)])
   with model.mesh_context():
     inputs, _ = partitioning.put_full_batch(batch, model.mesh, model.rules)
     keys, _ = partitioning.put_full_batch({"keys": keys}, model.mesh, model.rules)
@@ -383,16 +397,26 @@ def draw_images(
   of image indices[i] (`sample_codes`; `sampling`: temperature, top_k, top_p, cached),
   batch_size at a time, the last batch padded so that every call has one shape."""
   prompts, indices = list(prompts), list(indices)
-  codes, images = [], []
+  codes = []
   for start in range(0, len(prompts), batch_size):
     rows, keys = prompts[start : start + batch_size], indices[start : start + batch_size]
     real = len(rows)
     rows += [rows[0]] * (batch_size - real)
     keys += [keys[0]] * (batch_size - real)
-    chunk = sample_codes(model, rows, keys, seed, guidance_scale, **sampling)[:real]
-    codes.append(chunk)
-    images.append(np.asarray(vqgan.decode(chunk), np.uint8))
-  return np.concatenate(codes), np.concatenate(images)
+    codes.append(sample_codes(model, rows, keys, seed, guidance_scale, **sampling)[:real])
+  codes = np.concatenate(codes)
+  return codes, decode_codes(vqgan, codes, batch_size)
+
+
+def decode_codes(vqgan: Any, codes: np.ndarray, batch_size: int) -> np.ndarray:
+  """uint8 images [n, H, W, 3] of codes [n, h, w], decoded batch_size at a time (the last
+  call the rest): the calls drawing makes, so that the same codes give the same pixels."""
+  return np.concatenate(
+    [
+      np.asarray(vqgan.decode(codes[start : start + batch_size]), np.uint8)
+      for start in range(0, len(codes), batch_size)
+    ]
+  )
 
 
 def generate_images(
