@@ -81,17 +81,31 @@ def test_tiny_moe_compiles_for_v5p(tiny_config, tmp_path):
 
 
 @pytest.mark.slow
-def test_splash_attention_compiles_for_v5p(tiny_config):
+def test_splash_attention_compiles_for_v5p_and_its_flops_are_counted(tiny_config):
   """model.attention_impl=splash lowers through Mosaic for a TPU, batch and heads split over
   the mesh: the encoder's bidirectional, the decoder's causal and the cross-attention each
-  run as a forward and two backward (dq, dkv) kernels, one encoder and one decoder layer."""
+  run as a forward and two backward (dq, dkv) kernels. XLA's cost analysis sees no FLOPs in
+  a Pallas kernel; the report adds the kernels' analytic FLOPs, so the step's FLOPs are not
+  XLA's without the attention, and its MFU is not raised by work nobody counted."""
   c = tiny_config
   c.model.architecture, c.model.dtype = "encoder_decoder", "bfloat16"
   c.model.attention_impl = "splash"
   c.model.num_encoder_layers = c.model.num_decoder_layers = 1
+  c.data.src_len, c.data.tgt_len = 60, 64  # 4 patches + 60: one 128-long block each side
   c.mesh.data, c.mesh.tensor = 2, 2
-  compiled = aot.compile_train_step(c, aot.topology_devices("v5p:2x2x1"))
-  assert compiled.as_text().count('custom_call_target="tpu_custom_call"') == 9
+  report = aot.analyse(c, "v5p:2x2x1")
+  assert report["config"]["attention"] == "splash"
+  calls = {"splash_mha_fwd": 3, "splash_mha_dq": 3, "splash_mha_dkv": 3}
+  assert report["kernel_calls_per_step"] == calls
+  # Per chip: 8 of the 16 sequences, 2 of the 4 heads, one 128 x 128 block per attention:
+  # [q, k] x head_dim matmuls forward 2, dq 3, dkv 4, for each of the three attentions.
+  f = report["flops_per_step"]
+  assert f["kernels_per_chip"] == 3 * 2 * (2 + 3 + 4) * (8 * 2) * 128 * 128 * 16
+  assert f["compiled_per_chip"] == f["xla_per_chip"] + f["kernels_per_chip"]
+  # Without the kernels the step would count less work than the model does.
+  assert f["xla_per_chip"] < f["model_analytic_per_chip"] <= f["compiled_per_chip"]
+  assert report["bytes_accessed_per_chip_kernels"] > 0
+  assert report["roofline"]["mfu_upper_bound"] <= 1
 
 
 @pytest.mark.parametrize(
@@ -113,34 +127,3 @@ def test_roofline_names_the_largest_term(terms, bound):
   more = aot.roofline(2 * flops, model_flops, hbm_bytes, sent, "v5p")
   assert more["compute_step_s"] >= rl["compute_step_s"]
   assert more["mfu_upper_bound"] <= rl["mfu_upper_bound"]
-
-
-@pytest.mark.slow
-def test_splash_kernels_flops_are_counted(tiny_config):
-  """XLA's cost analysis sees no FLOPs in a Pallas kernel; the report adds the splash
-  kernels' analytic FLOPs, so the splash step's FLOPs are not the XLA step's minus its
-  attention, and its MFU is not raised by work nobody counted."""
-  c = tiny_config
-  c.model.dtype, c.mesh.data, c.mesh.fsdp = "bfloat16", 1, -1
-  c.data.src_len, c.data.tgt_len = 60, 64  # 4 patches + 124 tokens: one 128-long block
-  reports = {}
-  for impl in ("xla", "splash"):
-    c.model.attention_impl = impl
-    reports[impl] = aot.analyse(c, "v5p:2x2x1")
-  xla, splash = reports["xla"], reports["splash"]
-  assert (xla["config"]["attention"], splash["config"]["attention"]) == ("xla", "splash")
-  assert xla["kernel_calls_per_step"] == {} and xla["flops_per_step"]["kernels_per_chip"] == 0
-  # Two layers: a forward (and its remat recompute, none here), dq and dkv kernel each.
-  assert splash["kernel_calls_per_step"] == {
-    "splash_mha_fwd": 2, "splash_mha_dq": 2, "splash_mha_dkv": 2
-  }  # fmt: skip
-  # Per chip: 4 of the 16 sequences, 4 heads of 16, one 128 x 128 block;
-  # [q, k] x head_dim matmuls forward 2, dq 3, dkv 4 per layer.
-  per_layer = 2 * (2 + 3 + 4) * (4 * 4) * 128 * 128 * 16
-  f = splash["flops_per_step"]
-  assert f["kernels_per_chip"] == 2 * per_layer
-  assert f["model_analytic_per_chip"] == xla["flops_per_step"]["model_analytic_per_chip"]
-  # Without the kernels the splash step would count less work than the model does.
-  assert f["xla_per_chip"] < f["model_analytic_per_chip"] <= f["compiled_per_chip"]
-  assert splash["bytes_accessed_per_chip_kernels"] > 0
-  assert splash["roofline"]["mfu_upper_bound"] <= 1

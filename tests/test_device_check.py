@@ -46,7 +46,9 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, args, says):
 @pytest.mark.slow
 def test_allow_cpu_measures_both_attention_impls_and_text_to_image(tmp_path):
   out = tmp_path / "check.json"
-  proc = _check("--allow_cpu", "--reps=2", "--skip=decoding", f"--json={out}")
+  proc = _check(
+    "--allow_cpu", "--reps=1", "--t2i_batch_sizes=1", "--skip=decoding", f"--json={out}"
+  )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   results = json.loads(out.read_text())
   assert results["environment"]["jax"] == jax.__version__ and not results["on_gpu"]

@@ -66,21 +66,17 @@ def test_trip_count_from_an_unsigned_loop_condition():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("architecture, tolerance", [("unified", 0.02), ("encoder_decoder", 0.03)])
-def test_analytic_model_flops_match_xla_on_an_unrolled_compile(
-  tiny_config, architecture, tolerance
-):
+def test_analytic_model_flops_match_xla_on_an_unrolled_compile(tiny_config):
   """The one analytic FLOP count (param_count.train_flops: MFU of the progress line, the AOT
   report and the benchmarks) against XLA's count of the same step, layers unrolled (no loop
   for XLA to miscount), XLA attention, FSDP over the 8 test devices (so the optimizer, which
   the analytic count leaves out, runs once and not once per device). At a width where the
   matmuls dominate, what is left is the element-wise work the convention leaves out (norms,
-  softmax, GELU, Adam): 1.3-1.6% for the unified stack, 2.3% for the encoder-decoder's
-  extra norm and softmax per decoder layer."""
+  softmax, GELU, Adam): 1.3-1.6% for the unified stack (2.3% for the encoder-decoder, with
+  an extra norm and softmax per decoder layer: docs/performance.md)."""
   from m6_jax.model import param_count
 
   c = tiny_config
-  c.model.architecture = architecture
   c.model.d_model, c.model.num_heads, c.model.head_dim, c.model.mlp_dim = 512, 8, 64, 2048
   c.data.batch_size, c.data.src_len, c.data.tgt_len = 16, 16, 16
   c.mesh.data, c.mesh.fsdp = 1, -1
@@ -89,4 +85,4 @@ def test_analytic_model_flops_match_xla_on_an_unrolled_compile(
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_total = cost["flops"] * jax.device_count()
   analytic = param_count.train_flops(c, param_count.count_params(c))
-  assert analytic <= xla_total <= (1 + tolerance) * analytic
+  assert analytic <= xla_total <= 1.02 * analytic
