@@ -13,6 +13,7 @@ an untied LM head), image stem, attention, FFN dense, experts, router, norms. A 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -99,6 +100,12 @@ def stem_forward_flops(config: ml_collections.ConfigDict) -> float:
   convolution and projection in it (shapes from a shape-only trace; a convolution's weights
   apply at each of its output positions, not once per token as a layer's do)."""
   c = M6Config.from_config(config)
+  stem = (c.d_model, c.patch_size, c.image_stem, c.stem_channels, tuple(c.ofa.resnet_layers))
+  return _stem_forward_flops(stem, c.image_size)
+
+
+@functools.cache  # one trace per stem: train_flops runs again for every batch shape
+def _stem_forward_flops(stem_args: tuple, image_size: int) -> float:
   flops = [0.0]
 
   def count(next_fun, args, kwargs, context):
@@ -110,10 +117,11 @@ def stem_forward_flops(config: ml_collections.ConfigDict) -> float:
       flops[0] += 2.0 * math.prod(kernel.shape) * math.prod(out.shape[:-1])
     return out
 
+  d_model, patch_size, kind, channels, resnet_layers = stem_args
   stem = embeddings.ImageEmbedding(
-    c.d_model, c.patch_size, c.image_stem, c.stem_channels, jnp.float32, True, c.ofa.resnet_layers
+    d_model, patch_size, kind, channels, jnp.float32, True, resnet_layers
   )
-  image = jnp.zeros((1, c.image_size, c.image_size, 3), jnp.float32)
+  image = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   with nn.intercept_methods(count):
     jax.eval_shape(lambda: stem.init(jax.random.PRNGKey(0), image))
   return flops[0]
