@@ -86,3 +86,36 @@ def test_analytic_model_flops_match_xla_on_an_unrolled_compile(tiny_config):
   xla_total = cost["flops"] * jax.device_count()
   analytic = param_count.train_flops(c, param_count.count_params(c))
   assert analytic <= xla_total <= 1.02 * analytic
+
+
+def _splash_call(kind: str, operands: str, results: str) -> str:
+  return (
+    f'%{kind}.1 = ({results}) custom-call(%a), custom_call_target="tpu_custom_call", '
+    f"operand_layout_constraints={{s8[1,1,1]{{2,1,0}}, {operands}}}, "
+    'metadata={op_name="jit(step)/layer/splash_blocks_2x4_visited_6/pallas_call"}'
+  )
+
+
+def test_splash_kernel_costs_count_visited_blocks_and_reread_the_inner_arrays():
+  """A 256-query x 512-key kernel in 2 x 4 blocks of which 6 are visited, 2 sequences x 4
+  heads x head_dim 64: the matmuls of the visited pairs; operands and results once, and the
+  inner loop's arrays once per visited block (keys and values in the forward kernel, which
+  loops over query blocks outside; queries and output gradients in dkv, over key blocks)."""
+  q, kv = "bf16[2,4,256,64]{3,2,1,0}", "bf16[2,4,512,64]{3,2,1,0}"
+  q_bytes, kv_bytes = 2 * 4 * 256 * 64 * 2, 2 * 4 * 512 * 64 * 2
+  pairs = 256 * 512 * 6 / 8  # per (sequence, head)
+  scratch = "f32[2,128,128]{2,1,0}"  # rank 3: the kernel's VMEM scratch, not HBM traffic
+  fwd = hlo_costs.splash_call_costs(
+    "splash_mha_fwd.1", _splash_call("splash_mha_fwd", f"{q}, {kv}, {kv}", f"{scratch}, {q}")
+  )
+  assert fwd["kind"] == "splash_mha_fwd"
+  assert fwd["flops"] == 2 * 2 * (2 * 4) * pairs * 64
+  # s8 mask info, q, k, v, the output, and k and v re-read: 6 visited of 4 key blocks.
+  assert fwd["bytes"] == 1 + q_bytes + 2 * kv_bytes + q_bytes + 2 * kv_bytes * (6 / 4 - 1)
+  dkv = hlo_costs.splash_call_costs(
+    "splash_mha_dkv.1", _splash_call("splash_mha_dkv", f"{q}, {kv}, {kv}, {q}", f"{kv}, {kv}")
+  )
+  assert dkv["flops"] == 2 * 4 * (2 * 4) * pairs * 64
+  # q and the output gradient re-read: 6 visited of 2 query blocks.
+  assert dkv["bytes"] == 1 + 2 * q_bytes + 2 * kv_bytes + 2 * kv_bytes + 2 * q_bytes * (6 / 2 - 1)
+  assert hlo_costs.splash_call_costs("fusion.3", "%fusion.3 = f32[2] fusion(%x)") is None

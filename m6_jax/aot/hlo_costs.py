@@ -33,6 +33,7 @@ figures are exact there; `tests/test_hlo_costs.py` checks the two agree.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any
 
@@ -144,12 +145,17 @@ def count_collectives(hlo_text: str) -> dict[str, int]:
   return counts
 
 
+def _shapes(type_text: str) -> list[tuple[str, tuple[int, ...]]]:
+  """(dtype, dims) of every array in an HLO type, e.g. a tuple's elements."""
+  return [(t, tuple(int(d) for d in dims.split(",") if d)) for t, dims in _ARRAY.findall(type_text)]
+
+
+def _nbytes(shape: tuple[str, tuple[int, ...]]) -> int:
+  return math.prod(shape[1]) * _DTYPE_BYTES.get(shape[0], 1)
+
+
 def _array_bytes(type_text: str) -> list[int]:
-  sizes = []
-  for dtype, dims in _ARRAY.findall(type_text):
-    n = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
-    sizes.append(n * _DTYPE_BYTES.get(dtype, 1))
-  return sizes
+  return [_nbytes(shape) for shape in _shapes(type_text)]
 
 
 def _group_size(line: str, num_devices: int) -> int:
@@ -284,16 +290,9 @@ def _instructions(lines: list[str]) -> list[tuple[str, str]]:
   return out
 
 
-def _shapes(type_text: str) -> list[tuple[str, tuple[int, ...]]]:
-  return [(t, tuple(int(d) for d in dims.split(",") if d)) for t, dims in _ARRAY.findall(type_text)]
-
-
-def _nbytes(shape: tuple[str, tuple[int, ...]]) -> float:
-  return float(np.prod(shape[1])) * _DTYPE_BYTES.get(shape[0], 1)
-
-
-def splash_call_costs(name: str, text: str) -> dict[str, float] | None:
-  """FLOPs and HBM bytes of one splash kernel call (None: not a splash kernel)."""
+def splash_call_costs(name: str, text: str) -> dict[str, Any] | None:
+  """The kernel (a SPLASH_MATMULS key), FLOPs and HBM bytes of one splash kernel call (None:
+  not a splash kernel)."""
   kind = next((k for k in SPLASH_MATMULS if name.startswith(k)), None)
   scope = _KERNEL_SCOPE.search(text)
   operands = _OPERANDS.search(text)
@@ -309,15 +308,15 @@ def splash_call_costs(name: str, text: str) -> dict[str, float] | None:
   pairs_per_head = q[1][-2] * k[1][-2] * visited / (n_q * n_k)
   flops = 2.0 * SPLASH_MATMULS[kind] * np.prod(q[1][:-2]) * pairs_per_head * q[1][-1]
   hbm = sum(map(_nbytes, args)) + sum(map(_nbytes, results))
-  # The arrays of the inner loop are read once per block row of the outer one: keys and
-  # values per query block (forward, dq), queries and the other per-query arrays per key
-  # block (dkv).
+  # The inner loop's arrays are read once per visited block, a 1/n of them each: keys and
+  # values (n_k blocks) in the forward and dq kernels, whose outer loop runs over query
+  # blocks; queries and the other per-query arrays (n_q blocks) in dkv, the other way round.
   if kind == "splash_mha_dkv":
     streamed = [a for a in args if len(a[1]) == rank and a not in (k, v)]
-    hbm += sum(map(_nbytes, streamed)) * (visited / n_k - 1)
+    hbm += sum(map(_nbytes, streamed)) * (visited / n_q - 1)
   else:
-    hbm += (_nbytes(k) + _nbytes(v)) * (visited / n_q - 1)
-  return {"flops": float(flops), "bytes": float(hbm)}
+    hbm += (_nbytes(k) + _nbytes(v)) * (visited / n_k - 1)
+  return {"kind": kind, "flops": float(flops), "bytes": float(hbm)}
 
 
 def kernel_costs(hlo_text: str) -> dict[str, Any]:
@@ -331,8 +330,7 @@ def kernel_costs(hlo_text: str) -> dict[str, Any]:
       costs = splash_call_costs(name, text)
       if costs is None:
         continue
-      kind = next(k for k in SPLASH_MATMULS if name.startswith(k))
-      total["calls"][kind] = total["calls"].get(kind, 0) + runs
+      total["calls"][costs["kind"]] = total["calls"].get(costs["kind"], 0) + runs
       total["flops"] += runs * costs["flops"]
       total["bytes"] += runs * costs["bytes"]
   return total
