@@ -31,7 +31,8 @@ import numpy as np
 import sentencepiece as spm
 from absl import logging
 
-from m6_jax.data import synthetic, wordpiece
+from m6_jax.data import scripts, synthetic, wordpiece
+from m6_jax.data.scripts import HAN_CHARACTERS
 from m6_jax.data.special_ids import BOS_ID, EOS_ID, PAD_ID, UNK_ID, ids_to_decode
 
 MASK_PIECE = "<mask>"
@@ -39,9 +40,6 @@ DEFAULT_NUM_SENTINELS = 32
 # Put around pieces that must stay apart (Han characters; words of the synthetic corpus when
 # split_han is off) at training time only; sentencepiece then never learns a piece across it.
 _DELIMITER = "\t"
-# Han characters: CJK unified ideographs, extension A, compatibility ideographs and the
-# supplementary-plane extensions.
-HAN_CHARACTERS = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
 _HAN_RE = re.compile(f"([{HAN_CHARACTERS}])")
 
 
@@ -171,6 +169,7 @@ class Tokenizer:
         break
       sentinels.append(i)
     self._sentinel_ids = tuple(sentinels)
+    self._language_masks: dict[int, dict[str, np.ndarray]] = {}  # by vocab_size
 
   def _piece_id(self, piece: str) -> int:
     i = self._sp.piece_to_id(piece)
@@ -237,6 +236,28 @@ class Tokenizer:
       if i < vocab_size:
         mask[i] = False
     return mask
+
+  def language_token_masks(self, vocab_size: int) -> dict[str, np.ndarray]:
+    """bool [vocab_size] per language ("en", "zh"): the ids of text in that language
+    (scripts.language_masks); special tokens hold no text, so they are in both; a byte
+    piece is judged by its character when it is ASCII, and a byte of a multi-byte character
+    may spell any script, so it is in neither."""
+    if vocab_size not in self._language_masks:
+      specials = {PAD_ID, EOS_ID, BOS_ID, UNK_ID, self._mask_id, *self._sentinel_ids}
+      texts = ["" if i in specials else self._piece_text(i) for i in range(self.vocab_size)]
+      self._language_masks[vocab_size] = scripts.language_masks(texts, vocab_size)
+    return self._language_masks[vocab_size]
+
+  def _piece_text(self, i: int) -> str | None:
+    """The text of piece i (▁ for a space; "" for a control piece, which decodes to nothing;
+    None for a byte of a multi-byte character)."""
+    piece = self._sp.id_to_piece(i)
+    if self._sp.is_control(i):
+      return ""
+    if not self._sp.is_byte(i):
+      return piece
+    byte = int(piece[1:-1], 16)  # <0x41>
+    return chr(byte) if byte < 0x80 else None
 
   def sentinel_index(self, i: int) -> int:
     """The k with sentinel_id(k) == i (ValueError if i is not a sentinel)."""

@@ -27,6 +27,7 @@ import numpy as np
 from tokenizers import Tokenizer as HfTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
+from m6_jax.data import scripts
 from m6_jax.data.special_ids import BOS_ID, EOS_ID, PAD_ID, UNK_ID, ids_to_decode
 
 SPECIAL_PIECES = ("<pad>", "</s>", "<s>", "<unk>")  # at ids 0..3
@@ -83,6 +84,7 @@ class WordPieceTokenizer:
     self._hf.add_special_tokens(specials)  # whole pieces, never split
     self._not_text = {i for i, p in enumerate(pieces) if _NOT_TEXT.match(p) or p == MASK_PIECE}
     self._mask_id = vocab.get(MASK_PIECE, UNK_ID)
+    self._language_masks: dict[int, dict[str, np.ndarray]] = {}  # by vocab_size
 
   def __getstate__(self) -> dict:
     return {"vocab_bytes": self._bytes, "clean_up_spaces": self.clean_up_spaces}
@@ -136,3 +138,13 @@ class WordPieceTokenizer:
       if i < vocab_size:
         mask[i] = False
     return mask
+
+  def language_token_masks(self, vocab_size: int) -> dict[str, np.ndarray]:
+    """bool [vocab_size] per language ("en", "zh"): the ids of text in that language
+    (scripts.language_masks); the special pieces and those that are not text hold no text,
+    so they are in both; a continuation piece (##s) is judged by its text after ##."""
+    if vocab_size not in self._language_masks:
+      specials = {PAD_ID, EOS_ID, BOS_ID, UNK_ID, self._mask_id, *self._not_text}
+      texts = ["" if i in specials else p.removeprefix("##") for i, p in enumerate(self._pieces)]
+      self._language_masks[vocab_size] = scripts.language_masks(texts, vocab_size)
+    return self._language_masks[vocab_size]

@@ -159,3 +159,46 @@ def test_span_corruption_masks_templated_chinese_captions(tmp_path):
     corrupted = tasks.text_to_text(example, tok, np.random.default_rng(seed), cfg)
     assert any(tok.is_sentinel(i) for i in corrupted["src_tokens"])
   assert masked >= 8  # spans of the caption are masked in every example, not copied
+
+
+def test_language_masks_classify_pieces_by_script(tokenizer):
+  """A piece with a Han character is Chinese, one with a Latin letter English, one with
+  neither (punctuation, digits, EOS, special tokens) both; a byte of a multi-byte character
+  could spell either, so it is neither. The same for a WordPiece vocabulary."""
+  from m6_jax.data import scripts, wordpiece
+
+  vocab = tokenizer.vocab_size + 8  # embedding rows past the pieces: no text
+  masks = tokenizer.language_token_masks(vocab)
+  assert set(masks) == {"en", "zh"} and masks["en"].shape == (vocab,)
+  piece = tokenizer._sp.piece_to_id
+  expect = {  # piece -> (en, zh)
+    "▁triangle": (True, False),
+    "红": (False, True),
+    "。": (True, True),
+    ".": (True, True),
+    "</s>": (True, True),
+    "<0x41>": (True, False),  # "A"
+    "<0x2E>": (True, True),  # "."
+    "<0xE4>": (False, False),  # the first byte of 红 and of many other characters
+  }
+  for p, (en, zh) in expect.items():
+    i = piece(p)
+    assert i != tokenizer.unk_id and tokenizer.id_to_piece(i) == p, p
+    assert (masks["en"][i], masks["zh"][i]) == (en, zh), p
+  assert masks["en"][tokenizer.vocab_size :].all() and masks["zh"][tokenizer.vocab_size :].all()
+  # A text piece in both languages decodes to no letter.
+  text = tokenizer.text_token_mask(tokenizer.vocab_size)
+  both = np.flatnonzero((masks["en"] & masks["zh"])[: tokenizer.vocab_size] & text)
+  assert len(both) > 10 and not any(scripts.text_scripts(tokenizer.decode([i])) for i in both)
+
+  lines = ["<pad>", "</s>", "<s>", "<unk>", "<mask>", "猫", "red", "##s", "，", "1", "<code_0>"]
+  wp = wordpiece.WordPieceTokenizer("\n".join(lines).encode())
+  wp_masks = wp.language_token_masks(len(lines))
+  got = {p: (bool(wp_masks["en"][i]), bool(wp_masks["zh"][i])) for i, p in enumerate(lines)}
+  assert got["猫"] == (False, True) and got["red"] == got["##s"] == (True, False)
+  assert got["，"] == got["1"] == got["</s>"] == got["<mask>"] == got["<code_0>"] == (True, True)
+
+  mixed = "triangle角有一个大的蓝色三角形"
+  assert scripts.mixes_languages(mixed) and scripts.first_language(mixed) == "en"
+  assert not any(map(scripts.mixes_languages, ["左侧有一个小的橙色圆形。3", "a 1.", "ü Ω"]))
+  assert scripts.first_language("3，红 red") == "zh" and scripts.first_language("1 。") is None
