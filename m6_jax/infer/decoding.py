@@ -16,7 +16,8 @@ example share one copy of the prefix cache and beam search gathers only the targ
 `allowed` (bool [vocab], default all) masks the tokens a search may choose: generation passes
 the tokenizer's text pieces and EOS, so a caption, an answer or a continuation never holds a
 sentinel, <mask>, <unk> or an embedding row beyond the tokenizer's pieces (ofa_caption
-excepted: it decodes over every token, as ModelScope does).
+excepted: it decodes over every token, as ModelScope does), and for a text in one language
+only that language's pieces and those of no script (m6_jax/infer/generate.py's `language`).
 
 All outputs hold the generated tokens without BOS: [.., max_len] int32, EOS included, and
 padding (id 0) after EOS. Everything runs inside one `jax.jit` with a `lax.while_loop` that

@@ -18,7 +18,9 @@ text prompt (with or without an image) is continued (text_lm). Images are read b
 the loader training uses (m6_jax/data/images.py), so they get the same pixels. Decoding is
 greedy, beam search (`beam_size`, `length_penalty`, `no_repeat_ngram_size`), sampling
 (`temperature`, `top_k`, `top_p`, `seed`) or ModelScope's OFA captioning (`ofa_caption`),
-all with the KV cache of `m6_jax.infer.decoding`.
+all with the KV cache of `m6_jax.infer.decoding`. Every text is in one language
+(`language`: "en", "zh", or "auto": the one the model began it in, ofa_caption left as
+ModelScope decodes it; m6_jax/data/scripts.py tells them apart).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from jax.sharding import Mesh
 from m6_jax import config as config_lib
 from m6_jax.checkpoint import checkpoints
 from m6_jax.data import images as images_lib
-from m6_jax.data import tasks
+from m6_jax.data import scripts, tasks
 from m6_jax.data import tokenizer as tokenizer_lib
 from m6_jax.errors import CheckpointError, ConfigError, GenerationError
 from m6_jax.infer import decoding
@@ -47,6 +49,7 @@ from m6_jax.model.m6 import M6, M6Config, dummy_batch
 from m6_jax.parallel import axes, multihost, partitioning
 
 DECODINGS = ("greedy", "beam", "sample", "ofa_caption")
+LANGUAGES = ("auto", *scripts.LANGUAGES)  # the `language` of `decode`
 
 __all__ = ["GenerationError", "LoadedModel", "load_model", "generate", "decode"]
 
@@ -216,14 +219,24 @@ def decode(
   seed: int = 0,
   no_repeat_ngram_size: int = 0,
   row_seeds: Sequence[int] | None = None,
+  language: str = "auto",
 ) -> list[str]:
   """Decodes every row of `batch` on the model's mesh; returns the texts (EOS and padding
   removed). Every process passes the whole batch and gets every text. Sampling draws the
   whole batch with the key of `seed`, or, given `row_seeds`, row i with the key of
   row_seeds[i] alone, so that its text does not depend on the rows beside it (a batch of one
-  row samples the same with either)."""
+  row samples the same with either).
+
+  `language` keeps each text in one language: "en" or "zh" decode with that language's
+  tokens and those of no script (punctuation, digits, EOS) only, from the first token;
+  "auto" decodes freely, then decodes again the rows whose text mixes Han characters and
+  Latin letters, restricted to the language of their first one (the model's own choice), and
+  leaves the others as they were. A preset that reproduces a decoder choosing among every
+  token (ofa_caption) is left as that decoder makes it under "auto"."""
   if decoding_method not in DECODINGS:
     raise GenerationError(f"unknown decoding '{decoding_method}'; one of {DECODINGS}.")
+  if language not in LANGUAGES:
+    raise GenerationError(f"unknown language {language!r}; one of {', '.join(LANGUAGES)}.")
   strategy = decoding.STRATEGIES[decoding_method]
   tgt_len = int(model.config.data.tgt_len)
   max_len = int(max_len) or strategy.max_len or tgt_len
@@ -233,11 +246,17 @@ def decode(
       "target positions."
     )
   tok = model.tokenizer
-  # Never a special token, nor an image code (a preset reproducing a decoder that chooses
-  # among every token excepted).
-  allowed = None
-  if not strategy.every_token:
-    allowed = tok.text_token_mask(model.model.config.total_vocab_size)
+  vocab_size = model.model.config.total_vocab_size
+
+  def allowed(lang: str | None) -> np.ndarray | None:
+    """The tokens to choose from: never a special token, nor an image code (a preset
+    reproducing a decoder that chooses among every token excepted), and those of `lang`."""
+    mask = None if strategy.every_token else tok.text_token_mask(vocab_size)
+    if lang is None:
+      return mask
+    in_lang = tok.language_token_masks(vocab_size)[lang]
+    return in_lang if mask is None else mask & in_lang
+
   with model.mesh_context():
     inputs, rows = partitioning.put_full_batch(batch, model.mesh, model.rules)
     rng = jax.random.PRNGKey(seed)
@@ -254,19 +273,34 @@ def decode(
       top_p=top_p,
     )
     options = {k: v for k, v in offered.items() if k in strategy.options}
-    output = decoding.decode(
-      model.model,
-      model.params,
-      inputs,
-      decoding_method,
-      max_len,
-      tok.bos_id,
-      tok.eos_id,
-      allowed,
-      **options,
-    )
-    ids = multihost.to_host(strategy.best(output))[:rows]
-  return [tok.decode(row) for row in np.asarray(ids)]
+
+    def texts(lang: str | None) -> list[str]:
+      output = decoding.decode(
+        model.model,
+        model.params,
+        inputs,
+        decoding_method,
+        max_len,
+        tok.bos_id,
+        tok.eos_id,
+        allowed(lang),
+        **options,
+      )
+      ids = multihost.to_host(strategy.best(output))[:rows]
+      return [tok.decode(row) for row in np.asarray(ids)]
+
+    if language != "auto":
+      return texts(language)
+    out = texts(None)
+    if strategy.every_token:
+      return out
+    # The rows that mixed, by the language they began in; the batch is decoded again (the
+    # same shapes: no new compilation) once per language, and only those rows take its text.
+    mixed = {i: scripts.first_language(t) for i, t in enumerate(out) if scripts.mixes_languages(t)}
+    for lang in sorted(set(mixed.values())):
+      again = texts(lang)
+      out = [again[i] if mixed.get(i) == lang else text for i, text in enumerate(out)]
+    return out
 
 
 @functools.lru_cache(maxsize=4096)
