@@ -53,6 +53,14 @@ MAX_LEN = flags.DEFINE_integer(
   0,
   "Most tokens to generate, EOS included (0: the config's data.tgt_len; ofa_caption: 17).",
 )
+LANGUAGE = flags.DEFINE_enum(
+  "language",
+  "auto",
+  ["auto", "en", "zh"],
+  "The language of every output: en or zh (its tokens and those of no script only), or auto "
+  "(the one the model begins it in: an output that mixes Latin letters and Han characters is "
+  "decoded again in the language of its first one).",
+)
 BEAM_SIZE = flags.DEFINE_integer("beam_size", 4, "Beams for --decoding=beam.")
 NO_REPEAT_NGRAM_SIZE = flags.DEFINE_integer(
   "no_repeat_ngram_size", 0, "--decoding=beam repeats no n-gram of this size (0: off)."
@@ -181,6 +189,7 @@ def run() -> None:
     top_k=TOP_K.value,
     top_p=TOP_P.value,
     seed=SEED.value,
+    language=LANGUAGE.value,
   )
   output = OUTPUT.value or os.path.join(common.WORKDIR.value, "generate.jsonl")
   for row in rows:
