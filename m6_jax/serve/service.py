@@ -155,7 +155,8 @@ class Service:
   # -- text: captions, answers, continuations ----------------------------------------------
 
   def text_key(self, options: schemas.Decoding) -> tuple:
-    """The options a batch shares: the strategy, its max_len and the options it takes."""
+    """The options a batch shares: the strategy, its max_len, the language and the options
+    the strategy takes."""
     strategy = decoding.STRATEGIES[options.decoding]
     tgt_len = int(self.model.config.data.tgt_len)
     max_len = options.max_len or strategy.max_len or tgt_len
@@ -163,7 +164,7 @@ class Service:
       raise RequestError(
         422, f"max_len: {max_len} must be in [1, {tgt_len}] (the model's data.tgt_len)."
       )
-    key = {"decoding_method": options.decoding, "max_len": max_len}
+    key = {"decoding_method": options.decoding, "max_len": max_len, "language": options.language}
     key.update({k: getattr(options, k) for k in strategy.options if k != "rng"})
     return tuple(sorted(key.items()))
 

@@ -81,6 +81,7 @@ CASES = {
   "max_len_a_string": _json("/v1/continue", {"prompt": "a", "max_len": "ten"}),
   "max_len_too_long": _json("/v1/continue", {"prompt": "a", "max_len": 1000}),
   "unknown_decoding": _json("/v1/continue", {"prompt": "a", "decoding": "telepathy"}),
+  "unknown_language": _json("/v1/continue", {"prompt": "a", "language": "fr"}),
   "beam_size_zero": _json("/v1/continue", {"prompt": "a", "decoding": "beam", "beam_size": 0}),
   "top_p_zero": _json("/v1/continue", {"prompt": "a", "top_p": 0}),
   "seed_negative": _json("/v1/continue", {"prompt": "a", "seed": -1}),
@@ -125,6 +126,8 @@ def test_the_statuses_say_what_was_wrong(app):
   assert status("text_plain") == 415
   assert status("malformed_json") == 400 and status("not_an_image") == 400
   assert status("unknown_field") == 422 and status("form_guidance_nan") == 422
+  error = post(app, CASES["unknown_language"][0], **CASES["unknown_language"][1])
+  assert error.status_code == 422 and error.json()["error"].startswith("language: "), error.text
   assert get(app, "/v1/nothing").status_code == 404
   assert get(app, "/v1/caption").status_code == 405
   error = post(app, *CASES["50_megapixels"][:1], **CASES["50_megapixels"][1]).json()["error"]

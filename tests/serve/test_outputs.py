@@ -10,12 +10,18 @@ import pytest
 from http_utils import b64, get, post, post_all
 
 from m6_jax.checkpoint import checkpoints
+from m6_jax.data import scripts
 from m6_jax.infer import generate
 from m6_jax.infer import text_to_image as t2i
 
 QUESTION = "what color is the circle?"
 SAMPLE = {"decoding": "sample", "temperature": 1.5, "top_k": 20}  # one setting: one compile
-DECODINGS = [{}, {"decoding": "beam", "beam_size": 3, "length_penalty": 1.0}, {**SAMPLE, "seed": 7}]
+DECODINGS = [
+  {},
+  {"decoding": "beam", "beam_size": 3, "length_penalty": 1.0},
+  {**SAMPLE, "seed": 7},
+  {"language": "zh"},  # greedy, in Chinese
+]
 
 
 def _generate_kwargs(options):
@@ -61,7 +67,7 @@ def test_description_health_and_demo_page(app, service, served):
   assert page.status_code == 200 and 'id="image-file"' in page.text
 
 
-@pytest.mark.parametrize("options", DECODINGS, ids=["greedy", "beam", "sample"])
+@pytest.mark.parametrize("options", DECODINGS, ids=["greedy", "beam", "sample", "greedy_zh"])
 def test_text_equals_generate(app, service, scene_files, options):
   for kind in ("caption", "answer", "continue"):
     path, kw = _request(kind, scene_files[0], options)
@@ -71,6 +77,8 @@ def test_text_equals_generate(app, service, scene_files, options):
     want = _generated(service.model, kind, scene_files[0], options)
     assert got["task"] == want["task"] and got["output"] == want["output"], (kind, got, want)
     assert got["step"] == service.model.step
+    if options.get("language") == "zh":
+      assert "en" not in scripts.text_scripts(got["output"]), got
 
 
 def test_text_does_not_depend_on_the_batch(app, service, scene_files):
