@@ -56,10 +56,10 @@ MAX_LEN = flags.DEFINE_integer(
 LANGUAGE = flags.DEFINE_enum(
   "language",
   "auto",
-  ["auto", "en", "zh"],
+  ["auto", "any", "en", "zh"],
   "The language of every output: en or zh (its tokens and those of no script only), or auto "
   "(the one the model begins it in: an output that mixes Latin letters and Han characters is "
-  "decoded again in the language of its first one).",
+  "decoded again in the language of its first one), or any (as the model decodes it).",
 )
 BEAM_SIZE = flags.DEFINE_integer("beam_size", 4, "Beams for --decoding=beam.")
 NO_REPEAT_NGRAM_SIZE = flags.DEFINE_integer(

@@ -49,7 +49,7 @@ from m6_jax.model.m6 import M6, M6Config, dummy_batch
 from m6_jax.parallel import axes, multihost, partitioning
 
 DECODINGS = ("greedy", "beam", "sample", "ofa_caption")
-LANGUAGES = ("auto", *scripts.LANGUAGES)  # the `language` of `decode`
+LANGUAGES = ("auto", "any", *scripts.LANGUAGES)  # the `language` of `decode`
 
 __all__ = ["GenerationError", "LoadedModel", "load_model", "generate", "decode"]
 
@@ -231,7 +231,8 @@ def decode(
   tokens and those of no script (punctuation, digits, EOS) only, from the first token;
   "auto" decodes freely, then decodes again the rows whose text mixes Han characters and
   Latin letters, restricted to the language of their first one (the model's own choice), and
-  leaves the others as they were. A preset that reproduces a decoder choosing among every
+  leaves the others as they were; "any" never decodes again (a converted OFA-CN model's
+  "白色T恤" is one language). A preset that reproduces a decoder choosing among every
   token (ofa_caption) is left as that decoder makes it under "auto"."""
   if decoding_method not in DECODINGS:
     raise GenerationError(f"unknown decoding '{decoding_method}'; one of {DECODINGS}.")
@@ -290,7 +291,7 @@ def decode(
       return [tok.decode(row) for row in np.asarray(ids)]
 
     if language != "auto":
-      return texts(language)
+      return texts(None if language == "any" else language)
     out = texts(None)
     if strategy.every_token:
       return out

@@ -39,7 +39,7 @@ class Decoding(_Body):
   top_k: int = Field(0, ge=0)
   top_p: float = Field(1.0, gt=0.0, le=1.0)
   seed: int = Field(0, ge=0, le=SEED_MAX)
-  language: Literal["auto", "en", "zh"] = "auto"
+  language: Literal["auto", "any", "en", "zh"] = "auto"
 
 
 class Caption(Decoding):
