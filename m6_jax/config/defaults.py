@@ -6,6 +6,8 @@ invent keys (m6_jax/config/validation.py says which key is unknown and what is n
 
 from __future__ import annotations
 
+import copy
+
 import ml_collections
 
 from m6_jax.data import task_modules, tasks
@@ -56,6 +58,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.image_stem = "linear"  # linear patch projection or a small ResNet-style stem
   c.model.stem_channels = 32  # width of the ResNet-style stem
   c.model.patch_size = 16
+  # Layer-normalise each patch's features before the 2-D position embeddings are added (off:
+  # the patch projection's scale outgrows the positions', which the model then cannot use;
+  # docs/positions.md). A saved config without this key was trained without it.
+  c.model.patch_norm = True
   c.model.tie_embeddings = True
   c.model.dtype = "float32"  # compute dtype; parameters stay float32
   c.model.layer_norm_epsilon = 1e-6
@@ -279,10 +285,20 @@ def vqgan_defaults() -> ml_collections.ConfigDict:
   return v
 
 
+# Keys added since whose default would change a model saved without them: such a config
+# reads them at the value it was trained with.
+TRAINED_WITHOUT = {("model", "patch_norm"): False}
+
+
 def merged_with_defaults(saved: dict) -> ml_collections.ConfigDict:
   """A saved config dict, with the keys added since it was written at their defaults (after
-  importing the task modules it names, so that their tasks are known)."""
+  importing the task modules it names, so that their tasks are known), or at the value the
+  model was trained with (TRAINED_WITHOUT)."""
   task_modules.import_all(saved.get("data", {}).get("task_modules", ""))
+  saved = copy.deepcopy(saved)
+  for (section, key), value in TRAINED_WITHOUT.items():
+    if isinstance(saved.get(section), dict):
+      saved[section].setdefault(key, value)
 
   def merge(base: dict, saved: dict) -> dict:
     for k, v in saved.items():

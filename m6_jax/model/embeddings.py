@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from m6_jax.model.layers import default_kernel_init
+from m6_jax.model.layers import LayerNorm, default_kernel_init
 from m6_jax.model.ops import constrain
 from m6_jax.model.resnet import OfaResNetStem
 
@@ -134,7 +134,13 @@ class ResNetPatchStem(nn.Module):
 
 class ImageEmbedding(nn.Module):
   """Patch features plus learned row and column embeddings (2-D positions; none with
-  `positions` False, when positions enter as attention biases, m6_jax/model/ofa.py)."""
+  `positions` False, when positions enter as attention biases, m6_jax/model/ofa.py).
+
+  `patch_norm` layer-normalises each patch's features before the positions are added, so
+  that their scale cannot outgrow the positions': under Adam a projection of hundreds of
+  near-constant pixels grows its output far faster than an embedding table grows, and the
+  positions drowned (docs/positions.md).
+  """
 
   d_model: int
   patch_size: int
@@ -143,6 +149,7 @@ class ImageEmbedding(nn.Module):
   dtype: Dtype = jnp.float32
   positions: bool = True
   resnet_layers: tuple[int, ...] = (3, 4, 23)
+  patch_norm: bool = False
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -164,6 +171,8 @@ class ImageEmbedding(nn.Module):
       raise ValueError(f"Unknown image stem '{self.stem}'; use 'linear', 'resnet' or 'ofa_resnet'.")
     if not self.positions:
       return constrain(x, ("batch", "length", "embed"))
+    if self.patch_norm:
+      x = LayerNorm(dtype=self.dtype, name="patch_norm")(x)
     row = self.param(
       "row_embedding",
       nn.with_logical_partitioning(embed_init, ("patch", "embed")),

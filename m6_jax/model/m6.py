@@ -87,6 +87,7 @@ class M6Config:
   attention_dropout_rate: float | None = None  # None: dropout_rate
   image_stem: str = "linear"
   stem_channels: int = 32
+  patch_norm: bool = True  # layer-normalise patch features before the 2-D positions
   tie_embeddings: bool = True
   dtype: str = "float32"
   layer_norm_epsilon: float = 1e-6
@@ -193,6 +194,7 @@ class M6Config:
       attention_dropout_rate=m.get("attention_dropout_rate"),
       image_stem=m.image_stem,
       stem_channels=m.stem_channels,
+      patch_norm=m.patch_norm,
       tie_embeddings=m.tie_embeddings,
       dtype=m.dtype,
       layer_norm_epsilon=m.layer_norm_epsilon,
@@ -285,7 +287,14 @@ class M6(nn.Module):
     )
     o = c.ofa
     self.image_embedding = ImageEmbedding(
-      c.d_model, c.patch_size, c.image_stem, c.stem_channels, dtype, not o.biased, o.resnet_layers
+      c.d_model,
+      c.patch_size,
+      c.image_stem,
+      c.stem_channels,
+      dtype,
+      not o.biased,
+      o.resnet_layers,
+      c.patch_norm,
     )
     if o.biased or o.layernorm_embedding:
       self.ofa_inputs = ofa.OfaInputs(c)
