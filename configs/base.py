@@ -12,7 +12,8 @@ all-padding text columns, same losses, fewer FLOPs.
 Should reach: image_to_text loss 6.95 -> 0.25 (printed at the end) in 3 to 7 minutes on 2 CPU
 cores; held-out (--mode=eval) VQA accuracy 50%, captions BLEU-4 77. How the mixture,
 learning rate and bucketing were chosen: docs/training.md. Trade-off of the weights: the
-captions, which name every object's place, teach the grounding VQA uses (VQA at 2 did worse).
+captions, which name every object's place, teach where things are for VQA too (VQA at 2 did
+worse).
 
 Variant `configs/base.py:runlocal` is a 20-step smoke test without length bucketing: one
 step shape to compile instead of up to nine, which would take most of its time.
