@@ -3,6 +3,8 @@ grow: the patch projection's output outgrew the 2-D position embeddings in train
 model could not tell one background patch from another (docs/positions.md);
 model.patch_norm layer-normalises the patch features before the positions are added."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,6 +40,11 @@ def _object_at(cfg, cell):
   return image
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(model, params, batch):
+  return model.apply({"params": params}, batch)
+
+
 def _output_change(model, params, cfg):
   """How far the logits move when the object moves from the first patch to the last."""
   n = cfg.num_patches
@@ -47,7 +54,7 @@ def _output_change(model, params, cfg):
     "src_tokens": jnp.asarray(np.tile(np.arange(5, 5 + cfg.src_len), (2, 1)), jnp.int32),
     "tgt_input": jnp.asarray(np.tile(np.arange(2, 2 + cfg.tgt_len), (2, 1)), jnp.int32),
   }
-  logits = model.apply({"params": params}, batch)
+  logits = _apply(model, params, batch)
   return float(jnp.abs(logits[0] - logits[1]).max())
 
 
