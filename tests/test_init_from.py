@@ -72,3 +72,15 @@ def test_without_init_from_or_of_another_family_nothing_changes(pretrained, tmp_
   assert init_from.model_of_checkpoint(config, str(tmp_path)).config is config
   with pytest.raises(CheckpointError, match="no checkpoint in"):
     init_from.model_of_checkpoint(_finetune(os.path.join(str(tmp_path), "none")), str(tmp_path))
+
+
+def test_a_checkpoint_saved_before_patch_norm_is_fine_tuned_without_it(tmp_path):
+  config = default_config()
+  del config.model["patch_norm"]  # a config written before the key existed
+  ckpts = checkpoints.Checkpoints(
+    checkpoints.checkpoint_dir(str(tmp_path / "old")), async_save=False
+  )
+  ckpts.save(1, config=config, tokenizer=None, params={"w": np.zeros(2, np.float32)})
+  ckpts.wait()
+  start = init_from.model_of_checkpoint(_finetune(str(tmp_path / "old")), str(tmp_path / "ft"))
+  assert start.config.model.patch_norm is False

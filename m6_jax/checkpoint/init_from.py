@@ -19,6 +19,7 @@ from typing import Any, Collection
 import ml_collections
 from absl import logging
 
+from m6_jax import config as config_lib
 from m6_jax.checkpoint import checkpoints
 from m6_jax.errors import CheckpointError
 
@@ -72,6 +73,7 @@ def model_of_checkpoint(
   if not config.init_from:
     return StartingModel(config, {})
   saved, directory = _saved_config(config, workdir)
+  saved = config_lib.as_trained(saved)  # a key added since reads as the model was trained
   if saved.get("model", {}).get("family", "m6") != config.model.family:
     return StartingModel(config, {})
   config = config.copy_and_resolve_references()

@@ -9,6 +9,7 @@ from m6_jax.config.defaults import (
   FAMILIES,
   MOE_DISPATCH_MODES,
   REMAT_POLICIES,
+  as_trained,
   default_config,
   merged_with_defaults,
 )
@@ -26,6 +27,7 @@ __all__ = [
   "MOE_DISPATCH_MODES",
   "REMAT_POLICIES",
   "ConfigError",
+  "as_trained",
   "default_config",
   "merged_with_defaults",
   "moe_layer_indices",

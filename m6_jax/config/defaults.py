@@ -290,15 +290,21 @@ def vqgan_defaults() -> ml_collections.ConfigDict:
 TRAINED_WITHOUT = {("model", "patch_norm"): False}
 
 
+def as_trained(saved: dict) -> dict:
+  """A copy of a saved config dict with the TRAINED_WITHOUT keys it lacks at those values."""
+  saved = copy.deepcopy(saved)
+  for (section, key), value in TRAINED_WITHOUT.items():
+    if isinstance(saved.get(section), dict):
+      saved[section].setdefault(key, value)
+  return saved
+
+
 def merged_with_defaults(saved: dict) -> ml_collections.ConfigDict:
   """A saved config dict, with the keys added since it was written at their defaults (after
   importing the task modules it names, so that their tasks are known), or at the value the
   model was trained with (TRAINED_WITHOUT)."""
   task_modules.import_all(saved.get("data", {}).get("task_modules", ""))
-  saved = copy.deepcopy(saved)
-  for (section, key), value in TRAINED_WITHOUT.items():
-    if isinstance(saved.get(section), dict):
-      saved[section].setdefault(key, value)
+  saved = as_trained(saved)
 
   def merge(base: dict, saved: dict) -> dict:
     for k, v in saved.items():
