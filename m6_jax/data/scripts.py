@@ -35,6 +35,11 @@ def char_script(ch: str) -> str | None:
   return "en" if "LATIN" in unicodedata.name(ch, "") else OTHER
 
 
+def has_han(text: str) -> bool:
+  """Whether `text` holds a Han character (what makes a text Chinese to evaluation)."""
+  return _HAN_RE.search(text) is not None
+
+
 def text_scripts(text: str) -> set[str]:
   """The scripts of `text`'s characters (None left out)."""
   return {s for s in map(char_script, text) if s is not None}

@@ -26,18 +26,15 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import re
 from typing import Any, Callable, Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from m6_jax.data import fields, tasks
-from m6_jax.data.tokenizer import HAN_CHARACTERS
+from m6_jax.data import fields, scripts, tasks
 from m6_jax.errors import EvaluationError
 from m6_jax.evaluation import metrics
 
-LANGS = ("en", "zh")
-_HAN_RE = re.compile(f"[{HAN_CHARACTERS}]")
+LANGS = scripts.LANGUAGES
 
 # A prepared dataset's record as eval kinds read it: "image_key" and every field's columns.
 Record = Mapping[str, str]
@@ -45,7 +42,7 @@ Record = Mapping[str, str]
 
 def language(text: str) -> str:
   """'zh' if the text has a Han character, else 'en'."""
-  return "zh" if _HAN_RE.search(text) else "en"
+  return "zh" if scripts.has_han(text) else "en"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,7 +31,7 @@ from typing import Sequence, Union
 import sacrebleu
 from pycocoevalcap.cider.cider import Cider
 
-from m6_jax.data.tokenizer import HAN_CHARACTERS
+from m6_jax.data.scripts import HAN_CHARACTERS, LANGUAGES
 from m6_jax.evaluation import vqa_tables
 
 __all__ = [
@@ -48,7 +48,7 @@ __all__ = [
 References = Sequence[Union[str, Sequence[str]]]
 
 _BLEU_TOKENIZERS = {"en": "13a", "zh": "zh"}
-_LANGS = ("en", "zh")
+_LANGS = LANGUAGES
 
 _CJK = HAN_CHARACTERS  # Chinese (Han) characters
 _CJK_RE = re.compile(f"[{_CJK}]")
