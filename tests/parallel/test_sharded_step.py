@@ -33,6 +33,12 @@ def _mesh(config, data, fsdp, tensor):
   return config
 
 
+def _one_layer(config):
+  """One layer (per stack): the comparison holds at any depth; each layer adds compile time."""
+  config.model.num_layers = 1
+  return config
+
+
 def _assert_trees_close(a, b, atol):
   for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(
@@ -45,6 +51,7 @@ def test_2x2x2_mesh_matches_single_device(tiny_config, random_batch, architectur
   # The unified model with the ResNet stem: the linear one (the default) runs on 2x2x2
   # meshes in the loop and checkpoint tests. The encoder-decoder with the linear stem (the
   # stems are shared; a cheaper compilation).
+  _one_layer(tiny_config)
   tiny_config.model.image_stem = "resnet" if architecture == "unified" else "linear"
   tiny_config.model.architecture = architecture
   layer = "layer_0" if architecture == "unified" else "decoder_layer_0"
@@ -77,6 +84,7 @@ def test_gradient_accumulation_matches_full_batch(tiny_config, random_batch):
   # micro-batches in another order flips their sign and moves the parameter by a whole lr.
   # A larger eps damps those components so the comparison tests the accumulated gradients.
   tiny_config.train.eps = 1e-3
+  _one_layer(tiny_config)
   batches = [random_batch(16, tiny_config, seed=s) for s in range(2)]
   full, full_losses = run_steps(_mesh(tiny_config, 2, 1, 1), batches, jax.devices()[:2])
   tiny_config.train.grad_accum_steps = 4
