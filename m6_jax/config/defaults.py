@@ -62,6 +62,11 @@ def default_config() -> ml_collections.ConfigDict:
   # the patch projection's scale outgrows the positions', which the model then cannot use;
   # docs/positions.md). A saved config without this key was trained without it.
   c.model.patch_norm = True
+  # encoder_decoder: add the prefix's position embeddings, layer-normed, to the encoder output
+  # the decoder's cross-attention reads (off: the encoder's updates drown the positions before
+  # the decoder sees them; docs/positions.md). A saved config without this key was trained
+  # without it.
+  c.model.memory_positions = True
   c.model.tie_embeddings = True
   c.model.dtype = "float32"  # compute dtype; parameters stay float32
   c.model.layer_norm_epsilon = 1e-6
@@ -287,7 +292,7 @@ def vqgan_defaults() -> ml_collections.ConfigDict:
 
 # Keys added since whose default would change a model saved without them: such a config
 # reads them at the value it was trained with.
-TRAINED_WITHOUT = {("model", "patch_norm"): False}
+TRAINED_WITHOUT = {("model", "patch_norm"): False, ("model", "memory_positions"): False}
 
 
 def as_trained(saved: dict) -> dict:

@@ -185,9 +185,13 @@ class ImageEmbedding(nn.Module):
       (gw, self.d_model),
       jnp.float32,
     )
-    pos = (row[:, None, :] + col[None, :, :]).reshape(gh * gw, self.d_model)
-    x = x + pos.astype(self.dtype)[None]
+    x = x + grid_positions(row, col).astype(self.dtype)[None]
     return constrain(x, ("batch", "length", "embed"))
+
+
+def grid_positions(row: jax.Array, col: jax.Array) -> jax.Array:
+  """Row [h, d] and column [w, d] embeddings -> each patch's [h * w, d], row-major."""
+  return (row[:, None, :] + col[None, :, :]).reshape(-1, row.shape[-1])
 
 
 class PositionEmbedding(nn.Module):

@@ -9,7 +9,10 @@ Architectures (model.architecture): "unified" is the above, M6's own. "encoder_d
 (the form of M6's successors OFA / OFA-CN) runs the prefix through an encoder stack
 (bidirectional, then a final layer norm) and the target through a decoder stack (causal
 self-attention, cross-attention to the encoder output, feed-forward), each with its own
-depth (model.num_encoder_layers / num_decoder_layers). Both share the embeddings
+depth (model.num_encoder_layers / num_decoder_layers). With `memory_positions` the encoder
+output gets the prefix's position embeddings (the patches' 2-D ones, the source text's),
+layer-normed, added once more: the positions the decoder reads do not depend on how much of
+them survived the encoder's updates (docs/positions.md). Both share the embeddings
 (`embed_prefix`, `embed_target`), the blocks (m6_jax/model/layers.py), the stack machinery
 (m6_jax/model/stack.py: scan, remat, MoE), the final norm and the LM head; the batch
 features, the logits and the cache interface below are the same. OFA's own inputs,
@@ -88,6 +91,7 @@ class M6Config:
   image_stem: str = "linear"
   stem_channels: int = 32
   patch_norm: bool = True  # layer-normalise patch features before the 2-D positions
+  memory_positions: bool = True  # encoder_decoder: positions added to the encoder output
   tie_embeddings: bool = True
   dtype: str = "float32"
   layer_norm_epsilon: float = 1e-6
@@ -195,6 +199,7 @@ class M6Config:
       image_stem=m.image_stem,
       stem_channels=m.stem_channels,
       patch_norm=m.patch_norm,
+      memory_positions=m.memory_positions,
       tie_embeddings=m.tie_embeddings,
       dtype=m.dtype,
       layer_norm_epsilon=m.layer_norm_epsilon,
@@ -310,6 +315,8 @@ class M6(nn.Module):
       self.encoder = layer_stack(c, "encoder")
       if o.normalize_before:  # a post-norm stack ends normed
         self.encoder_norm = LayerNorm(c.layer_norm_epsilon, dtype)
+      if self.has_memory_positions:
+        self.memory_position_norm = LayerNorm(c.layer_norm_epsilon, dtype)
       self.decoder = layer_stack(c, "decoder")
     else:
       self.unified = layer_stack(c, "unified")
@@ -323,6 +330,19 @@ class M6(nn.Module):
         use_bias=False,
         kernel_init=nn.with_logical_partitioning(default_kernel_init, ("embed", "vocab")),
       )
+
+  @property
+  def has_memory_positions(self) -> bool:
+    c = self.config  # OFA's positions are attention biases, the cross-attention's included
+    return c.is_encoder_decoder and c.memory_positions and not c.ofa.biased
+
+  def memory_position_embeddings(self, src_len: int) -> jax.Array:
+    """[P + src_len, d]: the prefix's position embeddings, layer-normed (the image
+    embedding's row + column tables, then the source text's), shared with the inputs."""
+    table = nn.meta.unbox(self.image_embedding.variables["params"])
+    image = embeddings.grid_positions(table["row_embedding"], table["col_embedding"])
+    text = self.text_position(jnp.arange(src_len))
+    return self.memory_position_norm(jnp.concatenate([image.astype(text.dtype), text], axis=0))
 
   def embed_prefix(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     """The embedded prefix [b, P+Ls, d] and which of its positions are real [b, P+Ls]."""
@@ -397,7 +417,10 @@ class M6(nn.Module):
       **self._ofa_biases(x.shape[1]),
     }
     x, _ = run_stack(self, "encoder", x, shared)
-    return (self.encoder_norm(x) if self.config.ofa.normalize_before else x), prefix_valid
+    x = self.encoder_norm(x) if self.config.ofa.normalize_before else x
+    if self.has_memory_positions:
+      x = x + self.memory_position_embeddings(batch["src_tokens"].shape[1])[None]
+    return constrain(x, ("batch", "length", "embed")), prefix_valid
 
   def __call__(self, batch: Mapping[str, jax.Array], deterministic: bool = True) -> jax.Array:
     """Logits [b, Lt, vocab] (float32) for the target positions (Lt: tgt_input's length)."""

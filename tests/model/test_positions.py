@@ -1,7 +1,10 @@
 """Image positions reach the output in both architectures however large the patch features
 grow: the patch projection's output outgrew the 2-D position embeddings in training until the
 model could not tell one background patch from another (docs/positions.md);
-model.patch_norm layer-normalises the patch features before the positions are added."""
+model.patch_norm layer-normalises the patch features before the positions are added.
+
+In the encoder-decoder the encoder's own updates drowned them next, before the decoder's
+cross-attention read the encoder output; model.memory_positions adds them there again."""
 
 import functools
 
@@ -12,12 +15,13 @@ import pytest
 from model_utils import init_model
 
 from m6_jax import config as config_lib
-from m6_jax.model.m6 import M6Config
+from m6_jax.model.m6 import M6, M6Config
 
 
-def _config(tiny_config, architecture, patch_norm=True):
+def _config(tiny_config, architecture, patch_norm=True, memory_positions=True):
   tiny_config.model.architecture = architecture
   tiny_config.model.patch_norm = patch_norm
+  tiny_config.model.memory_positions = memory_positions
   return M6Config.from_config(tiny_config)
 
 
@@ -86,3 +90,51 @@ def test_a_config_saved_before_patch_norm_reads_it_off():
   del saved["model"]["patch_norm"]
   assert config_lib.merged_with_defaults(saved).model.patch_norm is False
   assert config_lib.default_config().model.patch_norm is True
+
+
+def _grown_encoder(params, factor):
+  """`params` with every encoder layer's updates (attention and feed-forward outputs)
+  `factor` times larger, as training grows them against the input embeddings."""
+  params = dict(params)
+  for name in [k for k in params if k.startswith("encoder_layer_")]:
+    layer = dict(params[name])
+    layer["attention"] = {**layer["attention"], "out": layer["attention"]["out"] * factor}
+    layer["mlp"] = jax.tree.map(lambda x: x * factor, layer["mlp"])
+    params[name] = layer
+  return params
+
+
+def _patch_spread(model, params, cfg):
+  """How far apart the encoder outputs of the patches of a blank image are (mean distance
+  to their mean over their mean norm): only their positions tell them apart."""
+  batch = {
+    "image": jnp.full((1, cfg.image_size, cfg.image_size, 3), 0.9),
+    "has_image": jnp.ones((1,), jnp.int32),
+    "src_tokens": jnp.asarray(np.arange(5, 5 + cfg.src_len)[None], jnp.int32),
+  }
+  memory, _ = model.apply({"params": params}, batch, method=M6.encode)
+  patches = np.asarray(memory[0, : cfg.num_patches])
+  spread = np.linalg.norm(patches - patches.mean(0), axis=-1).mean()
+  return float(spread / np.linalg.norm(patches, axis=-1).mean())
+
+
+@pytest.mark.parametrize("memory_positions", [True, False])
+def test_the_decoder_reads_the_patch_positions_however_large_the_encoder_updates_grow(
+  tiny_config, memory_positions
+):
+  cfg = _config(tiny_config, "encoder_decoder", memory_positions=memory_positions)
+  model, params = init_model(cfg)
+  at_init, grown = (_patch_spread(model, p, cfg) for p in (params, _grown_encoder(params, 100.0)))
+  if memory_positions:  # measured: 0.54 and 0.53
+    assert "memory_position_norm" in params
+    assert at_init > 0.3 and grown > 0.3, (at_init, grown)
+  else:  # the model as it was, measured: 0.023 and 0.0026
+    assert "memory_position_norm" not in params
+    assert at_init < 0.05 and grown < 0.01, (at_init, grown)
+
+
+def test_a_config_saved_before_memory_positions_reads_them_off():
+  saved = config_lib.default_config().to_dict()
+  del saved["model"]["memory_positions"]
+  assert config_lib.merged_with_defaults(saved).model.memory_positions is False
+  assert config_lib.default_config().model.memory_positions is True
