@@ -67,6 +67,10 @@ def default_config() -> ml_collections.ConfigDict:
   # the decoder sees them; docs/positions.md). A saved config without this key was trained
   # without it.
   c.model.memory_positions = True
+  # encoder_decoder: add the encoder's input (the embedded image and source), layer-normed, to
+  # the encoder output as well (off: the encoder's updates drown each patch's own features).
+  # A saved config without this key was trained without it.
+  c.model.memory_inputs = True
   c.model.tie_embeddings = True
   c.model.dtype = "float32"  # compute dtype; parameters stay float32
   c.model.layer_norm_epsilon = 1e-6
@@ -292,7 +296,11 @@ def vqgan_defaults() -> ml_collections.ConfigDict:
 
 # Keys added since whose default would change a model saved without them: such a config
 # reads them at the value it was trained with.
-TRAINED_WITHOUT = {("model", "patch_norm"): False, ("model", "memory_positions"): False}
+TRAINED_WITHOUT = {
+  ("model", "patch_norm"): False,
+  ("model", "memory_positions"): False,
+  ("model", "memory_inputs"): False,
+}
 
 
 def as_trained(saved: dict) -> dict:

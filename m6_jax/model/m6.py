@@ -9,10 +9,13 @@ Architectures (model.architecture): "unified" is the above, M6's own. "encoder_d
 (the form of M6's successors OFA / OFA-CN) runs the prefix through an encoder stack
 (bidirectional, then a final layer norm) and the target through a decoder stack (causal
 self-attention, cross-attention to the encoder output, feed-forward), each with its own
-depth (model.num_encoder_layers / num_decoder_layers). With `memory_positions` the encoder
-output gets the prefix's position embeddings (the patches' 2-D ones, the source text's),
-layer-normed, added once more: the positions the decoder reads do not depend on how much of
-them survived the encoder's updates (docs/positions.md). Both share the embeddings
+depth (model.num_encoder_layers / num_decoder_layers). The decoder reads the image only
+through the encoder output; with `memory_inputs` that output gets the encoder's input (the
+embedded image and source) and with `memory_positions` the prefix's position embeddings (the
+patches' 2-D ones, the source text's), each layer-normed, added once more, so what the
+decoder reads of each patch does not depend on how much of it survived the encoder's
+updates, as the unified stack's target reads every layer, the first included
+(docs/positions.md). Both share the embeddings
 (`embed_prefix`, `embed_target`), the blocks (m6_jax/model/layers.py), the stack machinery
 (m6_jax/model/stack.py: scan, remat, MoE), the final norm and the LM head; the batch
 features, the logits and the cache interface below are the same. OFA's own inputs,
@@ -92,6 +95,7 @@ class M6Config:
   stem_channels: int = 32
   patch_norm: bool = True  # layer-normalise patch features before the 2-D positions
   memory_positions: bool = True  # encoder_decoder: positions added to the encoder output
+  memory_inputs: bool = True  # encoder_decoder: the encoder's input added to its output
   tie_embeddings: bool = True
   dtype: str = "float32"
   layer_norm_epsilon: float = 1e-6
@@ -200,6 +204,7 @@ class M6Config:
       stem_channels=m.stem_channels,
       patch_norm=m.patch_norm,
       memory_positions=m.memory_positions,
+      memory_inputs=m.memory_inputs,
       tie_embeddings=m.tie_embeddings,
       dtype=m.dtype,
       layer_norm_epsilon=m.layer_norm_epsilon,
@@ -317,6 +322,8 @@ class M6(nn.Module):
         self.encoder_norm = LayerNorm(c.layer_norm_epsilon, dtype)
       if self.has_memory_positions:
         self.memory_position_norm = LayerNorm(c.layer_norm_epsilon, dtype)
+      if self.has_memory_inputs:
+        self.memory_input_norm = LayerNorm(c.layer_norm_epsilon, dtype)
       self.decoder = layer_stack(c, "decoder")
     else:
       self.unified = layer_stack(c, "unified")
@@ -335,6 +342,11 @@ class M6(nn.Module):
   def has_memory_positions(self) -> bool:
     c = self.config  # OFA's positions are attention biases, the cross-attention's included
     return c.is_encoder_decoder and c.memory_positions and not c.ofa.biased
+
+  @property
+  def has_memory_inputs(self) -> bool:
+    c = self.config  # OFA's scheme (converted weights) stays as OFA computes it
+    return c.is_encoder_decoder and c.memory_inputs and not c.ofa.biased
 
   def memory_position_embeddings(self, src_len: int) -> jax.Array:
     """[P + src_len, d]: the prefix's position embeddings, layer-normed (the image
@@ -416,8 +428,11 @@ class M6(nn.Module):
       "token_mask": prefix_valid,
       **self._ofa_biases(x.shape[1]),
     }
+    inputs = x
     x, _ = run_stack(self, "encoder", x, shared)
     x = self.encoder_norm(x) if self.config.ofa.normalize_before else x
+    if self.has_memory_inputs:
+      x = x + self.memory_input_norm(inputs)
     if self.has_memory_positions:
       x = x + self.memory_position_embeddings(batch["src_tokens"].shape[1])[None]
     return constrain(x, ("batch", "length", "embed")), prefix_valid

@@ -3,8 +3,9 @@ grow: the patch projection's output outgrew the 2-D position embeddings in train
 model could not tell one background patch from another (docs/positions.md);
 model.patch_norm layer-normalises the patch features before the positions are added.
 
-In the encoder-decoder the encoder's own updates drowned them next, before the decoder's
-cross-attention read the encoder output; model.memory_positions adds them there again."""
+In the encoder-decoder the encoder's own updates drowned them next, and each patch's own
+features with them, before the decoder's cross-attention read the encoder output;
+model.memory_positions and model.memory_inputs add them there again."""
 
 import functools
 
@@ -18,10 +19,11 @@ from m6_jax import config as config_lib
 from m6_jax.model.m6 import M6, M6Config
 
 
-def _config(tiny_config, architecture, patch_norm=True, memory_positions=True):
+def _config(tiny_config, architecture, patch_norm=True, memory_positions=True, memory_inputs=True):
   tiny_config.model.architecture = architecture
   tiny_config.model.patch_norm = patch_norm
   tiny_config.model.memory_positions = memory_positions
+  tiny_config.model.memory_inputs = memory_inputs
   return M6Config.from_config(tiny_config)
 
 
@@ -122,7 +124,9 @@ def _patch_spread(model, params, cfg):
 def test_the_decoder_reads_the_patch_positions_however_large_the_encoder_updates_grow(
   tiny_config, memory_positions
 ):
-  cfg = _config(tiny_config, "encoder_decoder", memory_positions=memory_positions)
+  cfg = _config(  # memory_inputs off: the positions alone
+    tiny_config, "encoder_decoder", memory_positions=memory_positions, memory_inputs=False
+  )
   model, params = init_model(cfg)
   at_init, grown = (_patch_spread(model, p, cfg) for p in (params, _grown_encoder(params, 100.0)))
   if memory_positions:  # measured: 0.54 and 0.53
@@ -133,8 +137,40 @@ def test_the_decoder_reads_the_patch_positions_however_large_the_encoder_updates
     assert at_init < 0.05 and grown < 0.01, (at_init, grown)
 
 
-def test_a_config_saved_before_memory_positions_reads_them_off():
+def _locality(model, params, cfg):
+  """How much more the encoder output of the one patch whose pixels change (an object drawn
+  on a blank image) moves than that of the others, which see it only through attention."""
+  images = np.stack([np.full((cfg.image_size, cfg.image_size, 3), 0.9, np.float32)] * 2)
+  images[1] = _object_at(cfg, 0)
+  batch = {
+    "image": jnp.asarray(images),
+    "has_image": jnp.ones((2,), jnp.int32),
+    "src_tokens": jnp.asarray(np.tile(np.arange(5, 5 + cfg.src_len), (2, 1)), jnp.int32),
+  }
+  memory, _ = model.apply({"params": params}, batch, method=M6.encode)
+  moved = np.linalg.norm(np.asarray(memory[0] - memory[1]), axis=-1)[: cfg.num_patches]
+  return float(moved[0] / moved[1:].mean())
+
+
+@pytest.mark.parametrize("memory_inputs", [True, False])
+def test_the_decoder_reads_each_patch_however_large_the_encoder_updates_grow(
+  tiny_config, memory_inputs
+):
+  tiny_config.data.image_size = 48  # 9 patches: eight that the object is not in
+  cfg = _config(tiny_config, "encoder_decoder", memory_inputs=memory_inputs)
+  model, params = init_model(cfg)
+  grown = _locality(model, _grown_encoder(params, 100.0), cfg)
+  if memory_inputs:  # measured: 17
+    assert "memory_input_norm" in params
+    assert grown > 5, grown
+  else:  # the model as it was: the encoder's mixing leaves the patch hardly its own (1.4)
+    assert "memory_input_norm" not in params
+    assert grown < 2.5, grown
+
+
+@pytest.mark.parametrize("key", ["memory_positions", "memory_inputs"])
+def test_a_config_saved_before_the_memory_keys_reads_them_off(key):
   saved = config_lib.default_config().to_dict()
-  del saved["model"]["memory_positions"]
-  assert config_lib.merged_with_defaults(saved).model.memory_positions is False
-  assert config_lib.default_config().model.memory_positions is True
+  del saved["model"][key]
+  assert config_lib.merged_with_defaults(saved).model[key] is False
+  assert config_lib.default_config().model[key] is True
