@@ -106,16 +106,30 @@ def _grown_encoder(params, factor):
   return params
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(model, params, batch):
+  return model.apply({"params": params}, batch, method=M6.encode)[0]
+
+
+def _encoder_output(model, params, cfg, images):
+  """The encoder output [b, P + Ls, d] of float `images` [b, H, W, 3], the same text each."""
+  b = images.shape[0]
+  batch = {
+    "image": jnp.asarray(images),
+    "has_image": jnp.ones((b,), jnp.int32),
+    "src_tokens": jnp.asarray(np.tile(np.arange(5, 5 + cfg.src_len), (b, 1)), jnp.int32),
+  }
+  return np.asarray(_encode(model, params, batch))
+
+
+def _blank(cfg, n=1):
+  return np.full((n, cfg.image_size, cfg.image_size, 3), 0.9, np.float32)
+
+
 def _patch_spread(model, params, cfg):
   """How far apart the encoder outputs of the patches of a blank image are (mean distance
   to their mean over their mean norm): only their positions tell them apart."""
-  batch = {
-    "image": jnp.full((1, cfg.image_size, cfg.image_size, 3), 0.9),
-    "has_image": jnp.ones((1,), jnp.int32),
-    "src_tokens": jnp.asarray(np.arange(5, 5 + cfg.src_len)[None], jnp.int32),
-  }
-  memory, _ = model.apply({"params": params}, batch, method=M6.encode)
-  patches = np.asarray(memory[0, : cfg.num_patches])
+  patches = _encoder_output(model, params, cfg, _blank(cfg))[0, : cfg.num_patches]
   spread = np.linalg.norm(patches - patches.mean(0), axis=-1).mean()
   return float(spread / np.linalg.norm(patches, axis=-1).mean())
 
@@ -140,15 +154,10 @@ def test_the_decoder_reads_the_patch_positions_however_large_the_encoder_updates
 def _locality(model, params, cfg):
   """How much more the encoder output of the one patch whose pixels change (an object drawn
   on a blank image) moves than that of the others, which see it only through attention."""
-  images = np.stack([np.full((cfg.image_size, cfg.image_size, 3), 0.9, np.float32)] * 2)
+  images = _blank(cfg, 2)
   images[1] = _object_at(cfg, 0)
-  batch = {
-    "image": jnp.asarray(images),
-    "has_image": jnp.ones((2,), jnp.int32),
-    "src_tokens": jnp.asarray(np.tile(np.arange(5, 5 + cfg.src_len), (2, 1)), jnp.int32),
-  }
-  memory, _ = model.apply({"params": params}, batch, method=M6.encode)
-  moved = np.linalg.norm(np.asarray(memory[0] - memory[1]), axis=-1)[: cfg.num_patches]
+  memory = _encoder_output(model, params, cfg, images)
+  moved = np.linalg.norm(memory[0] - memory[1], axis=-1)[: cfg.num_patches]
   return float(moved[0] / moved[1:].mean())
 
 
