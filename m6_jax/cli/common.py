@@ -13,6 +13,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from m6_jax.data import synthetic
 from m6_jax.errors import exit_with, one_line
 
 CONFIG = config_flags.DEFINE_config_file(
@@ -27,6 +28,14 @@ WORKDIR = flags.DEFINE_string(
   None,
   "Directory for checkpoints, metrics.jsonl, TensorBoard events, the tokenizer and "
   "config.json; a workdir holding a checkpoint resumes from it (train) or is read from.",
+)
+
+EVAL_SPLIT = flags.DEFINE_enum(
+  "split",
+  "validation",
+  ["validation", synthetic.UNSEEN_SPLIT],
+  "--mode=eval / text_to_image_eval: the held-out split; unseen_combinations (synthetic world "
+  "only): scenes of (colour, shape, cell) combinations no training scene holds.",
 )
 
 # What config_flags raises: an unknown `--config.x.y` key, a wrong type, a failing config file.

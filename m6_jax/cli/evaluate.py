@@ -1,6 +1,7 @@
 """`--mode=eval`: held-out metrics of a checkpoint of --workdir, by its model family (M6:
 loss and accuracy per task, BLEU-4 / CIDEr-D, VQA accuracy, text exact match; a VQGAN: PSNR,
-codebook usage, perplexity). Writes <workdir>/eval_metrics.json(l) and TensorBoard scalars.
+codebook usage, perplexity). Writes <workdir>/eval_metrics.json(l) (eval_metrics_<split>.json(l)
+with --split) and TensorBoard scalars.
 """
 
 from __future__ import annotations
@@ -29,4 +30,5 @@ def run() -> None:
     best,
     NUM_EVAL_EXAMPLES.value,
     BASELINES.value,
+    common.EVAL_SPLIT.value,
   )

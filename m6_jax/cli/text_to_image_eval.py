@@ -81,9 +81,10 @@ def run() -> None:
     log=log,
     sampling=dict(temperature=TEMPERATURE.value, top_k=TOP_K.value, top_p=TOP_P.value),
     reference_images=REFERENCE_IMAGES.value,
+    split=common.EVAL_SPLIT.value,
   )
   print(text_to_image_eval.format_table(results["rows"]))
-  path = os.path.join(workdir, text_to_image_eval.RESULTS_FILE)
+  path = os.path.join(workdir, text_to_image_eval.results_file(common.EVAL_SPLIT.value))
   with open(path, "w", encoding="utf-8") as f:
     json.dump(results, f, indent=2, ensure_ascii=False)
   print(f"wrote {path}")

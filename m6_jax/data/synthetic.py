@@ -13,8 +13,13 @@ Everything is a pure function of ``(seed, index)``:
 
 With ``image_size=48`` each grid cell is 16x16 px, i.e. one cell is one 16 px image patch.
 
-Splits (train / validation / test) are disjoint ranges of ``index`` (see ``SPLIT_OFFSETS``),
-so the same ``seed`` gives three non-overlapping example streams.
+Splits (train / validation / test / unseen_combinations) are disjoint ranges of ``index``
+(see ``SPLIT_OFFSETS``), so the same ``seed`` gives non-overlapping example streams.
+
+Composition is tested by ``UNSEEN_COMBINATIONS``: nine (colour, shape, cell) combinations, one
+per cell, that no scene of train, validation or test holds (so no caption, question or answer
+of them names one), while every colour, shape and cell, and every (colour, shape) pair
+elsewhere, occurs. Every object of the ``unseen_combinations`` split is one of them.
 """
 
 from __future__ import annotations
@@ -110,8 +115,16 @@ QTYPES = ("color", "shape", "count", "position")
 
 # Index offsets that make the splits disjoint: example i of split s is world index
 # SPLIT_OFFSETS[s] + i. Splits are far apart so any realistic size fits.
-SPLIT_OFFSETS = {"train": 0, "validation": 1 << 40, "test": 2 << 40}
+SPLIT_OFFSETS = {"train": 0, "validation": 1 << 40, "test": 2 << 40, "unseen_combinations": 3 << 40}
 MAX_SPLIT_SIZE = 1 << 40
+UNSEEN_SPLIT = "unseen_combinations"
+
+# Cell k holds colour k mod 6 and shape 2k mod 5: each colour and each shape held out in one
+# or two cells, each (colour, shape) pair in at most one, so all of it is seen elsewhere.
+UNSEEN_COMBINATIONS = tuple(
+  (tuple(COLORS)[cell % len(COLORS)], SHAPES[2 * cell % len(SHAPES)], cell) for cell in range(9)
+)
+_UNSEEN_BY_CELL = {cell: (color, shape) for color, shape, cell in UNSEEN_COMBINATIONS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,21 +165,37 @@ def _rng(seed: int, index: int) -> np.random.Generator:
   return np.random.default_rng([int(seed), int(index)])
 
 
+def _is_unseen_split(index: int) -> bool:
+  return SPLIT_OFFSETS[UNSEEN_SPLIT] <= index < SPLIT_OFFSETS[UNSEEN_SPLIT] + MAX_SPLIT_SIZE
+
+
+def _place(color: str, shape: str, cell: int, unseen_split: bool) -> tuple[str, str]:
+  """The (colour, shape) drawn in ``cell``: the cell's unseen combination in the
+  unseen_combinations split; elsewhere the draw, with the colour moved on by one where the
+  draw is the cell's unseen combination (the random stream stays the same)."""
+  if unseen_split:
+    return _UNSEEN_BY_CELL[cell]
+  if (color, shape) == _UNSEEN_BY_CELL[cell]:
+    names = list(COLORS)
+    color = names[(names.index(color) + 1) % len(names)]
+  return color, shape
+
+
 def sample_scene(seed: int, index: int) -> Scene:
   """Samples the scene attributes for world index ``index``; depends only on (seed, index)."""
   rng = _rng(seed, index)
   num = int(rng.integers(1, MAX_OBJECTS + 1))
   cells = sorted(int(c) for c in rng.choice(9, size=num, replace=False))
   color_names = list(COLORS)
-  objects = tuple(
-    SceneObject(
-      shape=SHAPES[int(rng.integers(len(SHAPES)))],
-      color=color_names[int(rng.integers(len(color_names)))],
-      size=SIZES[int(rng.integers(len(SIZES)))],
-      cell=cell,
-    )
-    for cell in cells
-  )
+  unseen_split = _is_unseen_split(index)
+  objects = []
+  for cell in cells:
+    shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    color = color_names[int(rng.integers(len(color_names)))]
+    size = SIZES[int(rng.integers(len(SIZES)))]
+    color, shape = _place(color, shape, cell, unseen_split)
+    objects.append(SceneObject(shape=shape, color=color, size=size, cell=cell))
+  objects = tuple(objects)
   # A faint per-scene background tint: images differ even for identical object sets,
   # while shapes stay far from the background colour.
   background = tuple(int(v) for v in rng.integers(225, 256, size=3))

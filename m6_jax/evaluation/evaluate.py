@@ -80,10 +80,10 @@ def _sums_fn(model: M6) -> Callable:
   return jax.jit(sums)
 
 
-def task_losses(model: gen.LoadedModel) -> dict[str, float]:
-  """Teacher-forced loss and token accuracy per enabled task on the validation pipeline."""
+def task_losses(model: gen.LoadedModel, split: str = "validation") -> dict[str, float]:
+  """Teacher-forced loss and token accuracy per enabled task on the split's pipeline."""
   dataset = pipeline.make_dataset(
-    model.config, model.tokenizer, split="validation", process_index=0, process_count=1
+    model.config, model.tokenizer, split=split, process_index=0, process_count=1
   )
   fn, total = _sums_fn(model.model), None
   with model.mesh_context():
@@ -107,15 +107,19 @@ def task_losses(model: gen.LoadedModel) -> dict[str, float]:
 
 
 def evaluate(
-  model: gen.LoadedModel, num_examples: int = 0, generation: bool = True, batch_size: int = 64
+  model: gen.LoadedModel,
+  num_examples: int = 0,
+  generation: bool = True,
+  batch_size: int = 64,
+  split: str = "validation",
 ) -> dict[str, float]:
-  """All eval metrics of `model` (`num_examples` validation scenes for generation; 0: the
+  """All eval metrics of `model` on `split` (`num_examples` scenes for generation; 0: the
   config's data.num_eval_examples)."""
   start = time.perf_counter()
-  out = task_losses(model)
+  out = task_losses(model, split)
   if generation:
     n = int(num_examples) or int(model.config.data.num_eval_examples)
-    out.update(generation_metrics(model, held_out(model.config, n), batch_size))
+    out.update(generation_metrics(model, held_out(model.config, n, split), batch_size))
   out["eval_seconds"] = time.perf_counter() - start
   return out
 
@@ -172,19 +176,27 @@ def comparison_table(rows: dict[str, dict]) -> str:
   return "\n".join(lines)
 
 
-def write_results(workdir: str, result: dict[str, Any]) -> None:
-  """eval_metrics.json(l) and TensorBoard, from process 0 only (the workdir is shared)."""
+def results_path(workdir: str, split: str = "validation") -> str:
+  """eval_metrics.json (the validation split) or eval_metrics_<split>.json."""
+  name = "eval_metrics" if split == "validation" else f"eval_metrics_{split}"
+  return os.path.join(workdir, f"{name}.json")
+
+
+def write_results(workdir: str, result: dict[str, Any], split: str = "validation") -> None:
+  """eval_metrics[_<split>].json(l) and TensorBoard (eval/ or eval_<split>/), from process 0
+  only (the workdir is shared)."""
   if not multihost.is_primary():
     return
-  path = os.path.join(workdir, "eval_metrics.json")
+  path = results_path(workdir, split)
   with open(path + ".tmp", "w") as f:
     json.dump(result, f, indent=2, sort_keys=True)
   os.replace(path + ".tmp", path)
-  with open(os.path.join(workdir, "eval_metrics.jsonl"), "a") as f:
+  with open(path + "l", "a") as f:
     f.write(json.dumps(result, sort_keys=True) + "\n")
   tb = tensorboard.summary_writer(os.path.join(workdir, "tensorboard"))
+  prefix = "eval" if split == "validation" else f"eval_{split}"
   for name, value in result["metrics"].items():
-    tb.add_scalar(f"eval/{name}", value, result["step"])
+    tb.add_scalar(f"{prefix}/{name}", value, result["step"])
   tb.close()
 
 
@@ -195,18 +207,22 @@ def run_eval(
   best: bool = False,
   num_examples: int = 0,
   with_baselines: bool = False,
+  split: str = "validation",
 ) -> dict[str, Any]:
-  """--mode=eval: evaluates a checkpoint of `workdir`, writes and returns the results."""
+  """--mode=eval: evaluates a checkpoint of `workdir` on `split`, writes and returns the
+  results."""
   model = gen.load_model(workdir, step, config=config, best=best)
-  logging.info("Evaluating %s step %d", workdir, model.step)
+  held_out_lib.check_split(model.config, split)
+  logging.info("Evaluating %s step %d on the %s split", workdir, model.step, split)
   result: dict[str, Any] = {"step": model.step, "time": time.time(), "best": bool(best)}
-  result["metrics"] = evaluate(model, num_examples)
+  result["split"] = split
+  result["metrics"] = evaluate(model, num_examples, split=split)
   if with_baselines:
     untrained = gen.init_model(model.config, model.tokenizer, int(model.config.seed), model.mesh)
     n = int(num_examples) or int(model.config.data.num_eval_examples)
     result["baselines"] = {
-      "untrained": evaluate(untrained, num_examples),
-      "most_frequent": most_frequent_metrics(model.config, held_out(model.config, n)),
+      "untrained": evaluate(untrained, num_examples, split=split),
+      "most_frequent": most_frequent_metrics(model.config, held_out(model.config, n, split)),
     }
     table = comparison_table(
       {
@@ -217,12 +233,13 @@ def run_eval(
     )
     result["table"] = table
     print(table)
-  write_results(workdir, result)
+  write_results(workdir, result, split)
   m = result["metrics"]
   headline = [k for kind in eval_kinds.names() for k in eval_kinds.get(kind).headline]
   summary = ", ".join(f"{k} {m[k]:.2f}" for k in headline if k in m)
+  on = "" if split == "validation" else f" ({split} split)"
   print(
-    f"eval step {model.step}: {summary} (loss {m['loss']:.4f}); wrote "
-    f"{os.path.join(workdir, 'eval_metrics.json')}"
+    f"eval step {model.step}{on}: {summary} (loss {m['loss']:.4f}); wrote "
+    f"{results_path(workdir, split)}"
   )
   return result

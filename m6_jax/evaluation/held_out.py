@@ -42,9 +42,27 @@ class HeldOut:
     return len(self.items.get(kind, ()))
 
 
-def synthetic_held_out(config: ml_collections.ConfigDict, num_examples: int) -> HeldOut:
+# The splits --mode=eval reads: every data source has a validation split; the synthetic
+# world also the scenes of its unseen (colour, shape, cell) combinations.
+EVAL_SPLITS = ("validation", synthetic.UNSEEN_SPLIT)
+
+
+def check_split(config: ml_collections.ConfigDict, split: str) -> None:
+  """An EvaluationError unless the configured data has the eval split ``split``."""
+  if split not in EVAL_SPLITS:
+    raise EvaluationError(f"unknown eval split {split!r}; use one of {list(EVAL_SPLITS)}")
+  if split != "validation" and _has_records(config):
+    raise EvaluationError(
+      f"the {split} split is the synthetic world's; data.source="
+      f"{config.data.get('source')!r} is evaluated on its validation split"
+    )
+
+
+def synthetic_held_out(
+  config: ml_collections.ConfigDict, num_examples: int, split: str = "validation"
+) -> HeldOut:
   source = synthetic.SyntheticWorldSource(
-    int(config.seed), "validation", int(num_examples), int(config.data.image_size)
+    int(config.seed), split, int(num_examples), int(config.data.image_size)
   )
   kinds = [kind for kind, _ in eval_kinds.of_tasks().values()]
   h = HeldOut({kind.name: [] for kind in kinds})
@@ -153,11 +171,15 @@ def baseline_tables(config: ml_collections.ConfigDict) -> dict[str, dict]:
   return {kind: baselines.fit(p) for kind, p in pairs.items()}
 
 
-def held_out(config: ml_collections.ConfigDict, num_examples: int) -> HeldOut:
-  """The held-out generation inputs of the configured data (``num_examples`` images)."""
+def held_out(
+  config: ml_collections.ConfigDict, num_examples: int, split: str = "validation"
+) -> HeldOut:
+  """The held-out generation inputs of the configured data (``num_examples`` images of
+  ``split``, one of EVAL_SPLITS)."""
+  check_split(config, split)
   kind = config.data.get("source", "synthetic")
   if kind == "synthetic":
-    return synthetic_held_out(config, num_examples)
+    return synthetic_held_out(config, num_examples, split)
   if kind in splits.RECORD_SOURCES:
     return prepared_held_out(config, num_examples)
   raise EvaluationError(f"no held-out data for data.source={kind!r}")

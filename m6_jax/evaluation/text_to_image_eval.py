@@ -7,7 +7,9 @@ image can be checked against the scene it was asked for. The judge is the attrib
 classifier of m6_jax/evaluation/scene_judge.py (trained on rendered scenes, or loaded from
 --judge_dir); the scores are scene_scores.py's strict ones (an object counts as right in
 shape or colour only in its stated cell). For the first --num_prompts scenes of the
-validation split (captions alternate Chinese and English), the table shows:
+validation split, or with --split=unseen_combinations of the scenes made only of
+combinations no training scene holds (captions alternate Chinese and English), the table
+shows:
 
   * real images: the judge on the renders themselves, the ceiling;
   * VQGAN reconstructions: encode -> decode of the renders, the ceiling of anything decoded
@@ -20,7 +22,8 @@ Each row also has a Fréchet distance between the judge's features of its images
 of --reference_images real images of other held-out scenes (our own domain metric on the
 judge's 288 features, not COCO FID; its floor, real vs real at the row's sample size, is
 the first row's). A large reference leaves only the row's own sampling noise. The table is
-printed and written, with the settings and timings, to <workdir>/text_to_image_eval.json.
+printed and written, with the settings and timings, to <workdir>/text_to_image_eval.json
+(text_to_image_eval_<split>.json for another split).
 """
 
 from __future__ import annotations
@@ -39,9 +42,15 @@ RESULTS_FILE = "text_to_image_eval.json"
 SCORES = ("position", "shape", "color", "size", "count", "all_correct")
 
 
-def held_out(seed: int, num: int, image_size: int) -> tuple[list[synthetic.Scene], list[str]]:
-  """The first `num` validation scenes and their captions (even: Chinese, odd: English)."""
-  scenes = scene_scores.world_scenes(seed, "validation", num)
+def results_file(split: str = "validation") -> str:
+  return RESULTS_FILE if split == "validation" else f"text_to_image_eval_{split}.json"
+
+
+def held_out(
+  seed: int, num: int, image_size: int, split: str = "validation"
+) -> tuple[list[synthetic.Scene], list[str]]:
+  """The first `num` scenes of `split` and their captions (even: Chinese, odd: English)."""
+  scenes = scene_scores.world_scenes(seed, split, num)
   captions = [
     synthetic.caption_zh(s) if i % 2 == 0 else synthetic.caption_en(s) for i, s in enumerate(scenes)
   ]
@@ -96,8 +105,10 @@ def evaluate(
   image_tokenizer=None,
   sampling: dict | None = None,
   reference_images: int = 1000,
+  split: str = "validation",
 ) -> dict[str, Any]:
-  """{row name: scores} for the model of `workdir` (see the module docstring); the VQGAN is
+  """{row name: scores} for the model of `workdir` on the scenes of `split` (validation or
+  unseen_combinations; see the module docstring); the VQGAN is
   `image_tokenizer` when given, else loaded from `vqgan_workdir` or the model's codes;
   `sampling` holds temperature / top_k / top_p for `text_to_image.sample_codes`."""
   from m6_jax.infer import generate as gen
@@ -109,10 +120,10 @@ def evaluate(
   )
   t2i.check_image_tokenizer(vqgan, model.config.model, vqgan_workdir or "the model's codes")
   world_seed, size = int(model.config.seed), int(model.config.data.image_size)
-  scenes, captions = held_out(world_seed, num_prompts, size)
+  scenes, captions = held_out(world_seed, num_prompts, size, split)
   real = scene_scores.render(scenes, size)
-  # The Fréchet reference: real images of the next reference_images held-out scenes.
-  others = scene_scores.world_scenes(world_seed, "validation", num_prompts + reference_images)
+  # The Fréchet reference: real images of the split's next reference_images scenes.
+  others = scene_scores.world_scenes(world_seed, split, num_prompts + reference_images)
   others = others[num_prompts:]
   reference = judge.features(scene_scores.render(others, size))
   rows: dict[str, dict] = {}
@@ -133,6 +144,7 @@ def evaluate(
   return {
     "workdir": os.path.abspath(workdir),
     "step": model.step,
+    "split": split,
     "num_prompts": num_prompts,
     "guidance_scales": list(guidance_scales),
     "rerank": rerank,

@@ -159,3 +159,39 @@ def test_corpus_text_covers_all_texts():
   delimited = list(S.iter_corpus_text(0, 3, zh_word_delimiter="\t"))
   assert [t.replace("\t", "") for t in delimited] == texts
   assert any("\t" in t for t in delimited)
+
+
+def test_no_seen_split_holds_an_unseen_combination_and_the_unseen_split_holds_only_them():
+  unseen = set(S.UNSEEN_COMBINATIONS)
+  assert len(unseen) == 9 and {cell for _, _, cell in unseen} == set(range(9))
+  seen_triples, seen_pairs = set(), set()
+  for split in ("train", "validation", "test"):
+    for i in range(3000 if split == "train" else 500):
+      for o in S.sample_scene(0, S.split_index(split, i)).objects:
+        seen_triples.add((o.color, o.shape, o.cell))
+        seen_pairs.add((o.color, o.shape))
+  assert not seen_triples & unseen
+  # Everything else is seen: each of the 270 - 9 other triples, so every pair and cell too.
+  assert len(seen_triples) == len(S.COLORS) * len(S.SHAPES) * 9 - len(unseen)
+  assert {(c, s) for c, s, _ in unseen} <= seen_pairs
+  train = [S.scene_texts(S.sample_scene(0, S.split_index("train", i))) for i in range(3000)]
+  captions = " ".join(t["caption_en"] for t in train)
+  answers = {(q["question"], q["answer"]) for t in train for q in t["qa"]}
+
+  def caption_phrase(o):  # ends where the object's phrase ends, "top" never "top left"
+    return (
+      re.escape(f"{o['color']} {o['shape']} {S.CELL_PHRASE_EN[o['cell_name']]}") + "(?= and|[,.])"
+    )
+
+  sizes = set()
+  for i in range(200):
+    ex = S.make_example(0, S.split_index(S.UNSEEN_SPLIT, i))
+    for o in ex["objects"]:
+      assert (o["color"], o["shape"], o["cell"]) in unseen, o
+      sizes.add(o["size"])
+      assert re.search(caption_phrase(o), ex["caption_en"]), ex["caption_en"]
+      assert not re.search(caption_phrase(o), captions)
+      where = (f"where is the {o['color']} {o['shape']}?", o["cell_name"])
+      assert where not in answers
+  assert sizes == set(S.SIZES)
+  assert S.SyntheticWorldSource(0, S.UNSEEN_SPLIT, 3)[0]["objects"][0]["cell"] >= 0

@@ -9,6 +9,7 @@ import re
 import shutil
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
@@ -22,6 +23,7 @@ from m6_jax.data import synthetic
 from m6_jax.data import tokenizer as tokenizer_lib
 from m6_jax.errors import DamagedCheckpoint, UserError
 from m6_jax.evaluation import evaluate
+from m6_jax.evaluation import held_out as held_out_lib
 from m6_jax.infer import decoding, generate
 from m6_jax.parallel import partitioning
 from m6_jax.train import loop
@@ -312,6 +314,26 @@ def test_eval_mode_writes_metrics_json(workdir, caplog):
   assert set(saved["baselines"]) == {"untrained", "most_frequent"}
   assert "| most frequent answer / caption |" in result["table"]
   assert os.listdir(os.path.join(workdir, "tensorboard"))
+
+
+@pytest.mark.slow
+def test_eval_mode_on_the_unseen_combinations_split(workdir):
+  before = open(os.path.join(workdir, "eval_metrics.json")).read()
+  result = evaluate.run_eval(workdir, num_examples=2, split=synthetic.UNSEEN_SPLIT)
+  with open(os.path.join(workdir, "eval_metrics_unseen_combinations.json")) as f:
+    saved = json.load(f)
+  assert saved["split"] == result["split"] == synthetic.UNSEEN_SPLIT
+  assert {"bleu4", "vqa_accuracy", "image_to_text_loss"} <= set(saved["metrics"])
+  assert open(os.path.join(workdir, "eval_metrics.json")).read() == before  # not overwritten
+  # Its captions are the unseen split's: the references name its combinations.
+  captions = held_out_lib.held_out(default_config(), 2, synthetic.UNSEEN_SPLIT)
+  first = synthetic.sample_scene(0, synthetic.split_index(synthetic.UNSEEN_SPLIT, 0)).objects[0]
+  assert (first.color, first.shape, first.cell) in synthetic.UNSEEN_COMBINATIONS
+  refs = [r for it in captions.items["caption"] for r in it.refs["en"]]
+  assert any(f"{first.color} {first.shape}" in r for r in refs), refs
+  tfds = ml_collections.ConfigDict({"data": {"source": "tfds"}})
+  with pytest.raises(evaluate.EvaluationError, match="synthetic world's"):
+    held_out_lib.check_split(tfds, synthetic.UNSEEN_SPLIT)
 
 
 def _scenes(n):

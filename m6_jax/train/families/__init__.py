@@ -68,6 +68,7 @@ class Family(Protocol):
     best: bool,
     num_examples: int,
     with_baselines: bool,
+    split: str = "validation",
   ) -> dict[str, Any]: ...
 
 

@@ -71,7 +71,9 @@ class M6Family:
     return evaluate.PeriodicEvaluator(self.config, workdir)
 
   @staticmethod
-  def run_eval(workdir, step, config, best, num_examples, with_baselines) -> dict[str, Any]:
+  def run_eval(
+    workdir, step, config, best, num_examples, with_baselines, split="validation"
+  ) -> dict[str, Any]:
     from m6_jax.evaluation import evaluate
 
-    return evaluate.run_eval(workdir, step, config, best, num_examples, with_baselines)
+    return evaluate.run_eval(workdir, step, config, best, num_examples, with_baselines, split)

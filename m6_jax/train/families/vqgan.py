@@ -63,9 +63,13 @@ class VQGANFamily:
     return vqgan_eval.PeriodicEvaluator(self.config, workdir)
 
   @staticmethod
-  def run_eval(workdir, step, config, best, num_examples, with_baselines) -> dict[str, Any]:
+  def run_eval(
+    workdir, step, config, best, num_examples, with_baselines, split="validation"
+  ) -> dict[str, Any]:
     from m6_jax.evaluation import vqgan_eval
 
-    if num_examples or with_baselines:
-      logging.warning("--num_eval_examples and --baselines apply to M6 models, not a VQGAN.")
+    if num_examples or with_baselines or split != "validation":
+      logging.warning(
+        "--num_eval_examples, --baselines and --split apply to M6 models, not a VQGAN."
+      )
     return vqgan_eval.run_eval(workdir, step, config, best)
