@@ -25,7 +25,8 @@ elsewhere, occurs. Every object of the ``unseen_combinations`` split is one of t
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator
+import re
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -291,6 +292,38 @@ def caption_en(scene: Scene) -> str:
 def caption_zh(scene: Scene, sep: str = "") -> str:
   """Chinese caption; ``sep`` is put between words (only used to train the tokenizer)."""
   return sep.join([f"{sep}，{sep}".join(_describe_zh(o, sep) for o in scene.objects), "。"])
+
+
+# Each attribute's words in either language, longest first so "top left" wins over "top".
+def _words(*tables: Mapping[str, str]) -> list[tuple[str, str]]:
+  pairs = [(word, value) for table in tables for value, word in table.items()]
+  return sorted(pairs, key=lambda pair: -len(pair[0]))
+
+
+_READ_WORDS = {
+  "size": _words({s: s for s in SIZES}, SIZES_ZH),
+  "color": _words({c: c for c in COLORS}, COLORS_ZH),
+  "shape": _words({s: s for s in SHAPES}, SHAPES_ZH),
+  "cell": _words({c: c for c in CELLS}, CELLS_ZH),
+}
+
+
+def read_caption(text: str) -> list[dict[str, Any]]:
+  """The objects a caption in the world's grammar describes, in order: one dict per
+  description ("a large red circle at the top left", "左上角有一个大的红色圆形") with its
+  ``size``, ``color``, ``shape`` and ``cell`` (index), None for what the description does
+  not say. Reads English, Chinese or a mix (evaluation reads generated captions with it)."""
+  # A decoder may put spaces between Chinese pieces: drop whitespace next to a Han character.
+  text = re.sub(r"\s+(?=[\u4e00-\u9fff，。])|(?<=[\u4e00-\u9fff，。])\s+", "", text)
+  objects = []
+  for clause in re.split(r",|，| and |。|\.", text):
+    found: dict[str, Any] = {}
+    for attribute, words in _READ_WORDS.items():
+      found[attribute] = next((value for word, value in words if word in clause), None)
+    if any(v is not None for v in found.values()):
+      found["cell"] = None if found["cell"] is None else CELLS.index(found["cell"])
+      objects.append(found)
+  return objects
 
 
 def _unique(objects, key) -> dict:

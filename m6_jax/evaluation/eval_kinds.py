@@ -30,11 +30,12 @@ from typing import Any, Callable, Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from m6_jax.data import fields, scripts, tasks
+from m6_jax.data import fields, scripts, synthetic, tasks
 from m6_jax.errors import EvaluationError
-from m6_jax.evaluation import metrics
+from m6_jax.evaluation import metrics, scene_scores
 
 LANGS = scripts.LANGUAGES
+OBJECTS = "objects"  # a synthetic caption item's scene objects, beside its references
 
 # A prepared dataset's record as eval kinds read it: "image_key" and every field's columns.
 Record = Mapping[str, str]
@@ -237,7 +238,11 @@ register(
 
 
 def _caption_from_example(ex: dict, i: int) -> list[Item]:
-  return [Item(ex["image"], "", {lang: [ex[f"caption_{lang}"]] for lang in LANGS})]
+  objects = tuple(
+    synthetic.SceneObject(o["shape"], o["color"], o["size"], o["cell"]) for o in ex["objects"]
+  )
+  refs = {lang: [ex[f"caption_{lang}"]] for lang in LANGS}
+  return [Item(ex["image"], "", {**refs, OBJECTS: objects})]
 
 
 def _caption_groups(records, num_images: int) -> dict[Hashable, list[str]]:
@@ -267,7 +272,7 @@ def caption_scores(items: Sequence[Item], captions: Sequence[str]) -> dict[str, 
   langs = []
   for caption, item in zip(captions, items):
     lang = language(caption)
-    langs.append(lang if lang in item.refs else next(iter(item.refs)))
+    langs.append(lang if lang in item.refs else _caption_langs(item)[0])
   weighted_bleu = weighted_cider = 0.0
   for lang in LANGS:
     rows = [i for i, l in enumerate(langs) if l == lang]
@@ -282,7 +287,28 @@ def caption_scores(items: Sequence[Item], captions: Sequence[str]) -> dict[str, 
   out["bleu4"] = weighted_bleu / len(captions)
   out["cider"] = weighted_cider / len(captions)
   out["num_caption_inputs"] = len(captions)
+  if all(OBJECTS in item.refs for item in items):
+    out.update(caption_object_scores(items, captions))
   return out
+
+
+def _caption_langs(item: Item) -> list[str]:
+  return [lang for lang in item.refs if lang in LANGS]
+
+
+def caption_object_scores(items: Sequence[Item], captions: Sequence[str]) -> dict[str, float]:
+  """For the synthetic world's scenes: what the captions say, read by the world's grammar,
+  scored as text-to-image images are (m6_jax/evaluation/scene_scores.py), in percent.
+  Per object, at its cell: ``caption_position`` (the caption describes that cell),
+  ``caption_shape`` / ``caption_color`` / ``caption_size`` (and names it right there); per
+  caption: ``caption_count`` (as many places described as objects) and
+  ``caption_all_correct`` (every object right, nothing else)."""
+  readings = scene_scores.caption_readings(captions)
+  scores = scene_scores.score_predictions(readings, [item.refs[OBJECTS] for item in items])
+  return {
+    f"caption_{name}": 100.0 * scores[name]
+    for name in scene_scores.OBJECT_SCORES + scene_scores.IMAGE_SCORES
+  }
 
 
 register(
@@ -293,15 +319,15 @@ register(
     from_records=_caption_from_records,
     score=caption_scores,
     metrics=("bleu4", "cider", "num_caption_inputs"),
-    prefixes=("bleu4_", "cider_", "captions_"),
+    prefixes=("bleu4_", "cider_", "captions_", "caption_"),
     # The caption seen most often per language; an image gets that of its references' first.
     baseline=Baseline(
       example_pairs=lambda ex: [(lang, ex[f"caption_{lang}"]) for lang in LANGS],
       record_pairs=lambda r: [(language(r["caption"]), r["caption"])] if r["caption"] else [],
-      key=lambda it: next(iter(it.refs)),
+      key=lambda it: _caption_langs(it)[0],
     ),
     headline=("bleu4", "cider"),
-    details=("bleu4_en", "bleu4_zh", "cider_en", "cider_zh"),
+    details=("bleu4_en", "bleu4_zh", "cider_en", "cider_zh", "caption_all_correct"),
   )
 )
 

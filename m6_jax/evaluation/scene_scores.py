@@ -31,20 +31,49 @@ from m6_jax.errors import EvaluationError
 
 NUM_CELLS = 9
 EMPTY = 0  # shape class 0 is an empty cell; class k + 1 is synthetic.SHAPES[k]
+UNREAD = -1  # an occupied cell whose attribute a caption does not state: never right
 COLOR_NAMES = tuple(synthetic.COLORS)
 OBJECT_SCORES = ("position", "shape", "color", "size")
 IMAGE_SCORES = ("count", "all_correct")
+Objects = Sequence[synthetic.SceneObject]
 
 
-def scene_targets(scenes: Sequence[synthetic.Scene]) -> dict[str, np.ndarray]:
+def scene_targets(scenes: Sequence[synthetic.Scene | Objects]) -> dict[str, np.ndarray]:
   """The truth per cell, int32 [b, 9] each: ``shape`` (EMPTY or 1 + index in SHAPES),
-  ``color`` (index in COLORS) and ``size`` (index in SIZES); 0 where a cell is empty."""
+  ``color`` (index in COLORS) and ``size`` (index in SIZES); 0 where a cell is empty.
+  A scene may be given as its objects alone (all that scoring reads of it)."""
   out = {k: np.zeros((len(scenes), NUM_CELLS), np.int32) for k in ("shape", "color", "size")}
   for i, scene in enumerate(scenes):
-    for o in scene.objects:
+    for o in getattr(scene, "objects", scene):
       out["shape"][i, o.cell] = 1 + synthetic.SHAPES.index(o.shape)
       out["color"][i, o.cell] = COLOR_NAMES.index(o.color)
       out["size"][i, o.cell] = synthetic.SIZES.index(o.size)
+  return out
+
+
+def caption_readings(captions: Sequence[str]) -> dict[str, np.ndarray]:
+  """What captions say, as the judge's per-cell predictions (``synthetic.read_caption``):
+  each description that names a cell occupies it with its shape, colour and size; a word it
+  lacks (or a second description of the same cell) reads as UNREAD, which matches nothing.
+  ``score_predictions`` of these against the scenes scores captions as images are scored."""
+  out = {k: np.zeros((len(captions), NUM_CELLS), np.int32) for k in ("shape", "color", "size")}
+  for i, caption in enumerate(captions):
+    described = set()
+    for d in synthetic.read_caption(caption):
+      cell = d["cell"]
+      if cell is None:
+        continue
+      twice = cell in described
+      described.add(cell)
+      out["shape"][i, cell] = (
+        UNREAD if twice or d["shape"] is None else 1 + synthetic.SHAPES.index(d["shape"])
+      )
+      out["color"][i, cell] = (
+        UNREAD if twice or d["color"] is None else COLOR_NAMES.index(d["color"])
+      )
+      out["size"][i, cell] = (
+        UNREAD if twice or d["size"] is None else synthetic.SIZES.index(d["size"])
+      )
   return out
 
 

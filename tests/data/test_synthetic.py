@@ -195,3 +195,22 @@ def test_no_seen_split_holds_an_unseen_combination_and_the_unseen_split_holds_on
       assert where not in answers
   assert sizes == set(S.SIZES)
   assert S.SyntheticWorldSource(0, S.UNSEEN_SPLIT, 3)[0]["objects"][0]["cell"] >= 0
+
+
+def test_read_caption_reads_back_every_caption_of_the_world():
+  for index in range(300):
+    scene = S.sample_scene(3, index)
+    truth = [dict(size=o.size, color=o.color, shape=o.shape, cell=o.cell) for o in scene.objects]
+    assert S.read_caption(S.caption_en(scene)) == truth
+    assert S.read_caption(S.caption_zh(scene)) == truth
+    assert S.read_caption(S.caption_zh(scene, sep=" ")) == truth  # spaced pieces
+
+
+def test_read_caption_leaves_unsaid_attributes_empty():
+  assert S.read_caption("a red star.") == [dict(size=None, color="red", shape="star", cell=None)]
+  # "top left" is one place, not "top" and "left"; a half-Chinese caption reads both halves.
+  assert S.read_caption("triangle at the top left，右下角有一个大的蓝色三角形") == [
+    dict(size=None, color=None, shape="triangle", cell=0),
+    dict(size="large", color="blue", shape="triangle", cell=8),
+  ]
+  assert S.read_caption("nothing here.") == []
