@@ -92,6 +92,7 @@ def command(run: Run, stage, directory: str, distributed: bool = False) -> list[
     cmd += [f"--config.{k}={format_value(v)}" for k, v in run.stage_overrides(stage).items()]
   else:
     cmd += ["--mode=eval", f"--workdir={os.path.join(directory, stage.of)}", *stage.args]
+    cmd += [f"--split={stage.split}"] if stage.split != "validation" else []
   return cmd + (["--distributed"] if distributed else [])
 
 
@@ -129,8 +130,8 @@ def _locked(directory: str, say: Callable[[str], None]) -> Iterator[int]:
 def _stage_complete(stage, directory: str) -> tuple[bool, str]:
   """Whether a stage that exited 0 got to its end (a SIGTERM'd training also exits 0)."""
   if isinstance(stage, Eval):
-    ok = os.path.exists(os.path.join(directory, stage.of, "eval_metrics.json"))
-    return ok, "" if ok else "no eval_metrics.json"
+    ok = os.path.exists(os.path.join(directory, stage.of, stage.metrics_file))
+    return ok, "" if ok else f"no {stage.metrics_file}"
   workdir = os.path.join(directory, stage.name)
   with open(os.path.join(workdir, "config.json")) as f:
     steps = json.load(f)["train"]["steps"]

@@ -70,7 +70,7 @@ def final_metrics(run: Run, directory: str) -> dict[str, float]:
       last = records[-1] if records else {}
       values = {k: v for k, v in last.items() if k not in NOT_RESULTS}
     else:
-      with open(os.path.join(directory, stage.of, "eval_metrics.json")) as f:
+      with open(os.path.join(directory, stage.of, stage.metrics_file)) as f:
         values = json.load(f)["metrics"]
     out.update(
       {

@@ -41,19 +41,28 @@ class Train:
 
 @dataclasses.dataclass(frozen=True)
 class Eval:
-  """`python -m m6_jax.main --mode=eval --workdir=<run>/<of> <args>`: held-out metrics of the
-  train stage `of` (eval_metrics.json in its workdir)."""
+  """`python -m m6_jax.main --mode=eval --workdir=<run>/<of> [--split=<split>] <args>`:
+  held-out metrics of the train stage `of` (eval_metrics.json in its workdir, or
+  eval_metrics_<split>.json for another split than the validation split)."""
 
   name: str
   of: str
   args: tuple[str, ...] = ()
+  split: str = "validation"
+
+  @property
+  def metrics_file(self) -> str:
+    return "eval_metrics.json" if self.split == "validation" else f"eval_metrics_{self.split}.json"
 
 
 Stage = Train | Eval
 
 
 def stage_dict(stage: Stage) -> dict[str, Any]:
-  return {"kind": type(stage).__name__.lower(), **dataclasses.asdict(stage)}
+  d = {"kind": type(stage).__name__.lower(), **dataclasses.asdict(stage)}
+  if d.get("split") == "validation":  # the default: run ids of sweeps from before it stay
+    del d["split"]
+  return d
 
 
 def stage_from_dict(d: Mapping[str, Any]) -> Stage:
@@ -184,9 +193,9 @@ def _stages(module, path: str) -> tuple[Stage, ...]:
         f"train stage ({', '.join(trains) or 'none'})"
       )
     names.append(s.name)
-  evaluated = [s.of for s in stages if isinstance(s, Eval)]
-  if len(set(evaluated)) != len(evaluated):  # each writes <of>/eval_metrics.json
-    raise SweepError(f"sweep file {path}: two eval stages of one train stage")
+  evaluated = [(s.of, s.split) for s in stages if isinstance(s, Eval)]
+  if len(set(evaluated)) != len(evaluated):  # each writes <of>/<its metrics_file>
+    raise SweepError(f"sweep file {path}: two eval stages of one train stage on one split")
   return stages
 
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from experiments.sweeps import hyper, results, run, spec
+from experiments.sweeps import execute, hyper, results, run, spec
 
 
 def test_product_and_zip_combine_points_like_big_vision():
@@ -33,9 +33,29 @@ def test_run_ids_hash_the_overrides_and_stages():
   assert spec.Run.from_dict(a.to_dict()) == a
 
 
+def test_an_eval_stage_of_another_split_reads_its_own_metrics_file():
+  validation, unseen = spec.Eval("e", of="train"), spec.Eval("u", of="train", split="unseen")
+  assert (validation.metrics_file, unseen.metrics_file) == (
+    "eval_metrics.json",
+    "eval_metrics_unseen.json",
+  )
+  stages = (spec.Train("train", "configs/base.py"), validation, unseen)
+  run_ = spec.Run({"seed": 0}, stages)
+  assert execute.command(run_, unseen, "/r")[-1] == "--split=unseen"
+  assert "--split=validation" not in execute.command(run_, validation, "/r")
+  # The default split is left out of the stage's record: run ids from before it stay.
+  assert "split" not in spec.stage_dict(validation)
+  assert spec.Run.from_dict(run_.to_dict()) == run_
+
+
 @pytest.mark.parametrize(
   "name, runs, configurations",
-  [("base_seeds", 3, 1), ("vqa_seeds", 3, 1), ("lr_warmup_grid", 18, 9)],
+  [
+    ("base_seeds", 3, 1),
+    ("vqa_seeds", 3, 1),
+    ("vqa_seeds_encoder_decoder", 3, 1),
+    ("lr_warmup_grid", 18, 9),
+  ],
 )
 def test_shipped_sweeps_load(name, runs, configurations):
   sweep = spec.load(f"experiments/sweeps/{name}.py")
