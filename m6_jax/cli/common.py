@@ -13,7 +13,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from m6_jax.data import synthetic
+from m6_jax.data import drawings, synthetic
 from m6_jax.errors import exit_with, one_line
 
 CONFIG = config_flags.DEFINE_config_file(
@@ -33,9 +33,11 @@ WORKDIR = flags.DEFINE_string(
 EVAL_SPLIT = flags.DEFINE_enum(
   "split",
   "validation",
-  ["validation", synthetic.UNSEEN_SPLIT],
+  ["validation", synthetic.UNSEEN_SPLIT, drawings.SPLIT],
   "--mode=eval / text_to_image_eval: the held-out split; unseen_combinations (synthetic world "
-  "only): scenes of (colour, shape, cell) combinations no training scene holds.",
+  "only): scenes of (colour, shape, cell) combinations no training scene holds; drawings "
+  "(--mode=eval on the synthetic world only): one object drawn as in an image editor, of "
+  "any size, place, canvas and grey, some saved as JPEG.",
 )
 
 # What config_flags raises: an unknown `--config.x.y` key, a wrong type, a failing config file.

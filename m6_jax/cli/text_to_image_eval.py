@@ -15,6 +15,7 @@ import os
 from absl import flags
 
 from m6_jax.cli import common
+from m6_jax.data import drawings
 from m6_jax.errors import exit_with
 
 JUDGE_DIR = flags.DEFINE_string(
@@ -63,6 +64,11 @@ def run() -> None:
     exit_with("--rerank must be >= 0 (0: no reranking) and --batch_size >= 1.")
   if TEMPERATURE.value <= 0 or TOP_K.value < 0 or not 0 < TOP_P.value <= 1:
     exit_with("--temperature must be > 0, --top_k >= 0 (0: off) and --top_p in (0, 1].")
+  if common.EVAL_SPLIT.value == drawings.SPLIT:
+    exit_with(
+      "--split=drawings holds images to caption and question (--mode=eval); text-to-image "
+      "evaluation prompts with the captions of validation or unseen_combinations."
+    )
   if not os.path.isdir(workdir):
     exit_with(f"--workdir={workdir} does not exist; train a text-to-image model there first.")
   from m6_jax.evaluation import scene_judge, text_to_image_eval

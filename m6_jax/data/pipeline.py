@@ -97,9 +97,9 @@ from typing import Any, Callable, Mapping
 import grain
 import numpy as np
 
-from m6_jax.data import image_codes, shard_source, splits, streams, synthetic, tasks
+from m6_jax.data import drawings, image_codes, shard_source, splits, streams, synthetic, tasks
 
-SPLITS = ("train", "validation", "test", synthetic.UNSEEN_SPLIT)
+SPLITS = ("train", "validation", "test", synthetic.UNSEEN_SPLIT, drawings.SPLIT)
 
 
 def _get(cfg, name: str, default: Any) -> Any:

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
-from m6_jax.data import synthetic
+from m6_jax.data import drawings, synthetic
 
 SOURCES = ("synthetic", "tfds", "shards")
 # The sources whose records carry their own texts (not regenerated from a seed).
@@ -31,6 +31,8 @@ def split_source(config, split: str, max_records: int | None = None):
   kind = data.get("source", "synthetic")
   if kind == "synthetic":
     size = data.num_train_examples if split == "train" else data.num_eval_examples
+    if split == drawings.SPLIT:
+      return drawings.DrawingsSource(seed, int(size), image_size)
     return synthetic.SyntheticWorldSource(seed, split, int(size), image_size)
   if kind == "shards":
     from m6_jax.data import shard_source

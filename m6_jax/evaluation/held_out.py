@@ -26,7 +26,7 @@ import dataclasses
 
 import ml_collections
 
-from m6_jax.data import splits, synthetic
+from m6_jax.data import drawings, splits, synthetic
 from m6_jax.errors import ConfigError, EvaluationError
 from m6_jax.evaluation import baselines, eval_kinds
 from m6_jax.evaluation.eval_kinds import Item
@@ -43,8 +43,9 @@ class HeldOut:
 
 
 # The splits --mode=eval reads: every data source has a validation split; the synthetic
-# world also the scenes of its unseen (colour, shape, cell) combinations.
-EVAL_SPLITS = ("validation", synthetic.UNSEEN_SPLIT)
+# world also the scenes of its unseen (colour, shape, cell) combinations and held-out
+# drawings of its vocabulary (m6_jax/data/drawings.py).
+EVAL_SPLITS = ("validation", synthetic.UNSEEN_SPLIT, drawings.SPLIT)
 
 
 def check_split(config: ml_collections.ConfigDict, split: str) -> None:
@@ -61,9 +62,11 @@ def check_split(config: ml_collections.ConfigDict, split: str) -> None:
 def synthetic_held_out(
   config: ml_collections.ConfigDict, num_examples: int, split: str = "validation"
 ) -> HeldOut:
-  source = synthetic.SyntheticWorldSource(
-    int(config.seed), split, int(num_examples), int(config.data.image_size)
-  )
+  seed, size = int(config.seed), int(config.data.image_size)
+  if split == drawings.SPLIT:
+    source = drawings.DrawingsSource(seed, int(num_examples), size)
+  else:
+    source = synthetic.SyntheticWorldSource(seed, split, int(num_examples), size)
   kinds = [kind for kind, _ in eval_kinds.of_tasks().values()]
   h = HeldOut({kind.name: [] for kind in kinds})
   for i in range(len(source)):

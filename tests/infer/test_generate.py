@@ -18,8 +18,8 @@ from testing_utils import DAMAGE, LIBRARY_NOISE, damage_step, warnings_and_noise
 
 from m6_jax.checkpoint import checkpoints
 from m6_jax.config import ConfigError, default_config
+from m6_jax.data import drawings, synthetic
 from m6_jax.data import images as images_lib
-from m6_jax.data import synthetic
 from m6_jax.data import tokenizer as tokenizer_lib
 from m6_jax.errors import DamagedCheckpoint, UserError
 from m6_jax.evaluation import evaluate
@@ -317,7 +317,7 @@ def test_eval_mode_writes_metrics_json(workdir, caplog):
 
 
 @pytest.mark.slow
-def test_eval_mode_on_the_unseen_combinations_split(workdir):
+def test_eval_mode_on_the_unseen_combinations_and_drawings_splits(workdir):
   before = open(os.path.join(workdir, "eval_metrics.json")).read()
   result = evaluate.run_eval(workdir, num_examples=2, split=synthetic.UNSEEN_SPLIT)
   with open(os.path.join(workdir, "eval_metrics_unseen_combinations.json")) as f:
@@ -334,6 +334,15 @@ def test_eval_mode_on_the_unseen_combinations_split(workdir):
   tfds = ml_collections.ConfigDict({"data": {"source": "tfds"}})
   with pytest.raises(evaluate.EvaluationError, match="synthetic world's"):
     held_out_lib.check_split(tfds, synthetic.UNSEEN_SPLIT)
+  # The drawings: their own file, their captions scored by what they say.
+  evaluate.run_eval(workdir, num_examples=2, split=drawings.SPLIT)
+  with open(os.path.join(workdir, "eval_metrics_drawings.json")) as f:
+    metrics = json.load(f)["metrics"]
+  assert {"caption_color", "caption_all_correct", "vqa_accuracy_position"} <= set(metrics)
+  drawn = held_out_lib.held_out(default_config(), 2, drawings.SPLIT).items["caption"]
+  assert [it.refs["en"] for it in drawn] == [
+    [drawings.make_example(0, i)["caption_en"]] for i in range(2)
+  ]
 
 
 def _scenes(n):
