@@ -146,6 +146,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.bucket_window = 0
   c.data.num_train_examples = 20000
   c.data.num_eval_examples = 512
+  # The synthetic world's scenes drawn in varied looks (m6_jax/data/synthetic.py,
+  # sample_look): any offset in their cell, sizes up to the whole image for a lone object,
+  # each colour name's range of hues, white / tinted / grey backgrounds, canvases resized,
+  # aliased edges, JPEG. The texts are the same; so are the validation split's looks.
+  c.data.world_variety = False
   # Comma-separated importable modules that register tasks (and their record fields and eval
   # kinds) beyond the built-in ones, imported before a config is built or checked
   # (m6_jax/data/task_modules.py, docs/tasks.md); e.g. "my_project.my_tasks".

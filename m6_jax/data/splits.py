@@ -33,7 +33,8 @@ def split_source(config, split: str, max_records: int | None = None):
     size = data.num_train_examples if split == "train" else data.num_eval_examples
     if split == drawings.SPLIT:
       return drawings.DrawingsSource(seed, int(size), image_size)
-    return synthetic.SyntheticWorldSource(seed, split, int(size), image_size)
+    varied = bool(data.get("world_variety", False))
+    return synthetic.SyntheticWorldSource(seed, split, int(size), image_size, varied)
   if kind == "shards":
     from m6_jax.data import shard_source
 

@@ -24,7 +24,9 @@ elsewhere, occurs. Every object of the ``unseen_combinations`` split is one of t
 
 from __future__ import annotations
 
+import colorsys
 import dataclasses
+import io
 import re
 from typing import Any, Iterator, Mapping
 
@@ -210,37 +212,40 @@ def sample_scene(seed: int, index: int) -> Scene:
 _SUPERSAMPLE = 4  # draw large, then downsample: smooth edges keep small shapes recognisable
 
 
-def _star_points(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+def _star_points(cx: float, cy: float, r: float, inner: float = 0.45) -> list[tuple[float, float]]:
   points = []
   for k in range(10):
-    radius = r if k % 2 == 0 else r * 0.45
+    radius = r if k % 2 == 0 else r * inner
     angle = -np.pi / 2 + k * np.pi / 5
     points.append((cx + radius * np.cos(angle), cy + radius * np.sin(angle)))
   return points
 
 
-def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, cell_px: int) -> None:
-  row, col = divmod(obj.cell, 3)
-  cx = (col + 0.5) * cell_px
-  cy = (row + 0.5) * cell_px
-  # Half-extent of the shape: large nearly fills its cell, small is about half of that.
-  r = cell_px * (0.44 if obj.size == "large" else 0.25)
-  fill = COLORS[obj.color]
-  if obj.shape == "circle":
+def _draw_shape(draw, shape: str, cx, cy, r, fill, inner: float = 0.45, bar: float = 0.36):
+  """A shape of half-extent ``r`` centred at (cx, cy); ``inner`` is a star's inner radius and
+  ``bar`` a cross's bar half-width, both relative to ``r``."""
+  if shape == "circle":
     draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-  elif obj.shape == "square":
+  elif shape == "square":
     s = r * 0.9  # visually balance the area against the circle
     draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
-  elif obj.shape == "triangle":
+  elif shape == "triangle":
     draw.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=fill)
-  elif obj.shape == "star":
-    draw.polygon(_star_points(cx, cy + r * 0.08, r * 1.05), fill=fill)
-  elif obj.shape == "cross":
-    w = r * 0.36
+  elif shape == "star":
+    draw.polygon(_star_points(cx, cy + r * 0.08, r * 1.05, inner), fill=fill)
+  elif shape == "cross":
+    w = r * bar
     draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
     draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
   else:  # pragma: no cover - guarded by SHAPES
-    raise ValueError(f"unknown shape {obj.shape!r}; expected one of {SHAPES}")
+    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, cell_px: int) -> None:
+  row, col = divmod(obj.cell, 3)
+  # Half-extent of the shape: large nearly fills its cell, small is about half of that.
+  r = cell_px * (0.44 if obj.size == "large" else 0.25)
+  _draw_shape(draw, obj.shape, (col + 0.5) * cell_px, (row + 0.5) * cell_px, r, COLORS[obj.color])
 
 
 def render_scene(scene: Scene, image_size: int = 48) -> np.ndarray:
@@ -258,6 +263,120 @@ def render_scene(scene: Scene, image_size: int = 48) -> np.ndarray:
   for obj in scene.objects:
     _draw_object(draw, obj, cell * _SUPERSAMPLE)
   img = img.resize((image_size, image_size), Image.Resampling.BOX)
+  return np.asarray(img, dtype=np.uint8)
+
+
+# --------------------------------------------------------------------------------------
+# Varied looks (data.world_variety): the same scenes, drawn as people draw them
+# --------------------------------------------------------------------------------------
+
+# The hues (degrees) people pick for each colour name, and the lowest saturation and value
+# (a dark yellow or orange reads as olive or brown).
+HUES = {
+  "red": (-12, 10),
+  "orange": (18, 42),
+  "yellow": (46, 64),
+  "green": (85, 150),
+  "blue": (200, 245),
+  "purple": (265, 305),
+}
+_MIN_SATURATION_VALUE = {"yellow": (0.7, 0.85), "orange": (0.7, 0.8)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Look:
+  """How a scene is drawn when the world varies its looks (``sample_look``)."""
+
+  canvas: int  # px it is drawn at, then resized to the image size (bicubic), as a file is
+  background: tuple[int, int, int]
+  boxes: tuple[tuple[float, float, float], ...]  # per object: centre x, y, half-extent (cells)
+  colors: tuple[tuple[int, int, int], ...]  # per object
+  inner: float  # a star's inner radius, relative to its half-extent
+  bar: float  # a cross's bar half-width, relative to its half-extent
+  aliased: bool  # drawn without smoothing, as a pencil or shape tool does
+  jpeg_quality: int  # saved as JPEG at this quality; 0: losslessly
+
+
+def _reach(k: int) -> float:
+  """The largest half-extent (in cells) whose box fits the canvas with its centre in row or
+  column k."""
+  return 1.45 if k == 1 else 0.95
+
+
+def _look_color(rng: np.random.Generator, name: str) -> tuple[int, int, int]:
+  if rng.random() < 0.4:  # the world's own colour, slightly off
+    return tuple(int(np.clip(c + rng.normal(0, 8), 0, 255)) for c in COLORS[name])
+  low, high = HUES[name]
+  min_s, min_v = _MIN_SATURATION_VALUE.get(name, (0.65, 0.6))
+  hue = (rng.uniform(low, high) % 360) / 360
+  rgb = colorsys.hsv_to_rgb(hue, rng.uniform(min_s, 1.0), rng.uniform(min_v, 1.0))
+  return tuple(int(round(255 * c)) for c in rgb)
+
+
+def sample_look(seed: int, index: int, scene: Scene, image_size: int) -> Look:
+  """A varied look of the scene of world index ``index``, from its own random stream (the
+  scene's own draws stay as they are). Each object keeps its centre in its cell, so its
+  position word holds: in a scene of several it stays inside its cell, at any offset, small
+  (half-extent 0.18-0.32 of a cell) or large (0.36-0.5); a scene's only object may be large
+  up to the whole image. Colours anywhere in their name's hues, backgrounds white, tinted
+  or light to mid grey, canvases of 1 to 2 times the image size, some edges aliased and some
+  images saved as JPEG."""
+  if seed < 0 or index < 0:
+    raise ValueError(f"seed and index must be non-negative, got seed={seed}, index={index}")
+  rng = np.random.default_rng([int(seed), int(index), 1])
+  single = len(scene.objects) == 1
+  boxes, colors = [], []
+  for obj in scene.objects:
+    row, col = divmod(obj.cell, 3)
+    if obj.size == "small":
+      r = rng.uniform(0.18, 0.32)
+    else:
+      r = rng.uniform(0.36, 1.45 if single else 0.5)
+    if single:
+      r = min(r, _reach(col), _reach(row))
+      bounds = [(max(k, r), min(k + 0.999, 3 - r)) for k in (col, row)]
+    else:
+      bounds = [(k + r, k + 1 - r) for k in (col, row)]
+    cx, cy = (float(rng.uniform(lo, hi)) for lo, hi in bounds)
+    boxes.append((cx, cy, float(r)))
+    colors.append(_look_color(rng, obj.color))
+  u = rng.random()
+  if u < 0.35:
+    background = scene.background
+  elif u < 0.65:
+    background = (255, 255, 255)
+  else:
+    grey = int(rng.integers(140, 236))
+    background = tuple(int(np.clip(grey + rng.integers(-5, 6), 0, 255)) for _ in range(3))
+  return Look(
+    canvas=int(rng.integers(image_size, 2 * image_size + 1)),
+    background=background,
+    boxes=tuple(boxes),
+    colors=tuple(colors),
+    inner=float(rng.uniform(0.38, 0.5)),
+    bar=float(rng.uniform(0.25, 0.4)),
+    aliased=bool(rng.random() < 0.3),
+    jpeg_quality=int(rng.integers(35, 91)) if rng.random() < 0.3 else 0,
+  )
+
+
+def render_look(scene: Scene, look: Look, image_size: int = 48) -> np.ndarray:
+  """Renders ``scene`` as ``look`` says to a uint8 RGB array [image_size, image_size, 3]."""
+  scale = 1 if look.aliased else _SUPERSAMPLE
+  px = look.canvas * scale
+  img = Image.new("RGB", (px, px), look.background)
+  draw = ImageDraw.Draw(img)
+  cell = px / 3
+  for obj, (cx, cy, r), fill in zip(scene.objects, look.boxes, look.colors):
+    _draw_shape(draw, obj.shape, cx * cell, cy * cell, r * cell, fill, look.inner, look.bar)
+  if scale > 1:
+    img = img.resize((look.canvas, look.canvas), Image.Resampling.BOX)
+  if look.jpeg_quality:
+    buffer = io.BytesIO()
+    img.save(buffer, format="JPEG", quality=look.jpeg_quality)
+    img = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+  if look.canvas != image_size:
+    img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
   return np.asarray(img, dtype=np.uint8)
 
 
@@ -425,8 +544,11 @@ def scene_texts(scene: Scene, zh_sep: str = "") -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 
 
-def make_example(seed: int, index: int, image_size: int = 48) -> dict[str, Any]:
-  """One example of the world; a pure function of ``(seed, index, image_size)``.
+def make_example(
+  seed: int, index: int, image_size: int = 48, varied: bool = False
+) -> dict[str, Any]:
+  """One example of the world; a pure function of ``(seed, index, image_size, varied)``
+  (``varied``: drawn in a varied look, ``sample_look``; the texts are the same).
 
   Returns a dict with
     image:      uint8 [image_size, image_size, 3]
@@ -436,8 +558,12 @@ def make_example(seed: int, index: int, image_size: int = 48) -> dict[str, Any]:
     index:      the world index (int)
   """
   scene = sample_scene(seed, index)
+  if varied:
+    image = render_look(scene, sample_look(seed, index, scene, image_size), image_size)
+  else:
+    image = render_scene(scene, image_size)
   example = {
-    "image": render_scene(scene, image_size),
+    "image": image,
     "index": int(index),
     "objects": [o.as_dict() for o in scene.objects],
   }
@@ -456,11 +582,13 @@ class SyntheticWorldSource:
   """grain random-access data source over examples [0, num_examples) of one split.
 
   Implements ``__len__`` and ``__getitem__`` (grain's RandomAccessDataSource protocol);
-  record ``i`` is ``make_example(seed, SPLIT_OFFSETS[split] + i, image_size)``.
+  record ``i`` is ``make_example(seed, SPLIT_OFFSETS[split] + i, image_size, varied)``.
   Holds no state besides its arguments, so it pickles trivially.
   """
 
-  def __init__(self, seed: int, split: str, num_examples: int, image_size: int = 48):
+  def __init__(
+    self, seed: int, split: str, num_examples: int, image_size: int = 48, varied: bool = False
+  ):
     if split not in SPLIT_OFFSETS:
       raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_OFFSETS)}")
     if not 0 < num_examples <= MAX_SPLIT_SIZE:
@@ -469,6 +597,7 @@ class SyntheticWorldSource:
     self.split = split
     self.num_examples = int(num_examples)
     self.image_size = int(image_size)
+    self.varied = bool(varied)
 
   def __len__(self) -> int:
     return self.num_examples
@@ -477,12 +606,12 @@ class SyntheticWorldSource:
     i = int(record_key)
     if not 0 <= i < self.num_examples:
       raise IndexError(f"index {i} out of range for {self!r}")
-    return make_example(self.seed, split_index(self.split, i), self.image_size)
+    return make_example(self.seed, split_index(self.split, i), self.image_size, self.varied)
 
   def __repr__(self) -> str:
     return (
       f"SyntheticWorldSource(seed={self.seed}, split={self.split!r}, "
-      f"num_examples={self.num_examples}, image_size={self.image_size})"
+      f"num_examples={self.num_examples}, image_size={self.image_size}, varied={self.varied})"
     )
 
 

@@ -302,13 +302,22 @@ def caption_object_scores(items: Sequence[Item], captions: Sequence[str]) -> dic
   Per object, at its cell: ``caption_position`` (the caption describes that cell),
   ``caption_shape`` / ``caption_color`` / ``caption_size`` (and names it right there); per
   caption: ``caption_count`` (as many places described as objects) and
-  ``caption_all_correct`` (every object right, nothing else)."""
-  readings = scene_scores.caption_readings(captions)
-  scores = scene_scores.score_predictions(readings, [item.refs[OBJECTS] for item in items])
-  return {
+  ``caption_all_correct`` (every object right, nothing else); and, less strictly,
+  ``caption_named``: per object, one description names its colour and shape together,
+  wherever the caption puts it."""
+  scenes = [item.refs[OBJECTS] for item in items]
+  scores = scene_scores.score_predictions(scene_scores.caption_readings(captions), scenes)
+  out = {
     f"caption_{name}": 100.0 * scores[name]
     for name in scene_scores.OBJECT_SCORES + scene_scores.IMAGE_SCORES
   }
+  named = [
+    any((d["color"], d["shape"]) == (o.color, o.shape) for d in synthetic.read_caption(caption))
+    for caption, objects in zip(captions, scenes)
+    for o in objects
+  ]
+  out["caption_named"] = 100.0 * sum(named) / len(named)
+  return out
 
 
 register(

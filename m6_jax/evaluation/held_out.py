@@ -66,7 +66,8 @@ def synthetic_held_out(
   if split == drawings.SPLIT:
     source = drawings.DrawingsSource(seed, int(num_examples), size)
   else:
-    source = synthetic.SyntheticWorldSource(seed, split, int(num_examples), size)
+    varied = bool(config.data.get("world_variety", False))
+    source = synthetic.SyntheticWorldSource(seed, split, int(num_examples), size, varied)
   kinds = [kind for kind, _ in eval_kinds.of_tasks().values()]
   h = HeldOut({kind.name: [] for kind in kinds})
   for i in range(len(source)):

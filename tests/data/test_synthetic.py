@@ -1,5 +1,6 @@
 """Tests for the synthetic bilingual image-text world."""
 
+import colorsys
 import pickle
 import re
 
@@ -7,6 +8,8 @@ import grain
 import numpy as np
 import pytest
 
+from m6_jax.config import default_config
+from m6_jax.data import splits
 from m6_jax.data import synthetic as S
 
 
@@ -214,3 +217,64 @@ def test_read_caption_leaves_unsaid_attributes_empty():
     dict(size="large", color="blue", shape="triangle", cell=8),
   ]
   assert S.read_caption("nothing here.") == []
+
+
+def _hue(rgb):
+  h, s, v = colorsys.rgb_to_hsv(*(c / 255 for c in rgb))
+  return 360 * h
+
+
+def test_a_varied_look_keeps_every_object_s_centre_in_its_cell():
+  single_sizes, backgrounds, jpeg, aliased, canvases = [], set(), 0, 0, set()
+  for index in range(300):
+    scene = S.sample_scene(0, index)
+    look = S.sample_look(0, index, scene, 48)
+    assert look == S.sample_look(0, index, scene, 48)  # a pure function
+    for obj, (cx, cy, r), color in zip(scene.objects, look.boxes, look.colors):
+      row, col = divmod(obj.cell, 3)
+      assert int(cx) == col and int(cy) == row  # the position word holds
+      assert r <= cx <= 3 - r and r <= cy <= 3 - r  # inside the canvas
+      if len(scene.objects) > 1:  # several: each stays inside its cell
+        assert col <= cx - r and cx + r <= col + 1 and row <= cy - r and cy + r <= row + 1
+      else:
+        single_sizes.append(r)
+      assert (r >= 0.36) == (obj.size == "large")
+      low, high = S.HUES[obj.color]
+      hue = _hue(color)
+      assert low - 15 <= hue <= high + 15 or low - 15 <= hue - 360 <= high + 15, (obj, color)
+    backgrounds.add(look.background)
+    jpeg += look.jpeg_quality > 0
+    aliased += look.aliased
+    canvases.add(look.canvas)
+  assert max(single_sizes) > 1.0  # a lone object may fill most of the image
+  assert min(min(b) for b in backgrounds) < 180 and (255, 255, 255) in backgrounds
+  assert 40 < jpeg < 150 and 40 < aliased < 150
+  assert min(canvases) < 56 and max(canvases) > 88
+
+
+def test_a_varied_image_shows_its_scene_where_its_texts_say():
+  for index in range(40):
+    clean, varied = S.make_example(0, index), S.make_example(0, index, varied=True)
+    assert {k: v for k, v in clean.items() if k != "image"} == {
+      k: v for k, v in varied.items() if k != "image"
+    }
+    assert not np.array_equal(clean["image"], varied["image"])
+    scene = S.sample_scene(0, index)
+    look = S.sample_look(0, index, scene, 48)
+    image = varied["image"].astype(np.int32)
+    for obj, (cx, cy, r), color in zip(scene.objects, look.boxes, look.colors):
+      x, y = int(cx * 16), int(cy * 16)  # the box's centre, in pixels of the 48 px image
+      if obj.shape in ("star", "cross") and r < 0.3:
+        continue  # a thin small shape may leave its centre pixel half covered
+      assert np.abs(image[y, x] - np.array(color)).max() < 60, (index, obj, image[y, x], color)
+
+
+def test_world_variety_reaches_the_sources():
+  config = default_config()
+  config.data.world_variety = True
+  varied = splits.split_source(config, "train")[0]
+  assert np.array_equal(varied["image"], S.make_example(0, 0, 48, varied=True)["image"])
+  config.data.world_variety = False
+  assert np.array_equal(
+    splits.split_source(config, "train")[0]["image"], S.make_example(0, 0)["image"]
+  )

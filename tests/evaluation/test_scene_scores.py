@@ -6,6 +6,7 @@ import pytest
 
 from m6_jax.data import synthetic
 from m6_jax.errors import EvaluationError
+from m6_jax.evaluation import eval_kinds
 from m6_jax.evaluation import scene_scores as ss
 
 
@@ -147,3 +148,15 @@ def test_captions_are_scored_as_images_are():
   scores = ss.score_predictions(ss.caption_readings(unsaid), scenes)
   assert scores["position"] == 1.0 and scores["color"] == pytest.approx(1 / 3)
   assert scores["shape"] == pytest.approx(2 / 3) and scores["all_correct"] == 0.0
+
+
+def test_a_caption_names_an_object_wherever_it_puts_it():
+  red = synthetic.SceneObject("circle", "red", "small", 0)
+  blue = synthetic.SceneObject("star", "blue", "large", 4)
+  items = [eval_kinds.Item(None, "", {"en": ["-"], eval_kinds.OBJECTS: (red, blue)})]
+  scores = eval_kinds.caption_object_scores(
+    items, ["a small red circle at the bottom right and a large blue circle in the center."]
+  )
+  assert scores["caption_named"] == 50.0  # the red circle, misplaced; not the blue star
+  assert scores["caption_position"] == 50.0 and scores["caption_color"] == 50.0
+  assert scores["caption_shape"] == 0.0 and scores["caption_count"] == 100.0
