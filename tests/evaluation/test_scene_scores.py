@@ -21,8 +21,10 @@ class Oracle:
     return self.truth
 
 
-def test_scores_are_exact_on_controlled_predictions():
-  scenes = [
+def _two_scenes():
+  """A red circle at the top left and a blue star in the centre; a green cross at the bottom
+  right."""
+  return [
     synthetic.Scene(
       (
         synthetic.SceneObject("circle", "red", "small", 0),
@@ -32,6 +34,10 @@ def test_scores_are_exact_on_controlled_predictions():
     ),
     synthetic.Scene((synthetic.SceneObject("cross", "green", "large", 8),), (250, 250, 250)),
   ]
+
+
+def test_scores_are_exact_on_controlled_predictions():
+  scenes = _two_scenes()
   perfect = ss.scene_targets(scenes)
   assert perfect["shape"][0, 4] == 1 + synthetic.SHAPES.index("star")
   assert ss.score_predictions(perfect, scenes) == dict(
@@ -115,16 +121,7 @@ def test_degrade_blurs_and_adds_noise_deterministically():
 
 
 def test_captions_are_scored_as_images_are():
-  scenes = [
-    synthetic.Scene(
-      (
-        synthetic.SceneObject("circle", "red", "small", 0),
-        synthetic.SceneObject("star", "blue", "large", 4),
-      ),
-      (240, 240, 240),
-    ),
-    synthetic.Scene((synthetic.SceneObject("cross", "green", "large", 8),), (250, 250, 250)),
-  ]
+  scenes = _two_scenes()
   exact = [synthetic.caption_en(scenes[0]), synthetic.caption_zh(scenes[1])]
   assert ss.score_predictions(ss.caption_readings(exact), scenes) == dict(
     position=1.0, shape=1.0, color=1.0, size=1.0, count=1.0, all_correct=1.0,
