@@ -51,8 +51,8 @@ Length bucketing (train only; ``config.data.length_bucket`` > 0, see m6_jax/conf
 The eval split is never bucketed: its batches keep src_len x tgt_len (it runs rarely and
 with fixed shapes needs one compilation).
 
-Eval (``split="validation"``, ``"test"`` or the synthetic world's ``"unseen_combinations"``),
-one finite pass: every eval example under every
+Eval (``split="validation"``, ``"test"`` or the synthetic world's ``"unseen_combinations"``
+and ``"drawings"``), one finite pass: every eval example under every
 enabled task, in order, with fixed per-record seeds. The last batch is filled with all-zero
 rows whose ``tgt_weights`` are 0, so every batch has the same shape and every process yields
 the same number of batches (multi-host jit needs both) while the padding adds no loss.
