@@ -27,14 +27,11 @@ def split_source(config, split: str, max_records: int | None = None):
   splits; all of them, not this process's: evaluation slices records) (their first
   ``max_records`` records; None: all)."""
   data = config.data
-  seed, image_size = int(config.seed), int(data.image_size)
+  image_size = int(data.image_size)
   kind = data.get("source", "synthetic")
   if kind == "synthetic":
     size = data.num_train_examples if split == "train" else data.num_eval_examples
-    if split == drawings.SPLIT:
-      return drawings.DrawingsSource(seed, int(size), image_size)
-    varied = bool(data.get("world_variety", False))
-    return synthetic.SyntheticWorldSource(seed, split, int(size), image_size, varied)
+    return synthetic_source(config, split, int(size))
   if kind == "shards":
     from m6_jax.data import shard_source
 
@@ -50,6 +47,17 @@ def split_source(config, split: str, max_records: int | None = None):
   from m6_jax.data import sources  # imports tensorflow_datasets: only when asked for
 
   return sources.PreparedSource(str(data.get("data_dir", "")), name, split, image_size, max_records)
+
+
+def synthetic_source(config, split: str, num_examples: int):
+  """The first ``num_examples`` examples of a split of the synthetic world of ``config``: its
+  held-out drawings (m6_jax/data/drawings.py) or its scenes, in varied looks with
+  ``data.world_variety``."""
+  seed, image_size = int(config.seed), int(config.data.image_size)
+  if split == drawings.SPLIT:
+    return drawings.DrawingsSource(seed, num_examples, image_size)
+  varied = bool(config.data.get("world_variety", False))
+  return synthetic.SyntheticWorldSource(seed, split, num_examples, image_size, varied)
 
 
 class _Image:

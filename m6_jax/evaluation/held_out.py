@@ -62,12 +62,7 @@ def check_split(config: ml_collections.ConfigDict, split: str) -> None:
 def synthetic_held_out(
   config: ml_collections.ConfigDict, num_examples: int, split: str = "validation"
 ) -> HeldOut:
-  seed, size = int(config.seed), int(config.data.image_size)
-  if split == drawings.SPLIT:
-    source = drawings.DrawingsSource(seed, int(num_examples), size)
-  else:
-    varied = bool(config.data.get("world_variety", False))
-    source = synthetic.SyntheticWorldSource(seed, split, int(num_examples), size, varied)
+  source = splits.synthetic_source(config, split, int(num_examples))
   kinds = [kind for kind, _ in eval_kinds.of_tasks().values()]
   h = HeldOut({kind.name: [] for kind in kinds})
   for i in range(len(source)):
