@@ -306,14 +306,15 @@ def caption_object_scores(items: Sequence[Item], captions: Sequence[str]) -> dic
   ``caption_named``: per object, one description names its colour and shape together,
   wherever the caption puts it."""
   scenes = [item.refs[OBJECTS] for item in items]
-  scores = scene_scores.score_predictions(scene_scores.caption_readings(captions), scenes)
+  said = [synthetic.read_caption(caption) for caption in captions]
+  scores = scene_scores.score_predictions(scene_scores.caption_readings(said), scenes)
   out = {
     f"caption_{name}": 100.0 * scores[name]
     for name in scene_scores.OBJECT_SCORES + scene_scores.IMAGE_SCORES
   }
   named = [
-    any((d["color"], d["shape"]) == (o.color, o.shape) for d in synthetic.read_caption(caption))
-    for caption, objects in zip(captions, scenes)
+    any((d["color"], d["shape"]) == (o.color, o.shape) for d in descriptions)
+    for descriptions, objects in zip(said, scenes)
     for o in objects
   ]
   out["caption_named"] = 100.0 * sum(named) / len(named)

@@ -36,44 +36,43 @@ COLOR_NAMES = tuple(synthetic.COLORS)
 OBJECT_SCORES = ("position", "shape", "color", "size")
 IMAGE_SCORES = ("count", "all_correct")
 Objects = Sequence[synthetic.SceneObject]
+# Each attribute's class index per cell, as the judge predicts it.
+CLASS_OF = {
+  "shape": lambda shape: 1 + synthetic.SHAPES.index(shape),
+  "color": COLOR_NAMES.index,
+  "size": synthetic.SIZES.index,
+}
 
 
 def scene_targets(scenes: Sequence[synthetic.Scene | Objects]) -> dict[str, np.ndarray]:
   """The truth per cell, int32 [b, 9] each: ``shape`` (EMPTY or 1 + index in SHAPES),
   ``color`` (index in COLORS) and ``size`` (index in SIZES); 0 where a cell is empty.
   A scene may be given as its objects alone (all that scoring reads of it)."""
-  out = {k: np.zeros((len(scenes), NUM_CELLS), np.int32) for k in ("shape", "color", "size")}
+  out = {k: np.zeros((len(scenes), NUM_CELLS), np.int32) for k in CLASS_OF}
   for i, scene in enumerate(scenes):
     for o in getattr(scene, "objects", scene):
-      out["shape"][i, o.cell] = 1 + synthetic.SHAPES.index(o.shape)
-      out["color"][i, o.cell] = COLOR_NAMES.index(o.color)
-      out["size"][i, o.cell] = synthetic.SIZES.index(o.size)
+      for k, class_of in CLASS_OF.items():
+        out[k][i, o.cell] = class_of(getattr(o, k))
   return out
 
 
-def caption_readings(captions: Sequence[str]) -> dict[str, np.ndarray]:
-  """What captions say, as the judge's per-cell predictions (``synthetic.read_caption``):
-  each description that names a cell occupies it with its shape, colour and size; a word it
-  lacks (or a second description of the same cell) reads as UNREAD, which matches nothing.
-  ``score_predictions`` of these against the scenes scores captions as images are scored."""
-  out = {k: np.zeros((len(captions), NUM_CELLS), np.int32) for k in ("shape", "color", "size")}
-  for i, caption in enumerate(captions):
+def caption_readings(said: Sequence[list[dict]]) -> dict[str, np.ndarray]:
+  """What captions say (each caption's ``synthetic.read_caption``), as the judge's per-cell
+  predictions: each description that names a cell occupies it with its shape, colour and
+  size; a word it lacks (or a second description of the same cell) reads as UNREAD, which
+  matches nothing. ``score_predictions`` of these against the scenes scores captions as
+  images are scored."""
+  out = {k: np.zeros((len(said), NUM_CELLS), np.int32) for k in CLASS_OF}
+  for i, descriptions in enumerate(said):
     described = set()
-    for d in synthetic.read_caption(caption):
+    for d in descriptions:
       cell = d["cell"]
       if cell is None:
         continue
       twice = cell in described
       described.add(cell)
-      out["shape"][i, cell] = (
-        UNREAD if twice or d["shape"] is None else 1 + synthetic.SHAPES.index(d["shape"])
-      )
-      out["color"][i, cell] = (
-        UNREAD if twice or d["color"] is None else COLOR_NAMES.index(d["color"])
-      )
-      out["size"][i, cell] = (
-        UNREAD if twice or d["size"] is None else synthetic.SIZES.index(d["size"])
-      )
+      for k, class_of in CLASS_OF.items():
+        out[k][i, cell] = UNREAD if twice or d[k] is None else class_of(d[k])
   return out
 
 

@@ -21,6 +21,10 @@ class Oracle:
     return self.truth
 
 
+def _readings(captions):
+  return ss.caption_readings([synthetic.read_caption(c) for c in captions])
+
+
 def _two_scenes():
   """A red circle at the top left and a blue star in the centre; a green cross at the bottom
   right."""
@@ -123,26 +127,26 @@ def test_degrade_blurs_and_adds_noise_deterministically():
 def test_captions_are_scored_as_images_are():
   scenes = _two_scenes()
   exact = [synthetic.caption_en(scenes[0]), synthetic.caption_zh(scenes[1])]
-  assert ss.score_predictions(ss.caption_readings(exact), scenes) == dict(
+  assert ss.score_predictions(_readings(exact), scenes) == dict(
     position=1.0, shape=1.0, color=1.0, size=1.0, count=1.0, all_correct=1.0,
     num_images=2, num_objects=3,
   )  # fmt: skip
   # Scenes given as their objects alone score the same.
   objects = [s.objects for s in scenes]
-  assert ss.score_predictions(ss.caption_readings(exact), objects)["all_correct"] == 1.0
+  assert ss.score_predictions(_readings(exact), objects)["all_correct"] == 1.0
 
   wrong = [
     "a small red circle at the top left and a large red star in the center.",  # colour
     "a large green cross at the bottom and a small blue star at the top.",  # place; extra
   ]
-  scores = ss.score_predictions(ss.caption_readings(wrong), scenes)
+  scores = ss.score_predictions(_readings(wrong), scenes)
   assert scores["position"] == pytest.approx(2 / 3) and scores["shape"] == pytest.approx(2 / 3)
   assert scores["color"] == pytest.approx(1 / 3) and scores["count"] == 0.5
   assert scores["all_correct"] == 0.0
   # A description that leaves out its colour, or a cell described twice, is not right.
   unsaid = ["a small circle at the top left and a large blue star in the center.",
             "a large green cross at the bottom right and a large red cross at the bottom right."]  # fmt: skip
-  scores = ss.score_predictions(ss.caption_readings(unsaid), scenes)
+  scores = ss.score_predictions(_readings(unsaid), scenes)
   assert scores["position"] == 1.0 and scores["color"] == pytest.approx(1 / 3)
   assert scores["shape"] == pytest.approx(2 / 3) and scores["all_correct"] == 0.0
 
