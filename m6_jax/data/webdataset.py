@@ -14,6 +14,7 @@ sample whose member runs past the end of the file is marked, and reading it says
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import io
 import json
@@ -88,44 +89,85 @@ def index(path: str) -> TarIndex:
   return TarIndex(path, tuple(samples), damaged)
 
 
+# Open shard files a reader keeps: far under the usual limit of 1024 descriptors per process,
+# whatever the number of shards a host reads.
+MAX_OPEN_FILES = 64
+
+
+class _Open:
+  """One open shard: its handle, a lock for file systems without positioned reads, and the
+  reads in progress (an evicted file is closed when its last read ends)."""
+
+  def __init__(self, path: str):
+    if "://" in path:
+      self.handle, self.lock = _open(path), threading.Lock()
+    else:
+      self.handle, self.lock = os.open(path, os.O_RDONLY), None
+    self.readers, self.evicted = 0, False
+
+  def read(self, offset: int, size: int) -> bytes:
+    if self.lock is None:
+      return os.pread(self.handle, size, offset)
+    with self.lock:
+      self.handle.seek(offset)
+      return self.handle.read(size)
+
+  def close(self) -> None:
+    if self.lock is None:
+      os.close(self.handle)
+    else:
+      self.handle.close()
+
+
 class Reader:
   """Positioned reads from shards, many threads at once: ``os.pread`` on local files, a
-  locked seek + read on other file systems; open files are kept (one per shard)."""
+  locked seek + read on other file systems. The ``max_open`` files read last are kept open;
+  the one read longest ago is closed to open another."""
 
-  def __init__(self):
+  def __init__(self, max_open: int = MAX_OPEN_FILES):
+    self.max_open = max_open
     self._lock = threading.Lock()
-    self._files: dict[str, tuple[object, threading.Lock | None]] = {}
+    self._files: collections.OrderedDict[str, _Open] = collections.OrderedDict()
+
+  @property
+  def open_files(self) -> int:
+    with self._lock:
+      return len(self._files)
 
   def read(self, path: str, offset: int, size: int) -> bytes:
     with self._lock:
       entry = self._files.get(path)
       if entry is None:
-        if "://" in path:
-          entry = (_open(path), threading.Lock())
-        else:
-          entry = (os.open(path, os.O_RDONLY), None)
-        self._files[path] = entry
-    handle, lock = entry
-    if lock is None:
-      return os.pread(handle, size, offset)
-    with lock:
-      handle.seek(offset)
-      return handle.read(size)
+        entry = self._files[path] = _Open(path)
+        while len(self._files) > self.max_open:
+          self._evict(self._files.popitem(last=False)[1])
+      else:
+        self._files.move_to_end(path)
+      entry.readers += 1
+    try:
+      return entry.read(offset, size)
+    finally:
+      with self._lock:
+        entry.readers -= 1
+        if entry.evicted and entry.readers == 0:
+          entry.close()
+
+  @staticmethod
+  def _evict(entry: _Open) -> None:
+    entry.evicted = True
+    if entry.readers == 0:  # else the last read in progress closes it
+      entry.close()
 
   def close(self) -> None:
     with self._lock:
-      for handle, lock in self._files.values():
-        if lock is None:
-          os.close(handle)
-        else:
-          handle.close()
-      self._files.clear()
+      while self._files:
+        self._evict(self._files.popitem(last=False)[1])
 
   def __getstate__(self):  # a copy (another process) opens its own files
-    return {}
+    return {"max_open": self.max_open}
 
   def __setstate__(self, state):
-    self.__init__()
+    self.__init__(state["max_open"])
 
 
 # --------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ Parquet readers, bad records by reason, and the train stream (tasks, state)."""
 import itertools
 import json
 import os
+import pickle
 import tarfile
+import threading
 
 import grain
 import numpy as np
@@ -21,6 +23,7 @@ from m6_jax.data import (
   shard_files,
   shard_source,
   streams,
+  webdataset,
 )
 from m6_jax.data import synthetic as S
 from m6_jax.errors import BadDataError, ConfigError
@@ -275,3 +278,49 @@ def test_eval_split_of_shards(tokenizer, make_config, world):
   it = pipeline.make_iterator(config, tokenizer, "validation", process_index=0, process_count=1)
   batch = next(it)
   assert batch["image"].shape[0] == 4 and np.any(batch["tgt_weights"] > 0)
+
+
+def _open_descriptors() -> int:
+  return len(os.listdir("/proc/self/fd"))
+
+
+def test_the_reader_keeps_a_bounded_number_of_files_open(tmp_path):
+  paths = []
+  for s in range(6):
+    paths.append(str(tmp_path / f"{s}.tar"))
+    with open(paths[-1], "wb") as f:
+      f.write(bytes([s]) * 64 + bytes(range(64)))
+  before = _open_descriptors()
+  reader = webdataset.Reader(max_open=2)
+  for s in itertools.chain(range(6), range(6)):
+    assert reader.read(paths[s], 60, 8) == bytes([s]) * 4 + bytes(range(4))
+    assert reader.open_files <= 2 and _open_descriptors() <= before + 2
+  # A file evicted while a read is in progress stays open for that read, then closes.
+  started, resume = threading.Event(), threading.Event()
+  real_read = webdataset._Open.read
+
+  def slow_read(entry, offset, size):
+    if entry.readers and not started.is_set():
+      started.set()
+      resume.wait(10)
+    return real_read(entry, offset, size)
+
+  webdataset._Open.read = slow_read
+  try:
+    out = []
+    slow = threading.Thread(target=lambda: out.append(reader.read(paths[0], 0, 4)))
+    slow.start()
+    assert started.wait(10)
+    for s in range(1, 6):
+      reader.read(paths[s], 0, 4)  # evicts the file the slow read holds
+    assert _open_descriptors() <= before + 3
+    resume.set()
+    slow.join(10)
+  finally:
+    webdataset._Open.read = real_read
+  assert out == [bytes([0]) * 4] and _open_descriptors() <= before + 2
+  reader.close()
+  assert reader.open_files == 0 and _open_descriptors() == before
+  copy = pickle.loads(pickle.dumps(reader))
+  assert copy.max_open == 2 and copy.read(paths[5], 64, 2) == bytes(range(2))
+  copy.close()
