@@ -8,6 +8,13 @@ the same JPEGs streamed from WebDataset and Parquet shards (data.source='shards'
 examples/s of the jitted train step of configs/base.py on the same machine in the same run.
 For the WebDataset shards also decoded images/s of one thread (read + decode + resize of a
 record, no task): the rate each core adds.
+
+At the paper configs' resolution: WebDataset shards of photo-like JPEGs (the world's scenes
+with pixel noise, so that they compress as photos do, not as flat drawings; img2dataset's
+256 px at quality 95, and 512 px) read, decoded and resized to 224 px by 1 and 2 threads,
+beside the rate one host of an M6-10B slice consumes: its global batch over the slice's
+hosts (4 chips each on v5p) per step, at the step time `--mode=aot` estimates for it
+(`--m6_10b_step_ms`, docs/performance.md).
 The pipeline must not be the bottleneck: the printed ratio (pipeline / train step) must be
 above 1. Both run on the same cores here, so the ratio is a conservative bound: on an
 accelerator the step leaves the CPU to the pipeline.
@@ -23,7 +30,10 @@ batches).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import io
 import json
+import math
 import os
 import sys
 import tempfile
@@ -36,17 +46,23 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from configs import base  # noqa: E402
+from configs import base, m6_10b  # noqa: E402
 from m6_jax.data import (  # noqa: E402
   export_world,
   pipeline,
   prepare,
   shard_files,
   shard_source,
+  shard_writer,
   synthetic,
 )
 from m6_jax.data import tokenizer as tokenizer_lib  # noqa: E402
 from m6_jax.parallel import partitioning  # noqa: E402
+
+V5P_CHIPS_PER_HOST = 4
+PAPER_IMAGE_SIZE = 224  # configs/m6_base.py's data.image_size, shared by the paper configs
+# (JPEG side, quality): img2dataset's default resize and quality, and larger photos
+PHOTO_SHARDS = ((256, 95), (512, 95))
 
 # (name, data.length_bucket, data.bucket_window)
 BUCKETING = (
@@ -98,6 +114,39 @@ def decode_rate(pattern: str, image_size: int, count: int) -> float:
   for i in range(count):
     source[i % len(source)]
   return count / (time.perf_counter() - start)
+
+
+def make_photo_shards(root: str, count: int, size: int, quality: int) -> tuple[str, float]:
+  """`count` photo-like JPEGs of `size` px as WebDataset shards; their pattern, mean KiB."""
+  rng = np.random.default_rng(0)
+  writer = shard_writer.ShardWriter(os.path.join(root, f"photos_{size}"), "webdataset", 128)
+  total = 0
+  for i in range(count):
+    pixels = synthetic.make_example(1, i, size)["image"].astype(np.float32)
+    pixels += rng.normal(0.0, 16.0, pixels.shape)
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=quality)
+    total += buffer.tell()
+    writer.add(buffer.getvalue(), f"photo {i}")
+  writer.close()
+  return os.path.join(root, f"photos_{size}", "*.tar"), total / count / 1024
+
+
+def threaded_decode_rate(pattern: str, image_size: int, count: int, threads: int) -> float:
+  """Records/s of `threads` threads reading and decoding shard records of one source."""
+  source = shard_source.ShardSource(shard_files.resolve(pattern), image_size)
+  source[0]  # the reader's files are open before timing
+  start = time.perf_counter()
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    list(pool.map(lambda i: source[i % len(source)], range(count)))
+  return count / (time.perf_counter() - start)
+
+
+def m6_10b_host_rate(step_ms: float) -> tuple[float, int]:
+  """Images/s one host of the M6-10B slice consumes at `step_ms` a step; its host count."""
+  chips = math.prod(int(n) for n in m6_10b.TOPOLOGY.split(":")[1].split("x"))
+  hosts = chips // V5P_CHIPS_PER_HOST
+  return m6_10b.get_config().data.batch_size / hosts / (step_ms / 1e3), hosts
 
 
 def train_step_rate(config, steps: int) -> float:
@@ -157,6 +206,15 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=30, help="train steps timed")
   parser.add_argument("--reps", type=int, default=3, help="timed passes per bucketing setting")
   parser.add_argument(
+    "--photos", type=int, default=512, help="photo-like JPEGs decoded per paper-resolution row"
+  )
+  parser.add_argument(
+    "--m6_10b_step_ms",
+    type=float,
+    default=482.6,
+    help="M6-10B's step time (--mode=aot's estimate for configs/m6_10b.py, splash attention)",
+  )
+  parser.add_argument(
     "--json", default=os.path.join(os.path.dirname(__file__), "results", "input_pipeline.json")
   )
   args = parser.parse_args()
@@ -189,6 +247,14 @@ def main() -> None:
         streamed, tokenizer, args.batches
       )
     decoded = decode_rate(make_jpeg_shards(tmp + "/one", 512, "webdataset"), 48, 1024)
+    photos = {}
+    for size, quality in PHOTO_SHARDS:
+      pattern, kib = make_photo_shards(tmp, args.photos, size, quality)
+      rates = {t: threaded_decode_rate(pattern, PAPER_IMAGE_SIZE, args.photos, t) for t in (1, 2)}
+      photos[f"{size} px JPEG q{quality} -> {PAPER_IMAGE_SIZE} px"] = {
+        "mean_kib": kib,
+        "images_per_sec": {str(t): r for t, r in rates.items()},
+      }
   step_rate = train_step_rate(config, args.steps)
 
   print(
@@ -212,6 +278,21 @@ def main() -> None:
   results["padding_efficiency"] = padding
   print(f"\nwebdataset JPEG shards, one thread: {decoded:.0f} decoded images/s (per core)")
   results["webdataset_jpeg_decoded_images_per_sec_per_core"] = decoded
+  need, hosts = m6_10b_host_rate(args.m6_10b_step_ms)
+  print(
+    f"\nat the paper configs' resolution (WebDataset, photo-like JPEGs; M6-10B consumes"
+    f" {need:.0f} images/s per host: batch 512 over {hosts} v5p hosts, {args.m6_10b_step_ms:g}"
+    " ms a step)"
+  )
+  print(f"{'shards':<32} {'KiB':>6} {'1 thread':>10} {'2 threads':>10} {'1 thread / need':>16}")
+  for name, row in photos.items():
+    one, two = row["images_per_sec"]["1"], row["images_per_sec"]["2"]
+    print(f"{name:<32} {row['mean_kib']:>6.1f} {one:>10.0f} {two:>10.0f} {one / need:>15.1f}x")
+  results["paper_resolution"] = {
+    "image_size": PAPER_IMAGE_SIZE,
+    "shards": photos,
+    "m6_10b": {"step_ms": args.m6_10b_step_ms, "hosts": hosts, "images_per_sec_per_host": need},
+  }
   bottleneck = [n for n, r in rows.items() if r < step_rate]
   print(
     "pipeline is the bottleneck for: " + ", ".join(bottleneck)

@@ -29,7 +29,7 @@ FORMAT = flags.DEFINE_enum(
 )
 SHARD_SIZE = flags.DEFINE_integer("shard_size", 1000, "Records per shard (webdataset, parquet).")
 IMAGE_FORMAT = flags.DEFINE_enum(
-  "image_format", "png", ["png", "jpg"], "How shards store the images (webdataset, parquet)."
+  "image_format", "png", ["png", "jpg"], "How the images are stored: png, or jpg (JPEG quality 95)."
 )
 
 

@@ -4,7 +4,8 @@ shards in img2dataset's layout (WebDataset tars or Parquet tables).
   python -m m6_jax.main --mode=export_world --output_dir=/tmp/world_files
   python -m m6_jax.main --mode=export_world --format=webdataset --output_dir=/tmp/world_wds
 
-``files`` writes ``images/<split>/<i>.png`` and ``train.jsonl`` / ``validation.jsonl`` with one
+``files`` writes ``images/<split>/<i>.png`` (``.jpg``, JPEG quality 95, with
+``image_format="jpg"``) and ``train.jsonl`` / ``validation.jsonl`` with one
 line per image: its caption (``--caption_language``: ``zh`` by default, ``en`` or ``both``) and
 one question about it with its answer, in the caption's language (the first language for
 ``both``), picked deterministically from the scene's questions. That is the shape of a
@@ -41,14 +42,14 @@ SPLITS = ("train", "validation")
 
 
 def _lines(
-  split: str, n: int, image_size: int, caption_language: str, seed: int
+  split: str, n: int, image_size: int, caption_language: str, seed: int, image_format: str
 ) -> Iterator[tuple[str, np.ndarray, dict]]:
   """(relative image path, pixels, JSONL line) of each image of a split."""
   langs = ("zh", "en") if caption_language == "both" else (caption_language,)
   for i in range(n):
     index = synthetic.split_index(split, i)
     ex = synthetic.make_example(seed, index, image_size)
-    rel = f"images/{split}/{i}.png"
+    rel = f"images/{split}/{i}.{image_format}"
     captions = [ex[f"caption_{lang}"] for lang in langs]
     qas = [qa for qa in ex["qa"] if qa["lang"] == langs[0]]
     qa = qas[int(np.random.default_rng([seed, index]).integers(len(qas)))]
@@ -84,9 +85,9 @@ def export(
     )
   out = {}
   for split, n in (("train", num_train), ("validation", num_validation)):
-    lines = _lines(split, n, image_size, caption_language, seed)
+    lines = _lines(split, n, image_size, caption_language, seed, image_format)
     if fmt == "files":
-      out[split] = _write_files(output_dir, split, lines)
+      out[split] = _write_files(output_dir, split, lines, image_format)
     else:
       writer = shard_writer.ShardWriter(os.path.join(output_dir, split), fmt, shard_size)
       for rel, pixels, line in lines:
@@ -103,11 +104,12 @@ def export(
   return out
 
 
-def _write_files(output_dir: str, split: str, lines) -> str:
+def _write_files(output_dir: str, split: str, lines, image_format: str) -> str:
   os.makedirs(os.path.join(output_dir, "images", split), exist_ok=True)
   text = []
   for rel, pixels, line in lines:
-    Image.fromarray(pixels).save(os.path.join(output_dir, rel))
+    with open(os.path.join(output_dir, rel), "wb") as f:
+      f.write(_encode(pixels, image_format))
     text.append(json.dumps(line, ensure_ascii=False))
   path = os.path.join(output_dir, f"{split}.jsonl")
   with open(path + ".tmp", "w", encoding="utf-8") as f:

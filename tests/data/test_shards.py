@@ -18,6 +18,7 @@ from user_data import IMAGE_SIZE, NUM_TRAIN, NUM_VALIDATION, encode, write_tar
 from m6_jax import config as config_lib
 from m6_jax.data import (
   bad_records,
+  export_world,
   pipeline,
   prepare_shards,
   shard_files,
@@ -76,6 +77,19 @@ def test_shards_hold_the_bytes_of_the_files_export_and_the_conversion_writes_the
     prepare_shards.prepare_shards(
       "image_folder_jsonl", str(world["root"] / "files"), str(tmp_path), "conv", print_fn=None
     )
+
+
+def test_jpeg_files_and_shards_hold_the_same_bytes(tmp_path):
+  files = export_world.export(str(tmp_path / "f"), 3, 1, 32, "en", 0, "files", image_format="jpg")
+  shards = export_world.export(
+    str(tmp_path / "w"), 3, 1, 32, "en", 0, "webdataset", image_format="jpg"
+  )
+  line = json.loads(open(files["train"]).readline())
+  jpeg = (tmp_path / "f" / line["image"]).read_bytes()
+  assert line["image"] == "images/train/0.jpg" and jpeg[:2] == b"\xff\xd8"
+  with tarfile.open(shard_files.resolve(shards["train"]).paths[0]) as tar:
+    first = tar.getnames()[0]
+    assert first.endswith(".jpg") and tar.extractfile(first).read() == jpeg
 
 
 # -- shard lists -------------------------------------------------------------------------
