@@ -10,7 +10,11 @@ from m6_jax.aot import report as aot
 
 
 def _step_costs(config):
-  compiled = aot.compile_train_step(config, jax.devices())
+  # XLA:CPU's default emitters, which the suite turns off for compile speed (without them a
+  # scatter compiles to a loop, which a TPU compile does not have).
+  compiled = aot.compile_train_step(
+    config, jax.devices(), compiler_options={"xla_cpu_use_fusion_emitters": True}
+  )
   return hlo_costs.per_step_costs(compiled.as_text())
 
 

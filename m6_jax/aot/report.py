@@ -78,15 +78,18 @@ def topology_devices(topology: str) -> list[Any]:
     ) from e
 
 
-def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any]) -> Any:
-  """The train step of `config` (train/setup.py, as the loop builds it) compiled for `devices`."""
+def compile_train_step(
+  config: ml_collections.ConfigDict, devices: list[Any], compiler_options: dict | None = None
+) -> Any:
+  """The train step of `config` (train/setup.py, as the loop builds it) compiled for `devices`
+  (`compiler_options`: XLA options of this compile, over those of XLA_FLAGS)."""
   config_lib.validate(config, len(devices))
   setup = setup_lib.build(config, devices)
   # The abstract inputs outside the mesh context: tracing the initialiser makes a PRNG key,
   # which must not be placed on the topology's devices (there are none here).
   state, batch = setup.abstract_state(), setup.abstract_batch()
   with setup.mesh_context():
-    return setup.step.lower(state, batch).compile()
+    return setup.step.lower(state, batch).compile(compiler_options)
 
 
 def roofline(

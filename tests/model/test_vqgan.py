@@ -147,8 +147,10 @@ def test_the_gan_counts_from_disc_start_with_a_finite_adaptive_weight():
       )[0]
     )
   )({"generator": params["generator"]})
+  # Two programs of the same sum: equal up to float32 rounding (the GAN term, were it
+  # counted, would move them by far more).
   for a, b in zip(jax.tree.leaves(grads["generator"]), jax.tree.leaves(without_gan)):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
   after, metrics, grads = run(5)
   weight = float(metrics["adaptive_weight"])
