@@ -31,6 +31,11 @@ MAX_WAIT_MS = flags.DEFINE_float(
 BUCKETS = flags.DEFINE_list(
   "buckets", [], "Batch sizes compiled (default: powers of two up to --max_batch)."
 )
+CONCURRENT_BATCHES = flags.DEFINE_integer(
+  "concurrent_batches",
+  1,
+  "Batches decoded at once (on a CPU one batch keeps about one core busy: up to its cores).",
+)
 MAX_REQUEST_BYTES = flags.DEFINE_integer(
   "max_request_bytes", 10 * 2**20, "Largest request body (413 above)."
 )
@@ -69,7 +74,7 @@ def _settings():
     buckets = tuple(int(b) for b in BUCKETS.value)
   except ValueError:
     exit_with(f"--buckets={','.join(BUCKETS.value)} must be integers, e.g. --buckets=1,4,16.")
-  batching = service.Batching(MAX_BATCH.value, MAX_WAIT_MS.value, buckets)
+  batching = service.Batching(MAX_BATCH.value, MAX_WAIT_MS.value, buckets, CONCURRENT_BATCHES.value)
   limits = service.Limits(
     max_request_bytes=MAX_REQUEST_BYTES.value,
     max_image_pixels=MAX_IMAGE_PIXELS.value,
@@ -79,6 +84,7 @@ def _settings():
   )
   positive = {
     "--max_batch": MAX_BATCH.value,
+    "--concurrent_batches": CONCURRENT_BATCHES.value,
     "--max_request_bytes": MAX_REQUEST_BYTES.value,
     "--max_image_pixels": MAX_IMAGE_PIXELS.value,
     "--max_text_chars": MAX_TEXT_CHARS.value,

@@ -1,4 +1,4 @@
-"""Dynamic batching: work items wait in a queue, and one worker thread runs them together.
+"""Dynamic batching: work items wait in a queue, and worker threads run them together.
 
     batcher = Batcher(run, max_batch=16, max_wait_s=0.005)
     future = batcher.submit(key, payload)      # a concurrent.futures.Future of its result
@@ -8,8 +8,10 @@ decoding options) can share a batch. The worker takes the group of the oldest wa
 and runs it once `max_batch` items of that group wait or the oldest has waited `max_wait_s`,
 calling `run(key, payloads) -> results` (one result per payload, in order). While a batch
 runs, new items queue up, so under load batches fill without waiting. An item whose future
-was cancelled before its batch started (its client went away) is dropped. Calls to `run` of
-all the batchers that share `lock` never overlap: they share the device.
+was cancelled before its batch started (its client went away) is dropped. `workers` threads
+take batches, so that one batch can run while another does; `lock` (a lock, or a semaphore
+of as many slots as batches may run at once) is held around each call to `run` and shared
+by the batchers of one device.
 """
 
 from __future__ import annotations
@@ -40,19 +42,26 @@ class Batcher:
     run: Callable[[Hashable, list[Any]], Sequence[Any]],
     max_batch: int,
     max_wait_s: float,
-    lock: threading.Lock | None = None,
+    lock: threading.Lock | threading.Semaphore | None = None,
     name: str = "batcher",
+    workers: int = 1,
   ):
-    if max_batch < 1 or max_wait_s < 0:
-      raise ValueError(f"need max_batch >= 1 and max_wait_s >= 0, got {max_batch}, {max_wait_s}")
+    if max_batch < 1 or max_wait_s < 0 or workers < 1:
+      raise ValueError(
+        f"need max_batch >= 1, max_wait_s >= 0 and workers >= 1, got {max_batch}, "
+        f"{max_wait_s}, {workers}"
+      )
     self._run, self.max_batch, self.max_wait_s = run, max_batch, max_wait_s
     self._lock = lock or threading.Lock()
     self._cond = threading.Condition()
     self._waiting: list[_Item] = []
     self._closed = False
     self.batch_sizes: collections.Counter[int] = collections.Counter()  # size -> batches run
-    self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-    self._thread.start()
+    self._threads = [
+      threading.Thread(target=self._loop, name=f"{name}-{i}", daemon=True) for i in range(workers)
+    ]
+    for thread in self._threads:
+      thread.start()
 
   def submit(self, key: Hashable, payload: Any) -> concurrent.futures.Future:
     item = _Item(key, payload, concurrent.futures.Future(), time.monotonic())
@@ -98,13 +107,16 @@ class Batcher:
         for item in live:
           item.future.set_exception(e)
         continue
-      self.batch_sizes[len(live)] += 1
+      with self._cond:
+        self.batch_sizes[len(live)] += 1
       for item, result in zip(live, results):
         item.future.set_result(result)
 
   def close(self, timeout: float | None = None) -> None:
-    """Takes no new items, runs those waiting, and stops the worker."""
+    """Takes no new items, runs those waiting, and stops the workers."""
     with self._cond:
       self._closed = True
       self._cond.notify_all()
-    self._thread.join(timeout)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for thread in self._threads:
+      thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))

@@ -51,11 +51,13 @@ WORKERS = 4  # threads decoding uploaded images and finishing drawings
 @dataclasses.dataclass(frozen=True)
 class Batching:
   """How requests are batched: at most `max_batch` rows, the first waiting at most
-  `max_wait_ms`, run at bucketed sizes (empty: powers of two up to max_batch)."""
+  `max_wait_ms`, run at bucketed sizes (empty: powers of two up to max_batch); at most
+  `concurrent` batches run at once (on a CPU one batch keeps about one core busy)."""
 
   max_batch: int = 16
   max_wait_ms: float = 2.0
   buckets: tuple[int, ...] = ()
+  concurrent: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,12 +110,17 @@ class Service:
     self.buckets = bucket_sizes(batching, multiple)
     self._settings: set[Any] = set()
     self._settings_lock = threading.Lock()
-    device = threading.Lock()  # one batch at a time on the model's devices
-    wait = batching.max_wait_ms / 1000
-    self.text = Batcher(self._decode_rows, batching.max_batch, wait, device, "text-batcher")
+    # `concurrent` batches at a time on the model's devices, of either kind
+    device = threading.Semaphore(batching.concurrent)
+    wait, workers = batching.max_wait_ms / 1000, batching.concurrent
+    self.text = Batcher(
+      self._decode_rows, batching.max_batch, wait, device, "text-batcher", workers
+    )
     self.codes = None
     if vqgan is not None:
-      self.codes = Batcher(self._sample_rows, batching.max_batch, wait, device, "codes-batcher")
+      self.codes = Batcher(
+        self._sample_rows, batching.max_batch, wait, device, "codes-batcher", workers
+      )
     self.device = device
     # Image decoding and drawing's last steps run off the event loop on a few threads of
     # their own, so that many large uploads at once take no more (docs/serve.md#batching).
@@ -291,6 +298,7 @@ class Service:
         "max_batch": self.batching.max_batch,
         "max_wait_ms": self.batching.max_wait_ms,
         "buckets": list(self.buckets),
+        "concurrent": self.batching.concurrent,
       },
       "limits": dataclasses.asdict(self.limits),
       "batches_run": {  # batch size -> batches run since start-up (warm-up excluded)

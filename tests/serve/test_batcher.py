@@ -97,3 +97,27 @@ def test_a_cancelled_item_is_not_run():
   assert first.result(5) == 1
   batcher.close()
   assert calls == [[1]]
+
+
+def test_concurrent_workers_run_batches_at_once_up_to_the_semaphore():
+  slots = threading.Semaphore(2)
+  both_running = threading.Barrier(2, timeout=5)  # broken (an error) unless 2 run at once
+  running, most = [], []
+
+  def run(key, payloads):
+    running.append(key)
+    most.append(len(running))
+    both_running.wait()
+    time.sleep(0.02)
+    running.remove(key)
+    return [p * 10 for p in payloads]
+
+  a = Batcher(run, 1, 0.0, slots, workers=2)  # a third worker would find no slot
+  b = Batcher(run, 1, 0.0, slots, workers=2)
+  futures = [x.submit(k, i) for i in range(4) for x, k in ((a, "a"), (b, "b"))]
+  assert [f.result(5) for f in futures] == [i * 10 for i in range(4) for _ in (0, 1)]
+  assert max(most) == 2 and sum(a.batch_sizes.values()) == sum(b.batch_sizes.values()) == 4
+  a.close()
+  b.close()
+  with pytest.raises(ValueError, match="workers >= 1"):
+    Batcher(run, 1, 0.0, workers=0)
