@@ -107,15 +107,6 @@ def make_jpeg_shards(root: str, count: int, fmt: str) -> str:
   return paths["train"]
 
 
-def decode_rate(pattern: str, image_size: int, count: int) -> float:
-  """Records/s of one thread reading and decoding shard records (index built before)."""
-  source = shard_source.ShardSource(shard_files.resolve(pattern), image_size)
-  start = time.perf_counter()
-  for i in range(count):
-    source[i % len(source)]
-  return count / (time.perf_counter() - start)
-
-
 def make_photo_shards(root: str, count: int, size: int, quality: int) -> tuple[str, float]:
   """`count` photo-like JPEGs of `size` px as WebDataset shards; their pattern, mean KiB."""
   rng = np.random.default_rng(0)
@@ -132,13 +123,22 @@ def make_photo_shards(root: str, count: int, size: int, quality: int) -> tuple[s
   return os.path.join(root, f"photos_{size}", "*.tar"), total / count / 1024
 
 
-def threaded_decode_rate(pattern: str, image_size: int, count: int, threads: int) -> float:
-  """Records/s of `threads` threads reading and decoding shard records of one source."""
+def decode_rate(pattern: str, image_size: int, count: int, threads: int = 1) -> float:
+  """Records/s of `threads` threads reading and decoding shard records (index built and
+  files opened before timing)."""
   source = shard_source.ShardSource(shard_files.resolve(pattern), image_size)
-  source[0]  # the reader's files are open before timing
+  source[0]
+
+  def read(i):
+    return source[i % len(source)]
+
   start = time.perf_counter()
-  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-    list(pool.map(lambda i: source[i % len(source)], range(count)))
+  if threads == 1:  # a pool's hand-offs cost a quarter of a small image's decoding time
+    for i in range(count):
+      read(i)
+  else:
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+      list(pool.map(read, range(count)))
   return count / (time.perf_counter() - start)
 
 
@@ -250,7 +250,7 @@ def main() -> None:
     photos = {}
     for size, quality in PHOTO_SHARDS:
       pattern, kib = make_photo_shards(tmp, args.photos, size, quality)
-      rates = {t: threaded_decode_rate(pattern, PAPER_IMAGE_SIZE, args.photos, t) for t in (1, 2)}
+      rates = {t: decode_rate(pattern, PAPER_IMAGE_SIZE, args.photos, t) for t in (1, 2)}
       photos[f"{size} px JPEG q{quality} -> {PAPER_IMAGE_SIZE} px"] = {
         "mean_kib": kib,
         "images_per_sec": {str(t): r for t, r in rates.items()},
